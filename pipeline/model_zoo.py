@@ -212,6 +212,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
 
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelZooError(f"{gguf_path} carries no chat template; cannot use it as a chat model")
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -224,8 +226,6 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     for path in out.iterdir():  # safetensors writes 0600; a shared cache should be readable by all
         path.chmod(0o644)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelZooError(f"{gguf_path} carries no chat template; cannot use it as a chat model")
 
 
 def _write_provenance(out: Path, provenance: dict[str, str]) -> None:
