@@ -1,0 +1,144 @@
+"""Start, join and stop Ray for a stage: an embedded local Ray, or a cluster at an address.
+
+Embedded (no `--address`, no RAY_ADDRESS): Ray starts inside this process, sized to the machine,
+every listener bound to 127.0.0.1, a bounded object store, quiet logs. With an address (or when
+launched by `ray job submit`, which sets RAY_ADDRESS), the same code joins that cluster. When Ray
+is already initialised in this process (a test fixture, a notebook), it is reused and left running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+# Below this Ray refuses to start; above the cap a scoring job gains nothing (only small results
+# and histograms travel through the object store).
+_MIN_OBJECT_STORE = 256 * 1024**2
+_MAX_OBJECT_STORE = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class RayRuntime:
+    """What `ray_session` connected to."""
+
+    embedded: bool  # a local Ray started here (rather than a cluster joined at an address)
+    owned: bool  # this session started Ray, so it shuts it down
+    address: str
+    cpus: float
+    gpus: float
+    nodes: int
+
+
+def machine_cpus() -> int:
+    """CPUs this process may use (the affinity mask, not the host's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_object_store_bytes() -> int:
+    """10% of the machine's memory, within [256 MiB, 2 GiB]: Ray's default (30%) starves the models."""
+    return int(min(_MAX_OBJECT_STORE, max(_MIN_OBJECT_STORE, psutil.virtual_memory().total // 10)))
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: the explicit address, else RAY_ADDRESS, else None (embedded)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def quiet_ray_logs() -> None:
+    """Ray's own logs at WARNING, Ray Data progress bars off: the stage shows its own progress."""
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    # Embedded Ray warns on every start that token auth is on; that is the safe default, not news.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def _describe(embedded: bool, owned: bool) -> RayRuntime:
+    import ray
+
+    resources = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    address = ray.get_runtime_context().gcs_address
+    return RayRuntime(embedded, owned, address, resources.get("CPU", 0.0), resources.get("GPU", 0.0), nodes)
+
+
+@contextmanager
+def ray_session(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_bytes: int | None = None,
+    log_to_driver: bool | None = None,
+) -> Iterator[RayRuntime]:
+    """Ray for the duration of a stage.
+
+    address: a cluster to join ("auto", "HOST:PORT", "ray://..."); None = RAY_ADDRESS or embedded.
+    num_cpus / object_store_bytes: size of the embedded Ray (default: this machine's CPUs; 10% of
+    its memory within [256 MiB, 2 GiB]); ignored when joining a cluster, which has its own.
+    log_to_driver: forward worker output here; default off when embedded (quiet), on for a cluster
+    (so `ray job logs` shows what the workers said). Worker exceptions reach the caller either way.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield _describe(embedded=False, owned=False)
+        return
+    quiet_ray_logs()
+    target = cluster_address(address)
+    if target is not None:
+        ray.init(
+            address=target,
+            logging_level=logging.WARNING,
+            log_to_driver=True if log_to_driver is None else log_to_driver,
+        )
+    else:
+        # Without this, Ray's listeners bind every interface; `_node_ip_address` alone is not enough.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray.init(
+            num_cpus=num_cpus or machine_cpus(),
+            object_store_memory=object_store_bytes or default_object_store_bytes(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False if log_to_driver is None else log_to_driver,
+        )
+    try:
+        yield _describe(embedded=target is None, owned=True)
+    finally:
+        ray.shutdown()
+
+
+def node_cpus() -> list[float]:
+    """CPUs of each alive node of the connected cluster."""
+    import ray
+
+    return [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+
+
+def ordered_map(
+    function: Callable, arguments: list[tuple], num_cpus: float = 1.0, window: int | None = None
+) -> Iterator[Any]:
+    """Run `function(*args)` as Ray tasks, yielding results in argument order.
+
+    At most `window` tasks are in flight (default: twice the cluster's CPUs), so results waiting
+    to be consumed never pile up in the object store. Ray retries a task whose worker died.
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, max_retries=3)(function)
+    window = window or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: list[Any] = []
+    for args in arguments:
+        pending.append(remote.remote(*args))
+        if len(pending) >= window:
+            yield ray.get(pending.pop(0))
+    while pending:
+        yield ray.get(pending.pop(0))

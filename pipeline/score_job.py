@@ -1,0 +1,593 @@
+"""The scoring stage: tokenized shards in, score shards and a manifest out, exactly once, on Ray.
+
+    run_score_job(ScoreJobConfig(data=..., current=..., history=..., output=...)) -> summary dict
+
+Why Ray core (actors + tasks) and not Ray Data: the unit of work is one input shard, and each
+shard must become one output file with the same name, written atomically and validated on a
+rerun. A pool of long-lived actors, each holding the models (loaded once), takes one shard at a
+time and writes `OUTPUT/<input shard name>` through a temporary name and a rename, then a
+`_progress/<name>.json` record. Ray Data would split and merge blocks across shards, name its
+output files randomly and write them with no per-shard commit point, so a killed job could leave
+half a shard or a duplicate; the actor pool keeps the shard boundary as the commit boundary, and
+the driver only hands out shard paths and collects small records (no tensors pass through the
+object store). The global selection passes are plain tasks, one per shard, returning histograms.
+
+Exactly once: a shard counts as done when its record carries this run's key (scoring settings,
+checkpoint and data fingerprints, the input shard's checksum) and the file's sha256, row count,
+schema and sample ids all check out; anything else is redone. An actor that dies (a node lost, an
+out-of-memory kill) is replaced and its shard handed out again. Output and cache folders must be
+visible to every node (a local disk on one machine, a shared file system on a cluster).
+
+History NLLs go to a cache keyed by (history checkpoint, tokenized data, dtype), so a rerun or the
+next round skips the history forward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from pipeline import global_selection
+from pipeline.artifacts import (
+    MANIFEST,
+    ArtifactError,
+    base_manifest,
+    exclusive_output,
+    read_manifest,
+    read_shard,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_manifest,
+    write_parquet_atomic,
+)
+from pipeline.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
+from pipeline.fingerprint import sha256_file, sha256_json, tokenizer_fingerprints
+from pipeline.ray_runtime import node_cpus, ordered_map, ray_session
+from pipeline.schemas import SchemaError, arrow_schema, validate_table
+from pipeline.scorer import ScoreSettings
+
+PROGRESS = "_progress"
+# How often one shard may lose its actor (node loss, OOM kill) before the job gives up.
+MAX_SHARD_ATTEMPTS = 4
+
+
+class ScoreJobError(RuntimeError):
+    """A scoring job that cannot run or complete; the message names the input and what to do."""
+
+
+class ScoreJobConfig(ScoreSettings):
+    """`sstoken score`: the scoring settings plus where data, models and output live and how Ray runs."""
+
+    data: Path = Field(description="Tokenized input folder (made by `sstoken prepare`).")
+    current: Path = Field(description="Current checkpoint folder (safetensors + tokenizer).")
+    history: Path | None = Field(
+        None, description="History checkpoint folder; default: the current one (REL is 0, attention only)."
+    )
+    output: Path = Field(description="Output folder for score shards and manifest.json.")
+    granularity: Literal["sample", "global"] = Field(
+        "sample", description="Keep the top ratio of each sample's trainable tokens, or of the whole corpus."
+    )
+    history_cache: Path | None = Field(
+        None, description="History NLL cache root; default: $SSTOKEN_CACHE/history or ~/.cache/sstoken/history."
+    )
+    address: str | None = Field(
+        None, description="Ray cluster to run on (HOST:PORT, auto, ray://...); default: RAY_ADDRESS, else embedded."
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Scoring actors; default: as many as the cluster's CPUs (or GPUs) hold."
+    )
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs reserved by each actor (its torch threads); default: up to 4, one node's worth."
+    )
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; 0 = score on CPU.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray; default: this machine's.")
+    object_store_mb: int | None = Field(
+        None, ge=100, description="Object store of the embedded Ray in MiB; default: 10% of memory, 256-2048."
+    )
+    progress: bool = Field(True, description="Show a progress bar while scoring.")
+
+    def score_settings(self) -> ScoreSettings:
+        return ScoreSettings(**{name: getattr(self, name) for name in ScoreSettings.model_fields})
+
+
+def default_history_cache() -> Path:
+    root = os.environ.get("SSTOKEN_CACHE")
+    return Path(root) / "history" if root else Path.home() / ".cache" / "sstoken" / "history"
+
+
+# -- per-shard work (runs in Ray workers; plain functions, testable without Ray) ----------------
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One input shard and everything a worker needs to score it or check it."""
+
+    file: str
+    input_path: str
+    input_sha256: str
+    rows: int
+    output_path: str
+    record_path: str
+    run_key: str
+    data_fingerprint: str
+    history_cache: str
+
+
+def read_record(task: ShardTask) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(task.record_path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def verify_input(task: ShardTask) -> None:
+    path = Path(task.input_path)
+    if not path.is_file():
+        raise ArtifactError(f"tokenized shard {path} is missing; rerun `sstoken prepare` for {path.parent}")
+    if sha256_file(path) != task.input_sha256:
+        raise ArtifactError(
+            f"tokenized shard {path} does not match the checksum in {path.parent / MANIFEST}; "
+            "it changed or is corrupt: rerun `sstoken prepare`"
+        )
+
+
+def completed_record(task: ShardTask) -> dict[str, Any] | None:
+    """The shard's progress record when its output is complete and valid for this run, else None.
+
+    Valid: the record carries this run's key; the file's sha256 equals the record's; it reads as
+    Parquet with the scores schema and the input's row count and sample ids, in the same order.
+    """
+    record = read_record(task)
+    path = Path(task.output_path)
+    if record is None or record.get("run_key") != task.run_key or not path.is_file():
+        return None
+    if sha256_file(path) != record.get("sha256") or record.get("rows") != task.rows:
+        return None
+    try:
+        metadata = pq.read_metadata(path)
+        if metadata.num_rows != task.rows or not metadata.schema.to_arrow_schema().equals(arrow_schema("scores")):
+            return None
+        ids = pq.read_table(path, columns=["sample_id"]).column("sample_id")
+        expected = pq.read_table(task.input_path, columns=["sample_id"]).column("sample_id")
+    except (pa.ArrowException, OSError):
+        return None
+    return record if ids.equals(expected) else None
+
+
+def check_shard(task: ShardTask) -> dict[str, Any] | None:
+    """Validation pass: refuse a missing or corrupt input shard; return the output's record if done."""
+    verify_input(task)
+    return completed_record(task)
+
+
+def score_one_shard(scorer: Any, task: ShardTask) -> dict[str, Any]:
+    """Score one shard with a loaded `Scorer`, write it atomically, then its progress record."""
+    from pipeline.history_cache import history_cache_dir, load_cached_history, store_history
+    from pipeline.scorer import score_shard
+
+    started = time.monotonic()
+    tokenized = read_shard(Path(task.input_path), "tokenized")
+    cache = None
+    if scorer.uses_history:
+        cache = history_cache_dir(
+            Path(task.history_cache), scorer.history_fingerprint, task.data_fingerprint, scorer.dtype_name
+        )
+    cached = load_cached_history(cache, task.file) if cache is not None else None
+    scores, history = score_shard(scorer, tokenized, cached)
+    if history is not None:
+        store_history(cache, task.file, history)
+    validate_table(scores, "scores", source=f"scores of {task.input_path}")
+    if not scores.column("sample_id").equals(tokenized.column("sample_id")):
+        raise ScoreJobError(f"scores of {task.input_path} do not list its samples in order; this is a bug")
+    digest = write_parquet_atomic(scores, Path(task.output_path))
+    record = {
+        "file": task.file,
+        "rows": scores.num_rows,
+        "sha256": digest,
+        "run_key": task.run_key,
+        "selection": "sample",
+        "dtype": scorer.dtype_name,
+        "device": scorer.device.type,
+        "tokens": int(pc.sum(scores.column("n_tokens")).as_py() or 0),
+        "trainable": int(pc.sum(scores.column("n_trainable")).as_py() or 0),
+        "kept": int(pc.sum(scores.column("n_kept")).as_py() or 0),
+    }
+    write_json_atomic(record, Path(task.record_path))
+    return {
+        "record": record,
+        "seconds": time.monotonic() - started,
+        "history_cached": cached is not None,
+    }
+
+
+def rewrite_global_keep(task: ShardTask, selection: dict[str, Any]) -> dict[str, Any]:
+    """Pass 4 of the global selection for one shard, exactly once: skip it when already applied."""
+    record = read_record(task)
+    if record is None:
+        raise ScoreJobError(f"{task.record_path} vanished during the global selection; rerun the job")
+    path = Path(task.output_path)
+    if record.get("selection") == selection and sha256_file(path) == record["sha256"]:
+        return record
+    scores = read_shard(path, "scores")
+    trainable = pq.read_table(task.input_path, columns=["sample_id", "trainable"])
+    if not scores.column("sample_id").equals(trainable.column("sample_id")):
+        raise ScoreJobError(f"{path} and {task.input_path} list different samples; rerun the job")
+    threshold = selection["threshold"]
+    table = global_selection.apply_threshold(
+        scores, trainable.column("trainable"), None if threshold is None else threshold["key"], selection["ties"]
+    )
+    record = record | {
+        "sha256": write_parquet_atomic(table, path),
+        "selection": selection,
+        "kept": int(pc.sum(table.column("n_kept")).as_py() or 0),
+    }
+    write_json_atomic(record, Path(task.record_path))
+    return record
+
+
+class ShardScoringActor:
+    """A Ray actor holding the current and history models for its lifetime."""
+
+    def __init__(self, current: str, history: str | None, settings: ScoreSettings):
+        from pipeline.scorer import Scorer
+
+        self.scorer = Scorer(current, history, settings)
+
+    def ready(self) -> str:
+        return f"{self.scorer.device.type}/{self.scorer.dtype_name}"
+
+    def score(self, task: ShardTask) -> dict[str, Any]:
+        return score_one_shard(self.scorer, task)
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+
+def plan_workers(
+    cpus_by_node: list[float],
+    total_gpus: float,
+    workers: int | None,
+    cpus_per_worker: float | None,
+    gpus_per_worker: float,
+) -> tuple[int, float]:
+    """(actors, CPUs per actor). Every actor must fit on one node, and nothing else needs CPUs
+    while they run (the validation and selection tasks run before and after), so no deadlock."""
+    largest = max(cpus_by_node, default=1.0)
+    if cpus_per_worker is None:
+        cpus_per_worker = 1.0 if gpus_per_worker > 0 else min(4.0, largest) if largest >= 1 else largest
+    if cpus_per_worker > largest:
+        raise ScoreJobError(
+            f"cpus_per_worker {cpus_per_worker} exceeds the largest node's {largest} CPUs; no actor could start"
+        )
+    if workers is None:
+        if gpus_per_worker > 0:
+            workers = int(total_gpus // gpus_per_worker)
+            if workers < 1:
+                raise ScoreJobError(f"gpus_per_worker {gpus_per_worker} but the cluster has {total_gpus} GPUs")
+        else:
+            workers = max(1, sum(int(c // cpus_per_worker) for c in cpus_by_node))
+    return workers, cpus_per_worker
+
+
+def _unwrapped(error: Exception) -> Exception:
+    """The original exception inside a RayTaskError, so the user sees one clear line."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, Exception) else error
+
+
+class _Progress:
+    """Shards done, tokens/s and ETA on stderr (rich), or nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.started = time.monotonic()
+        self.tokens = 0
+        self.bar = Progress(
+            TextColumn("scoring shards"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
+        self.task = self.bar.add_task("score", total=total, rate="")
+
+    def __enter__(self) -> _Progress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def shard_done(self, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
+        self.bar.update(self.task, advance=1, rate=f"{rate:,.0f} tokens/s")
+
+
+def _score_shards(
+    tasks: list[ShardTask], config: ScoreJobConfig, workers: int, cpus: float, progress: _Progress
+) -> list[dict[str, Any]]:
+    """Hand shards to a pool of scoring actors; replace actors that die and redo their shards."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    threads = config.threads or max(1, int(cpus))
+    settings = config.score_settings().model_copy(update={"threads": threads})
+    actor_class = ray.remote(ShardScoringActor).options(
+        num_cpus=cpus, num_gpus=config.gpus_per_worker, max_restarts=0, max_task_retries=0
+    )
+    history = str(config.history) if config.history is not None else None
+
+    def start_actor() -> tuple[Any, Any]:
+        actor = actor_class.remote(str(config.current), history, settings)
+        return actor.ready.remote(), actor
+
+    queue = deque(tasks)
+    attempts: dict[str, int] = {}
+    starting = dict(start_actor() for _ in range(min(workers, len(tasks))))
+    running: dict[Any, tuple[Any, ShardTask]] = {}
+    idle: list[Any] = []
+    results: list[dict[str, Any]] = []
+    actor_failures = 0
+    try:
+        while queue or running:
+            while idle and queue:
+                actor, task = idle.pop(), queue.popleft()
+                running[actor.score.remote(task)] = (actor, task)
+            done, _ = ray.wait([*starting, *running], num_returns=1)
+            ref = done[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except RayActorError as error:
+                    actor_failures += 1
+                    if actor_failures > workers + MAX_SHARD_ATTEMPTS:
+                        raise ScoreJobError(f"scoring actors keep failing to start: {error}") from error
+                    starting.update([start_actor()])
+                continue
+            actor, task = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as error:  # the actor's process or node died: redo the shard elsewhere
+                attempts[task.file] = attempts.get(task.file, 0) + 1
+                if attempts[task.file] >= MAX_SHARD_ATTEMPTS:
+                    raise ScoreJobError(f"shard {task.file} lost its actor {attempts[task.file]} times: {error}") from error
+                queue.appendleft(task)
+                ray.kill(actor)
+                starting.update([start_actor()])
+                continue
+            except RayTaskError as error:
+                raise _unwrapped(error) from None
+            results.append(result)
+            idle.append(actor)
+            progress.shard_done(result["record"]["tokens"])
+    finally:
+        for actor in [*idle, *starting.values(), *(a for a, _ in running.values())]:
+            ray.kill(actor)
+    return results
+
+
+def _check_tokenizer(model: Path, expected: dict[str, Any], data: Path, trust_remote_code: bool) -> None:
+    """Refuse data tokenized with another tokenizer than the model's: its masks would be garbage."""
+    found = tokenizer_fingerprints(load_tokenizer(model, trust_remote_code=trust_remote_code))["tokenizer"]
+    if found != expected["fingerprint"]:
+        raise ScoreJobError(
+            f"{data} was tokenized with another tokenizer (fingerprint {expected['fingerprint'][:12]}) than the "
+            f"model in {model} ({found[:12]}); rerun `sstoken prepare` with this model's tokenizer"
+        )
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _read_input(config: ScoreJobConfig) -> dict[str, Any]:
+    data = Path(config.data)
+    if not data.is_dir():
+        raise ScoreJobError(f"tokenized input folder {data} does not exist; run `sstoken prepare` first")
+    try:
+        return read_manifest(data, kind="tokenized")
+    except SchemaError as error:
+        raise ScoreJobError(f"{data / MANIFEST} is not a valid tokenized manifest: {error}") from error
+
+
+def _clear_stale_outputs(output: Path, expected: set[str]) -> None:
+    """Remove our own shards (ones with a progress record) that the current input no longer has."""
+    for record in sorted((output / PROGRESS).glob("*.json")):
+        name = record.name.removesuffix(".json")
+        if name not in expected:
+            (output / name).unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
+
+
+def _refuse_foreign_output(output: Path, data: Path) -> None:
+    if output.resolve() == data.resolve():
+        raise ScoreJobError(f"--output {output} is the tokenized input folder; choose another folder")
+    if (output / MANIFEST).is_file():
+        kind = json.loads((output / MANIFEST).read_text() or "{}").get("kind")
+        if kind != "scores":
+            raise ScoreJobError(f"{output} holds a '{kind}' artifact, not scores; choose another --output")
+
+
+def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
+    """Score every shard of `config.data` into `config.output`; returns the summary dict."""
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    data, output = Path(config.data), Path(config.output)
+    tokenized = _read_input(config)
+    checkpoint_files(config.current)  # a clear error for a missing or unusable model folder
+    if config.history is not None:
+        checkpoint_files(config.history)
+    _check_tokenizer(Path(config.current), tokenized["tokenizer"], data, config.trust_remote_code)
+    if config.history is not None and _has_tokenizer(Path(config.history)):
+        _check_tokenizer(Path(config.history), tokenized["tokenizer"], data, config.trust_remote_code)
+    current_fp = checkpoint_fingerprint(config.current)
+    history_fp = checkpoint_fingerprint(config.history) if config.history is not None else current_fp
+    settings = config.score_settings().resolved()
+    identity = {
+        "settings": {k: v for k, v in settings.items() if k not in ("threads", "device", "trust_remote_code")},
+        "current": current_fp,
+        "history": history_fp,
+        "data": tokenized["data_fingerprint"],
+    }
+    history_cache = Path(config.history_cache) if config.history_cache else default_history_cache()
+    tasks = [
+        ShardTask(
+            file=shard["file"],
+            input_path=str((data / shard["file"]).resolve()),
+            input_sha256=shard["sha256"],
+            rows=shard["rows"],
+            output_path=str((output / shard["file"]).resolve()),
+            record_path=str((output / PROGRESS / f"{shard['file']}.json").resolve()),
+            run_key=sha256_json(identity | {"file": shard["file"], "input_sha256": shard["sha256"]}),
+            data_fingerprint=tokenized["data_fingerprint"],
+            history_cache=str(history_cache.resolve()),
+        )
+        for shard in tokenized["shards"]
+    ]
+    timings["checks_s"] = time.monotonic() - started
+
+    with exclusive_output(output):
+        _refuse_foreign_output(output, data)
+        (output / MANIFEST).unlink(missing_ok=True)  # present only once everything below is done
+        (output / PROGRESS).mkdir(exist_ok=True)
+        remove_stale_temporaries(output)
+        remove_stale_temporaries(output / PROGRESS)
+        _clear_stale_outputs(output, {t.file for t in tasks})
+        object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
+        with ray_session(config.address, config.num_cpus, object_store) as runtime:
+            phase = time.monotonic()
+            records = list(ordered_map(check_shard, [(t,) for t in tasks]))
+            todo = [
+                t
+                for t, r in zip(tasks, records)
+                if r is None or (config.granularity == "sample" and r.get("selection") != "sample")
+            ]
+            timings["validate_s"] = time.monotonic() - phase
+
+            phase = time.monotonic()
+            results: list[dict[str, Any]] = []
+            if todo:
+                workers, cpus = plan_workers(
+                    node_cpus(), runtime.gpus, config.workers, config.cpus_per_worker, config.gpus_per_worker
+                )
+                with _Progress(config.progress, len(todo)) as progress:
+                    results = _score_shards(todo, config, workers, cpus, progress)
+            scored = {r["record"]["file"]: r["record"] for r in results}
+            records = [scored.get(t.file, r) for t, r in zip(tasks, records)]
+            timings["score_s"] = time.monotonic() - phase
+
+            selection: dict[str, Any] = {"granularity": config.granularity}
+            rewritten = 0
+            if config.granularity == "global":
+                phase = time.monotonic()
+                before = [r["sha256"] for r in records]
+                selection, records = _select_globally(tasks, records, config.ratio)
+                rewritten = sum(a != r["sha256"] for a, r in zip(before, records))
+                timings["select_s"] = time.monotonic() - phase
+
+        counts = _totals(records)
+        if counts["samples"] != sum(t.rows for t in tasks):
+            raise ScoreJobError(
+                f"accounting mismatch: {sum(t.rows for t in tasks)} samples in, {counts['samples']} scored; "
+                "this is a bug, please report it"
+            )
+        timings["total_s"] = time.monotonic() - started
+        manifest = _manifest(config, tokenized, records, selection, current_fp, history_fp, history_cache)
+        manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        write_manifest(output, manifest)
+
+    scored_tokens = sum(r["record"]["tokens"] for r in results)
+    return {
+        "output": str(output),
+        "granularity": config.granularity,
+        "shards": len(tasks),
+        "shards_scored": len(results),
+        "shards_skipped": len(tasks) - len(results),
+        "shards_rewritten": rewritten,
+        "history_from_cache": sum(r["history_cached"] for r in results),
+        **counts,
+        "kept_ratio": counts["kept"] / counts["trainable"] if counts["trainable"] else 0.0,
+        "tokens_scored": scored_tokens,
+        "tokens_per_s": scored_tokens / timings["score_s"] if scored_tokens else 0.0,
+        "seconds": timings["total_s"],
+    }
+
+
+def _select_globally(
+    tasks: list[ShardTask], records: list[dict[str, Any]], ratio: float
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Exact corpus-wide top-k: three histogram/count passes, then a keep rewrite per shard."""
+    total = sum(r["trainable"] for r in records)
+    k = global_selection.selection_size(ratio, total)
+    pairs = [(t.output_path, t.input_path) for t in tasks]
+    threshold, quotas = global_selection.find_threshold(pairs, k, parallel_map=ordered_map)
+    common = {"granularity": "global", "k": k, "threshold": threshold.as_dict() if threshold else None}
+    rewrites = [(t, common | {"ties": q}) for t, q in zip(tasks, quotas)]
+    records = list(ordered_map(rewrite_global_keep, rewrites))
+    return common, records
+
+
+def _totals(records: list[dict[str, Any]]) -> dict[str, int]:
+    return {
+        "shards": len(records),
+        "samples": sum(r["rows"] for r in records),
+        "tokens": sum(r["tokens"] for r in records),
+        "trainable": sum(r["trainable"] for r in records),
+        "kept": sum(r["kept"] for r in records),
+    }
+
+
+def _manifest(
+    config: ScoreJobConfig,
+    tokenized: dict[str, Any],
+    records: list[dict[str, Any]],
+    selection: dict[str, Any],
+    current_fp: str,
+    history_fp: str,
+    history_cache: Path,
+) -> dict[str, Any]:
+    shards = [{"file": r["file"], "rows": r["rows"], "sha256": r["sha256"]} for r in records]
+    history_path = config.history if config.history is not None else config.current
+    return base_manifest("scores", config.resolved()) | {
+        "tokenizer": tokenized["tokenizer"],
+        "input_fingerprint": tokenized["data_fingerprint"],
+        "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in shards]),
+        "inputs": [{"kind": "tokenized", "path": str(config.data), "data_fingerprint": tokenized["data_fingerprint"]}],
+        "checkpoints": {
+            "current": {"path": str(config.current), "fingerprint": current_fp},
+            "history": {"path": str(history_path), "fingerprint": history_fp},
+        },
+        "selection": {
+            "gamma": config.gamma,
+            "ratio": config.ratio,
+            "layer": config.layer,
+            "excess": config.excess,
+            **selection,
+        },
+        "compute": {
+            "dtypes": sorted({r["dtype"] for r in records}),
+            "devices": sorted({r["device"] for r in records}),
+        },
+        "history_cache": str(history_cache),
+        "shards": shards,
+        "counts": _totals(records),
+    }
+
+

@@ -1,0 +1,86 @@
+"""Build small tokenized corpora directly (no `sstoken prepare`) for scoring tests and benchmarks.
+
+Rows are ChatML conversations rendered piece by piece with a tokenizer: context tokens (markup,
+user turns) are not trainable; each assistant turn's content and its `<|im_end|>` are.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import base_manifest, shard_name, write_manifest, write_parquet_atomic
+from pipeline.fingerprint import sha256_json, tokenizer_fingerprints
+from pipeline.schemas import table_from_rows
+
+WORDS = (
+    "the quick brown fox jumps over lazy dog what is capital of france paris tokens are selected by "
+    "retrospective excess loss and attention importance numbers 0 1 2 3 4 5 6 7 8 9 hello how can i help"
+).split()
+
+
+def _text(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choices(WORDS, k=rng.randint(low, high)))
+
+
+def conversation_row(tokenizer: Any, sample_id: str, rng: random.Random, turns: int = 1, scale: int = 1) -> dict[str, Any]:
+    """One tokenized sample with `turns` user/assistant exchanges; `scale` stretches the texts."""
+    ids: list[int] = []
+    trainable: list[bool] = []
+
+    def add(text: str, is_target: bool) -> None:
+        pieces = tokenizer.encode(text, add_special_tokens=False)
+        ids.extend(pieces)
+        trainable.extend([is_target] * len(pieces))
+
+    for _ in range(turns):
+        add("<|im_start|>user\n" + _text(rng, 3 * scale, 12 * scale) + "<|im_end|>\n", False)
+        add("<|im_start|>assistant\n", False)
+        add(_text(rng, 2 * scale, 15 * scale), True)
+        add("<|im_end|>", True)
+        add("\n", False)
+    return {
+        "sample_id": sample_id,
+        "source": "factory",
+        "input_ids": ids,
+        "trainable": trainable,
+        "n_tokens": len(ids),
+        "n_trainable": sum(trainable),
+        "n_turns": turns,
+        "truncated": False,
+    }
+
+
+def write_tokenized(
+    folder: Path, tokenizer: Any, shard_rows: list[int], seed: int = 0, scale: int = 1
+) -> Path:
+    """A tokenized artifact folder: one shard per entry of `shard_rows` (its row count) + manifest."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    shards, samples, tokens, trainable = [], 0, 0, 0
+    for index, count in enumerate(shard_rows):
+        rows = [
+            conversation_row(tokenizer, f"s{index:02d}-{row:04d}", rng, turns=1 + (row % 3 == 2), scale=scale)
+            for row in range(count)
+        ]
+        name = shard_name(index)
+        digest = write_parquet_atomic(table_from_rows(rows, "tokenized"), folder / name)
+        shards.append({"file": name, "rows": count, "sha256": digest})
+        samples += count
+        tokens += sum(r["n_tokens"] for r in rows)
+        trainable += sum(r["n_trainable"] for r in rows)
+    fingerprints = tokenizer_fingerprints(tokenizer)
+    manifest = base_manifest("tokenized", {"factory": "tests.factories.write_tokenized", "seed": seed}) | {
+        "tokenizer": {
+            "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+            "fingerprint": fingerprints["tokenizer"],
+            "chat_template_fingerprint": fingerprints["chat_template"],
+        },
+        "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in shards]),
+        "shards": shards,
+        "counts": {"rows_written": samples, "tokens": tokens, "trainable_tokens": trainable},
+    }
+    write_manifest(folder, manifest)
+    return folder
