@@ -57,3 +57,26 @@ def qwen2_dir(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_history_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return _model_dir(tmp_path_factory, tokenizer_dir, "qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One small local Ray for the whole test session (2 CPUs, 256 MiB object store, loopback only).
+
+    Stages reuse an already initialised Ray instead of starting their own, so tests that run Ray
+    jobs in-process share this one and pay its start-up once.
+    """
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=256 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    yield ray
+    ray.shutdown()

@@ -1,10 +1,45 @@
-"""`sstoken score` (placeholder until its issue lands)."""
+"""`sstoken score`: per-token scores and keep masks for a tokenized corpus, on Ray."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from pipeline.config import add_config_arguments, config_from_arguments
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("score", help="(not yet available)")
-    parser.set_defaults(handler=lambda arguments: print("sstoken score: not yet available") or 1)
+    from pipeline.score_job import ScoreJobConfig
+
+    parser = commands.add_parser(
+        "score",
+        help="Score a tokenized corpus with a current and a history checkpoint; write score shards and masks.",
+        description="Score every shard of a tokenized corpus (per-token NLLs under both checkpoints, attention "
+        "importance, combined score, keep mask) into DIR/part-NNNNN.parquet + DIR/manifest.json. Runs on an "
+        "embedded local Ray unless --address or RAY_ADDRESS names a cluster; a rerun redoes only what is missing.",
+    )
+    add_config_arguments(parser, ScoreJobConfig)
+    parser.set_defaults(handler=_run)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    skipped = f", {summary['shards_skipped']} already done" if summary["shards_skipped"] else ""
+    rate = f" at {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_scored"] else ""
+    return "\n".join(
+        [
+            f"scored {summary['samples']:,} samples, {summary['tokens']:,} tokens "
+            f"({summary['trainable']:,} trainable) in {summary['shards']} shards{skipped}",
+            f"kept {summary['kept']:,} of {summary['trainable']:,} trainable tokens "
+            f"({summary['kept_ratio']:.1%}, {summary['granularity']} selection)",
+            f"this run: {summary['tokens_scored']:,} tokens scored{rate}, {summary['seconds']:.1f} s in all",
+            f"output: {summary['output']}",
+        ]
+    )
+
+
+def _run(arguments: argparse.Namespace) -> int:
+    from pipeline.score_job import ScoreJobConfig, run_score_job
+
+    summary = run_score_job(config_from_arguments(ScoreJobConfig, arguments))
+    print(format_summary(summary))
+    return 0
