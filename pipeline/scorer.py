@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from pydantic import Field
+from transformers import AutoConfig
 
 from pipeline.attention import REQUEST_KWARG, ImportanceRequest, register_importance_attention
 from pipeline.batching import length_sorted_batches, right_padded
@@ -133,10 +134,23 @@ class Scorer:
         self.layer_idx = _layer_index(self.current, settings.layer, current)
         if self.uses_attention:
             self.current.set_attn_implementation(register_importance_attention())
-        self.history = self._load(history) if self.uses_history else None
+        # The history model loads on first use: with every shard's history NLLs cached, it never does.
+        self.history: Any | None = None
+        self._history_path = history
+        self._vocab_limit = self.current.get_input_embeddings().num_embeddings
+        if self.uses_history:
+            history_config = AutoConfig.from_pretrained(
+                history, local_files_only=True, trust_remote_code=settings.trust_remote_code
+            )
+            self._vocab_limit = min(self._vocab_limit, int(history_config.vocab_size))
 
     def _load(self, path: Path | str) -> Any:
         return load_model(path, self.dtype, self.device, trust_remote_code=self.settings.trust_remote_code)
+
+    def _history_model(self) -> Any:
+        if self.history is None:
+            self.history = self._load(self._history_path)
+        return self.history
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -154,7 +168,7 @@ class Scorer:
             )
         if history_nll is not None and len(history_nll) != len(sample_ids):
             raise ValueError(f"history_nll has {len(history_nll)} entries for {len(sample_ids)} samples")
-        vocab = min(m.get_input_embeddings().num_embeddings for m in (self.current, self.history) if m is not None)
+        vocab = self._vocab_limit
         ids_out, masks_out = [], []
         for index, sample_id in enumerate(sample_ids):
             ids = np.asarray(input_ids[index])
@@ -240,7 +254,7 @@ class Scorer:
                         f"layer {self.layer_idx} never reached the importance attention function; "
                         f"{type(self.current).__name__} may not use transformers' attention interface"
                     )
-                history = self._forward_nll(self.history, batch_ids, batch_masks, None) if run_history else None
+                history = self._forward_nll(self._history_model(), batch_ids, batch_masks, None) if run_history else None
                 if run_history:
                     self.forward_counts["history"] += 1
                 for slot, index in enumerate(batch):

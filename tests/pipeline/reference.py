@@ -56,8 +56,8 @@ def naive_scores(
         turn_start = i
         while turn_start > 0 and trainable[turn_start - 1]:
             turn_start -= 1
-        heads = attention.shape[0]
-        attn[i] = sum(sum(attention[h, i, j] for j in range(turn_start)) for h in range(heads)) / heads
+        # Row i (x_i is the input there): probability mass on keys before the turn, mean over heads.
+        attn[i] = attention[:, i, :turn_start].astype(np.float64).sum(axis=1).mean()
     if targets:
         low = min(rel[i] for i in targets)
         high = max(rel[i] for i in targets)

@@ -178,19 +178,20 @@ def test_rescoring_with_cached_history_runs_one_forward_per_batch(llama_dir, lla
     settings = ScoreSettings(max_batch_tokens=240, **FP32)
 
     first = Scorer(llama_dir, llama_history_dir, settings)
-    current_calls, history_calls = _count_forwards(first.current), _count_forwards(first.history)
+    current_calls = _count_forwards(first.current)
     scores, history = score_shard(first, tokenized, None)
     batches = current_calls["calls"]
-    assert batches >= 3 and history_calls["calls"] == batches
+    assert batches >= 3 and first.forward_counts == {"current": batches, "history": batches}
     validate_table(scores, "scores")
     validate_table(history, "history_nll")
 
     second = Scorer(llama_dir, llama_history_dir, settings)
-    current_calls, history_calls = _count_forwards(second.current), _count_forwards(second.history)
+    current_calls = _count_forwards(second.current)
     shuffled = history.take(pa.array(np.random.default_rng(0).permutation(history.num_rows)))  # join by id
     rescored, no_history = score_shard(second, tokenized, shuffled)
     assert no_history is None
-    assert current_calls["calls"] == batches and history_calls["calls"] == 0
+    assert current_calls["calls"] == batches and second.forward_counts == {"current": batches, "history": 0}
+    assert second.history is None  # never even loaded
     _assert_tables_equal(rescored, scores)
     assert scores.column("n_kept").to_pylist() == [int(np.ceil(0.6 * m.sum() - 1e-9)) for m in masks]
     assert scores.column("n_tokens").to_pylist() == [len(x) for x in ids]
