@@ -73,6 +73,32 @@ def _describe(embedded: bool, owned: bool) -> RayRuntime:
 
 
 @contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make a local Ray bind 127.0.0.1 only, for as long as it runs.
+
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 turns Ray's "local only" mode on (field notes: every
+    listener then binds loopback; `_node_ip_address` alone is rewritten). Ray reads the variable
+    once, when `ray` is first imported, so the constant it was read into is set too. Both are
+    restored afterwards: joining a real cluster later from this process must see the machine's
+    own address again.
+    """
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
+
+
+@contextmanager
 def ray_session(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -100,9 +126,12 @@ def ray_session(
             logging_level=logging.WARNING,
             log_to_driver=True if log_to_driver is None else log_to_driver,
         )
-    else:
-        # Without this, Ray's listeners bind every interface; `_node_ip_address` alone is not enough.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        try:
+            yield _describe(embedded=False, owned=True)
+        finally:
+            ray.shutdown()
+        return
+    with _loopback_only():
         ray.init(
             num_cpus=num_cpus or machine_cpus(),
             object_store_memory=object_store_bytes or default_object_store_bytes(),
@@ -110,10 +139,10 @@ def ray_session(
             logging_level=logging.WARNING,
             log_to_driver=False if log_to_driver is None else log_to_driver,
         )
-    try:
-        yield _describe(embedded=target is None, owned=True)
-    finally:
-        ray.shutdown()
+        try:
+            yield _describe(embedded=True, owned=True)
+        finally:
+            ray.shutdown()
 
 
 def node_cpus() -> list[float]:
