@@ -72,6 +72,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a cluster another process started with `ray start`
             num_cpus=2,
             object_store_memory=256 * 1024**2,
             include_dashboard=False,
