@@ -133,6 +133,9 @@ def ray_session(
         return
     with _loopback_only():
         ray.init(
+            # "local": a new instance even when `ray start` left a cluster on this machine, which a
+            # bare ray.init() would silently join.
+            address="local",
             num_cpus=num_cpus or machine_cpus(),
             object_store_memory=object_store_bytes or default_object_store_bytes(),
             include_dashboard=False,
