@@ -92,7 +92,7 @@ class ScoreJobConfig(ScoreSettings):
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; 0 = score on CPU.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray; default: this machine's.")
     object_store_mb: int | None = Field(
-        None, ge=100, description="Object store of the embedded Ray in MiB; default: 10% of memory, 256-2048."
+        None, ge=100, description="Object store of the embedded Ray in MiB; default: a tenth of memory, within 256-2048."
     )
     progress: bool = Field(True, description="Show a progress bar while scoring.")
 
@@ -239,8 +239,11 @@ class ShardScoringActor:
     """A Ray actor holding the current and history models for its lifetime."""
 
     def __init__(self, current: str, history: str | None, settings: ScoreSettings):
+        from transformers.utils import logging as transformers_logging
+
         from pipeline.scorer import Scorer
 
+        transformers_logging.disable_progress_bar()  # "Loading weights" bars would reach the job's log
         self.scorer = Scorer(current, history, settings)
 
     def ready(self) -> str:
@@ -526,6 +529,8 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
         "kept_ratio": counts["kept"] / counts["trainable"] if counts["trainable"] else 0.0,
         "tokens_scored": scored_tokens,
         "tokens_per_s": scored_tokens / timings["score_s"] if scored_tokens else 0.0,
+        # Time inside the actors' score calls, summed: without actor start-up and model loading.
+        "shard_seconds": sum(r["seconds"] for r in results),
         "seconds": timings["total_s"],
     }
 
