@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,30 +120,26 @@ def ray_session(
         return
     quiet_ray_logs()
     target = cluster_address(address)
-    if target is not None:
-        ray.init(
-            address=target,
-            logging_level=logging.WARNING,
-            log_to_driver=True if log_to_driver is None else log_to_driver,
-        )
-        try:
-            yield _describe(embedded=False, owned=True)
-        finally:
-            ray.shutdown()
-        return
-    with _loopback_only():
-        ray.init(
+    embedded = target is None
+    settings: dict[str, Any] = {
+        "logging_level": logging.WARNING,
+        "log_to_driver": (not embedded) if log_to_driver is None else log_to_driver,
+    }
+    if embedded:
+        settings |= {
             # "local": a new instance even when `ray start` left a cluster on this machine, which a
             # bare ray.init() would silently join.
-            address="local",
-            num_cpus=num_cpus or machine_cpus(),
-            object_store_memory=object_store_bytes or default_object_store_bytes(),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False if log_to_driver is None else log_to_driver,
-        )
+            "address": "local",
+            "num_cpus": num_cpus or machine_cpus(),
+            "object_store_memory": object_store_bytes or default_object_store_bytes(),
+            "include_dashboard": False,
+        }
+    else:
+        settings["address"] = target
+    with _loopback_only() if embedded else nullcontext():
+        ray.init(**settings)
         try:
-            yield _describe(embedded=True, owned=True)
+            yield _describe(embedded=embedded, owned=True)
         finally:
             ray.shutdown()
 
