@@ -244,9 +244,17 @@ class ShardScoringActor:
         from pipeline.scorer import Scorer
 
         transformers_logging.disable_progress_bar()  # "Loading weights" bars would reach the job's log
-        self.scorer = Scorer(current, history, settings)
+        # A failing constructor would look like a dead actor (and be retried); keep the error for
+        # `ready` to raise as an ordinary task error, which the driver reports as it is.
+        self.error: Exception | None = None
+        try:
+            self.scorer = Scorer(current, history, settings)
+        except Exception as error:  # noqa: BLE001 - re-raised by ready()
+            self.error = error
 
     def ready(self) -> str:
+        if self.error is not None:
+            raise self.error
         return f"{self.scorer.device.type}/{self.scorer.dtype_name}"
 
     def score(self, task: ShardTask) -> dict[str, Any]:
@@ -358,6 +366,8 @@ def _score_shards(
                 try:
                     ray.get(ref)
                     idle.append(actor)
+                except RayTaskError as error:  # the models could not be loaded: no point retrying
+                    raise _unwrapped(error) from None
                 except RayActorError as error:
                     actor_failures += 1
                     if actor_failures > workers + MAX_SHARD_ATTEMPTS:

@@ -168,6 +168,11 @@ def test_corrupt_tokenized_shard_is_refused(ray_local, corpus, llama_dir, tmp_pa
         run_score_job(_config(data, tmp_path / "out", llama_dir, None))
 
 
+def test_engine_errors_reach_the_caller_as_they_are(ray_local, corpus, llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        run_score_job(_config(corpus, tmp_path / "out", llama_dir, None, layer=7))
+
+
 def test_concurrent_writer_is_refused(corpus, llama_dir, tmp_path):
     output = tmp_path / "out"
     with exclusive_output(output):
