@@ -94,6 +94,13 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[choice]
 
 
+def _available_cpus() -> int:
+    """Cores this process may run on (its affinity mask, which Ray and containers narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _decoder(model: Any) -> torch.nn.Module:
     """The model body without the LM head (`model.model` for Llama, Qwen2, ...)."""
     return getattr(model, model.base_model_prefix)
@@ -114,7 +121,13 @@ def _layer_index(model: Any, layer: int, folder: Path | str) -> int:
 
 
 class Scorer:
-    """Holds the current (and, when needed, history) model and scores batches of tokenized samples."""
+    """Holds the current (and, when needed, history) model and scores batches of tokenized samples.
+
+    Attributes a driver uses: `current_fingerprint` / `history_fingerprint` (history None means
+    history == current), `dtype_name` (part of the history cache key), `uses_history` (False when
+    no history NLLs are needed: same checkpoint or gamma == 0), `forward_counts` (micro-batch
+    forwards run so far, per model).
+    """
 
     def __init__(self, current: Path | str, history: Path | str | None, settings: ScoreSettings):
         self.settings = settings
@@ -122,7 +135,7 @@ class Scorer:
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.dtype_name = str(self.dtype).removeprefix("torch.")
         if self.device.type == "cpu":
-            torch.set_num_threads(settings.threads or len(os.sched_getaffinity(0)))
+            torch.set_num_threads(settings.threads or _available_cpus())
         self.current_fingerprint = checkpoint_fingerprint(current)
         self.history_fingerprint = checkpoint_fingerprint(history) if history is not None else self.current_fingerprint
         self.same_checkpoint = self.history_fingerprint == self.current_fingerprint
@@ -347,6 +360,9 @@ def score_shard(
     Returns (scores table, schema scores.v1, in the shard's row order; history NLL table, schema
     history_nll.v1, when a history forward ran here, else None).
     """
+    missing = [c for c in ("sample_id", "input_ids", "trainable") if c not in tokenized.column_names]
+    if missing:
+        raise ValueError(f"tokenized table lacks column(s) {', '.join(missing)}; expected a tokenized.v1 shard")
     sample_ids = tokenized.column("sample_id").to_pylist()
     input_ids = _list_values(tokenized.column("input_ids"), np.int64)
     trainable = _list_values(tokenized.column("trainable"), bool)

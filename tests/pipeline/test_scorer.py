@@ -202,6 +202,12 @@ def test_score_shard_without_history_model_returns_no_history_table(llama_dir, s
     assert history is None and scores.num_rows == len(samples[0])
 
 
+def test_tokenized_table_without_needed_columns_is_refused(llama_dir, samples):
+    table = _tokenized_table(*samples).drop_columns(["trainable"])
+    with pytest.raises(ValueError, match="lacks column\\(s\\) trainable"):
+        score_shard(Scorer(llama_dir, None, ScoreSettings(**FP32)), table, None)
+
+
 def test_history_table_missing_a_sample_is_refused(llama_dir, llama_history_dir, samples):
     scorer = Scorer(llama_dir, llama_history_dir, ScoreSettings(**FP32))
     partial = pa.Table.from_pylist([{"sample_id": "s0", "nll": [0.0]}], schema=arrow_schema("history_nll"))

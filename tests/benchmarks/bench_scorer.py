@@ -1,0 +1,335 @@
+"""Benchmark: the scoring engine against the naive reference on SmolLM2-135M-Instruct.
+
+    python tests/benchmarks/bench_scorer.py            # about 10 minutes on 2 CPU cores
+    python tests/benchmarks/bench_scorer.py --quick    # one repeat, 512 tokens only
+
+Not collected by pytest (the name does not start with test_). Prints, per length:
+- tokens/s of each variant, median over interleaved repeats, and the ratio to the naive reference;
+- peak resident memory of each variant, each measured in a fresh subprocess (VmHWM);
+- achieved FLOP/s of the fast path as a fraction of this machine's GEMM throughput in the same
+  dtype, measured in this run;
+- keep-mask agreement of bfloat16 with float32.
+
+Variants: `naive` (tests/pipeline/reference.py: eager attention, output_attentions, full logits,
+one sample at a time), `fast-<dtype>-cold` (current and history forwards), `fast-<dtype>-warm`
+(history NLLs from the cache: one forward, the steady state with a fixed history model).
+The history checkpoint is the current one with 5% Gaussian noise on every weight, built once.
+
+FLOP count of one fast-path forward over a sample of T tokens (what is counted as useful work):
+    2 * P_body * T                          body matmuls (P_body: parameters minus embeddings and head)
+  + layers * 4 * H * d_head * T(T+1)/2      attention scores and values, causal half only
+  + 2 * D * V * n_targets                   LM head on target rows only
+  + 4 * H * d_head * sum_i (i+1)            importance recompute, chosen layer, target queries (current only)
+Elementwise work (norms, RoPE, activations, softmax) is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+PARAGRAPHS = [
+    "The capital of France is Paris, a city on the Seine known for its museums, cafes and long history.",
+    "To add two numbers in Python, define a function that takes a and b and returns their sum.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside plant leaves.",
+    "A good summary keeps the main claim, the key evidence and the conclusion, and drops the rest.",
+    "When training a language model, the loss is the average negative log-likelihood of the targets.",
+    "The recipe needs two cups of flour, one egg, a pinch of salt and a little warm milk.",
+    "Rivers carve valleys over millions of years, carrying sediment from mountains to the sea.",
+    "In chess, controlling the centre early gives your pieces more room to move later in the game.",
+]
+QUESTIONS = ["Can you explain this?", "Tell me more.", "Why is that?", "Give an example, please.", "Summarise it."]
+
+
+def history_checkpoint(current: Path) -> Path:
+    """The current checkpoint plus 5% noise per weight, saved once as safetensors next to the model cache."""
+    from transformers import AutoModelForCausalLM
+
+    target = current.parent.parent / "bench" / (current.name + "-noised")
+    if (target / "model.safetensors").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(current, dtype=torch.float32, local_files_only=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * parameter.std() * 0.05)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
+    model.save_pretrained(scratch, safe_serialization=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(scratch, target)
+    return target
+
+
+def make_samples(tokenizer, length: int, count: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """ChatML conversations of about `length` tokens (a few tokens shorter at random, so padding occurs)."""
+    rng = np.random.default_rng(seed)
+    ids_out, masks_out = [], []
+    for _ in range(count):
+        ids: list[int] = []
+        mask: list[bool] = []
+        target = length - int(rng.integers(0, 8))
+
+        def add(role: str, text: str) -> None:
+            head = tokenizer.encode(f"<|im_start|>{role}\n", add_special_tokens=False)
+            body = tokenizer.encode(text + "<|im_end|>", add_special_tokens=False)
+            tail = tokenizer.encode("\n", add_special_tokens=False)
+            ids.extend(head + body + tail)
+            mask.extend([False] * len(head) + [role == "assistant"] * len(body) + [False] * len(tail))
+
+        add("system", "You are a helpful assistant.")
+        while len(ids) < target:
+            add("user", " ".join(rng.choice(PARAGRAPHS, 2)) + " " + str(rng.choice(QUESTIONS)))
+            add("assistant", " ".join(rng.choice(PARAGRAPHS, int(rng.integers(2, 6)))))
+        ids_out.append(np.array(ids[:target], dtype=np.int64))
+        masks_out.append(np.array(mask[:target], dtype=bool))
+    return ids_out, masks_out
+
+
+# -- variants -----------------------------------------------------------------------------------
+
+
+class Naive:
+    name = "naive"
+
+    def __init__(self, current: Path, history: Path):
+        from tests.pipeline.reference import load_eager
+
+        self.current, self.history = load_eager(current), load_eager(history)
+
+    def run(self, ids, masks):
+        from tests.pipeline.reference import naive_scores
+
+        return [naive_scores(self.current, self.history, x, m) for x, m in zip(ids, masks)]
+
+
+class Fast:
+    def __init__(self, current: Path, history: Path, dtype: str, warm: bool, max_batch_tokens: int):
+        from pipeline.scorer import Scorer, ScoreSettings
+
+        self.name = f"fast-{dtype}-{'warm' if warm else 'cold'}"
+        self.scorer = Scorer(current, history, ScoreSettings(dtype=dtype, device="cpu", max_batch_tokens=max_batch_tokens))
+        self.warm = warm
+        self.cache: dict[int, list[np.ndarray]] = {}
+
+    def prepare(self, ids, masks):
+        """One untimed run: loads the lazily loaded history model, and for warm variants fills the
+        history cache (what the on-disk cache does between rounds)."""
+        if id(ids) not in self.cache:
+            results = self.scorer.score_samples([str(i) for i in range(len(ids))], ids, masks)
+            self.cache[id(ids)] = [r.nll_hist for r in results]
+
+    def run(self, ids, masks):
+        history = self.cache[id(ids)] if self.warm else None
+        return self.scorer.score_samples([str(i) for i in range(len(ids))], ids, masks, history)
+
+
+def build_variant(name: str, current: Path, history: Path, max_batch_tokens: int):
+    if name == "naive":
+        return Naive(current, history)
+    _, dtype, mode = name.split("-")
+    return Fast(current, history, dtype, mode == "warm", max_batch_tokens)
+
+
+# -- FLOPs and GEMM -----------------------------------------------------------------------------
+
+
+def forward_flops(config, ids: list[np.ndarray], masks: list[np.ndarray], body_params: int, attention: bool) -> float:
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    total = 0.0
+    for x, m in zip(ids, masks):
+        t = len(x)
+        targets = np.flatnonzero(m)
+        total += 2 * body_params * t
+        total += layers * 4 * heads * head_dim * t * (t + 1) / 2
+        total += 2 * config.hidden_size * config.vocab_size * len(targets)
+        if attention:
+            total += 4 * heads * head_dim * float((targets + 1).sum())
+    return total
+
+
+def fast_flops(variant: Fast, ids, masks) -> float:
+    model = variant.scorer.current
+    embedding = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight
+    tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    body = sum(p.numel() for p in model.parameters()) - embedding - (0 if tied else head.numel())
+    flops = forward_flops(model.config, ids, masks, body, attention=variant.scorer.uses_attention)
+    if not variant.warm:
+        flops += forward_flops(model.config, ids, masks, body, attention=False)
+    return flops
+
+
+def gemm_throughput(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """FLOP/s of torch.mm on the model's MLP shapes (4096 tokens x 576 x 1536, both ways), this process.
+
+    Measured again in every repeat, interleaved with the variants, because this machine is shared
+    and its speed drifts; the report uses the median."""
+    flops, elapsed = 0.0, 0.0
+    for m, k, n in [(4096, 576, 1536), (4096, 1536, 576)]:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        torch.mm(a, b)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            torch.mm(a, b)
+            count += 1
+        elapsed += time.perf_counter() - start
+        flops += 2 * m * k * n * count
+    return flops / elapsed
+
+
+# -- memory, in a child process -----------------------------------------------------------------
+
+
+def child(arguments: argparse.Namespace) -> None:
+    """Load one variant, score the samples once, print peak RSS in MiB as JSON."""
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    current, history = Path(arguments.model), Path(arguments.history)
+    from pipeline.checkpoints import load_tokenizer
+
+    ids, masks = make_samples(load_tokenizer(current), arguments.child_length, arguments.child_count, seed=1)
+    variant = build_variant(arguments.child, current, history, arguments.max_batch_tokens)
+    if isinstance(variant, Fast) and variant.warm:
+        # The cached NLLs come from disk in real runs; here a cold pass would load the history
+        # model and skew the peak, so use NaN-free placeholders of the right shape instead.
+        variant.cache[id(ids)] = [np.where(m, 1.0, np.nan).astype(np.float32) for m in masks]
+    with torch.inference_mode():
+        variant.run(ids, masks)
+    print(json.dumps({"peak_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across
+    exec, so a child started by a big parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory(arguments, variant: str, length: int, count: int) -> float:
+    command = [sys.executable, __file__, "--child", variant, "--child-length", str(length), "--child-count", str(count),
+               "--model", str(arguments.model), "--history", str(arguments.history),
+               "--max-batch-tokens", str(arguments.max_batch_tokens)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def keep_agreement(a, b, masks) -> float:
+    same = sum(int((x.keep[m] == y.keep[m]).sum()) for x, y, m in zip(a, b, masks))
+    return same / sum(int(m.sum()) for m in masks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: pipeline.model_zoo smollm2-135m)")
+    parser.add_argument("--history", type=Path, default=None, help="history folder (default: the model plus noise)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--tokens-per-length", type=int, default=2048, help="samples per length = this / length")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--variants", nargs="+",
+                        default=["naive", "fast-float32-cold", "fast-float32-warm", "fast-bfloat16-cold", "fast-bfloat16-warm"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant subprocess memory runs")
+    parser.add_argument("--quick", action="store_true", help="one repeat at 512 tokens")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-count", type=int, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.model is None:
+        from pipeline.model_zoo import ensure_model
+
+        arguments.model = ensure_model("smollm2-135m")
+    if arguments.history is None:
+        arguments.history = history_checkpoint(Path(arguments.model))
+    if arguments.child:
+        child(arguments)
+        return
+    if arguments.quick:
+        arguments.lengths, arguments.repeats = [512], 1
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {arguments.model}")
+    gemm_samples: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+
+    from pipeline.checkpoints import load_tokenizer
+
+    tokenizer = load_tokenizer(arguments.model)
+    variants = [build_variant(v, arguments.model, arguments.history, arguments.max_batch_tokens) for v in arguments.variants]
+    for length in arguments.lengths:
+        count = max(1, arguments.tokens_per_length // length)
+        ids, masks = make_samples(tokenizer, length, count, seed=1)
+        tokens = sum(len(x) for x in ids)
+        for variant in variants:
+            if isinstance(variant, Fast):
+                variant.prepare(ids, masks)
+        timings: dict[str, list[float]] = {v.name: [] for v in variants}
+        outputs: dict[str, list] = {}
+        for _ in range(arguments.repeats):  # interleaved: every variant (and the GEMM probe) once per repeat
+            for name in gemm_samples:
+                gemm_samples[name].append(gemm_throughput(getattr(torch, name)))
+            for variant in variants:
+                start = time.perf_counter()
+                outputs[variant.name] = variant.run(ids, masks)
+                timings[variant.name].append(time.perf_counter() - start)
+        print(f"\n== length ~{length}: {count} samples, {tokens} tokens, {int(sum(m.sum() for m in masks))} targets, "
+              f"median of {arguments.repeats} interleaved repeats ==")
+        gemm = {name: statistics.median(values) for name, values in gemm_samples.items()}
+        print("GEMM throughput (median so far): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in gemm.items()))
+        naive_rate = tokens / statistics.median(timings["naive"]) if "naive" in timings else None
+        memory = {}
+        if not arguments.no_memory:
+            memory = {v.name: peak_memory(arguments, v.name, length, count) for v in variants}
+        for variant in variants:
+            seconds = statistics.median(timings[variant.name])
+            line = f"{variant.name:20s} {tokens / seconds:8.1f} tokens/s"
+            if naive_rate:
+                line += f"  x{tokens / seconds / naive_rate:5.2f} vs naive"
+            if memory:
+                line += f"  peak {memory[variant.name]:7.0f} MiB"
+                if "naive" in memory:
+                    line += f" ({memory[variant.name] / memory['naive']:.2f} of naive)"
+            if isinstance(variant, Fast):
+                dtype = variant.scorer.dtype_name
+                achieved = fast_flops(variant, ids, masks) / seconds
+                line += f"  {achieved / 1e9:6.1f} GFLOP/s = {achieved / gemm[dtype]:.0%} of {dtype} GEMM"
+            print(line)
+        if "fast-float32-cold" in outputs and "fast-bfloat16-cold" in outputs:
+            agreement = keep_agreement(outputs["fast-float32-cold"], outputs["fast-bfloat16-cold"], masks)
+            rel_error = max(
+                float(np.nanmax(np.abs(a.rel - b.rel)))
+                for a, b in zip(outputs["fast-float32-cold"], outputs["fast-bfloat16-cold"])
+            )
+            print(f"bf16 vs fp32: same keep decision on {agreement:.2%} of targets; max |REL difference| {rel_error:.3f} nats")
+        if "naive" in outputs and "fast-float32-cold" in outputs:
+            worst = max(
+                float(np.nanmax(np.abs(a.score - b["score"]))) for a, b in zip(outputs["fast-float32-cold"], outputs["naive"])
+            )
+            same = keep_agreement(outputs["fast-float32-cold"], [_as_scores(b) for b in outputs["naive"]], masks)
+            print(f"fp32 fast vs naive: max |score difference| {worst:.2e}, same keep decision on {same:.2%} of targets")
+
+
+def _as_scores(reference: dict):
+    return argparse.Namespace(**reference)
+
+
+if __name__ == "__main__":
+    main()
