@@ -14,9 +14,11 @@ object store). The global selection passes are plain tasks, one per shard, retur
 
 Exactly once: a shard counts as done when its record carries this run's key (scoring settings,
 checkpoint and data fingerprints, the input shard's checksum) and the file's sha256, row count,
-schema and sample ids all check out; anything else is redone. An actor that dies (a node lost, an
-out-of-memory kill) is replaced and its shard handed out again. Output and cache folders must be
-visible to every node (a local disk on one machine, a shared file system on a cluster).
+schema and sample ids all check out (`pipeline.score_shards`); anything else is redone. An actor
+that dies (a node lost, an out-of-memory kill) is replaced and its shard handed out again. The
+manifest is removed when a run starts and written last, so its presence means "complete".
+Output and cache folders must be visible to every node (a local disk on one machine, a shared
+file system on a cluster).
 
 History NLLs go to a cache keyed by (history checkpoint, tokenized data, dtype), so a rerun or the
 next round skips the history forward.
@@ -28,41 +30,36 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from pipeline import global_selection
 from pipeline.artifacts import (
     MANIFEST,
-    ArtifactError,
     base_manifest,
     exclusive_output,
     read_manifest,
-    read_shard,
     remove_stale_temporaries,
-    write_json_atomic,
     write_manifest,
-    write_parquet_atomic,
 )
 from pipeline.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
-from pipeline.fingerprint import sha256_file, sha256_json, tokenizer_fingerprints
+from pipeline.fingerprint import sha256_json, tokenizer_fingerprints
 from pipeline.ray_runtime import node_cpus, ordered_map, ray_session
-from pipeline.schemas import SchemaError, arrow_schema, validate_table
+from pipeline.schemas import SchemaError
+from pipeline.score_shards import (
+    PROGRESS,
+    ScoreJobError,
+    ShardTask,
+    check_shard,
+    rewrite_global_keep,
+    score_one_shard,
+)
 from pipeline.scorer import ScoreSettings
 
-PROGRESS = "_progress"
 # How often one shard may lose its actor (node loss, OOM kill) before the job gives up.
 MAX_SHARD_ATTEMPTS = 4
-
-
-class ScoreJobError(RuntimeError):
-    """A scoring job that cannot run or complete; the message names the input and what to do."""
 
 
 class ScoreJobConfig(ScoreSettings):
@@ -103,136 +100,6 @@ class ScoreJobConfig(ScoreSettings):
 def default_history_cache() -> Path:
     root = os.environ.get("SSTOKEN_CACHE")
     return Path(root) / "history" if root else Path.home() / ".cache" / "sstoken" / "history"
-
-
-# -- per-shard work (runs in Ray workers; plain functions, testable without Ray) ----------------
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """One input shard and everything a worker needs to score it or check it."""
-
-    file: str
-    input_path: str
-    input_sha256: str
-    rows: int
-    output_path: str
-    record_path: str
-    run_key: str
-    data_fingerprint: str
-    history_cache: str
-
-
-def read_record(task: ShardTask) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(task.record_path).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def verify_input(task: ShardTask) -> None:
-    path = Path(task.input_path)
-    if not path.is_file():
-        raise ArtifactError(f"tokenized shard {path} is missing; rerun `sstoken prepare` for {path.parent}")
-    if sha256_file(path) != task.input_sha256:
-        raise ArtifactError(
-            f"tokenized shard {path} does not match the checksum in {path.parent / MANIFEST}; "
-            "it changed or is corrupt: rerun `sstoken prepare`"
-        )
-
-
-def completed_record(task: ShardTask) -> dict[str, Any] | None:
-    """The shard's progress record when its output is complete and valid for this run, else None.
-
-    Valid: the record carries this run's key; the file's sha256 equals the record's; it reads as
-    Parquet with the scores schema and the input's row count and sample ids, in the same order.
-    """
-    record = read_record(task)
-    path = Path(task.output_path)
-    if record is None or record.get("run_key") != task.run_key or not path.is_file():
-        return None
-    if sha256_file(path) != record.get("sha256") or record.get("rows") != task.rows:
-        return None
-    try:
-        metadata = pq.read_metadata(path)
-        if metadata.num_rows != task.rows or not metadata.schema.to_arrow_schema().equals(arrow_schema("scores")):
-            return None
-        ids = pq.read_table(path, columns=["sample_id"]).column("sample_id")
-        expected = pq.read_table(task.input_path, columns=["sample_id"]).column("sample_id")
-    except (pa.ArrowException, OSError):
-        return None
-    return record if ids.equals(expected) else None
-
-
-def check_shard(task: ShardTask) -> dict[str, Any] | None:
-    """Validation pass: refuse a missing or corrupt input shard; return the output's record if done."""
-    verify_input(task)
-    return completed_record(task)
-
-
-def score_one_shard(scorer: Any, task: ShardTask) -> dict[str, Any]:
-    """Score one shard with a loaded `Scorer`, write it atomically, then its progress record."""
-    from pipeline.history_cache import history_cache_dir, load_cached_history, store_history
-    from pipeline.scorer import score_shard
-
-    started = time.monotonic()
-    tokenized = read_shard(Path(task.input_path), "tokenized")
-    cache = None
-    if scorer.uses_history:
-        cache = history_cache_dir(
-            Path(task.history_cache), scorer.history_fingerprint, task.data_fingerprint, scorer.dtype_name
-        )
-    cached = load_cached_history(cache, task.file) if cache is not None else None
-    scores, history = score_shard(scorer, tokenized, cached)
-    if history is not None:
-        store_history(cache, task.file, history)
-    validate_table(scores, "scores", source=f"scores of {task.input_path}")
-    if not scores.column("sample_id").equals(tokenized.column("sample_id")):
-        raise ScoreJobError(f"scores of {task.input_path} do not list its samples in order; this is a bug")
-    digest = write_parquet_atomic(scores, Path(task.output_path))
-    record = {
-        "file": task.file,
-        "rows": scores.num_rows,
-        "sha256": digest,
-        "run_key": task.run_key,
-        "selection": "sample",
-        "dtype": scorer.dtype_name,
-        "device": scorer.device.type,
-        "tokens": int(pc.sum(scores.column("n_tokens")).as_py() or 0),
-        "trainable": int(pc.sum(scores.column("n_trainable")).as_py() or 0),
-        "kept": int(pc.sum(scores.column("n_kept")).as_py() or 0),
-    }
-    write_json_atomic(record, Path(task.record_path))
-    return {
-        "record": record,
-        "seconds": time.monotonic() - started,
-        "history_cached": cached is not None,
-    }
-
-
-def rewrite_global_keep(task: ShardTask, selection: dict[str, Any]) -> dict[str, Any]:
-    """Pass 4 of the global selection for one shard, exactly once: skip it when already applied."""
-    record = read_record(task)
-    if record is None:
-        raise ScoreJobError(f"{task.record_path} vanished during the global selection; rerun the job")
-    path = Path(task.output_path)
-    if record.get("selection") == selection and sha256_file(path) == record["sha256"]:
-        return record
-    scores = read_shard(path, "scores")
-    trainable = pq.read_table(task.input_path, columns=["sample_id", "trainable"])
-    if not scores.column("sample_id").equals(trainable.column("sample_id")):
-        raise ScoreJobError(f"{path} and {task.input_path} list different samples; rerun the job")
-    threshold = selection["threshold"]
-    table = global_selection.apply_threshold(
-        scores, trainable.column("trainable"), None if threshold is None else threshold["key"], selection["ties"]
-    )
-    record = record | {
-        "sha256": write_parquet_atomic(table, path),
-        "selection": selection,
-        "kept": int(pc.sum(table.column("n_kept")).as_py() or 0),
-    }
-    write_json_atomic(record, Path(task.record_path))
-    return record
 
 
 class ShardScoringActor:
