@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 from pipeline.artifacts import ArtifactError, exclusive_output, read_manifest, verify_shards, write_manifest
 from pipeline.checkpoints import CheckpointError
+from pipeline.cli import main
 from pipeline.fingerprint import sha256_file
 from pipeline.score_job import PROGRESS, ScoreJobConfig, ScoreJobError, plan_workers, run_score_job
 from pipeline.scorer import Scorer, score_shard
@@ -185,6 +188,22 @@ def test_output_holding_another_artifact_is_refused(corpus, llama_dir, tmp_path)
     shutil.copytree(corpus, output)
     with pytest.raises(ScoreJobError, match="holds a 'tokenized' artifact"):
         run_score_job(_config(corpus, output, llama_dir, None))
+
+
+def test_cli_and_job_entrypoint_share_one_code_path(sample_run, capsys, tmp_path):
+    config, _ = sample_run
+    settings = tmp_path / "score.yaml"
+    settings.write_text(f"gamma: 0.5\nratio: 0.6\nhistory: {config.history}\nhistory_cache: {config.history_cache}\n")
+    arguments = ["--config", str(settings), "--data", str(config.data), "--current", str(config.current),
+                 "--output", str(config.output), "--no-progress"]
+    assert main(["score", *arguments]) == 0
+    printed = capsys.readouterr().out
+    assert f"scored {sum(SHARDS)} samples" in printed and f"{len(SHARDS)} already done" in printed
+    help_text = subprocess.run(
+        [sys.executable, "jobs/score.py", "--help"], cwd=Path(__file__).resolve().parents[2],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert help_text.returncode == 0 and "--gpus-per-worker" in help_text.stdout
 
 
 def test_plan_workers_fits_actors_on_nodes():
