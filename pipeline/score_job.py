@@ -99,7 +99,7 @@ class ScoreJobConfig(ScoreSettings):
 
 def default_history_cache() -> Path:
     root = os.environ.get("SSTOKEN_CACHE")
-    return Path(root) / "history" if root else Path.home() / ".cache" / "sstoken" / "history"
+    return Path(root).expanduser() / "history" if root else Path.home() / ".cache" / "sstoken" / "history"
 
 
 class ShardScoringActor:
