@@ -268,3 +268,13 @@ def test_mismatched_list_lengths(llama_dir):
     scorer = Scorer(llama_dir, None, ScoreSettings(**FP32))
     with pytest.raises(ValueError, match="same length"):
         scorer.score_samples(["a", "b"], [np.array([1, 2])], [np.array([0, 1], bool)])
+
+
+def test_auto_dtype_is_float32_and_bfloat16_is_opt_in():
+    import torch
+
+    from pipeline.scorer import resolve_dtype
+
+    assert resolve_dtype("auto") == torch.float32
+    assert resolve_dtype("float32") == torch.float32
+    assert resolve_dtype("bfloat16") == torch.bfloat16
