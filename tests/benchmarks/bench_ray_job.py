@@ -4,7 +4,7 @@
 
 Uses SmolLM2-135M when `pipeline.model_zoo` has it cached (`sstoken models fetch smollm2-135m`),
 else the tiny test model; says which. Current and history are the same checkpoint (one forward per
-batch on both paths). Runs alternate (the machine is noisy) and medians are printed:
+batch on both paths). Runs alternate, in alternating order (the machine is noisy); per-round ratios and medians are printed:
 - in-process: Scorer + score_shard over every shard, model loading excluded;
 - Ray job, end to end: run_score_job's scoring phase (actor start-up and model loading included);
 - Ray job, in the actors: the same tokens over the time spent inside the actors' score calls.
@@ -92,16 +92,23 @@ def main() -> None:
               f"{machine_cpus()} CPUs, dtype {arguments.dtype}")
         direct, job_total, job_actor = [], [], []
         for round_index in range(arguments.rounds):
-            direct.append(in_process(model, data, config))
-            total, actor = ray_job(config)
+            # Alternate the order: on a shared machine, load drifts within a round too.
+            if round_index % 2:
+                total, actor = ray_job(config)
+                direct.append(in_process(model, data, config))
+            else:
+                direct.append(in_process(model, data, config))
+                total, actor = ray_job(config)
             job_total.append(total)
             job_actor.append(actor)
-            print(f"round {round_index + 1}: in-process {direct[-1]:.0f} tokens/s; Ray job {total:.0f} tokens/s end to end, "
-                  f"{actor:.0f} tokens/s in the actors")
-        d, t, a = statistics.median(direct), statistics.median(job_total), statistics.median(job_actor)
-        print(f"median: in-process {d:.0f} tokens/s | Ray job end to end {t:.0f} tokens/s (ratio {t / d:.2f}) | "
-              f"Ray job in the actors {a:.0f} tokens/s (ratio {a / d:.2f}); target ratio >= 0.85")
-
+            print(f"round {round_index + 1}: in-process {direct[-1]:.0f} tokens/s; Ray job {total:.0f} tokens/s end to end "
+                  f"(ratio {total / direct[-1]:.2f}), {actor:.0f} tokens/s in the actors (ratio {actor / direct[-1]:.2f})",
+                  flush=True)
+        median = statistics.median
+        print(f"median: in-process {median(direct):.0f} tokens/s | Ray job end to end {median(job_total):.0f} tokens/s, "
+              f"in the actors {median(job_actor):.0f} tokens/s | median paired ratio: end to end "
+              f"{median(t / d for t, d in zip(job_total, direct)):.2f}, in the actors "
+              f"{median(a / d for a, d in zip(job_actor, direct)):.2f} (target >= 0.85)")
 
 if __name__ == "__main__":
     main()
