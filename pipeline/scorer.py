@@ -11,6 +11,13 @@ Work skipped on purpose:
 - history None, or the same fingerprint as current: no history model is loaded; nll_hist equals
   nll_cur and rel is 0 at every target.
 - history NLLs passed in (from the cache): no history forward.
+
+Two passes instead of both models at once (what the Ray job does, so only one model is resident):
+`history_scorer(history, settings)` is a Scorer over the history checkpoint alone (gamma 1: no
+attention capture), `history_nll_table(scorer, tokenized)` gives its history_nll.v1 table, and
+`score_shard(Scorer(current, history, settings), tokenized, that_table)` scores without ever
+loading the history model. The NLLs are the ones the combined path computes: same forward, same
+micro-batches.
 """
 
 from __future__ import annotations
@@ -91,6 +98,11 @@ def resolve_dtype(choice: str) -> torch.dtype:
     return torch.float32
 
 
+def dtype_name(choice: str) -> str:
+    """The resolved compute dtype as a name ("float32"): part of the history cache key."""
+    return str(resolve_dtype(choice)).removeprefix("torch.")
+
+
 def _available_cpus() -> int:
     """Cores this process may run on (its affinity mask, which Ray and containers narrow)."""
     if hasattr(os, "sched_getaffinity"):
@@ -123,14 +135,14 @@ class Scorer:
     Attributes a driver uses: `current_fingerprint` / `history_fingerprint` (history None means
     history == current), `dtype_name` (part of the history cache key), `uses_history` (False when
     no history NLLs are needed: same checkpoint or gamma == 0), `forward_counts` (micro-batch
-    forwards run so far, per model).
+    forwards run so far, per model), `model_loads` (models loaded so far) and `models_resident`.
     """
 
     def __init__(self, current: Path | str, history: Path | str | None, settings: ScoreSettings):
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype)
-        self.dtype_name = str(self.dtype).removeprefix("torch.")
+        self.dtype_name = dtype_name(settings.dtype)
         if self.device.type == "cpu":
             torch.set_num_threads(settings.threads or _available_cpus())
         self.current_fingerprint = checkpoint_fingerprint(current)
@@ -139,6 +151,7 @@ class Scorer:
         self.uses_attention = settings.gamma < 1.0
         self.uses_history = settings.gamma > 0.0 and not self.same_checkpoint
         self.forward_counts = {"current": 0, "history": 0}
+        self.model_loads = 0
 
         self.current = self._load(current)
         self.layer_idx = _layer_index(self.current, settings.layer, current)
@@ -155,7 +168,14 @@ class Scorer:
             self._vocab_limit = min(self._vocab_limit, int(history_config.vocab_size))
 
     def _load(self, path: Path | str) -> Any:
-        return load_model(path, self.dtype, self.device, trust_remote_code=self.settings.trust_remote_code)
+        model = load_model(path, self.dtype, self.device, trust_remote_code=self.settings.trust_remote_code)
+        self.model_loads += 1
+        return model
+
+    @property
+    def models_resident(self) -> int:
+        """Models this Scorer holds now: the current one, plus the history one once it was needed."""
+        return 1 + (self.history is not None)
 
     def _history_model(self) -> Any:
         if self.history is None:
@@ -349,6 +369,42 @@ def _history_by_sample(history_nll: pa.Table, sample_ids: list[str]) -> list[np.
     return [rows[row_of[s]] for s in sample_ids]
 
 
+def _tokenized_columns(tokenized: pa.Table) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """(sample ids, input ids, trainable masks) of a tokenized.v1 table."""
+    missing = [c for c in ("sample_id", "input_ids", "trainable") if c not in tokenized.column_names]
+    if missing:
+        raise ValueError(f"tokenized table lacks column(s) {', '.join(missing)}; expected a tokenized.v1 shard")
+    sample_ids = tokenized.column("sample_id").to_pylist()
+    return sample_ids, _list_values(tokenized.column("input_ids"), np.int64), _list_values(tokenized.column("trainable"), bool)
+
+
+def _history_table(sample_ids: list[str], nlls: list[np.ndarray]) -> pa.Table:
+    return pa.Table.from_arrays(
+        [pa.array(sample_ids, pa.string()), _list_column(nlls, pa.float32())], schema=arrow_schema("history_nll")
+    )
+
+
+def history_scorer(history: Path | str, settings: ScoreSettings) -> Scorer:
+    """A Scorer holding only the history checkpoint (as its 'current' model), for `history_nll_table`.
+
+    gamma 1 and no second checkpoint: no attention capture and no other model, so its forward is the
+    one the two-model Scorer runs for history NLLs. The dtype, device and batch budget are kept.
+    """
+    return Scorer(history, None, settings.model_copy(update={"gamma": 1.0}))
+
+
+def history_nll_table(scorer: Scorer, tokenized: pa.Table) -> pa.Table:
+    """The history_nll.v1 table of one tokenized shard under `scorer`'s model (see `history_scorer`).
+
+    Row order is the shard's; equals the `nll_hist` a two-model Scorer with that history computes.
+    """
+    if scorer.uses_attention or scorer.uses_history:
+        raise ValueError("history_nll_table needs a single-model Scorer without attention; build it with history_scorer()")
+    sample_ids, input_ids, trainable = _tokenized_columns(tokenized)
+    results = scorer.score_samples(sample_ids, input_ids, trainable)
+    return _history_table(sample_ids, [r.nll_cur for r in results])
+
+
 def score_shard(
     scorer: Scorer, tokenized: pa.Table, history_nll: pa.Table | None = None
 ) -> tuple[pa.Table, pa.Table | None]:
@@ -357,12 +413,7 @@ def score_shard(
     Returns (scores table, schema scores.v1, in the shard's row order; history NLL table, schema
     history_nll.v1, when a history forward ran here, else None).
     """
-    missing = [c for c in ("sample_id", "input_ids", "trainable") if c not in tokenized.column_names]
-    if missing:
-        raise ValueError(f"tokenized table lacks column(s) {', '.join(missing)}; expected a tokenized.v1 shard")
-    sample_ids = tokenized.column("sample_id").to_pylist()
-    input_ids = _list_values(tokenized.column("input_ids"), np.int64)
-    trainable = _list_values(tokenized.column("trainable"), bool)
+    sample_ids, input_ids, trainable = _tokenized_columns(tokenized)
     cached = _history_by_sample(history_nll, sample_ids) if history_nll is not None and scorer.uses_history else None
     results = scorer.score_samples(sample_ids, input_ids, trainable, cached)
 
@@ -385,7 +436,5 @@ def score_shard(
     )
     history = None
     if scorer.uses_history and cached is None:
-        history = pa.Table.from_arrays(
-            [pa.array(sample_ids, pa.string()), lists("nll_hist", pa.float32())], schema=arrow_schema("history_nll")
-        )
+        history = _history_table(sample_ids, [r.nll_hist for r in results])
     return scores, history

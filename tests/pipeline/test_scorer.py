@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from pipeline.attention import ATTENTION_IMPLEMENTATION
 from pipeline.schemas import arrow_schema, validate_table
-from pipeline.scorer import Scorer, ScoreSettings, score_shard
+from pipeline.scorer import Scorer, ScoreSettings, history_nll_table, history_scorer, score_shard
 from tests.pipeline.reference import load_eager, naive_forward, naive_scores
 
 FIELDS = ("nll_cur", "nll_hist", "rel", "attn", "score")
@@ -195,6 +195,32 @@ def test_rescoring_with_cached_history_runs_one_forward_per_batch(llama_dir, lla
     _assert_tables_equal(rescored, scores)
     assert scores.column("n_kept").to_pylist() == [int(np.ceil(0.6 * m.sum() - 1e-9)) for m in masks]
     assert scores.column("n_tokens").to_pylist() == [len(x) for x in ids]
+
+
+def test_history_pass_alone_gives_the_combined_paths_history_nlls(llama_dir, llama_history_dir, samples):
+    """Phase 1 of the job (history model alone) = the nll_hist of the two-model Scorer, bit for bit in fp32."""
+    sample_ids, ids, masks = samples
+    tokenized = _tokenized_table(sample_ids, ids, masks)
+    settings = ScoreSettings(max_batch_tokens=240, **FP32)
+    combined, _ = score_shard(Scorer(llama_dir, llama_history_dir, settings), tokenized, None)
+
+    alone = history_scorer(llama_history_dir, settings)
+    assert alone.models_resident == 1 and alone.model_loads == 1 and not alone.uses_attention
+    assert alone.current_fingerprint == Scorer(llama_dir, llama_history_dir, settings).history_fingerprint
+    table = history_nll_table(alone, tokenized)
+    validate_table(table, "history_nll")
+    assert table.column("sample_id").to_pylist() == sample_ids
+    for got, expected in zip(table.column("nll").to_pylist(), combined.column("nll_hist").to_pylist()):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+
+    # Phase 2: the current model with that table never loads the history model, same scores.
+    scorer = Scorer(llama_dir, llama_history_dir, settings)
+    rescored, no_history = score_shard(scorer, tokenized, table)
+    assert no_history is None and scorer.history is None and scorer.models_resident == 1
+    assert scorer.forward_counts["history"] == 0 and scorer.model_loads == 1
+    _assert_tables_equal(rescored, combined)
+    with pytest.raises(ValueError, match="history_scorer"):
+        history_nll_table(scorer, tokenized)
 
 
 def test_score_shard_without_history_model_returns_no_history_table(llama_dir, samples):
