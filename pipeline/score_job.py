@@ -4,7 +4,7 @@
 
 Why Ray core (actors + tasks) and not Ray Data: the unit of work is one input shard, and each
 shard must become one output file with the same name, written atomically and validated on a
-rerun. A pool of long-lived actors, each holding the models (loaded once), takes one shard at a
+rerun. A pool of long-lived actors, each holding its model (loaded once), takes one shard at a
 time and writes `OUTPUT/<input shard name>` through a temporary name and a rename, then a
 `_progress/<name>.json` record. Ray Data would split and merge blocks across shards, name its
 output files randomly and write them with no per-shard commit point, so a killed job could leave
@@ -21,7 +21,16 @@ Output and cache folders must be visible to every node (a local disk on one mach
 file system on a cluster).
 
 History NLLs go to a cache keyed by (history checkpoint, tokenized data, dtype), so a rerun or the
-next round skips the history forward.
+next round skips the history forward. Two phases, so an actor holds one model at a time (two fp32
+models would double each actor's memory):
+1. history (only when history != current, gamma > 0, and some shard to score lacks cached NLLs):
+   actors load ONLY the history model and fill the cache for those shards, one atomic file each;
+   a shard whose cache file validates is skipped, so a killed phase 1 resumes where it stopped.
+2. score: fresh actors load the current model and score with the cached history NLLs; the
+   Scorer loads the history model lazily, so it never does when the cache holds every shard (it
+   would, and cache the result, only if a cache file vanished in between).
+The summary's `phases` says, per phase, shards done, actors, model loads, the most models any
+actor held at once, and the forwards run.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Literal
@@ -53,10 +63,12 @@ from pipeline.score_shards import (
     ScoreJobError,
     ShardTask,
     check_shard,
+    fill_history_cache,
+    history_missing,
     rewrite_global_keep,
     score_one_shard,
 )
-from pipeline.scorer import ScoreSettings
+from pipeline.scorer import ScoreSettings, dtype_name
 
 # How often one shard may lose its actor (node loss, OOM kill) before the job gives up.
 MAX_SHARD_ATTEMPTS = 4
@@ -102,20 +114,34 @@ def default_history_cache() -> Path:
     return Path(root).expanduser() / "history" if root else Path.home() / ".cache" / "sstoken" / "history"
 
 
-class ShardScoringActor:
-    """A Ray actor holding the current and history models for its lifetime."""
+Phase = Literal["history", "score"]
 
-    def __init__(self, current: str, history: str | None, settings: ScoreSettings):
+
+class ShardScoringActor:
+    """A Ray actor holding one phase's model for its lifetime.
+
+    phase "history": only the history model (`history_scorer`), filling the history cache.
+    phase "score": the current model (and the history model only if a shard's NLLs are not cached).
+    """
+
+    def __init__(self, current: str, history: str | None, settings: ScoreSettings, phase: Phase = "score"):
         from transformers.utils import logging as transformers_logging
 
-        from pipeline.scorer import Scorer
+        from pipeline.scorer import Scorer, history_scorer
 
         transformers_logging.disable_progress_bar()  # "Loading weights" bars would reach the job's log
+        self.phase = phase
+        self.id = uuid.uuid4().hex[:12]
         # A failing constructor would look like a dead actor (and be retried); keep the error for
         # `ready` to raise as an ordinary task error, which the driver reports as it is.
         self.error: Exception | None = None
         try:
-            self.scorer = Scorer(current, history, settings)
+            if phase == "history":
+                if history is None:
+                    raise ScoreJobError("the history phase needs a history checkpoint; this is a bug")
+                self.scorer = history_scorer(history, settings)
+            else:
+                self.scorer = Scorer(current, history, settings)
         except Exception as error:  # noqa: BLE001 - re-raised by ready()
             self.error = error
 
@@ -124,8 +150,22 @@ class ShardScoringActor:
             raise self.error
         return f"{self.scorer.device.type}/{self.scorer.dtype_name}"
 
-    def score(self, task: ShardTask) -> dict[str, Any]:
-        return score_one_shard(self.scorer, task)
+    def run(self, task: ShardTask) -> dict[str, Any]:
+        """This phase's work on one shard, plus what the actor holds and ran (for the summary)."""
+        before = dict(self.scorer.forward_counts)
+        if self.phase == "history":
+            result = fill_history_cache(self.scorer, task)
+        else:
+            result = score_one_shard(self.scorer, task)
+        forwards = {k: v - before[k] for k, v in self.scorer.forward_counts.items()}
+        if self.phase == "history":  # this Scorer's only model is the history checkpoint
+            forwards = {"current": 0, "history": forwards["current"]}
+        return result | {
+            "actor": self.id,
+            "model_loads": self.scorer.model_loads,
+            "models_resident": self.scorer.models_resident,
+            "forwards": forwards,
+        }
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -166,14 +206,14 @@ def _unwrapped(error: Exception) -> Exception:
 class _Progress:
     """Shards done, tokens/s and ETA on stderr (rich), or nothing when disabled."""
 
-    def __init__(self, enabled: bool, total: int):
+    def __init__(self, enabled: bool, total: int, label: str = "scoring shards"):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.started = time.monotonic()
         self.tokens = 0
         self.bar = Progress(
-            TextColumn("scoring shards"),
+            TextColumn(label),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
@@ -196,10 +236,11 @@ class _Progress:
         self.bar.update(self.task, advance=1, rate=f"{rate:,.0f} tokens/s")
 
 
-def _score_shards(
-    tasks: list[ShardTask], config: ScoreJobConfig, workers: int, cpus: float, progress: _Progress
+def _run_actor_pool(
+    phase: Phase, tasks: list[ShardTask], config: ScoreJobConfig, workers: int, cpus: float, progress: _Progress
 ) -> list[dict[str, Any]]:
-    """Hand shards to a pool of scoring actors; replace actors that die and redo their shards."""
+    """Hand shards to a pool of one phase's actors; replace actors that die and redo their shards.
+    Every actor is killed on the way out, so the next phase starts with this phase's models gone."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -211,7 +252,7 @@ def _score_shards(
     history = str(config.history) if config.history is not None else None
 
     def start_actor() -> tuple[Any, Any]:
-        actor = actor_class.remote(str(config.current), history, settings)
+        actor = actor_class.remote(str(config.current), history, settings, phase)
         return actor.ready.remote(), actor
 
     queue = deque(tasks)
@@ -225,7 +266,7 @@ def _score_shards(
         while queue or running:
             while idle and queue:
                 actor, task = idle.pop(), queue.popleft()
-                running[actor.score.remote(task)] = (actor, task)
+                running[actor.run.remote(task)] = (actor, task)
             done, _ = ray.wait([*starting, *running], num_returns=1)
             ref = done[0]
             if ref in starting:
@@ -256,11 +297,26 @@ def _score_shards(
                 raise _unwrapped(error) from None
             results.append(result)
             idle.append(actor)
-            progress.shard_done(result["record"]["tokens"])
+            progress.shard_done(result["tokens"])
     finally:
         for actor in [*idle, *starting.values(), *(a for a, _ in running.values())]:
             ray.kill(actor)
     return results
+
+
+def _phase_summary(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Shards, actors, model loads (each actor's count, summed), most models one actor held at once, forwards."""
+    loads: dict[str, int] = {}
+    for r in results:
+        loads[r["actor"]] = max(loads.get(r["actor"], 0), r["model_loads"])
+    return {
+        "shards": len(results),
+        "actors": len(loads),
+        "model_loads": sum(loads.values()),
+        "max_models_resident": max((r["models_resident"] for r in results), default=0),
+        "forwards": {k: sum(r["forwards"][k] for r in results) for k in ("current", "history")},
+        "seconds": round(seconds, 3),
+    }
 
 
 def _check_tokenizer(model: Path, expected: dict[str, Any], data: Path, trust_remote_code: bool) -> None:
@@ -361,14 +417,30 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
             ]
             timings["validate_s"] = time.monotonic() - phase
 
+            # Phase 1: history NLLs for the shards to score that lack them, history model alone.
             phase = time.monotonic()
-            results: list[dict[str, Any]] = []
+            history_todo: list[ShardTask] = []
+            if todo and config.gamma > 0.0 and history_fp != current_fp:
+                dtype = dtype_name(config.dtype)
+                missing = ordered_map(history_missing, [(t, history_fp, dtype) for t in todo])
+                history_todo = [t for t, m in zip(todo, missing) if m]
             if todo:
                 workers, cpus = plan_workers(
                     node_cpus(), runtime.gpus, config.workers, config.cpus_per_worker, config.gpus_per_worker
                 )
-                with _Progress(config.progress, len(todo)) as progress:
-                    results = _score_shards(todo, config, workers, cpus, progress)
+            history_results: list[dict[str, Any]] = []
+            if history_todo:
+                with _Progress(config.progress, len(history_todo), "phase 1/2 history NLLs") as progress:
+                    history_results = _run_actor_pool("history", history_todo, config, workers, cpus, progress)
+            timings["history_s"] = time.monotonic() - phase
+
+            # Phase 2: score with the current model; history NLLs from the cache.
+            phase = time.monotonic()
+            results: list[dict[str, Any]] = []
+            if todo:
+                label = "phase 2/2 scoring shards" if history_todo else "scoring shards"
+                with _Progress(config.progress, len(todo), label) as progress:
+                    results = _run_actor_pool("score", todo, config, workers, cpus, progress)
             scored = {r["record"]["file"]: r["record"] for r in results}
             records = [scored.get(t.file, r) for t, r in zip(tasks, records)]
             timings["score_s"] = time.monotonic() - phase
@@ -394,6 +466,7 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
         write_manifest(output, manifest)
 
     scored_tokens = sum(r["record"]["tokens"] for r in results)
+    scoring_s = timings["history_s"] + timings["score_s"]
     return {
         "output": str(output),
         "granularity": config.granularity,
@@ -401,13 +474,19 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
         "shards_scored": len(results),
         "shards_skipped": len(tasks) - len(results),
         "shards_rewritten": rewritten,
+        # Shards whose scoring pass read history NLLs from the cache (filled by phase 1 or earlier runs).
         "history_from_cache": sum(r["history_cached"] for r in results),
+        "phases": {
+            "history": _phase_summary(history_results, timings["history_s"]),
+            "score": _phase_summary(results, timings["score_s"]),
+        },
         **counts,
         "kept_ratio": counts["kept"] / counts["trainable"] if counts["trainable"] else 0.0,
         "tokens_scored": scored_tokens,
-        "tokens_per_s": scored_tokens / timings["score_s"] if scored_tokens else 0.0,
-        # Time inside the actors' score calls, summed: without actor start-up and model loading.
-        "shard_seconds": sum(r["seconds"] for r in results),
+        # Both phases, actor start-up and model loads included.
+        "tokens_per_s": scored_tokens / scoring_s if scored_tokens else 0.0,
+        # Time inside the actors' calls of both phases, summed: without actor start-up and model loading.
+        "shard_seconds": sum(r["seconds"] for r in [*history_results, *results]),
         "seconds": timings["total_s"],
     }
 

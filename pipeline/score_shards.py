@@ -1,4 +1,4 @@
-"""Per-shard work of the score job: check a shard, score it, rewrite its global keep mask.
+"""Per-shard work of the score job: check a shard, fill its history cache, score it, rewrite its global keep mask.
 
 Plain functions of one `ShardTask` that Ray runs in its workers (actors for scoring, tasks for
 the rest). This module imports no torch, so the validation and selection tasks start quickly;
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from pipeline import global_selection
 from pipeline.artifacts import MANIFEST, ArtifactError, read_shard, write_json_atomic, write_parquet_atomic
 from pipeline.fingerprint import sha256_file
+from pipeline.history_cache import history_cache_dir, load_cached_history, store_history
 from pipeline.schemas import arrow_schema, validate_table
 
 PROGRESS = "_progress"
@@ -96,18 +97,43 @@ def check_shard(task: ShardTask) -> dict[str, Any] | None:
     return completed_record(task)
 
 
+def history_folder(task: ShardTask, history_fingerprint: str, dtype: str) -> Path:
+    """The history cache folder this shard's history NLLs go to (keyed by checkpoint, data, dtype)."""
+    return history_cache_dir(Path(task.history_cache), history_fingerprint, task.data_fingerprint, dtype)
+
+
+def history_missing(task: ShardTask, history_fingerprint: str, dtype: str) -> bool:
+    """True when the shard has no valid cached history NLLs (absent, unreadable or malformed)."""
+    return load_cached_history(history_folder(task, history_fingerprint, dtype), task.file) is None
+
+
+def fill_history_cache(scorer: Any, task: ShardTask) -> dict[str, Any]:
+    """Phase 1 for one shard: its history NLLs with a Scorer that holds only the history model
+    (`pipeline.scorer.history_scorer`), stored atomically; skipped when a valid cache file exists."""
+    from pipeline.scorer import history_nll_table
+
+    started = time.monotonic()
+    folder = history_folder(task, scorer.current_fingerprint, scorer.dtype_name)  # its model IS the history
+    if load_cached_history(folder, task.file) is not None:
+        return {"file": task.file, "tokens": 0, "seconds": time.monotonic() - started, "computed": False}
+    tokenized = read_shard(Path(task.input_path), "tokenized")
+    store_history(folder, task.file, history_nll_table(scorer, tokenized))
+    tokens = int(pc.sum(pc.list_value_length(tokenized.column("input_ids"))).as_py() or 0)
+    return {"file": task.file, "tokens": tokens, "seconds": time.monotonic() - started, "computed": True}
+
+
 def score_one_shard(scorer: Any, task: ShardTask) -> dict[str, Any]:
-    """Score one shard with a loaded `Scorer`, write it atomically, then its progress record."""
-    from pipeline.history_cache import history_cache_dir, load_cached_history, store_history
+    """Score one shard with a loaded `Scorer`, write it atomically, then its progress record.
+
+    History NLLs come from the cache when it holds them (phase 1 filled it); otherwise the Scorer
+    runs the history forward itself (loading that model lazily) and the result is cached."""
     from pipeline.scorer import score_shard
 
     started = time.monotonic()
     tokenized = read_shard(Path(task.input_path), "tokenized")
     cache = None
     if scorer.uses_history:
-        cache = history_cache_dir(
-            Path(task.history_cache), scorer.history_fingerprint, task.data_fingerprint, scorer.dtype_name
-        )
+        cache = history_folder(task, scorer.history_fingerprint, scorer.dtype_name)
     cached = load_cached_history(cache, task.file) if cache is not None else None
     scores, history = score_shard(scorer, tokenized, cached)
     if history is not None:
@@ -131,6 +157,7 @@ def score_one_shard(scorer: Any, task: ShardTask) -> dict[str, Any]:
     write_json_atomic(record, Path(task.record_path))
     return {
         "record": record,
+        "tokens": record["tokens"],
         "seconds": time.monotonic() - started,
         "history_cached": cached is not None,
     }

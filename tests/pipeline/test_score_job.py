@@ -105,6 +105,40 @@ def test_rerun_redoes_only_missing_or_broken_shards(sample_run, tmp_path):
     verify_shards(output, read_manifest(output, kind="scores"))
 
 
+def test_history_phase_first_one_model_per_actor_and_resumable(sample_run, tmp_path):
+    """Phase 1 fills the history cache with only the history model loaded; phase 2 scores with only the
+    current model (the history model is never loaded); each actor loads its model once; a rerun skips
+    phase 1 for shards whose cache file validates and redoes only broken or missing ones."""
+    config, summary = sample_run
+    history, score = summary["phases"]["history"], summary["phases"]["score"]
+    assert history["shards"] == score["shards"] == len(SHARDS)
+    assert history["max_models_resident"] == 1 and score["max_models_resident"] == 1
+    assert history["model_loads"] == history["actors"] >= 1  # once per actor, not once per shard
+    assert score["model_loads"] == score["actors"] >= 1
+    assert history["forwards"]["current"] == 0 and history["forwards"]["history"] >= len(SHARDS)
+    assert score["forwards"]["history"] == 0 and score["forwards"]["current"] >= len(SHARDS)
+    assert summary["history_from_cache"] == len(SHARDS)
+    cached = sorted(Path(config.history_cache).glob("history_nll/*/*/float32/part-*.parquet"))
+    assert [p.name for p in cached] == sorted(p.name for p in Path(config.data).glob("part-*.parquet"))
+
+    # Rerun into a fresh output with the same cache: no phase 1 at all, same scores.
+    again = run_score_job(config.model_copy(update={"output": tmp_path / "again"}))
+    assert again["phases"]["history"]["shards"] == 0 and again["phases"]["history"]["forwards"]["history"] == 0
+    assert again["phases"]["score"]["forwards"]["history"] == 0 and again["phases"]["score"]["max_models_resident"] == 1
+    assert _digests(tmp_path / "again") == _digests(config.output)
+
+    # A cache with one file missing and one truncated: phase 1 redoes those two only.
+    cache = tmp_path / "cache"
+    shutil.copytree(config.history_cache, cache)
+    files = sorted(cache.glob("history_nll/*/*/float32/part-*.parquet"))
+    files[0].unlink()
+    files[2].write_bytes(files[2].read_bytes()[:100])
+    partial = run_score_job(config.model_copy(update={"output": tmp_path / "partial", "history_cache": cache}))
+    assert partial["phases"]["history"]["shards"] == 2 and partial["phases"]["history"]["max_models_resident"] == 1
+    assert partial["phases"]["score"]["forwards"]["history"] == 0
+    assert _digests(tmp_path / "partial") == _digests(config.output)
+
+
 def test_global_selection_is_the_exact_corpus_top_k(ray_local, sample_run, corpus, tmp_path):
     config, _ = sample_run
     output = tmp_path / "global"
