@@ -393,16 +393,23 @@ def history_scorer(history: Path | str, settings: ScoreSettings) -> Scorer:
     return Scorer(history, None, settings.model_copy(update={"gamma": 1.0}))
 
 
+def history_nlls(
+    scorer: Scorer, sample_ids: Sequence[str], input_ids: Sequence[np.ndarray], trainable: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """Per-sample NLLs (full length, NaN off targets) of a `history_scorer`'s model, in input order:
+    what `Scorer.score_samples(..., history_nll=...)` takes instead of running a history forward."""
+    if scorer.uses_attention or scorer.uses_history:
+        raise ValueError("history NLLs need a single-model Scorer without attention; build it with history_scorer()")
+    return [r.nll_cur for r in scorer.score_samples(sample_ids, input_ids, trainable)]
+
+
 def history_nll_table(scorer: Scorer, tokenized: pa.Table) -> pa.Table:
     """The history_nll.v1 table of one tokenized shard under `scorer`'s model (see `history_scorer`).
 
     Row order is the shard's; equals the `nll_hist` a two-model Scorer with that history computes.
     """
-    if scorer.uses_attention or scorer.uses_history:
-        raise ValueError("history_nll_table needs a single-model Scorer without attention; build it with history_scorer()")
     sample_ids, input_ids, trainable = _tokenized_columns(tokenized)
-    results = scorer.score_samples(sample_ids, input_ids, trainable)
-    return _history_table(sample_ids, [r.nll_cur for r in results])
+    return _history_table(sample_ids, history_nlls(scorer, sample_ids, input_ids, trainable))
 
 
 def score_shard(

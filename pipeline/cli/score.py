@@ -44,9 +44,17 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"kept {summary['kept']:,} of {summary['trainable']:,} trainable tokens "
             f"({summary['kept_ratio']:.1%}, {summary['granularity']} selection)",
             f"this run: {summary['tokens_scored']:,} tokens scored{rate}, {summary['seconds']:.1f} s in all",
+            *_history_phase_line(summary),
             f"output: {summary['output']}",
         ]
     )
+
+
+def _history_phase_line(summary: dict[str, Any]) -> list[str]:
+    history = summary.get("phases", {}).get("history", {})
+    if not history.get("shards"):
+        return []
+    return [f"history NLLs: {history['shards']} shards computed first with the history model alone, then cached"]
 
 
 def _run(arguments: argparse.Namespace) -> int:
