@@ -154,7 +154,9 @@ class Scorer:
         self.model_loads = 0
 
         self.current = self._load(current)
-        self.layer_idx = _layer_index(self.current, settings.layer, current)
+        # The importance layer matters only with attention (gamma < 1); a history_scorer over a model
+        # of another depth or layer layout must not trip over it.
+        self.layer_idx = _layer_index(self.current, settings.layer, current) if self.uses_attention else None
         if self.uses_attention:
             self.current.set_attn_implementation(register_importance_attention())
         # The history model loads on first use: with every shard's history NLLs cached, it never does.

@@ -51,6 +51,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
+transformers_logging.disable_progress_bar()  # the cold variant loads two models per run
 
 PARAGRAPHS = [
     "The capital of France is Paris, a city on the Seine known for its museums, cafes and long history.",

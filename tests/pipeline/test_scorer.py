@@ -270,6 +270,8 @@ def test_layer_out_of_range(llama_dir):
         Scorer(llama_dir, None, ScoreSettings(layer=2, **FP32))
     with pytest.raises(ValueError, match="layer -3 is out of range"):
         Scorer(llama_dir, None, ScoreSettings(layer=-3, **FP32))
+    # Without attention (gamma 1, the history pass) the layer plays no part and is not checked.
+    assert history_scorer(llama_dir, ScoreSettings(layer=5, **FP32)).layer_idx is None
 
 
 @pytest.mark.parametrize(
