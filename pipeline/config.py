@@ -58,7 +58,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[Sta
         help_text = field.description or ""
         if field.default is not None and not field.is_required():
             help_text += f" (default: {field.default})"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        # argparse formats help with %-interpolation: a literal "%" in a description must be doubled.
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif _is_list(annotation):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
 from pipeline.config import add_config_arguments, config_from_arguments
@@ -20,18 +19,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "embedded local Ray unless --address or RAY_ADDRESS names a cluster; a rerun redoes only what is missing.",
     )
     add_config_arguments(parser, ScoreJobConfig)
-    _escape_percent_signs(parser)
     parser.set_defaults(handler=_run)
-
-
-def _escape_percent_signs(parser: argparse.ArgumentParser) -> None:
-    """argparse treats '%' in help as a format directive ('~98%' broke --help); escape lone ones.
-
-    (Left alone: '%%' and '%(name)s', so this stays correct once add_config_arguments escapes.)
-    """
-    for action in parser._actions:
-        if action.help:
-            action.help = re.sub(r"(?<!%)%(?![%(])", "%%", action.help)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

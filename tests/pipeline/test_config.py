@@ -12,7 +12,7 @@ from pipeline.config import ConfigError, StageConfig, add_config_arguments, conf
 
 class ExampleConfig(StageConfig):
     data: Path = Field(description="Input folder.")
-    ratio: float = Field(0.6, description="Kept fraction.")
+    ratio: float = Field(0.6, description="Kept fraction (60% by default).")
     mode: Literal["sample", "global"] = Field("sample", description="Granularity.")
     files: list[Path] = Field(default_factory=list, description="Some files.")
     flag: bool = Field(False, description="A switch.")
@@ -35,7 +35,7 @@ def test_flags_override_yaml(tmp_path):
 def test_help_text_comes_from_the_fields():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, ExampleConfig)
-    assert "Kept fraction. (default: 0.6)" in parser.format_help()
+    assert "Kept fraction (60% by default). (default: 0.6)" in parser.format_help()
 
 
 @pytest.mark.parametrize(
