@@ -91,10 +91,10 @@ class ChatRenderer:
 
     @staticmethod
     def _locate_content(full_text: str, content: str, searched_to: int) -> int:
+        """Start of a turn whose generation-prompt prefix is not a prefix of the whole: its content, after the previous turn."""
         found = full_text.find(content, searched_to)
         if found < 0:
             raise TemplateError("the chat template does not reproduce an assistant message's content")
-        # The turn starts where the text stops agreeing with what came before it, which is at the latest the content.
         return found
 
     @staticmethod
