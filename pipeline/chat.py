@@ -25,6 +25,11 @@ class TemplateError(ValueError):
     """No usable chat template, or a template that cannot render a conversation."""
 
 
+def count_turns(trainable: list[bool]) -> int:
+    """Assistant turns: maximal runs of trainable tokens."""
+    return sum(1 for i, flag in enumerate(trainable) if flag and (i == 0 or not trainable[i - 1]))
+
+
 @dataclass(frozen=True)
 class RenderedSample:
     """Token ids and, aligned with them, whether token i is a training target."""
@@ -34,8 +39,7 @@ class RenderedSample:
 
     @property
     def n_turns(self) -> int:
-        """Assistant turns: maximal runs of trainable tokens."""
-        return sum(1 for i, flag in enumerate(self.trainable) if flag and (i == 0 or not self.trainable[i - 1]))
+        return count_turns(self.trainable)
 
 
 def load_chat_template(tokenizer: Any, template_file: Path | None, tokenizer_name: str) -> None:

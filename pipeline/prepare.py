@@ -29,7 +29,8 @@ from pipeline.artifacts import (
     write_manifest,
     write_parquet_atomic,
 )
-from pipeline.chat import ChatRenderer, TemplateError, load_chat_template
+from pipeline.chat import ChatRenderer, TemplateError, count_turns, load_chat_template
+from pipeline.checkpoints import load_tokenizer
 from pipeline.config import StageConfig
 from pipeline.conversation import RowError, content_id, normalise_messages, row_id
 from pipeline.corpus import InputRecord, InputSource, iter_records, resolve_inputs
@@ -82,13 +83,9 @@ class PrepareSummary:
     reused: bool = False
 
 
-def load_tokenizer(config: PrepareConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise PrepareError(f"cannot load tokenizer {config.tokenizer}: {error}") from error
+def load_chat_tokenizer(config: PrepareConfig) -> Any:
+    """The tokenizer folder's tokenizer, with a usable chat template installed."""
+    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
     load_chat_template(tokenizer, config.chat_template, config.tokenizer)
     return tokenizer
 
@@ -165,7 +162,7 @@ class _SampleBuilder:
             trainable=trainable,
             n_tokens=len(input_ids),
             n_trainable=n_trainable,
-            n_turns=sum(1 for i, f in enumerate(trainable) if f and (i == 0 or not trainable[i - 1])),
+            n_turns=count_turns(trainable),
             truncated=truncated,
         ))
 
@@ -209,7 +206,7 @@ def run_prepare(config: PrepareConfig) -> PrepareSummary:
     """Run the prepare stage; see the module docstring. Raises `PrepareError` if no row is valid."""
     started = time.monotonic()
     sources = resolve_inputs(config.input)
-    tokenizer = load_tokenizer(config)
+    tokenizer = load_chat_tokenizer(config)
     fingerprints = tokenizer_fingerprints(tokenizer)
     input_fingerprint = files_fingerprint([f for s in sources for f in s.files()])
     settings = config.resolved()

@@ -206,3 +206,11 @@ def test_yaml_config_and_flags_fill_the_same_config(tmp_path, tokenizer_dir):
     assert main(["prepare", "--config", str(config), "--rows-per-shard", "7"]) == 0
     saved = read_manifest(tmp_path / "out")["config"]
     assert saved["max_length"] == 99 and saved["rows_per_shard"] == 7
+
+
+def test_missing_tokenizer_folder_is_a_clear_error(tmp_path, capsys):
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "Q", "response": "A"}])
+    missing = tmp_path / "no-such-model"
+    assert main(["prepare", "--input", str(ok), "--tokenizer", str(missing), "--output", str(tmp_path / "out")]) == 2
+    assert f"tokenizer folder {missing} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()
