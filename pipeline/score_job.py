@@ -454,6 +454,10 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
                 rewritten = sum(a != r["sha256"] for a, r in zip(before, records))
                 timings["select_s"] = time.monotonic() - phase
 
+        # An actor lost mid-write during this run (its node died) leaves a temporary behind: every
+        # shard is complete now, so anything still unrenamed is garbage.
+        remove_stale_temporaries(output)
+        remove_stale_temporaries(output / PROGRESS)
         counts = _totals(records)
         if counts["samples"] != sum(t.rows for t in tasks):
             raise ScoreJobError(
