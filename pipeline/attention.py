@@ -21,6 +21,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from pipeline.precision import full_precision
+
 ATTENTION_IMPLEMENTATION = "sstoken_sdpa"
 REQUEST_KWARG = "sstoken_importance"
 # Elements of one fp32 score block [H, queries, keys] (64 MiB).
@@ -113,10 +115,13 @@ def importance_sdpa_forward(
     request: ImportanceRequest | None = kwargs.pop(REQUEST_KWARG, None)
     if request is not None and getattr(module, "layer_idx", None) == request.layer_idx:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        request.result = [
-            context_attention_mass(query[b], key[b], scale, request.queries[b], request.context_end[b], request.block_elements)
-            for b in range(len(request.queries))
-        ]
+        with full_precision(query.device):  # float32 even inside a mixed-precision forward
+            request.result = [
+                context_attention_mass(
+                    query[b], key[b], scale, request.queries[b], request.context_end[b], request.block_elements
+                )
+                for b in range(len(request.queries))
+            ]
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

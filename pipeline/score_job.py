@@ -68,7 +68,8 @@ from pipeline.score_shards import (
     rewrite_global_keep,
     score_one_shard,
 )
-from pipeline.scorer import ScoreSettings, dtype_name
+from pipeline.precision import precision_name
+from pipeline.scorer import ScoreSettings
 
 # How often one shard may lose its actor (node loss, OOM kill) before the job gives up.
 MAX_SHARD_ATTEMPTS = 4
@@ -421,7 +422,7 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
             phase = time.monotonic()
             history_todo: list[ShardTask] = []
             if todo and config.gamma > 0.0 and history_fp != current_fp:
-                dtype = dtype_name(config.dtype)
+                dtype = precision_name(config.dtype)
                 missing = ordered_map(history_missing, [(t, history_fp, dtype) for t in todo])
                 history_todo = [t for t, m in zip(todo, missing) if m]
             if todo:

@@ -39,6 +39,7 @@ from pipeline.batching import length_sorted_batches, right_padded
 from pipeline.checkpoints import checkpoint_fingerprint, load_model
 from pipeline.config import StageConfig
 from pipeline.nll import output_head, target_nll
+from pipeline.precision import MIXED_BFLOAT16, cast_matmul_weights, compute_precision, precision_name
 from pipeline.schemas import arrow_schema
 from pipeline.selection import combine, minmax_normalise, select_sample
 
@@ -58,9 +59,9 @@ class ScoreSettings(StageConfig):
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Compute dtype. auto = float32: bfloat16 runs about 2x faster where the hardware has native bf16 "
-        "(CUDA, AVX512-BF16/AMX CPUs) but agreed with float32 on only ~98% of keep decisions on SmolLM2-135M, "
-        "below our 99% tolerance, so it is opt-in.",
+        description="Compute precision. auto = float32. bfloat16 = bf16 matmuls around a float32 residual stream, "
+        "norms and LM head (pipeline/precision.py): about 2x faster where the hardware has native bf16, but it "
+        "stays opt-in because its keep decisions can differ from float32 (see README, Performance).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the models run: auto = CUDA when present.")
     max_batch_tokens: int = Field(
@@ -89,18 +90,6 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
-
-
-def resolve_dtype(choice: str) -> torch.dtype:
-    """float32 unless bfloat16 is asked for: bf16 misses the 99% keep-agreement tolerance (see the benchmark)."""
-    if choice == "bfloat16":
-        return torch.bfloat16
-    return torch.float32
-
-
-def dtype_name(choice: str) -> str:
-    """The resolved compute dtype as a name ("float32"): part of the history cache key."""
-    return str(resolve_dtype(choice)).removeprefix("torch.")
 
 
 def _available_cpus() -> int:
@@ -141,8 +130,7 @@ class Scorer:
     def __init__(self, current: Path | str, history: Path | str | None, settings: ScoreSettings):
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.dtype)
-        self.dtype_name = dtype_name(settings.dtype)
+        self.dtype_name = precision_name(settings.dtype)
         if self.device.type == "cpu":
             torch.set_num_threads(settings.threads or _available_cpus())
         self.current_fingerprint = checkpoint_fingerprint(current)
@@ -170,9 +158,11 @@ class Scorer:
             self._vocab_limit = min(self._vocab_limit, int(history_config.vocab_size))
 
     def _load(self, path: Path | str) -> Any:
-        model = load_model(path, self.dtype, self.device, trust_remote_code=self.settings.trust_remote_code)
+        model = load_model(path, torch.float32, "cpu", trust_remote_code=self.settings.trust_remote_code)
+        if self.dtype_name == MIXED_BFLOAT16:
+            cast_matmul_weights(model)
         self.model_loads += 1
-        return model
+        return model.to(self.device)
 
     @property
     def models_resident(self) -> int:
@@ -246,12 +236,14 @@ class Scorer:
         # No padding: pass no mask, so SDPA can take its is_causal path.
         mask_arg = attention_mask.to(self.device) if padded else None
         extra = {REQUEST_KWARG: request} if request is not None else {}
-        hidden = _decoder(model)(input_ids=input_ids, attention_mask=mask_arg, use_cache=False, **extra).last_hidden_state
+        with compute_precision(self.dtype_name, self.device):
+            decoder = _decoder(model)
+            hidden = decoder(input_ids=input_ids, attention_mask=mask_arg, use_cache=False, **extra).last_hidden_state
         targets = torch.zeros(input_ids.shape, dtype=torch.bool)
         for row, mask in enumerate(masks):
             targets[row, : len(mask)] = torch.as_tensor(mask)
         head, softcap = output_head(model)
-        nll = target_nll(hidden, input_ids, targets.to(self.device), head, softcap).cpu().numpy()
+        nll = target_nll(hidden.float(), input_ids, targets.to(self.device), head, softcap).cpu().numpy()
         return np.split(nll, np.cumsum([int(m.sum()) for m in masks])[:-1])
 
     def score_samples(

@@ -53,6 +53,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
+from pipeline.precision import MIXED_BFLOAT16  # noqa: E402
+
 transformers_logging.disable_progress_bar()  # the cold variant loads two models per run
 
 PARAGRAPHS = [
@@ -116,17 +118,20 @@ def make_samples(tokenizer, length: int, count: int, seed: int) -> tuple[list[np
 
 
 class Naive:
-    name = "naive"
+    """The naive reference. `naive`: as the scoring issue defines it, two model(..., output_attentions=True)
+    calls with full logits, both outputs held. `naive-lean`: the history call without attentions and
+    each output dropped once used (same numbers; shown so the ratios can be read against both)."""
 
-    def __init__(self, current: Path, history: Path):
+    def __init__(self, name: str, current: Path, history: Path):
         from tests.pipeline.reference import load_eager
 
+        self.name, self.lean = name, name == "naive-lean"
         self.current, self.history = load_eager(current), load_eager(history)
 
     def run(self, ids, masks):
         from tests.pipeline.reference import naive_scores
 
-        return [naive_scores(self.current, self.history, x, m) for x, m in zip(ids, masks)]
+        return [naive_scores(self.current, self.history, x, m, lean=self.lean) for x, m in zip(ids, masks)]
 
 
 class Fast:
@@ -184,8 +189,8 @@ class Fast:
 
 
 def build_variant(name: str, current: Path, history: Path, max_batch_tokens: int):
-    if name == "naive":
-        return Naive(current, history)
+    if name.startswith("naive"):
+        return Naive(name, current, history)
     _, dtype, mode = name.split("-")
     return Fast(current, history, dtype, mode == "warm", max_batch_tokens)
 
@@ -292,7 +297,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--variants", nargs="+",
-                        default=["naive", "fast-float32-cold", "fast-float32-warm", "fast-bfloat16-cold", "fast-bfloat16-warm"])
+                        default=["naive", "naive-lean", "fast-float32-cold", "fast-float32-warm", "fast-bfloat16-cold", "fast-bfloat16-warm"])
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant subprocess memory runs")
     parser.add_argument("--quick", action="store_true", help="one repeat at 512 tokens")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -343,6 +348,7 @@ def main() -> None:
         gemm = {name: statistics.median(values) for name, values in gemm_samples.items()}
         print("GEMM throughput (median so far): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in gemm.items()))
         naive_rate = tokens / statistics.median(timings["naive"]) if "naive" in timings else None
+        lean_rate = tokens / statistics.median(timings["naive-lean"]) if "naive-lean" in timings else None
         memory = {}
         if not arguments.no_memory:
             memory = {v.name: peak_memory(arguments, v.name, length, count) for v in variants}
@@ -351,12 +357,14 @@ def main() -> None:
             line = f"{variant.name:20s} {tokens / seconds:8.1f} tokens/s"
             if naive_rate:
                 line += f"  x{tokens / seconds / naive_rate:5.2f} vs naive"
+            if lean_rate:
+                line += f" (x{tokens / seconds / lean_rate:5.2f} vs lean)"
             if memory:
                 line += f"  peak {memory[variant.name]:7.0f} MiB"
                 if "naive" in memory:
                     line += f" ({memory[variant.name] / memory['naive']:.2f} of naive)"
             if isinstance(variant, Fast):
-                dtype = variant.scorer.dtype_name
+                dtype = "bfloat16" if variant.scorer.dtype_name == MIXED_BFLOAT16 else "float32"
                 achieved = fast_flops(variant, ids, masks) / seconds
                 line += f"  {achieved / 1e9:6.1f} GFLOP/s = {achieved / gemm[dtype]:.0%} of {dtype} GEMM"
                 loads = statistics.median(load_timings[variant.name])

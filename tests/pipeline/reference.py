@@ -19,16 +19,20 @@ def load_eager(path: Path | str, dtype: torch.dtype = torch.float32):
 
 
 @torch.no_grad()
-def naive_forward(model, input_ids: np.ndarray, layer: int, want_attention: bool = True):
-    """(nll [T] with NaN at 0, attention probabilities [H, T, T] of `layer` or None) for one sample."""
+def naive_forward(model, input_ids: np.ndarray, want_attentions: bool = True):
+    """model(input_ids, output_attentions=True) on one unpadded sample: full logits [1, T, V] and every
+    layer's attention probabilities [1, H, T, T]."""
     ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))[None]
-    out = model(input_ids=ids, output_attentions=want_attention)
-    log_probs = torch.log_softmax(out.logits[0].float(), dim=-1)
-    nll = np.full(ids.shape[1], np.nan, dtype=np.float64)
-    for i in range(1, ids.shape[1]):
-        nll[i] = -log_probs[i - 1, ids[0, i]].item()
-    attention = out.attentions[layer][0].float().numpy() if want_attention else None
-    return nll, attention
+    return model(input_ids=ids, output_attentions=want_attentions)
+
+
+def token_nll(logits: torch.Tensor, input_ids: np.ndarray) -> np.ndarray:
+    """nll[i] = -log P(x_i | x_<i) from full logits [1, T, V], one token at a time; NaN at 0."""
+    log_probs = torch.log_softmax(logits[0].float(), dim=-1)
+    nll = np.full(len(input_ids), np.nan, dtype=np.float64)
+    for i in range(1, len(input_ids)):
+        nll[i] = -log_probs[i - 1, int(input_ids[i])].item()
+    return nll
 
 
 def naive_scores(
@@ -40,12 +44,27 @@ def naive_scores(
     ratio: float = 0.6,
     layer: int = -1,
     excess: str = "history_minus_current",
+    lean: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Scores of one sample; `history` None means history == current (REL = 0)."""
+    """Scores of one sample; `history` None means history == current (REL = 0).
+
+    The naive way the scoring issue defines: two `model(..., output_attentions=True)` calls with full
+    logits, both outputs held while the scores are computed. `lean` (benchmarks only) asks the
+    history call for no attentions and drops each output as soon as it is used: the same numbers.
+    """
     trainable = np.asarray(trainable, dtype=bool)
     n_tokens = len(input_ids)
-    nll_cur, attention = naive_forward(current, input_ids, layer)
-    nll_hist = naive_forward(history, input_ids, layer, want_attention=False)[0] if history is not None else nll_cur
+    current_out = naive_forward(current, input_ids)
+    if lean:
+        nll_cur, attention = token_nll(current_out.logits, input_ids), current_out.attentions[layer][0].float().numpy()
+        del current_out
+        nll_hist = nll_cur
+        if history is not None:
+            nll_hist = token_nll(naive_forward(history, input_ids, want_attentions=False).logits, input_ids)
+    else:
+        history_out = naive_forward(history, input_ids) if history is not None else current_out
+        nll_cur, nll_hist = token_nll(current_out.logits, input_ids), token_nll(history_out.logits, input_ids)
+        attention = current_out.attentions[layer][0].float().numpy()
 
     targets = [i for i in range(n_tokens) if trainable[i]]
     nan = np.full(n_tokens, np.nan)
