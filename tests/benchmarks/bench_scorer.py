@@ -10,8 +10,11 @@ Not collected by pytest (the name does not start with test_). Prints, per length
   dtype, measured in this run;
 - keep-mask agreement of bfloat16 with float32.
 
-Variants: `naive` (tests/pipeline/reference.py: eager attention, output_attentions, full logits,
-one sample at a time, both models loaded once, outside the timing), `fast-<dtype>-cold` (what the
+Variants: `naive` (tests/pipeline/reference.py, the naive way the scoring issue defines: eager
+attention, two model(..., output_attentions=True) calls with full logits, both outputs held, one
+sample at a time, both models loaded once, outside the timing), `naive-lean` (the same numbers with
+the history call asking for no attentions and each output dropped once used: a stronger baseline,
+printed beside the first), `fast-<dtype>-cold` (what the
 Ray job does when the history NLLs are not cached yet: phase 1 loads ONLY the history model and
 computes its NLLs, releases it (del + gc), then phase 2 loads the current model and scores with
 those NLLs; only one model is resident at a time), `fast-<dtype>-warm` (history NLLs from the
@@ -29,7 +32,9 @@ FLOP count of one fast-path forward over a sample of T tokens (what is counted a
   + layers * 4 * H * d_head * T(T+1)/2      attention scores and values, causal half only
   + 2 * D * V * n_targets                   LM head on target rows only
   + 4 * H * d_head * sum_i (i+1)            importance recompute, chosen layer, target queries (current only)
-Elementwise work (norms, RoPE, activations, softmax) is not counted.
+Elementwise work (norms, RoPE, activations, softmax) is not counted. In the bfloat16 (mixed) mode
+the LM head runs in float32 but is counted against the bf16 GEMM rate, which understates that
+mode's fraction a little.
 """
 
 from __future__ import annotations
