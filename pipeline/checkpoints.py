@@ -59,12 +59,12 @@ def checkpoint_fingerprint(path: Path | str) -> str:
 
 def load_model(
     path: Path | str,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
 ) -> Any:
-    """A causal LM from a local safetensors folder, in eval mode, on `device`."""
+    """A causal LM from a local safetensors folder, in eval mode, on `device` ("auto" dtype: as saved)."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(path)

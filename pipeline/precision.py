@@ -25,12 +25,27 @@ def precision_name(choice: str) -> str:
     return MIXED_BFLOAT16 if choice == "bfloat16" else "float32"
 
 
-def cast_matmul_weights(model: Any) -> None:
-    """Store the decoder's Linear weights in bf16, leaving the LM head, embeddings and norms float32."""
+def load_dtype(name: str) -> torch.dtype | str:
+    """What to load a checkpoint as: float32, or for the mixed mode the checkpoint's own dtype ("auto"),
+    so a bf16 checkpoint never passes through float32 in full (half the loading memory)."""
+    return "auto" if name == MIXED_BFLOAT16 else torch.float32
+
+
+def to_mixed_precision(model: Any) -> None:
+    """Decoder Linear weights to bf16; every other parameter (LM head, embeddings, norms) to float32.
+
+    Parameter by parameter, so a bf16-loaded model never holds a full float32 copy; converting bf16
+    or float32 values to float32 is exact.
+    """
     head = model.get_output_embeddings()
+    matmul_weights: set[int] = set()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             module.to(torch.bfloat16)
+            matmul_weights.update(id(p) for p in module.parameters())
+    for parameter in model.parameters():
+        if id(parameter) not in matmul_weights and parameter.is_floating_point():
+            parameter.data = parameter.data.float()
 
 
 @contextlib.contextmanager

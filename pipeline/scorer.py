@@ -39,7 +39,7 @@ from pipeline.batching import length_sorted_batches, right_padded
 from pipeline.checkpoints import checkpoint_fingerprint, load_model
 from pipeline.config import StageConfig
 from pipeline.nll import output_head, target_nll
-from pipeline.precision import MIXED_BFLOAT16, cast_matmul_weights, compute_precision, precision_name
+from pipeline.precision import MIXED_BFLOAT16, compute_precision, load_dtype, precision_name, to_mixed_precision
 from pipeline.schemas import arrow_schema
 from pipeline.selection import combine, minmax_normalise, select_sample
 
@@ -158,9 +158,9 @@ class Scorer:
             self._vocab_limit = min(self._vocab_limit, int(history_config.vocab_size))
 
     def _load(self, path: Path | str) -> Any:
-        model = load_model(path, torch.float32, "cpu", trust_remote_code=self.settings.trust_remote_code)
+        model = load_model(path, load_dtype(self.dtype_name), "cpu", trust_remote_code=self.settings.trust_remote_code)
         if self.dtype_name == MIXED_BFLOAT16:
-            cast_matmul_weights(model)
+            to_mixed_precision(model)
         self.model_loads += 1
         return model.to(self.device)
 

@@ -4,7 +4,15 @@ import numpy as np
 import torch
 
 import pipeline.attention as attention
-from pipeline.precision import MIXED_BFLOAT16, cast_matmul_weights, compute_precision, full_precision, precision_name
+import pipeline.scorer as scorer_module
+from pipeline.precision import (
+    MIXED_BFLOAT16,
+    compute_precision,
+    full_precision,
+    load_dtype,
+    precision_name,
+    to_mixed_precision,
+)
 from pipeline.scorer import Scorer, ScoreSettings
 from tests.pipeline.reference import load_eager
 
@@ -17,9 +25,7 @@ def test_precision_names():
     assert precision_name("bfloat16") == MIXED_BFLOAT16
 
 
-def test_only_decoder_linears_become_bf16(llama_dir):
-    model = load_eager(llama_dir)
-    cast_matmul_weights(model)
+def _assert_mixed(model):
     head = model.get_output_embeddings()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
@@ -27,6 +33,37 @@ def test_only_decoder_linears_become_bf16(llama_dir):
     assert model.get_input_embeddings().weight.dtype == torch.float32
     norms = [p for name, p in model.named_parameters() if "norm" in name]
     assert norms and all(p.dtype == torch.float32 for p in norms)
+
+
+def test_only_decoder_linears_become_bf16(llama_dir):
+    model = load_eager(llama_dir)
+    to_mixed_precision(model)
+    _assert_mixed(model)
+
+
+def test_mixed_mode_loads_a_checkpoint_in_its_own_dtype(llama_dir, tmp_path, monkeypatch):
+    """A bf16 checkpoint is read as bf16 (never a full float32 copy) and its head, embeddings and
+    norms upcast exactly; a float32 checkpoint keeps its float32 head values untouched."""
+    assert load_dtype("float32") == torch.float32 and load_dtype(MIXED_BFLOAT16) == "auto"
+    stored = load_eager(llama_dir).to(torch.bfloat16)
+    stored.save_pretrained(tmp_path, safe_serialization=True)
+    requested = []
+    real_load = scorer_module.load_model
+
+    def recording_load(path, dtype, *args, **kwargs):
+        requested.append(dtype)
+        return real_load(path, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(scorer_module, "load_model", recording_load)
+    scorer = Scorer(tmp_path, None, ScoreSettings(dtype="bfloat16", device="cpu"))
+    _assert_mixed(scorer.current)
+    assert requested == ["auto"]
+    embeddings = scorer.current.get_input_embeddings().weight
+    assert torch.equal(embeddings, stored.get_input_embeddings().weight.float())
+
+    original = load_eager(llama_dir).get_output_embeddings().weight
+    mixed = Scorer(llama_dir, None, ScoreSettings(dtype="bfloat16", device="cpu")).current
+    assert torch.equal(mixed.get_output_embeddings().weight, original)
 
 
 def test_contexts_switch_matmul_precision():
