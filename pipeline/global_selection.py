@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.keep_tables import flat_values, with_keep
 from pipeline.selection import keep_count, sortable_keys
 
 BINS = 1 << 16
@@ -38,10 +39,6 @@ BINS = 1 << 16
 
 class SelectionError(RuntimeError):
     """Score and tokenized shards that cannot be joined, or a threshold that cannot be found."""
-
-
-def _flat_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    return pc.list_flatten(column).to_numpy(zero_copy_only=False)
 
 
 def trainable_keys(score_path: Path, tokenized_path: Path) -> np.ndarray:
@@ -52,8 +49,8 @@ def trainable_keys(score_path: Path, tokenized_path: Path) -> np.ndarray:
         raise SelectionError(f"{score_path} and {tokenized_path} hold different sample ids or row orders")
     if not pc.list_value_length(scores.column("score")).equals(pc.list_value_length(tokenized.column("trainable"))):
         raise SelectionError(f"{score_path}: score lengths differ from the trainable masks of {tokenized_path}")
-    trainable = _flat_values(tokenized.column("trainable")).astype(bool)
-    return sortable_keys(_flat_values(scores.column("score"))[trainable])
+    trainable = flat_values(tokenized.column("trainable")).astype(bool)
+    return sortable_keys(flat_values(scores.column("score"))[trainable])
 
 
 def high_histogram(score_path: Path, tokenized_path: Path) -> np.ndarray:
@@ -127,22 +124,14 @@ def apply_threshold(scores: pa.Table, trainable: pa.ChunkedArray, threshold: int
     Keeps trainable tokens whose key exceeds `threshold`, plus the first `take_ties` tokens whose
     key equals it, in row then position order. `threshold=None` keeps nothing (k = 0).
     """
-    lengths = pc.list_value_length(scores.column("score")).to_numpy(zero_copy_only=False)
-    mask = _flat_values(trainable).astype(bool)
+    mask = flat_values(trainable).astype(bool)
     keep = np.zeros(len(mask), dtype=bool)
     if threshold is not None:
         positions = np.flatnonzero(mask)
-        keys = sortable_keys(_flat_values(scores.column("score"))[positions])
+        keys = sortable_keys(flat_values(scores.column("score"))[positions])
         keep[positions[keys > threshold]] = True
         keep[positions[keys == threshold][:take_ties]] = True
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    n_kept = np.bincount(rows[keep], minlength=len(lengths)).astype(np.int32)
-    keep_column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(keep, pa.bool_()))
-    schema = scores.schema
-    table = scores.set_column(schema.get_field_index("keep"), schema.field("keep"), keep_column.cast(schema.field("keep").type))
-    table = table.set_column(schema.get_field_index("n_kept"), schema.field("n_kept"), pa.array(n_kept, pa.int32()))
-    return table.replace_schema_metadata(schema.metadata)
+    return with_keep(scores, keep)
 
 
 # parallel_map(function, argument tuples) -> results in argument order; the default runs in-process.

@@ -65,7 +65,9 @@ from pipeline.score_shards import (
     check_shard,
     fill_history_cache,
     history_missing,
+    reselect_sample_keep,
     rewrite_global_keep,
+    sample_selection,
     score_one_shard,
 )
 from pipeline.precision import precision_name
@@ -378,7 +380,8 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
     history_fp = checkpoint_fingerprint(config.history) if config.history is not None else current_fp
     settings = config.score_settings().resolved()
     identity = {
-        "settings": {k: v for k, v in settings.items() if k not in ("threads", "device", "trust_remote_code")},
+        # The keep ratio is not part of it: the scores do not depend on it, so a new ratio only re-selects.
+        "settings": {k: v for k, v in settings.items() if k not in ("ratio", "threads", "device", "trust_remote_code")},
         "current": current_fp,
         "history": history_fp,
         "data": tokenized["data_fingerprint"],
@@ -411,11 +414,7 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
         with ray_session(config.address, config.num_cpus, object_store) as runtime:
             phase = time.monotonic()
             records = list(ordered_map(check_shard, [(t,) for t in tasks]))
-            todo = [
-                t
-                for t, r in zip(tasks, records)
-                if r is None or (config.granularity == "sample" and r.get("selection") != "sample")
-            ]
+            todo = [t for t, r in zip(tasks, records) if r is None]
             timings["validate_s"] = time.monotonic() - phase
 
             # Phase 1: history NLLs for the shards to score that lack them, history model alone.
@@ -446,14 +445,18 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
             records = [scored.get(t.file, r) for t, r in zip(tasks, records)]
             timings["score_s"] = time.monotonic() - phase
 
-            selection: dict[str, Any] = {"granularity": config.granularity}
-            rewritten = 0
+            # Keep masks from the stored scores, where the ratio or granularity differs from the record's.
+            phase = time.monotonic()
+            before = [r["sha256"] for r in records]
             if config.granularity == "global":
-                phase = time.monotonic()
-                before = [r["sha256"] for r in records]
                 selection, records = _select_globally(tasks, records, config.ratio)
-                rewritten = sum(a != r["sha256"] for a, r in zip(before, records))
-                timings["select_s"] = time.monotonic() - phase
+            else:
+                selection = {"granularity": "sample"}
+                stale = [i for i, r in enumerate(records) if r.get("selection") != sample_selection(config.ratio)]
+                for i, record in zip(stale, ordered_map(reselect_sample_keep, [(tasks[i], config.ratio) for i in stale])):
+                    records[i] = record
+            rewritten = sum(a != r["sha256"] for a, r in zip(before, records))
+            timings["select_s"] = time.monotonic() - phase
 
         # An actor lost mid-write during this run (its node died) leaves a temporary behind: every
         # shard is complete now, so anything still unrenamed is garbage.

@@ -1,12 +1,13 @@
-"""Per-shard work of the score job: check a shard, fill its history cache, score it, rewrite its global keep mask.
+"""Per-shard work of the score job: check a shard, fill its history cache, score it, re-select its keep masks.
 
 Plain functions of one `ShardTask` that Ray runs in its workers (actors for scoring, tasks for
 the rest). This module imports no torch, so the validation and selection tasks start quickly;
 scoring imports the engine only when it runs.
 
-A shard counts as done when its `_progress/<name>.json` record carries the run's key (scoring
-settings, checkpoint and data fingerprints, the input shard's checksum) and the file's sha256, row
-count, schema and sample ids all check out. The output is written first (temporary name, then a
+A shard counts as scored when its `_progress/<name>.json` record carries the run's key (scoring
+settings except the keep ratio, checkpoint and data fingerprints, the input shard's checksum) and
+the file's sha256, row count, schema and sample ids all check out. Its keep masks are current when
+the record's `selection` also matches; otherwise only they are rewritten, from the stored scores. The output is written first (temporary name, then a
 rename), the record second, so a crash between the two only costs a redo.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 from pipeline import global_selection
 from pipeline.artifacts import MANIFEST, ArtifactError, read_shard, write_json_atomic, write_parquet_atomic
 from pipeline.fingerprint import sha256_file
+from pipeline.keep_tables import per_sample_keep
 from pipeline.history_cache import history_cache_dir, load_cached_history, store_history
 from pipeline.schemas import arrow_schema, validate_table
 
@@ -147,7 +150,7 @@ def score_one_shard(scorer: Any, task: ShardTask) -> dict[str, Any]:
         "rows": scores.num_rows,
         "sha256": digest,
         "run_key": task.run_key,
-        "selection": "sample",
+        "selection": sample_selection(scorer.settings.ratio),
         "dtype": scorer.dtype_name,
         "device": scorer.device.type,
         "tokens": int(pc.sum(scores.column("n_tokens")).as_py() or 0),
@@ -163,22 +166,29 @@ def score_one_shard(scorer: Any, task: ShardTask) -> dict[str, Any]:
     }
 
 
-def rewrite_global_keep(task: ShardTask, selection: dict[str, Any]) -> dict[str, Any]:
-    """Pass 4 of the global selection for one shard, exactly once: skip it when already applied."""
+def sample_selection(ratio: float) -> dict[str, Any]:
+    """The `selection` a progress record carries for per-sample keep masks at `ratio`."""
+    return {"granularity": "sample", "ratio": ratio}
+
+
+def _rewrite_keep(
+    task: ShardTask, selection: dict[str, Any], select: Callable[[pa.Table, pa.ChunkedArray], pa.Table]
+) -> dict[str, Any]:
+    """Rewrite one score shard's keep masks from its stored scores, exactly once: skipped when its
+    record already carries `selection` and the file still has the recorded checksum."""
     record = read_record(task)
     if record is None:
-        raise ScoreJobError(f"{task.record_path} vanished during the global selection; rerun the job")
+        raise ScoreJobError(f"{task.record_path} vanished during the selection; rerun the job")
     path = Path(task.output_path)
     if record.get("selection") == selection and sha256_file(path) == record["sha256"]:
         return record
-    scores = read_shard(path, "scores")
+    # The canonical schema again (Parquet reads lists back with other child names), so a rewritten
+    # shard is byte-identical to one scored at these settings from scratch.
+    scores = read_shard(path, "scores").cast(arrow_schema("scores"))
     trainable = pq.read_table(task.input_path, columns=["sample_id", "trainable"])
     if not scores.column("sample_id").equals(trainable.column("sample_id")):
         raise ScoreJobError(f"{path} and {task.input_path} list different samples; rerun the job")
-    threshold = selection["threshold"]
-    table = global_selection.apply_threshold(
-        scores, trainable.column("trainable"), None if threshold is None else threshold["key"], selection["ties"]
-    )
+    table = select(scores, trainable.column("trainable"))
     record = record | {
         "sha256": write_parquet_atomic(table, path),
         "selection": selection,
@@ -186,3 +196,17 @@ def rewrite_global_keep(task: ShardTask, selection: dict[str, Any]) -> dict[str,
     }
     write_json_atomic(record, Path(task.record_path))
     return record
+
+
+def rewrite_global_keep(task: ShardTask, selection: dict[str, Any]) -> dict[str, Any]:
+    """Pass 4 of the global selection for one shard (threshold and tie quota in `selection`)."""
+    threshold = selection["threshold"]
+    key = None if threshold is None else threshold["key"]
+    return _rewrite_keep(
+        task, selection, lambda scores, trainable: global_selection.apply_threshold(scores, trainable, key, selection["ties"])
+    )
+
+
+def reselect_sample_keep(task: ShardTask, ratio: float) -> dict[str, Any]:
+    """Per-sample keep masks at a new `ratio` from the shard's stored scores: no model runs."""
+    return _rewrite_keep(task, sample_selection(ratio), lambda scores, trainable: per_sample_keep(scores, trainable, ratio))

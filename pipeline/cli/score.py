@@ -16,7 +16,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="Score a tokenized corpus with a current and a history checkpoint; write score shards and masks.",
         description="Score every shard of a tokenized corpus (per-token NLLs under both checkpoints, attention "
         "importance, combined score, keep mask) into DIR/part-NNNNN.parquet + DIR/manifest.json. Runs on an "
-        "embedded local Ray unless --address or RAY_ADDRESS names a cluster; a rerun redoes only what is missing.",
+        "embedded local Ray unless --address or RAY_ADDRESS names a cluster; a rerun redoes only what is missing, and "
+        "a new --ratio or --granularity only re-selects the keep masks from the stored scores.",
     )
     add_config_arguments(parser, ScoreJobConfig)
     parser.set_defaults(handler=_run)
@@ -33,6 +34,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"({summary['kept_ratio']:.1%}, {summary['granularity']} selection)",
             f"this run: {summary['tokens_scored']:,} tokens scored{rate}, {summary['seconds']:.1f} s in all",
             *_history_phase_line(summary),
+            *_reselected_line(summary),
             f"output: {summary['output']}",
         ]
     )
@@ -43,6 +45,12 @@ def _history_phase_line(summary: dict[str, Any]) -> list[str]:
     if not history.get("shards"):
         return []
     return [f"history NLLs: {history['shards']} shards computed first with the history model alone, then cached"]
+
+
+def _reselected_line(summary: dict[str, Any]) -> list[str]:
+    if not summary["shards_rewritten"]:
+        return []
+    return [f"keep masks re-selected from the stored scores in {summary['shards_rewritten']} shards (no model run)"]
 
 
 def _run(arguments: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import pytest
 from pipeline.artifacts import ArtifactError, exclusive_output, read_manifest, verify_shards, write_manifest
 from pipeline.checkpoints import CheckpointError
 from pipeline.cli import main
+from pipeline.cli.score import format_summary
 from pipeline.fingerprint import sha256_file
 from pipeline.score_job import PROGRESS, ScoreJobConfig, ScoreJobError, plan_workers, run_score_job
 from pipeline.scorer import Scorer, score_shard
@@ -165,6 +166,32 @@ def test_global_selection_is_the_exact_corpus_top_k(ray_local, sample_run, corpu
     again = run_score_job(config.model_copy(update={"output": output, "granularity": "global"}))
     assert again["shards_skipped"] == len(SHARDS) and again["shards_rewritten"] == 0
     assert _digests(output) == before
+
+
+def test_a_new_ratio_or_granularity_only_reselects(ray_local, sample_run, tmp_path):
+    """Ratio 0.6 -> 0.3, sample -> global -> sample: no forward runs, and every output is byte-identical
+    to a job that scored from scratch at those settings."""
+    config, _ = sample_run
+    output = tmp_path / "reselect"
+    shutil.copytree(config.output, output)
+    fresh = run_score_job(config.model_copy(update={"output": tmp_path / "fresh", "ratio": 0.3}))
+    assert fresh["shards_scored"] == len(SHARDS)
+
+    lower = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3}))
+    assert lower["shards_scored"] == 0 and lower["tokens_scored"] == 0 and lower["shards_rewritten"] == len(SHARDS)
+    assert _digests(output) == _digests(tmp_path / "fresh")
+    assert read_manifest(output, kind="scores")["selection"]["ratio"] == 0.3
+    assert lower["kept"] == fresh["kept"] < 0.5 * lower["trainable"]
+    assert f"re-selected from the stored scores in {len(SHARDS)} shards" in format_summary(lower)
+    assert "re-selected" not in format_summary(fresh)
+
+    globally = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3, "granularity": "global"}))
+    assert globally["shards_scored"] == 0 and globally["kept"] == int(np.ceil(0.3 * globally["trainable"]))
+    back = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3}))
+    assert back["shards_scored"] == 0 and back["shards_rewritten"] > 0
+    assert _digests(output) == _digests(tmp_path / "fresh")
+    again = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3}))
+    assert again["shards_scored"] == 0 and again["shards_rewritten"] == 0
 
 
 def test_other_tokenizer_is_refused(corpus, llama_dir, tmp_path):
