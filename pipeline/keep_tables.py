@@ -37,7 +37,7 @@ def with_keep(scores: pa.Table, keep: np.ndarray) -> pa.Table:
 def per_sample_keep(scores: pa.Table, trainable: pa.ChunkedArray, ratio: float) -> pa.Table:
     """`scores` re-selected per sample at `ratio`: the masks the scorer itself writes at that ratio."""
     lengths = pc.list_value_length(scores.column("score")).to_numpy(zero_copy_only=False)
-    if not pc.list_value_length(trainable).to_numpy(zero_copy_only=False).tolist() == lengths.tolist():
+    if pc.list_value_length(trainable).to_numpy(zero_copy_only=False).tolist() != lengths.tolist():
         raise ValueError("score and trainable lists differ in length; they belong to different data")
     score_values = flat_values(scores.column("score")).astype(np.float32)
     mask = flat_values(trainable).astype(bool)

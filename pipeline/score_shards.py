@@ -7,8 +7,9 @@ scoring imports the engine only when it runs.
 A shard counts as scored when its `_progress/<name>.json` record carries the run's key (scoring
 settings except the keep ratio, checkpoint and data fingerprints, the input shard's checksum) and
 the file's sha256, row count, schema and sample ids all check out. Its keep masks are current when
-the record's `selection` also matches; otherwise only they are rewritten, from the stored scores. The output is written first (temporary name, then a
-rename), the record second, so a crash between the two only costs a redo.
+the record's `selection` also matches; otherwise only they are rewritten, from the stored scores.
+The output is written first (temporary name, then a rename), the record second, so a crash between
+the two only costs a redo.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import pyarrow.parquet as pq
 from pipeline import global_selection
 from pipeline.artifacts import MANIFEST, ArtifactError, read_shard, write_json_atomic, write_parquet_atomic
 from pipeline.fingerprint import sha256_file
-from pipeline.keep_tables import per_sample_keep
 from pipeline.history_cache import history_cache_dir, load_cached_history, store_history
+from pipeline.keep_tables import per_sample_keep
 from pipeline.schemas import arrow_schema, validate_table
 
 PROGRESS = "_progress"

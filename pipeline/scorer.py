@@ -60,7 +60,7 @@ class ScoreSettings(StageConfig):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Compute precision. auto = float32. bfloat16 = bf16 matmuls around a float32 residual stream, "
-        "norms and LM head (pipeline/precision.py): about 2x faster where the hardware has native bf16, but it "
+        "norms and LM head (pipeline/precision.py): 1.6-2x faster where the hardware has native bf16, but it "
         "stays opt-in because its keep decisions can differ from float32 (see README, Performance).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the models run: auto = CUDA when present.")
