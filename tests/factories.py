@@ -10,9 +10,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import base_manifest, shard_name, write_manifest, write_parquet_atomic
-from pipeline.fingerprint import sha256_json, tokenizer_fingerprints
-from pipeline.schemas import table_from_rows
+from pipeline.artifacts.files import base_manifest, shard_name, write_manifest, write_parquet_atomic
+from pipeline.core.fingerprint import sha256_json, tokenizer_fingerprints
+from pipeline.artifacts.schemas import table_from_rows
 
 WORDS = (
     "the quick brown fox jumps over lazy dog what is capital of france paris tokens are selected by "

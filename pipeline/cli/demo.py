@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from rich.console import Console
 
-from pipeline.config import add_config_arguments, config_from_arguments
+from pipeline.core.config import add_config_arguments, config_from_arguments
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    from pipeline.demo import DemoConfig
+    from pipeline.loop.demo import DemoConfig
 
     parser = commands.add_parser(
         "demo",
@@ -26,8 +26,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _show_sample(console: Console, scores_dir: Path, tokenized_dir: Path, model: Path) -> None:
     """One multi-turn sample, kept tokens highlighted: the masks are something to look at, not a number."""
-    from pipeline.checkpoints import load_tokenizer
-    from pipeline.token_view import keep_view, legend
+    from pipeline.core.checkpoints import load_tokenizer
+    from pipeline.cli.token_view import keep_view, legend
 
     tokenized = pq.read_table(sorted(tokenized_dir.glob("part-*.parquet"))[0]).to_pylist()
     scores = {r["sample_id"]: r for r in pq.read_table(sorted(scores_dir.glob("part-*.parquet"))[0]).to_pylist()}
@@ -41,7 +41,7 @@ def _show_sample(console: Console, scores_dir: Path, tokenized_dir: Path, model:
 def _run(arguments: argparse.Namespace) -> int:
     from pipeline.cli.prepare import print_summary
     from pipeline.cli.score import format_summary
-    from pipeline.demo import DemoConfig, resolve_model, run_demo
+    from pipeline.loop.demo import DemoConfig, resolve_model, run_demo
 
     config = config_from_arguments(DemoConfig, arguments)
     console = Console()

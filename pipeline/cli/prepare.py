@@ -8,8 +8,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import add_config_arguments, config_from_arguments
-from pipeline.prepare import PrepareConfig, PrepareSummary, run_prepare
+from pipeline.core.config import add_config_arguments, config_from_arguments
+from pipeline.stages.prepare import PrepareConfig, PrepareSummary, run_prepare
 
 # Exit status when the corpus was written but some input gave no valid row.
 EXIT_INPUT_WITHOUT_ROWS = 3

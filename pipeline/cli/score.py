@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.config import add_config_arguments, config_from_arguments
+from pipeline.core.config import add_config_arguments, config_from_arguments
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    from pipeline.score_job import ScoreJobConfig
+    from pipeline.stages.score import ScoreJobConfig
 
     parser = commands.add_parser(
         "score",
@@ -54,7 +54,7 @@ def _reselected_line(summary: dict[str, Any]) -> list[str]:
 
 
 def _run(arguments: argparse.Namespace) -> int:
-    from pipeline.score_job import ScoreJobConfig, run_score_job
+    from pipeline.stages.score import ScoreJobConfig, run_score_job
 
     summary = run_score_job(config_from_arguments(ScoreJobConfig, arguments))
     print(format_summary(summary))

@@ -1,0 +1,183 @@
+"""Artifact IO: shard names, atomic writes, manifests, validation and an exclusive output lock."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import pipeline
+from pipeline.core.fingerprint import sha256_file
+from pipeline.artifacts.schemas import validate_manifest, validate_table
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact folder or file that is missing, corrupt or inconsistent; the message names it."""
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_and_replace(temporary: Path, path: Path) -> None:
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> str:
+    """Write `table` to `path` via a temporary name and rename; returns the file's sha256."""
+    path = Path(path)
+    temporary = _temporary_sibling(path)
+    try:
+        pq.write_table(table, temporary, compression="zstd")
+        _fsync_and_replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return sha256_file(path)
+
+
+def write_json_atomic(value: Any, path: Path) -> None:
+    path = Path(path)
+    temporary = _temporary_sibling(path)
+    try:
+        temporary.write_text(json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+        _fsync_and_replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete leftovers of writes that were killed before their rename."""
+    for leftover in Path(folder).glob(".*.tmp-*"):
+        leftover.unlink(missing_ok=True)
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    version = pipeline.__version__
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(pipeline.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+g{commit}" if commit else version
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Validate against the manifest schema, then write atomically; the manifest is written last."""
+    validate_manifest(manifest)
+    write_json_atomic(manifest, Path(folder) / MANIFEST)
+
+
+def read_manifest(folder: Path, kind: str | None = None) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder} has no {MANIFEST}: not a finished sstoken artifact folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path} is not valid JSON: {error}") from error
+    validate_manifest(manifest, source=str(path))
+    if kind is not None and manifest["kind"] != kind:
+        raise ArtifactError(f"{folder} holds a '{manifest['kind']}' artifact, expected '{kind}'")
+    return manifest
+
+
+def shard_is_valid(path: Path, expected_sha256: str | None = None, expected_rows: int | None = None) -> bool:
+    """True when the shard exists, reads as Parquet and matches the recorded checksum and row count."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        return False
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return False
+    return expected_rows is None or rows == expected_rows
+
+
+def read_shard(path: Path, schema_name: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one shard and check it against its schema file."""
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        raise ArtifactError(f"{path} is not a readable Parquet file: {error}") from error
+    if columns is None:
+        validate_table(table, schema_name, source=str(path))
+    return table
+
+
+def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:
+    """Raise if any shard listed in the manifest is missing or differs from its recorded checksum."""
+    for entry in manifest["shards"]:
+        path = Path(folder) / entry["file"]
+        if not shard_is_valid(path, entry["sha256"], entry["rows"]):
+            raise ArtifactError(
+                f"{path} is missing or does not match its manifest checksum/row count; rerun the stage that made it"
+            )
+
+
+@contextmanager
+def exclusive_output(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on an output folder, refusing a second writer with a clear message.
+
+    The lock is an OS file lock, released when the holder exits or is killed, so a crashed run
+    never leaves a stale lock behind.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ArtifactError(
+                f"{folder} is being written by {holder}; wait for it to finish or choose another output folder"
+            ) from error
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def base_manifest(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Fields every manifest starts with."""
+    return {
+        "schema_version": 1,
+        "kind": kind,
+        "created_at": utc_now(),
+        "code_version": code_version(),
+        "config": config,
+    }

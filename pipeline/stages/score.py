@@ -1,0 +1,562 @@
+"""The scoring stage: tokenized shards in, score shards and a manifest out, exactly once, on Ray.
+
+    run_score_job(ScoreJobConfig(data=..., current=..., history=..., output=...)) -> summary dict
+
+Why Ray core (actors + tasks) and not Ray Data: the unit of work is one input shard, and each
+shard must become one output file with the same name, written atomically and validated on a
+rerun. A pool of long-lived actors, each holding its model (loaded once), takes one shard at a
+time and writes `OUTPUT/<input shard name>` through a temporary name and a rename, then a
+`_progress/<name>.json` record. Ray Data would split and merge blocks across shards, name its
+output files randomly and write them with no per-shard commit point, so a killed job could leave
+half a shard or a duplicate; the actor pool keeps the shard boundary as the commit boundary, and
+the driver only hands out shard paths and collects small records (no tensors pass through the
+object store). The global selection passes are plain tasks, one per shard, returning histograms.
+
+Exactly once: a shard counts as done when its record carries this run's key (scoring settings,
+checkpoint and data fingerprints, the input shard's checksum) and the file's sha256, row count,
+schema and sample ids all check out (`pipeline.stages.score_shards`); anything else is redone. An actor
+that dies (a node lost, an out-of-memory kill) is replaced and its shard handed out again. The
+manifest is removed when a run starts and written last, so its presence means "complete".
+Output and cache folders must be visible to every node (a local disk on one machine, a shared
+file system on a cluster).
+
+History NLLs go to a cache keyed by (history checkpoint, tokenized data, dtype), so a rerun or the
+next round skips the history forward. Two phases, so an actor holds one model at a time (two fp32
+models would double each actor's memory):
+1. history (only when history != current, gamma > 0, and some shard to score lacks cached NLLs):
+   actors load ONLY the history model and fill the cache for those shards, one atomic file each;
+   a shard whose cache file validates is skipped, so a killed phase 1 resumes where it stopped.
+2. score: fresh actors load the current model and score with the cached history NLLs; the
+   Scorer loads the history model lazily, so it never does when the cache holds every shard (it
+   would, and cache the result, only if a cache file vanished in between).
+The summary's `phases` says, per phase, shards done, actors, model loads, the most models any
+actor held at once, and the forwards run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipeline.engine import global_selection
+from pipeline.artifacts.files import (
+    MANIFEST,
+    base_manifest,
+    exclusive_output,
+    read_manifest,
+    remove_stale_temporaries,
+    write_manifest,
+)
+from pipeline.core.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
+from pipeline.core.fingerprint import sha256_json, tokenizer_fingerprints
+from pipeline.core.ray_runtime import node_cpus, ordered_map, ray_session
+from pipeline.artifacts.schemas import SchemaError
+from pipeline.stages.score_shards import (
+    PROGRESS,
+    ScoreJobError,
+    ShardTask,
+    check_shard,
+    fill_history_cache,
+    history_missing,
+    reselect_sample_keep,
+    rewrite_global_keep,
+    sample_selection,
+    score_one_shard,
+)
+from pipeline.engine.precision import precision_name
+from pipeline.engine.scorer import ScoreSettings
+
+# How often one shard may lose its actor (node loss, OOM kill) before the job gives up.
+MAX_SHARD_ATTEMPTS = 4
+
+
+class ScoreJobConfig(ScoreSettings):
+    """`sstoken score`: the scoring settings plus where data, models and output live and how Ray runs."""
+
+    data: Path = Field(description="Tokenized input folder (made by `sstoken prepare`).")
+    current: Path = Field(description="Current checkpoint folder (safetensors + tokenizer).")
+    history: Path | None = Field(
+        None, description="History checkpoint folder; default: the current one (REL is 0, attention only)."
+    )
+    output: Path = Field(description="Output folder for score shards and manifest.json.")
+    granularity: Literal["sample", "global"] = Field(
+        "sample", description="Keep the top ratio of each sample's trainable tokens, or of the whole corpus."
+    )
+    history_cache: Path | None = Field(
+        None, description="History NLL cache root; default: $SSTOKEN_CACHE/history or ~/.cache/sstoken/history."
+    )
+    address: str | None = Field(
+        None, description="Ray cluster to run on (HOST:PORT, auto, ray://...); default: RAY_ADDRESS, else embedded."
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Scoring actors; default: as many as the cluster's CPUs (or GPUs) hold."
+    )
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs reserved by each actor (its torch threads); default: up to 4, one node's worth."
+    )
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; 0 = score on CPU.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray; default: this machine's.")
+    object_store_mb: int | None = Field(
+        None, ge=100, description="Object store of the embedded Ray in MiB; default: a tenth of memory, within 256-2048."
+    )
+    progress: bool = Field(True, description="Show a progress bar while scoring.")
+
+    def score_settings(self) -> ScoreSettings:
+        return ScoreSettings(**{name: getattr(self, name) for name in ScoreSettings.model_fields})
+
+
+def default_history_cache() -> Path:
+    root = os.environ.get("SSTOKEN_CACHE")
+    return Path(root).expanduser() / "history" if root else Path.home() / ".cache" / "sstoken" / "history"
+
+
+Phase = Literal["history", "score"]
+
+
+class ShardScoringActor:
+    """A Ray actor holding one phase's model for its lifetime.
+
+    phase "history": only the history model (`history_scorer`), filling the history cache.
+    phase "score": the current model (and the history model only if a shard's NLLs are not cached).
+    """
+
+    def __init__(self, current: str, history: str | None, settings: ScoreSettings, phase: Phase = "score"):
+        from transformers.utils import logging as transformers_logging
+
+        from pipeline.engine.scorer import Scorer, history_scorer
+
+        transformers_logging.disable_progress_bar()  # "Loading weights" bars would reach the job's log
+        self.phase = phase
+        self.id = uuid.uuid4().hex[:12]
+        # A failing constructor would look like a dead actor (and be retried); keep the error for
+        # `ready` to raise as an ordinary task error, which the driver reports as it is.
+        self.error: Exception | None = None
+        try:
+            if phase == "history":
+                if history is None:
+                    raise ScoreJobError("the history phase needs a history checkpoint; this is a bug")
+                self.scorer = history_scorer(history, settings)
+            else:
+                self.scorer = Scorer(current, history, settings)
+        except Exception as error:  # noqa: BLE001 - re-raised by ready()
+            self.error = error
+
+    def ready(self) -> str:
+        if self.error is not None:
+            raise self.error
+        return f"{self.scorer.device.type}/{self.scorer.dtype_name}"
+
+    def run(self, task: ShardTask) -> dict[str, Any]:
+        """This phase's work on one shard, plus what the actor holds and ran (for the summary)."""
+        before = dict(self.scorer.forward_counts)
+        if self.phase == "history":
+            result = fill_history_cache(self.scorer, task)
+        else:
+            result = score_one_shard(self.scorer, task)
+        forwards = {k: v - before[k] for k, v in self.scorer.forward_counts.items()}
+        if self.phase == "history":  # this Scorer's only model is the history checkpoint
+            forwards = {"current": 0, "history": forwards["current"]}
+        return result | {
+            "actor": self.id,
+            "model_loads": self.scorer.model_loads,
+            "models_resident": self.scorer.models_resident,
+            "forwards": forwards,
+        }
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+
+def plan_workers(
+    cpus_by_node: list[float],
+    total_gpus: float,
+    workers: int | None,
+    cpus_per_worker: float | None,
+    gpus_per_worker: float,
+) -> tuple[int, float]:
+    """(actors, CPUs per actor). Every actor must fit on one node, and nothing else needs CPUs
+    while they run (the validation and selection tasks run before and after), so no deadlock."""
+    largest = max(cpus_by_node, default=1.0)
+    if cpus_per_worker is None:
+        cpus_per_worker = 1.0 if gpus_per_worker > 0 else min(4.0, largest) if largest >= 1 else largest
+    if cpus_per_worker > largest:
+        raise ScoreJobError(
+            f"cpus_per_worker {cpus_per_worker} exceeds the largest node's {largest} CPUs; no actor could start"
+        )
+    if workers is None:
+        if gpus_per_worker > 0:
+            workers = int(total_gpus // gpus_per_worker)
+            if workers < 1:
+                raise ScoreJobError(f"gpus_per_worker {gpus_per_worker} but the cluster has {total_gpus} GPUs")
+        else:
+            workers = max(1, sum(int(c // cpus_per_worker) for c in cpus_by_node))
+    return workers, cpus_per_worker
+
+
+def _unwrapped(error: Exception) -> Exception:
+    """The original exception inside a RayTaskError, so the user sees one clear line."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, Exception) else error
+
+
+class _Progress:
+    """Shards done, tokens/s and ETA on stderr (rich), or nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int, label: str = "scoring shards"):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.started = time.monotonic()
+        self.tokens = 0
+        self.bar = Progress(
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
+        self.task = self.bar.add_task("score", total=total, rate="")
+
+    def __enter__(self) -> _Progress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def shard_done(self, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
+        self.bar.update(self.task, advance=1, rate=f"{rate:,.0f} tokens/s")
+
+
+def _run_actor_pool(
+    phase: Phase, tasks: list[ShardTask], config: ScoreJobConfig, workers: int, cpus: float, progress: _Progress
+) -> list[dict[str, Any]]:
+    """Hand shards to a pool of one phase's actors; replace actors that die and redo their shards.
+    Every actor is killed on the way out, so the next phase starts with this phase's models gone."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    threads = config.threads or max(1, int(cpus))
+    settings = config.score_settings().model_copy(update={"threads": threads})
+    actor_class = ray.remote(ShardScoringActor).options(
+        num_cpus=cpus, num_gpus=config.gpus_per_worker, max_restarts=0, max_task_retries=0
+    )
+    history = str(config.history) if config.history is not None else None
+
+    def start_actor() -> tuple[Any, Any]:
+        actor = actor_class.remote(str(config.current), history, settings, phase)
+        return actor.ready.remote(), actor
+
+    queue = deque(tasks)
+    attempts: dict[str, int] = {}
+    starting = dict(start_actor() for _ in range(min(workers, len(tasks))))
+    running: dict[Any, tuple[Any, ShardTask]] = {}
+    idle: list[Any] = []
+    results: list[dict[str, Any]] = []
+    actor_failures = 0
+    try:
+        while queue or running:
+            while idle and queue:
+                actor, task = idle.pop(), queue.popleft()
+                running[actor.run.remote(task)] = (actor, task)
+            done, _ = ray.wait([*starting, *running], num_returns=1)
+            ref = done[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except RayTaskError as error:  # the models could not be loaded: no point retrying
+                    raise _unwrapped(error) from None
+                except RayActorError as error:
+                    actor_failures += 1
+                    if actor_failures > workers + MAX_SHARD_ATTEMPTS:
+                        raise ScoreJobError(f"scoring actors keep failing to start: {error}") from error
+                    starting.update([start_actor()])
+                continue
+            actor, task = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as error:  # the actor's process or node died: redo the shard elsewhere
+                attempts[task.file] = attempts.get(task.file, 0) + 1
+                if attempts[task.file] >= MAX_SHARD_ATTEMPTS:
+                    raise ScoreJobError(f"shard {task.file} lost its actor {attempts[task.file]} times: {error}") from error
+                queue.appendleft(task)
+                ray.kill(actor)
+                starting.update([start_actor()])
+                continue
+            except RayTaskError as error:
+                raise _unwrapped(error) from None
+            results.append(result)
+            idle.append(actor)
+            progress.shard_done(result["tokens"])
+    finally:
+        for actor in [*idle, *starting.values(), *(a for a, _ in running.values())]:
+            ray.kill(actor)
+    return results
+
+
+def _phase_summary(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Shards, actors, model loads (each actor's count, summed), most models one actor held at once, forwards."""
+    loads: dict[str, int] = {}
+    for r in results:
+        loads[r["actor"]] = max(loads.get(r["actor"], 0), r["model_loads"])
+    return {
+        "shards": len(results),
+        "actors": len(loads),
+        "model_loads": sum(loads.values()),
+        "max_models_resident": max((r["models_resident"] for r in results), default=0),
+        "forwards": {k: sum(r["forwards"][k] for r in results) for k in ("current", "history")},
+        "seconds": round(seconds, 3),
+    }
+
+
+def _check_tokenizer(model: Path, expected: dict[str, Any], data: Path, trust_remote_code: bool) -> None:
+    """Refuse data tokenized with another tokenizer than the model's: its masks would be garbage."""
+    found = tokenizer_fingerprints(load_tokenizer(model, trust_remote_code=trust_remote_code))["tokenizer"]
+    if found != expected["fingerprint"]:
+        raise ScoreJobError(
+            f"{data} was tokenized with another tokenizer (fingerprint {expected['fingerprint'][:12]}) than the "
+            f"model in {model} ({found[:12]}); rerun `sstoken prepare` with this model's tokenizer"
+        )
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _read_input(config: ScoreJobConfig) -> dict[str, Any]:
+    data = Path(config.data)
+    if not data.is_dir():
+        raise ScoreJobError(f"tokenized input folder {data} does not exist; run `sstoken prepare` first")
+    try:
+        return read_manifest(data, kind="tokenized")
+    except SchemaError as error:
+        raise ScoreJobError(f"{data / MANIFEST} is not a valid tokenized manifest: {error}") from error
+
+
+def _clear_stale_outputs(output: Path, expected: set[str]) -> None:
+    """Remove our own shards (ones with a progress record) that the current input no longer has."""
+    for record in sorted((output / PROGRESS).glob("*.json")):
+        name = record.name.removesuffix(".json")
+        if name not in expected:
+            (output / name).unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
+
+
+def _refuse_foreign_output(output: Path, data: Path) -> None:
+    if output.resolve() == data.resolve():
+        raise ScoreJobError(f"--output {output} is the tokenized input folder; choose another folder")
+    if (output / MANIFEST).is_file():
+        kind = json.loads((output / MANIFEST).read_text() or "{}").get("kind")
+        if kind != "scores":
+            raise ScoreJobError(f"{output} holds a '{kind}' artifact, not scores; choose another --output")
+
+
+def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
+    """Score every shard of `config.data` into `config.output`; returns the summary dict."""
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    data, output = Path(config.data), Path(config.output)
+    tokenized = _read_input(config)
+    checkpoint_files(config.current)  # a clear error for a missing or unusable model folder
+    if config.history is not None:
+        checkpoint_files(config.history)
+    _check_tokenizer(Path(config.current), tokenized["tokenizer"], data, config.trust_remote_code)
+    if config.history is not None and _has_tokenizer(Path(config.history)):
+        _check_tokenizer(Path(config.history), tokenized["tokenizer"], data, config.trust_remote_code)
+    current_fp = checkpoint_fingerprint(config.current)
+    history_fp = checkpoint_fingerprint(config.history) if config.history is not None else current_fp
+    settings = config.score_settings().resolved()
+    identity = {
+        # The keep ratio is not part of it: the scores do not depend on it, so a new ratio only re-selects.
+        "settings": {k: v for k, v in settings.items() if k not in ("ratio", "threads", "device", "trust_remote_code")},
+        "current": current_fp,
+        "history": history_fp,
+        "data": tokenized["data_fingerprint"],
+    }
+    history_cache = Path(config.history_cache) if config.history_cache else default_history_cache()
+    tasks = [
+        ShardTask(
+            file=shard["file"],
+            input_path=str((data / shard["file"]).resolve()),
+            input_sha256=shard["sha256"],
+            rows=shard["rows"],
+            output_path=str((output / shard["file"]).resolve()),
+            record_path=str((output / PROGRESS / f"{shard['file']}.json").resolve()),
+            run_key=sha256_json(identity | {"file": shard["file"], "input_sha256": shard["sha256"]}),
+            data_fingerprint=tokenized["data_fingerprint"],
+            history_cache=str(history_cache.resolve()),
+        )
+        for shard in tokenized["shards"]
+    ]
+    timings["checks_s"] = time.monotonic() - started
+
+    with exclusive_output(output):
+        _refuse_foreign_output(output, data)
+        (output / MANIFEST).unlink(missing_ok=True)  # present only once everything below is done
+        (output / PROGRESS).mkdir(exist_ok=True)
+        remove_stale_temporaries(output)
+        remove_stale_temporaries(output / PROGRESS)
+        _clear_stale_outputs(output, {t.file for t in tasks})
+        object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
+        with ray_session(config.address, config.num_cpus, object_store) as runtime:
+            phase = time.monotonic()
+            records = list(ordered_map(check_shard, [(t,) for t in tasks]))
+            todo = [t for t, r in zip(tasks, records) if r is None]
+            timings["validate_s"] = time.monotonic() - phase
+
+            # Phase 1: history NLLs for the shards to score that lack them, history model alone.
+            phase = time.monotonic()
+            history_todo: list[ShardTask] = []
+            if todo and config.gamma > 0.0 and history_fp != current_fp:
+                dtype = precision_name(config.dtype)
+                missing = ordered_map(history_missing, [(t, history_fp, dtype) for t in todo])
+                history_todo = [t for t, m in zip(todo, missing) if m]
+            if todo:
+                workers, cpus = plan_workers(
+                    node_cpus(), runtime.gpus, config.workers, config.cpus_per_worker, config.gpus_per_worker
+                )
+            history_results: list[dict[str, Any]] = []
+            if history_todo:
+                with _Progress(config.progress, len(history_todo), "phase 1/2 history NLLs") as progress:
+                    history_results = _run_actor_pool("history", history_todo, config, workers, cpus, progress)
+            timings["history_s"] = time.monotonic() - phase
+
+            # Phase 2: score with the current model; history NLLs from the cache.
+            phase = time.monotonic()
+            results: list[dict[str, Any]] = []
+            if todo:
+                label = "phase 2/2 scoring shards" if history_todo else "scoring shards"
+                with _Progress(config.progress, len(todo), label) as progress:
+                    results = _run_actor_pool("score", todo, config, workers, cpus, progress)
+            scored = {r["record"]["file"]: r["record"] for r in results}
+            records = [scored.get(t.file, r) for t, r in zip(tasks, records)]
+            timings["score_s"] = time.monotonic() - phase
+
+            # Keep masks from the stored scores, where the ratio or granularity differs from the record's.
+            phase = time.monotonic()
+            before = [r["sha256"] for r in records]
+            if config.granularity == "global":
+                selection, records = _select_globally(tasks, records, config.ratio)
+            else:
+                selection = {"granularity": "sample"}
+                stale = [i for i, r in enumerate(records) if r.get("selection") != sample_selection(config.ratio)]
+                for i, record in zip(stale, ordered_map(reselect_sample_keep, [(tasks[i], config.ratio) for i in stale])):
+                    records[i] = record
+            rewritten = sum(a != r["sha256"] for a, r in zip(before, records))
+            timings["select_s"] = time.monotonic() - phase
+
+        # An actor lost mid-write during this run (its node died) leaves a temporary behind: every
+        # shard is complete now, so anything still unrenamed is garbage.
+        remove_stale_temporaries(output)
+        remove_stale_temporaries(output / PROGRESS)
+        counts = _totals(records)
+        if counts["samples"] != sum(t.rows for t in tasks):
+            raise ScoreJobError(
+                f"accounting mismatch: {sum(t.rows for t in tasks)} samples in, {counts['samples']} scored; "
+                "this is a bug, please report it"
+            )
+        timings["total_s"] = time.monotonic() - started
+        manifest = _manifest(config, tokenized, records, selection, current_fp, history_fp, history_cache)
+        manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        write_manifest(output, manifest)
+
+    scored_tokens = sum(r["record"]["tokens"] for r in results)
+    scoring_s = timings["history_s"] + timings["score_s"]
+    return {
+        "output": str(output),
+        "granularity": config.granularity,
+        "shards": len(tasks),
+        "shards_scored": len(results),
+        "shards_skipped": len(tasks) - len(results),
+        "shards_rewritten": rewritten,
+        # Shards whose scoring pass read history NLLs from the cache (filled by phase 1 or earlier runs).
+        "history_from_cache": sum(r["history_cached"] for r in results),
+        "phases": {
+            "history": _phase_summary(history_results, timings["history_s"]),
+            "score": _phase_summary(results, timings["score_s"]),
+        },
+        **counts,
+        "kept_ratio": counts["kept"] / counts["trainable"] if counts["trainable"] else 0.0,
+        "tokens_scored": scored_tokens,
+        # Both phases, actor start-up and model loads included.
+        "tokens_per_s": scored_tokens / scoring_s if scored_tokens else 0.0,
+        # Time inside the actors' calls of both phases, summed: without actor start-up and model loading.
+        "shard_seconds": sum(r["seconds"] for r in [*history_results, *results]),
+        "seconds": timings["total_s"],
+    }
+
+
+def _select_globally(
+    tasks: list[ShardTask], records: list[dict[str, Any]], ratio: float
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Exact corpus-wide top-k: three histogram/count passes, then a keep rewrite per shard."""
+    total = sum(r["trainable"] for r in records)
+    k = global_selection.selection_size(ratio, total)
+    pairs = [(t.output_path, t.input_path) for t in tasks]
+    threshold, quotas = global_selection.find_threshold(pairs, k, parallel_map=ordered_map)
+    common = {"granularity": "global", "k": k, "threshold": threshold.as_dict() if threshold else None}
+    rewrites = [(t, common | {"ties": q}) for t, q in zip(tasks, quotas)]
+    records = list(ordered_map(rewrite_global_keep, rewrites))
+    return common, records
+
+
+def _totals(records: list[dict[str, Any]]) -> dict[str, int]:
+    return {
+        "shards": len(records),
+        "samples": sum(r["rows"] for r in records),
+        "tokens": sum(r["tokens"] for r in records),
+        "trainable": sum(r["trainable"] for r in records),
+        "kept": sum(r["kept"] for r in records),
+    }
+
+
+def _manifest(
+    config: ScoreJobConfig,
+    tokenized: dict[str, Any],
+    records: list[dict[str, Any]],
+    selection: dict[str, Any],
+    current_fp: str,
+    history_fp: str,
+    history_cache: Path,
+) -> dict[str, Any]:
+    shards = [{"file": r["file"], "rows": r["rows"], "sha256": r["sha256"]} for r in records]
+    history_path = config.history if config.history is not None else config.current
+    return base_manifest("scores", config.resolved()) | {
+        "tokenizer": tokenized["tokenizer"],
+        "input_fingerprint": tokenized["data_fingerprint"],
+        "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in shards]),
+        "inputs": [{"kind": "tokenized", "path": str(config.data), "data_fingerprint": tokenized["data_fingerprint"]}],
+        "checkpoints": {
+            "current": {"path": str(config.current), "fingerprint": current_fp},
+            "history": {"path": str(history_path), "fingerprint": history_fp},
+        },
+        "selection": {
+            "gamma": config.gamma,
+            "ratio": config.ratio,
+            "layer": config.layer,
+            "excess": config.excess,
+            **selection,
+        },
+        "compute": {
+            "dtypes": sorted({r["dtype"] for r in records}),
+            "devices": sorted({r["device"] for r in records}),
+        },
+        "history_cache": str(history_cache),
+        "shards": shards,
+        "counts": _totals(records),
+    }
+
+

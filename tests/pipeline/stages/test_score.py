@@ -1,0 +1,279 @@
+"""The score job on a shared local Ray: artifacts, resume, global selection, refusals, accounting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.artifacts.files import ArtifactError, exclusive_output, read_manifest, verify_shards, write_manifest
+from pipeline.core.checkpoints import CheckpointError
+from pipeline.cli import main
+from pipeline.cli.score import format_summary
+from pipeline.core.fingerprint import sha256_file
+from pipeline.stages.score import PROGRESS, ScoreJobConfig, ScoreJobError, plan_workers, run_score_job
+from pipeline.engine.scorer import Scorer, score_shard
+from tests.factories import write_tokenized
+
+SHARDS = [5, 7, 3, 6]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tokenizer) -> Path:
+    return write_tokenized(tmp_path_factory.mktemp("tokenized"), tokenizer, SHARDS, seed=3)
+
+
+def _config(corpus: Path, output: Path, llama_dir: Path, history: Path | None, **overrides) -> ScoreJobConfig:
+    return ScoreJobConfig(
+        data=corpus, current=llama_dir, history=history, output=output,
+        history_cache=output.parent / f"{output.name}-cache", progress=False, **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def sample_run(ray_local, corpus, llama_dir, llama_history_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("scores") / "out"
+    config = _config(corpus, output, llama_dir, llama_history_dir)
+    return config, run_score_job(config)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.glob("part-*.parquet"))}
+
+
+def test_artifacts_manifest_and_accounting(sample_run, corpus, llama_dir, llama_history_dir):
+    config, summary = sample_run
+    manifest = read_manifest(config.output, kind="scores")
+    verify_shards(config.output, manifest)
+    tokenized = read_manifest(corpus, kind="tokenized")
+    assert [s["file"] for s in manifest["shards"]] == [s["file"] for s in tokenized["shards"]]
+    assert [s["rows"] for s in manifest["shards"]] == SHARDS  # samples in = samples scored, per shard
+    assert manifest["tokenizer"] == tokenized["tokenizer"]
+    assert manifest["input_fingerprint"] == tokenized["data_fingerprint"]
+    assert manifest["checkpoints"]["current"]["path"] == str(llama_dir)
+    assert manifest["checkpoints"]["history"]["path"] == str(llama_history_dir)
+    assert manifest["checkpoints"]["current"]["fingerprint"] != manifest["checkpoints"]["history"]["fingerprint"]
+    assert manifest["selection"] | {} == {
+        "gamma": 0.5, "ratio": 0.6, "layer": -1, "excess": "history_minus_current", "granularity": "sample"
+    }
+    assert manifest["config"]["granularity"] == "sample"
+    assert {"total_s", "score_s"} <= set(manifest["timings"])
+    counts = manifest["counts"]
+    assert counts["samples"] == sum(SHARDS) == summary["samples"]
+    assert summary["shards_scored"] == len(SHARDS) and summary["shards_skipped"] == 0
+    assert summary["tokens_per_s"] > 0 and 0.6 <= summary["kept_ratio"] < 0.75
+    for entry, source in zip(manifest["shards"], tokenized["shards"]):
+        scores = pq.read_table(config.output / entry["file"])
+        ids = pq.read_table(corpus / source["file"], columns=["sample_id"]).column("sample_id")
+        assert scores.column("sample_id").equals(ids)
+
+
+def test_sample_selection_equals_the_in_process_engine(sample_run, corpus, llama_dir, llama_history_dir):
+    config, _ = sample_run
+    scorer = Scorer(llama_dir, llama_history_dir, config.score_settings().model_copy(update={"threads": 2}))
+    for part in sorted(corpus.glob("part-*.parquet")):
+        expected, _ = score_shard(scorer, pq.read_table(part))
+        actual = pq.read_table(config.output / part.name)
+        assert actual.column("keep").equals(expected.column("keep")), part.name
+        assert actual.column("n_kept").equals(expected.column("n_kept"))
+        for name in ("nll_cur", "nll_hist", "score"):
+            a = np.concatenate(actual.column(name).to_numpy(zero_copy_only=False))
+            b = np.concatenate(expected.column(name).to_numpy(zero_copy_only=False))
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_rerun_redoes_only_missing_or_broken_shards(sample_run, tmp_path):
+    config, _ = sample_run
+    output = tmp_path / "out"
+    shutil.copytree(config.output, output)
+    shutil.copytree(config.history_cache, tmp_path / "out-cache")
+    before = _digests(output)
+    (output / "part-00000.parquet").write_bytes((output / "part-00000.parquet").read_bytes()[:300])  # truncated
+    table = pq.read_table(output / "part-00001.parquet")
+    pq.write_table(table.slice(1), output / "part-00001.parquet")  # readable, a sample missing
+    (output / PROGRESS / "part-00002.parquet.json").unlink()  # never recorded as done
+    (output / "manifest.json").unlink()
+    summary = run_score_job(config.model_copy(update={"output": output, "history_cache": tmp_path / "out-cache"}))
+    assert summary["shards_scored"] == 3 and summary["shards_skipped"] == 1
+    assert summary["history_from_cache"] == 3  # the history forward was skipped
+    assert _digests(output) == before
+    verify_shards(output, read_manifest(output, kind="scores"))
+
+
+def test_history_phase_first_one_model_per_actor_and_resumable(sample_run, tmp_path):
+    """Phase 1 fills the history cache with only the history model loaded; phase 2 scores with only the
+    current model (the history model is never loaded); each actor loads its model once; a rerun skips
+    phase 1 for shards whose cache file validates and redoes only broken or missing ones."""
+    config, summary = sample_run
+    history, score = summary["phases"]["history"], summary["phases"]["score"]
+    assert history["shards"] == score["shards"] == len(SHARDS)
+    assert history["max_models_resident"] == 1 and score["max_models_resident"] == 1
+    assert history["model_loads"] == history["actors"] >= 1  # once per actor, not once per shard
+    assert score["model_loads"] == score["actors"] >= 1
+    assert history["forwards"]["current"] == 0 and history["forwards"]["history"] >= len(SHARDS)
+    assert score["forwards"]["history"] == 0 and score["forwards"]["current"] >= len(SHARDS)
+    assert summary["history_from_cache"] == len(SHARDS)
+    cached = sorted(Path(config.history_cache).glob("history_nll/*/*/float32/part-*.parquet"))
+    assert [p.name for p in cached] == sorted(p.name for p in Path(config.data).glob("part-*.parquet"))
+
+    # Rerun into a fresh output with the same cache: no phase 1 at all, same scores.
+    again = run_score_job(config.model_copy(update={"output": tmp_path / "again"}))
+    assert again["phases"]["history"]["shards"] == 0 and again["phases"]["history"]["forwards"]["history"] == 0
+    assert again["phases"]["score"]["forwards"]["history"] == 0 and again["phases"]["score"]["max_models_resident"] == 1
+    assert _digests(tmp_path / "again") == _digests(config.output)
+
+    # A cache with one file missing and one truncated: phase 1 redoes those two only.
+    cache = tmp_path / "cache"
+    shutil.copytree(config.history_cache, cache)
+    files = sorted(cache.glob("history_nll/*/*/float32/part-*.parquet"))
+    files[0].unlink()
+    files[2].write_bytes(files[2].read_bytes()[:100])
+    partial = run_score_job(config.model_copy(update={"output": tmp_path / "partial", "history_cache": cache}))
+    assert partial["phases"]["history"]["shards"] == 2 and partial["phases"]["history"]["max_models_resident"] == 1
+    assert partial["phases"]["score"]["forwards"]["history"] == 0
+    assert _digests(tmp_path / "partial") == _digests(config.output)
+
+
+def test_global_selection_is_the_exact_corpus_top_k(ray_local, sample_run, corpus, tmp_path):
+    config, _ = sample_run
+    output = tmp_path / "global"
+    shutil.copytree(config.output, output)  # scores are granularity-independent: only keep is rewritten
+    summary = run_score_job(config.model_copy(update={"output": output, "granularity": "global"}))
+    assert summary["shards_scored"] == 0 and summary["shards_rewritten"] == len(SHARDS)
+    scores = [pq.read_table(output / p.name) for p in sorted(corpus.glob("part-*.parquet"))]
+    trainable = [pq.read_table(p).column("trainable") for p in sorted(corpus.glob("part-*.parquet"))]
+    flat_scores = np.concatenate([np.concatenate(t.column("score").to_numpy(zero_copy_only=False)) for t in scores])
+    flat_trainable = np.concatenate([np.concatenate(c.to_numpy(zero_copy_only=False)) for c in trainable]).astype(bool)
+    flat_keep = np.concatenate([np.concatenate(t.column("keep").to_numpy(zero_copy_only=False)) for t in scores])
+    candidates = np.flatnonzero(flat_trainable)
+    order = sorted(candidates, key=lambda i: (-flat_scores[i], i))  # score descending, then global order
+    k = int(np.ceil(0.6 * len(candidates)))
+    expected = np.zeros_like(flat_keep)
+    expected[order[:k]] = True
+    assert np.array_equal(flat_keep, expected)
+    manifest = read_manifest(output, kind="scores")
+    assert manifest["counts"]["kept"] == k == manifest["selection"]["k"]
+    assert manifest["selection"]["granularity"] == "global"
+    assert sum(t.column("n_kept").to_numpy().sum() for t in scores) == k
+    # Rerun: nothing to score or rewrite, same bytes.
+    before = _digests(output)
+    again = run_score_job(config.model_copy(update={"output": output, "granularity": "global"}))
+    assert again["shards_skipped"] == len(SHARDS) and again["shards_rewritten"] == 0
+    assert _digests(output) == before
+
+
+def test_a_new_ratio_or_granularity_only_reselects(ray_local, sample_run, tmp_path):
+    """Ratio 0.6 -> 0.3, sample -> global -> sample: no forward runs, and every output is byte-identical
+    to a job that scored from scratch at those settings."""
+    config, _ = sample_run
+    output = tmp_path / "reselect"
+    shutil.copytree(config.output, output)
+    fresh = run_score_job(config.model_copy(update={"output": tmp_path / "fresh", "ratio": 0.3}))
+    assert fresh["shards_scored"] == len(SHARDS)
+
+    lower = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3}))
+    assert lower["shards_scored"] == 0 and lower["tokens_scored"] == 0 and lower["shards_rewritten"] == len(SHARDS)
+    assert _digests(output) == _digests(tmp_path / "fresh")
+    assert read_manifest(output, kind="scores")["selection"]["ratio"] == 0.3
+    assert lower["kept"] == fresh["kept"] < 0.5 * lower["trainable"]
+    assert f"re-selected from the stored scores in {len(SHARDS)} shards" in format_summary(lower)
+    assert "re-selected" not in format_summary(fresh)
+
+    globally = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3, "granularity": "global"}))
+    assert globally["shards_scored"] == 0 and globally["kept"] == int(np.ceil(0.3 * globally["trainable"]))
+    back = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3}))
+    assert back["shards_scored"] == 0 and back["shards_rewritten"] > 0
+    assert _digests(output) == _digests(tmp_path / "fresh")
+    again = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3}))
+    assert again["shards_scored"] == 0 and again["shards_rewritten"] == 0
+
+
+def test_other_tokenizer_is_refused(corpus, llama_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "0" * 64
+    write_manifest(data, manifest)
+    with pytest.raises(ScoreJobError, match="another tokenizer"):
+        run_score_job(_config(data, tmp_path / "out", llama_dir, None))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_inputs_give_clear_errors(corpus, llama_dir, tmp_path):
+    with pytest.raises(ScoreJobError, match="does not exist; run `sstoken prepare`"):
+        run_score_job(_config(tmp_path / "nowhere", tmp_path / "out", llama_dir, None))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run_score_job(_config(corpus, tmp_path / "out", tmp_path / "no-model", None))
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    (data / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        run_score_job(_config(data, tmp_path / "out", llama_dir, None))
+    (data / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        run_score_job(_config(data, tmp_path / "out", llama_dir, None))
+
+
+def test_corrupt_tokenized_shard_is_refused(ray_local, corpus, llama_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    shard = data / "part-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ArtifactError, match="part-00002.parquet does not match the checksum"):
+        run_score_job(_config(data, tmp_path / "out", llama_dir, None))
+    (data / "part-00001.parquet").unlink()
+    with pytest.raises(ArtifactError, match="part-00001.parquet is missing"):
+        run_score_job(_config(data, tmp_path / "out", llama_dir, None))
+
+
+def test_engine_errors_reach_the_caller_as_they_are(ray_local, corpus, llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        run_score_job(_config(corpus, tmp_path / "out", llama_dir, None, layer=7))
+
+
+def test_concurrent_writer_is_refused(corpus, llama_dir, tmp_path):
+    output = tmp_path / "out"
+    with exclusive_output(output):
+        with pytest.raises(ArtifactError, match="is being written by"):
+            run_score_job(_config(corpus, output, llama_dir, None))
+
+
+def test_output_holding_another_artifact_is_refused(corpus, llama_dir, tmp_path):
+    output = tmp_path / "tokenized-copy"
+    shutil.copytree(corpus, output)
+    with pytest.raises(ScoreJobError, match="holds a 'tokenized' artifact"):
+        run_score_job(_config(corpus, output, llama_dir, None))
+
+
+def test_cli_and_job_entrypoint_share_one_code_path(sample_run, capsys, tmp_path):
+    config, _ = sample_run
+    settings = tmp_path / "score.yaml"
+    settings.write_text(f"gamma: 0.5\nratio: 0.6\nhistory: {config.history}\nhistory_cache: {config.history_cache}\n")
+    arguments = ["--config", str(settings), "--data", str(config.data), "--current", str(config.current),
+                 "--output", str(config.output), "--no-progress"]
+    assert main(["score", *arguments]) == 0
+    printed = capsys.readouterr().out
+    assert f"scored {sum(SHARDS)} samples" in printed and f"{len(SHARDS)} already done" in printed
+    help_text = subprocess.run(
+        [sys.executable, "jobs/score.py", "--help"], cwd=Path(__file__).resolve().parents[3],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert help_text.returncode == 0 and "--gpus-per-worker" in help_text.stdout
+
+
+def test_plan_workers_fits_actors_on_nodes():
+    assert plan_workers([2.0], 0.0, None, None, 0.0) == (1, 2.0)
+    assert plan_workers([16.0], 0.0, None, None, 0.0) == (4, 4.0)
+    assert plan_workers([2.0, 2.0], 0.0, None, None, 0.0) == (2, 2.0)
+    assert plan_workers([8.0, 8.0], 4.0, None, None, 1.0) == (4, 1.0)
+    assert plan_workers([2.0], 0.0, 3, 0.5, 0.0) == (3, 0.5)
+    with pytest.raises(ScoreJobError, match="exceeds the largest node"):
+        plan_workers([2.0], 0.0, None, 4.0, 0.0)
+    with pytest.raises(ScoreJobError, match="GPUs"):
+        plan_workers([2.0], 0.0, None, None, 1.0)
