@@ -71,7 +71,7 @@ from pipeline.stages.score_shards import (
     score_one_shard,
 )
 from pipeline.engine.precision import precision_name
-from pipeline.engine.scorer import ScoreSettings
+from pipeline.engine.settings import ScoreSettings
 
 # How often one shard may lose its actor (node loss, OOM kill) before the job gives up.
 MAX_SHARD_ATTEMPTS = 4
