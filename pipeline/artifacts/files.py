@@ -6,9 +6,10 @@ import datetime as dt
 import fcntl
 import json
 import os
+import re
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipeline
+from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import sha256_file
 from pipeline.artifacts.schemas import validate_manifest, validate_table
 
 MANIFEST = "manifest.json"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """An artifact folder or file that is missing, corrupt or inconsistent; the message names it."""
 
 
@@ -41,16 +43,24 @@ def _fsync_and_replace(temporary: Path, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> str:
-    """Write `table` to `path` via a temporary name and rename; returns the file's sha256."""
+def write_parquet_atomic(table: pa.Table, path: Path, before_rename: Callable[[str], None] | None = None) -> str:
+    """Write `table` to `path` via a temporary name and rename; returns the file's sha256.
+
+    `before_rename(sha256)` runs once the complete file exists under its temporary name and before
+    it takes `path`: a stage records that it owns `path` there, so no killed write ever leaves a
+    file of ours that nothing names.
+    """
     path = Path(path)
     temporary = _temporary_sibling(path)
     try:
         pq.write_table(table, temporary, compression="zstd")
+        digest = sha256_file(temporary)
+        if before_rename is not None:
+            before_rename(digest)
         _fsync_and_replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    return sha256_file(path)
+    return digest
 
 
 def write_json_atomic(value: Any, path: Path) -> None:
@@ -63,10 +73,20 @@ def write_json_atomic(value: Any, path: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
+# `.{name}.tmp-{pid}-{hex}`: the temporary names `_temporary_sibling` gives, and only those.
+_TEMPORARY = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
+
+
+def is_temporary(name: str) -> bool:
+    """True for the name of one of our own unfinished atomic writes."""
+    return bool(_TEMPORARY.match(name))
+
+
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete leftovers of writes that were killed before their rename."""
+    """Delete leftovers of our writes that were killed before their rename (nothing else)."""
     for leftover in Path(folder).glob(".*.tmp-*"):
-        leftover.unlink(missing_ok=True)
+        if is_temporary(leftover.name):
+            leftover.unlink(missing_ok=True)
 
 
 def code_version() -> str:
@@ -103,10 +123,20 @@ def read_manifest(folder: Path, kind: str | None = None) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ArtifactError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a manifest: it holds a JSON {type(manifest).__name__}, not an object")
     validate_manifest(manifest, source=str(path))
     if kind is not None and manifest["kind"] != kind:
         raise ArtifactError(f"{folder} holds a '{manifest['kind']}' artifact, expected '{kind}'")
+    _refuse_repeated_shards(manifest, path)
     return manifest
+
+
+def _refuse_repeated_shards(manifest: dict[str, Any], path: Path) -> None:
+    files = [entry["file"] for entry in manifest["shards"]]
+    repeated = sorted({name for name in files if files.count(name) > 1})
+    if repeated:
+        raise ArtifactError(f"{path} lists {', '.join(repeated)} more than once; the manifest was edited or is corrupt")
 
 
 def shard_is_valid(path: Path, expected_sha256: str | None = None, expected_rows: int | None = None) -> bool:
@@ -134,14 +164,31 @@ def read_shard(path: Path, schema_name: str, columns: list[str] | None = None) -
     return table
 
 
+def verify_listed_shard(folder: Path, entry: dict[str, Any]) -> None:
+    """Raise, naming the file, unless the shard a manifest entry lists exists with its checksum and row count."""
+    path = Path(folder) / entry["file"]
+    manifest = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; rerun the stage that made {folder}")
+    if sha256_file(path) != entry["sha256"]:
+        raise ArtifactError(
+            f"{path} does not match the checksum in {manifest}; it changed or is corrupt: rerun the stage that made it"
+        )
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError) as error:
+        raise ArtifactError(f"{path} is not a readable Parquet file: {error}") from error
+    if rows != entry["rows"]:
+        raise ArtifactError(
+            f"{manifest} says {entry['file']} has {entry['rows']} rows, the file has {rows}; "
+            "the manifest was edited or is corrupt: rerun the stage that made it"
+        )
+
+
 def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:
-    """Raise if any shard listed in the manifest is missing or differs from its recorded checksum."""
+    """Raise, naming the file, if any shard the manifest lists is missing or differs from its entry."""
     for entry in manifest["shards"]:
-        path = Path(folder) / entry["file"]
-        if not shard_is_valid(path, entry["sha256"], entry["rows"]):
-            raise ArtifactError(
-                f"{path} is missing or does not match its manifest checksum/row count; rerun the stage that made it"
-            )
+        verify_listed_shard(folder, entry)
 
 
 @contextmanager
