@@ -43,8 +43,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
-
 from pipeline.engine import global_selection
 from pipeline.artifacts.files import (
     MANIFEST,
@@ -72,44 +70,10 @@ from pipeline.stages.score_shards import (
 )
 from pipeline.engine.precision import precision_name
 from pipeline.engine.settings import ScoreSettings
+from pipeline.stages.configs import ScoreJobConfig
 
 # How often one shard may lose its actor (node loss, OOM kill) before the job gives up.
 MAX_SHARD_ATTEMPTS = 4
-
-
-class ScoreJobConfig(ScoreSettings):
-    """`sstoken score`: the scoring settings plus where data, models and output live and how Ray runs."""
-
-    data: Path = Field(description="Tokenized input folder (made by `sstoken prepare`).")
-    current: Path = Field(description="Current checkpoint folder (safetensors + tokenizer).")
-    history: Path | None = Field(
-        None, description="History checkpoint folder; default: the current one (REL is 0, attention only)."
-    )
-    output: Path = Field(description="Output folder for score shards and manifest.json.")
-    granularity: Literal["sample", "global"] = Field(
-        "sample", description="Keep the top ratio of each sample's trainable tokens, or of the whole corpus."
-    )
-    history_cache: Path | None = Field(
-        None, description="History NLL cache root; default: $SSTOKEN_CACHE/history or ~/.cache/sstoken/history."
-    )
-    address: str | None = Field(
-        None, description="Ray cluster to run on (HOST:PORT, auto, ray://...); default: RAY_ADDRESS, else embedded."
-    )
-    workers: int | None = Field(
-        None, ge=1, description="Scoring actors; default: as many as the cluster's CPUs (or GPUs) hold."
-    )
-    cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs reserved by each actor (its torch threads); default: up to 4, one node's worth."
-    )
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per actor; 0 = score on CPU.")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray; default: this machine's.")
-    object_store_mb: int | None = Field(
-        None, ge=100, description="Object store of the embedded Ray in MiB; default: a tenth of memory, within 256-2048."
-    )
-    progress: bool = Field(True, description="Show a progress bar while scoring.")
-
-    def score_settings(self) -> ScoreSettings:
-        return ScoreSettings(**{name: getattr(self, name) for name in ScoreSettings.model_fields})
 
 
 def default_history_cache() -> Path:
@@ -378,10 +342,8 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
         _check_tokenizer(Path(config.history), tokenized["tokenizer"], data, config.trust_remote_code)
     current_fp = checkpoint_fingerprint(config.current)
     history_fp = checkpoint_fingerprint(config.history) if config.history is not None else current_fp
-    settings = config.score_settings().resolved()
     identity = {
-        # The keep ratio is not part of it: the scores do not depend on it, so a new ratio only re-selects.
-        "settings": {k: v for k, v in settings.items() if k not in ("ratio", "threads", "device", "trust_remote_code")},
+        "settings": config.run_key_settings(),
         "current": current_fp,
         "history": history_fp,
         "data": tokenized["data_fingerprint"],

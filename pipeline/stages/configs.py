@@ -1,0 +1,89 @@
+"""The stage configs: what `sstoken prepare` and `sstoken score` take, one pydantic model each.
+
+They live apart from the stages' code so that building the CLI, `--help` and a run config's
+sections imports pydantic only, never torch or pyarrow. Each field says whether it is part of the
+stage's run key (`setting(..., run_key=False)`: it changes where or how the work runs, not what a
+finished shard holds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.core.config import StageConfig, setting
+from pipeline.engine.settings import ScoreSettings
+
+
+class PrepareConfig(StageConfig):
+    """Settings of `sstoken prepare`."""
+
+    input: list[Path] = setting(
+        description="Input files or folders: JSONL, JSON, Parquet, or a datasets save_to_disk folder.", run_key=False
+    )
+    tokenizer: str = Field(description="Tokenizer folder (usually the model folder) whose chat template renders the samples.")
+    output: Path = setting(
+        description="Output folder for part-NNNNN.parquet shards, rejected.parquet and manifest.json.", run_key=False
+    )
+    max_length: int | None = Field(2048, description="Longest sample in tokens; longer ones are handled per --on-overflow. None: no limit.")
+    on_overflow: Literal["truncate", "reject"] = Field("truncate", description="What to do with samples over max_length.")
+    rows_per_shard: int = Field(10_000, description="Samples per output shard.")
+    chat_template: Path | None = Field(None, description="Jinja chat template file, for tokenizers without one (or to override it).")
+    trust_remote_code: bool = Field(False, description="Allow the tokenizer folder's own Python code to run.")
+    overwrite: bool = setting(
+        False, description="Replace an output folder that holds a different prepared corpus.", run_key=False
+    )
+
+    @field_validator("max_length", "rows_per_shard")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 2:
+            raise ValueError("must be at least 2")
+        return value
+
+
+class ScoreJobConfig(ScoreSettings):
+    """`sstoken score`: the scoring settings plus where data, models and output live and how Ray runs.
+
+    None of these fields is part of the run key: the data and checkpoints enter it by fingerprint,
+    the rest say where and how the job runs (a new granularity only re-selects).
+    """
+
+    data: Path = setting(description="Tokenized input folder (made by `sstoken prepare`).", run_key=False)
+    current: Path = setting(description="Current checkpoint folder (safetensors + tokenizer).", run_key=False)
+    history: Path | None = setting(
+        None, description="History checkpoint folder; default: the current one (REL is 0, attention only).", run_key=False
+    )
+    output: Path = setting(description="Output folder for score shards and manifest.json.", run_key=False)
+    granularity: Literal["sample", "global"] = setting(
+        "sample", description="Keep the top ratio of each sample's trainable tokens, or of the whole corpus.", run_key=False
+    )
+    history_cache: Path | None = setting(
+        None, description="History NLL cache root; default: $SSTOKEN_CACHE/history or ~/.cache/sstoken/history.",
+        run_key=False,
+    )
+    address: str | None = setting(
+        None, description="Ray cluster to run on (HOST:PORT, auto, ray://...); default: RAY_ADDRESS, else embedded.",
+        run_key=False,
+    )
+    workers: int | None = setting(
+        None, ge=1, description="Scoring actors; default: as many as the cluster's CPUs (or GPUs) hold.", run_key=False
+    )
+    cpus_per_worker: float | None = setting(
+        None, gt=0, description="CPUs reserved by each actor (its torch threads); default: up to 4, one node's worth.",
+        run_key=False,
+    )
+    gpus_per_worker: float = setting(0.0, ge=0, description="GPUs per actor; 0 = score on CPU.", run_key=False)
+    num_cpus: int | None = setting(
+        None, ge=1, description="CPUs of the embedded Ray; default: this machine's.", run_key=False
+    )
+    object_store_mb: int | None = setting(
+        None, ge=100, description="Object store of the embedded Ray in MiB; default: a tenth of memory, within 256-2048.",
+        run_key=False,
+    )
+    progress: bool = setting(True, description="Show a progress bar while scoring.", run_key=False)
+
+    def score_settings(self) -> ScoreSettings:
+        return ScoreSettings(**{name: getattr(self, name) for name in ScoreSettings.model_fields})
