@@ -11,30 +11,18 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, field_validator
-
-from pipeline.artifacts.files import (
-    MANIFEST,
-    ArtifactError,
-    base_manifest,
-    exclusive_output,
-    read_manifest,
-    remove_stale_temporaries,
-    shard_name,
-    verify_shards,
-    write_manifest,
-    write_parquet_atomic,
-)
+from pipeline.artifacts.files import base_manifest, code_version, shard_name
+from pipeline.artifacts.stage_output import StageOutput, StageSummary
 from pipeline.core.chat import ChatRenderer, TemplateError, count_turns, load_chat_template
 from pipeline.core.checkpoints import load_tokenizer
-from pipeline.core.config import StageConfig
 from pipeline.core.conversation import RowError, content_id, normalise_messages, row_id
 from pipeline.core.corpus import InputRecord, InputSource, iter_records, resolve_inputs
 from pipeline.core.fingerprint import files_fingerprint, sha256_json, tokenizer_fingerprints
+from pipeline.stages.configs import PrepareConfig
 from pipeline.artifacts.schemas import table_from_rows
 
 logger = logging.getLogger(__name__)
@@ -44,43 +32,6 @@ REJECTED = "rejected.parquet"
 
 class PrepareError(RuntimeError):
     """The prepare stage cannot produce a corpus (no valid row, or an unusable output folder)."""
-
-
-class PrepareConfig(StageConfig):
-    """Settings of `sstoken prepare`."""
-
-    input: list[Path] = Field(description="Input files or folders: JSONL, JSON, Parquet, or a datasets save_to_disk folder.")
-    tokenizer: str = Field(description="Tokenizer folder (usually the model folder) whose chat template renders the samples.")
-    output: Path = Field(description="Output folder for part-NNNNN.parquet shards, rejected.parquet and manifest.json.")
-    max_length: int | None = Field(2048, description="Longest sample in tokens; longer ones are handled per --on-overflow. None: no limit.")
-    on_overflow: Literal["truncate", "reject"] = Field("truncate", description="What to do with samples over max_length.")
-    rows_per_shard: int = Field(10_000, description="Samples per output shard.")
-    chat_template: Path | None = Field(None, description="Jinja chat template file, for tokenizers without one (or to override it).")
-    trust_remote_code: bool = Field(False, description="Allow the tokenizer folder's own Python code to run.")
-    overwrite: bool = Field(False, description="Replace an output folder that holds a different prepared corpus.")
-
-    @field_validator("max_length", "rows_per_shard")
-    @classmethod
-    def _positive(cls, value: int | None) -> int | None:
-        if value is not None and value < 2:
-            raise ValueError("must be at least 2")
-        return value
-
-
-@dataclass
-class PrepareSummary:
-    """What a prepare run did; `rows_read == rows_written + rows_rejected` always holds."""
-
-    output: Path
-    rows_read: int = 0
-    rows_written: int = 0
-    rows_rejected: int = 0
-    rejected_by_reason: Counter = field(default_factory=Counter)
-    inputs_without_rows: list[str] = field(default_factory=list)
-    tokens: int = 0
-    trainable_tokens: int = 0
-    shards: int = 0
-    reused: bool = False
 
 
 def load_chat_tokenizer(config: PrepareConfig) -> Any:
@@ -178,123 +129,111 @@ def _batched(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[st
         yield batch
 
 
-def _up_to_date(output: Path, identity: dict[str, Any]) -> bool:
-    """True when `output` already holds a complete, valid corpus made from the same inputs and settings."""
-    if not (output / MANIFEST).is_file():
-        return False
-    try:
-        manifest = read_manifest(output, kind="tokenized")
-        verify_shards(output, manifest)
-    except (ArtifactError, ValueError):
-        return False
-    return manifest.get("run_identity") == sha256_json(identity)
-
-
-def _clear_previous(output: Path, overwrite: bool) -> None:
-    """Remove an earlier prepare's files: always when it never finished, else only with --overwrite."""
-    finished = (output / MANIFEST).is_file()
-    if finished and not overwrite:
-        raise PrepareError(
-            f"{output} already holds a prepared corpus made from other inputs or settings; "
-            "pass --overwrite to replace it or choose another --output"
-        )
-    for old in [*output.glob("part-*.parquet"), output / REJECTED, output / MANIFEST]:
-        old.unlink(missing_ok=True)
-
-
-def run_prepare(config: PrepareConfig) -> PrepareSummary:
+def run_prepare(config: PrepareConfig) -> StageSummary:
     """Run the prepare stage; see the module docstring. Raises `PrepareError` if no row is valid."""
     started = time.monotonic()
     sources = resolve_inputs(config.input)
     tokenizer = load_chat_tokenizer(config)
     fingerprints = tokenizer_fingerprints(tokenizer)
     input_fingerprint = files_fingerprint([f for s in sources for f in s.files()])
-    settings = config.resolved()
-    identity = {k: v for k, v in settings.items() if k not in ("output", "overwrite", "input")}
-    identity |= {"input_fingerprint": input_fingerprint, "tokenizer": fingerprints}
+    identity = config.run_key_settings() | {"input_fingerprint": input_fingerprint, "tokenizer": fingerprints}
     output = Path(config.output)
-    summary = PrepareSummary(output=output)
-
-    with exclusive_output(output):
-        remove_stale_temporaries(output)
-        if _up_to_date(output, identity):
-            manifest = read_manifest(output)
-            counts = manifest["counts"]
-            summary.rows_read, summary.rows_written = counts["rows_read"], counts["rows_written"]
-            summary.rows_rejected, summary.shards = counts["rows_rejected"], len(manifest["shards"])
-            summary.rejected_by_reason.update(manifest.get("rejected_by_reason", {}))
-            summary.tokens, summary.trainable_tokens = counts["tokens"], counts["trainable_tokens"]
-            summary.reused = True
-            return summary
-        _clear_previous(output, config.overwrite)
-
-        builder = _SampleBuilder(config, ChatRenderer(tokenizer), use_ids=_ids_are_unique(sources))
-        rejected: list[dict[str, Any]] = []
-        inputs: list[dict[str, Any]] = []
-
-        def samples() -> Iterator[dict[str, Any]]:
-            for source in sources:
-                read = written = 0
-                for record in iter_records(source):
-                    read += 1
-                    sample = builder.build(record)
-                    if sample.row is None:
-                        rejected.append(sample.rejection)
-                        summary.rejected_by_reason[sample.rejection["reason"]] += 1
-                        continue
-                    written += 1
-                    summary.tokens += sample.row["n_tokens"]
-                    summary.trainable_tokens += sample.row["n_trainable"]
-                    yield sample.row
-                summary.rows_read += read
-                inputs.append({"path": str(source.path), "format": source.format, "rows_read": read,
-                               "rows_written": written, "rows_rejected": read - written})
-                if written == 0:
-                    summary.inputs_without_rows.append(f"{source.path} ({'empty' if read == 0 else 'no valid row'})")
-
-        shards = []
-        for index, rows in enumerate(_batched(samples(), config.rows_per_shard)):
-            name = shard_name(index)
-            digest = write_parquet_atomic(table_from_rows(rows, "tokenized"), output / name)
-            shards.append({"file": name, "rows": len(rows), "sha256": digest})
-            summary.rows_written += len(rows)
-        summary.rows_rejected = len(rejected)
-        summary.shards = len(shards)
-        if summary.rows_read != summary.rows_written + summary.rows_rejected:
-            raise PrepareError(
-                f"accounting mismatch: {summary.rows_read} read != {summary.rows_written} written"
-                f" + {summary.rows_rejected} rejected; this is a bug, please report it"
-            )
-        rejected_digest = write_parquet_atomic(table_from_rows(rejected, "rejected"), output / REJECTED)
-        if summary.rows_written == 0:
-            raise PrepareError(
-                f"no valid row in {', '.join(str(s.path) for s in sources) or 'the inputs'} "
-                f"({summary.rows_read} read, all rejected: {dict(summary.rejected_by_reason)}); see {output / REJECTED}"
-            )
-
-        manifest = base_manifest("tokenized", settings) | {
-            "run_identity": sha256_json(identity),
+    with StageOutput(output, "tokenized", identity=identity, overwrite=config.overwrite, inputs=config.input) as out:
+        finished = out.up_to_date()
+        if finished is not None:
+            return _summary(finished, output, started, reused=True)
+        out.begin()
+        # Shards are reused on a resume only when inputs, settings and code are all unchanged.
+        run_key = sha256_json(identity | {"code_version": code_version()})
+        manifest = _write_corpus(config, sources, tokenizer, out, run_key)
+        manifest = base_manifest("tokenized", config.resolved()) | {
             "tokenizer": {
                 "name_or_path": config.tokenizer,
                 "fingerprint": fingerprints["tokenizer"],
                 "chat_template_fingerprint": fingerprints["chat_template"],
             },
             "input_fingerprint": input_fingerprint,
-            "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in shards]),
-            "inputs": inputs,
-            "id_policy": "id column" if builder.use_ids else "content hash",
-            "shards": shards,
-            "rejected": {"file": REJECTED, "rows": len(rejected), "sha256": rejected_digest},
-            "rejected_by_reason": dict(summary.rejected_by_reason),
-            "counts": {
-                "rows_read": summary.rows_read,
-                "rows_written": summary.rows_written,
-                "rows_rejected": summary.rows_rejected,
-                "duplicates": summary.rejected_by_reason.get("duplicate", 0),
-                "tokens": summary.tokens,
-                "trainable_tokens": summary.trainable_tokens,
-            },
-            "timings": {"seconds": round(time.monotonic() - started, 3)},
-        }
-        write_manifest(output, manifest)
-    return summary
+            "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in manifest["shards"]]),
+        } | manifest | {"timings": {"seconds": round(time.monotonic() - started, 3)}}
+        return _summary(out.finish(manifest), output, started, reused=False)
+
+
+def _write_corpus(
+    config: PrepareConfig, sources: list[InputSource], tokenizer: Any, out: StageOutput, run_key: str
+) -> dict[str, Any]:
+    """Build every sample, commit the shards and rejected.parquet; the manifest fields they give."""
+    builder = _SampleBuilder(config, ChatRenderer(tokenizer), use_ids=_ids_are_unique(sources))
+    rejected: list[dict[str, Any]] = []
+    inputs: list[dict[str, Any]] = []
+    tally: Counter = Counter()
+    by_reason: Counter = Counter()
+
+    def samples() -> Iterator[dict[str, Any]]:
+        for source in sources:
+            read = written = 0
+            for record in iter_records(source):
+                read += 1
+                sample = builder.build(record)
+                if sample.row is None:
+                    rejected.append(sample.rejection)
+                    by_reason[sample.rejection["reason"]] += 1
+                    continue
+                written += 1
+                tally["tokens"] += sample.row["n_tokens"]
+                tally["trainable_tokens"] += sample.row["n_trainable"]
+                yield sample.row
+            tally["rows_read"] += read
+            inputs.append({"path": str(source.path), "format": source.format, "rows_read": read,
+                           "rows_written": written, "rows_rejected": read - written})
+
+    def commit(name: str, rows: list[dict[str, Any]], schema: str) -> dict[str, Any]:
+        key = sha256_json([run_key, name])
+        record = out.done(name, key) or out.commit(name, table_from_rows(rows, schema), {"run_key": key})
+        return {"file": name, "rows": record["rows"], "sha256": record["sha256"]}
+
+    shards = [commit(shard_name(i), rows, "tokenized") for i, rows in enumerate(_batched(samples(), config.rows_per_shard))]
+    written = sum(s["rows"] for s in shards)
+    if tally["rows_read"] != written + len(rejected):
+        raise PrepareError(
+            f"accounting mismatch: {tally['rows_read']} read != {written} written"
+            f" + {len(rejected)} rejected; this is a bug, please report it"
+        )
+    rejected_entry = commit(REJECTED, rejected, "rejected")
+    if written == 0:
+        raise PrepareError(
+            f"no valid row in {', '.join(str(s.path) for s in sources) or 'the inputs'} "
+            f"({tally['rows_read']} read, all rejected: {dict(by_reason)}); see {out.folder / REJECTED}"
+        )
+    return {
+        "inputs": inputs,
+        "id_policy": "id column" if builder.use_ids else "content hash",
+        "shards": shards,
+        "rejected": rejected_entry,
+        "rejected_by_reason": dict(by_reason),
+        "counts": {
+            "rows_read": tally["rows_read"],
+            "rows_written": written,
+            "rows_rejected": len(rejected),
+            "duplicates": by_reason.get("duplicate", 0),
+            "tokens": tally["tokens"],
+            "trainable_tokens": tally["trainable_tokens"],
+        },
+    }
+
+
+def _summary(manifest: dict[str, Any], output: Path, started: float, reused: bool) -> StageSummary:
+    """The run's summary, from the manifest it wrote or found complete (so both read the same)."""
+    without_rows = [
+        f"{entry['path']} ({'empty' if entry['rows_read'] == 0 else 'no valid row'})"
+        for entry in manifest.get("inputs", [])
+        if entry["rows_written"] == 0
+    ]
+    return StageSummary(
+        stage="prepare",
+        output=output,
+        counts=dict(manifest["counts"]) | {"shards": len(manifest["shards"])},
+        timings={"seconds": round(time.monotonic() - started, 3)},
+        notes=[f"input gave no valid row: {entry}" for entry in without_rows],
+        details={"rejected_by_reason": dict(manifest.get("rejected_by_reason", {})), "inputs_without_rows": without_rows},
+        reused=reused,
+    )

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.artifacts.files import exclusive_output, read_manifest, read_shard, verify_shards
+from pipeline.artifacts.files import ArtifactError, exclusive_output, read_manifest, read_shard, verify_shards
 from pipeline.cli import main
 from pipeline.stages.prepare import PrepareConfig, PrepareError, run_prepare
 
@@ -70,9 +70,9 @@ def test_mixed_corpus_counts_masks_and_rejections(mixed_corpus, tokenizer_dir, t
     output = tmp_path / "out"
     summary = prepare(mixed_corpus, tokenizer_dir, output, max_length=64, on_overflow="reject", rows_per_shard=2)
 
-    assert summary.rows_read == 15
-    assert (summary.rows_written, summary.rows_rejected) == (5, 10)
-    assert summary.rows_read == summary.rows_written + summary.rows_rejected
+    assert summary.counts['rows_read'] == 15
+    assert (summary.counts['rows_written'], summary.counts['rows_rejected']) == (5, 10)
+    assert summary.counts['rows_read'] == summary.counts['rows_written'] + summary.counts['rows_rejected']
     rejected = pl.read_parquet(output / "rejected.parquet")
     by_line = {(Path(r["input_file"]).name, r["locator"]): r["reason"] for r in rejected.iter_rows(named=True)}
     assert by_line == {
@@ -96,7 +96,7 @@ def test_mixed_corpus_counts_masks_and_rejections(mixed_corpus, tokenizer_dir, t
     assert manifest["counts"]["rows_read"] == 15 and manifest["counts"]["duplicates"] == 1
     assert manifest["tokenizer"]["fingerprint"] and manifest["tokenizer"]["chat_template_fingerprint"]
     assert manifest["config"]["max_length"] == 64
-    assert summary.inputs_without_rows == [f"{mixed_corpus / 'empty.jsonl'} (empty)"]
+    assert summary.details['inputs_without_rows'] == [f"{mixed_corpus / 'empty.jsonl'} (empty)"]
 
     corpus = read_corpus(output)
     assert corpus.height == 5 and corpus["sample_id"].n_unique() == 5
@@ -115,7 +115,7 @@ def test_truncate_keeps_the_head_and_rejects_samples_left_without_targets(tmp_pa
         {"prompt": LONG_ANSWER, "response": "Ok."},
     ])
     summary = prepare(corpus, tokenizer_dir, tmp_path / "out", max_length=32, on_overflow="truncate")
-    assert (summary.rows_written, summary.rows_rejected) == (1, 1)
+    assert (summary.counts['rows_written'], summary.counts['rows_rejected']) == (1, 1)
     row = read_corpus(tmp_path / "out").row(0, named=True)
     assert row["n_tokens"] == 32 and row["truncated"] and row["n_trainable"] > 0
     reasons = pl.read_parquet(tmp_path / "out" / "rejected.parquet")["reason"].to_list()
@@ -151,9 +151,9 @@ def test_rerun_reuses_a_valid_output_and_redoes_an_incomplete_one(tmp_path, toke
 def test_a_different_corpus_is_not_written_over_without_overwrite(tmp_path, tokenizer_dir, mixed_corpus):
     output = tmp_path / "out"
     prepare(mixed_corpus, tokenizer_dir, output)
-    with pytest.raises(PrepareError, match="pass --overwrite"):
+    with pytest.raises(ArtifactError, match="pass --overwrite"):
         prepare(mixed_corpus, tokenizer_dir, output, max_length=100)
-    assert prepare(mixed_corpus, tokenizer_dir, output, max_length=100, overwrite=True).rows_written == 6
+    assert prepare(mixed_corpus, tokenizer_dir, output, max_length=100, overwrite=True).counts["rows_written"] == 6
 
 
 def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, tokenizer_dir, mixed_corpus):
@@ -162,7 +162,7 @@ def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, tokenizer_dir, mixed_
     shard = output / "part-00000.parquet"
     good = shard.read_bytes()
     shard.write_bytes(good[:-100])
-    assert not prepare(mixed_corpus, tokenizer_dir, output, overwrite=True).reused
+    assert not prepare(mixed_corpus, tokenizer_dir, output).reused  # its own shard: no --overwrite needed
     assert shard.read_bytes() == good
 
 
@@ -214,3 +214,35 @@ def test_missing_tokenizer_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["prepare", "--input", str(ok), "--tokenizer", str(missing), "--output", str(tmp_path / "out")]) == 2
     assert f"tokenizer folder {missing} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_files_the_stage_did_not_write_are_refused_and_never_deleted(tmp_path, tokenizer_dir, mixed_corpus):
+    output = tmp_path / "out"
+    output.mkdir()
+    theirs = output / "part-00007-3f1c.parquet"
+    pq.write_table(pa.table({"x": [1]}), theirs)
+    before = theirs.read_bytes()
+    with pytest.raises(ArtifactError, match=r"did not write: part-00007-3f1c.parquet; .*--overwrite"):
+        prepare(mixed_corpus, tokenizer_dir, output)
+    assert theirs.read_bytes() == before and not (output / "part-00000.parquet").exists()
+    # A run killed before its manifest leaves only files its records name: the rerun resumes.
+    assert prepare(mixed_corpus, tokenizer_dir, output, overwrite=True).counts["rows_written"] == 6
+    (output / "manifest.json").unlink()
+    (output / "part-00000.parquet").unlink()
+    with pytest.raises(ArtifactError, match="part-00007-3f1c.parquet"):
+        prepare(mixed_corpus, tokenizer_dir, output)
+    summary = prepare(mixed_corpus, tokenizer_dir, output, overwrite=True)
+    assert summary.counts["rows_written"] == 6 and theirs.read_bytes() == before
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_output_in_the_input_folder_is_refused_up_front(tmp_path, tokenizer_dir, inside):
+    export = tmp_path / "spark-export"  # a corpus exported by another tool, named like our shards
+    export.mkdir()
+    pq.write_table(pa.table({"prompt": ["Q"], "response": ["A"]}), export / "part-00000.parquet")
+    pq.write_table(pa.table({"prompt": ["Q2"], "response": ["A2"]}), export / "part-00001.parquet")
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    output = export / "tokenized" if inside else export
+    with pytest.raises(ArtifactError, match="input folder .*choose an output folder outside the inputs"):
+        prepare(export, tokenizer_dir, output, overwrite=True)
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
