@@ -4,6 +4,8 @@
 of the whole corpus by score. Gathering every score on one machine does not scale, so the
 threshold is found with histograms that never grow with the corpus:
 
+0. Every pass computes the shard's scores from its stored signals (`CorpusSelection.shard_scores`:
+   the selection method, applied per sample), so nothing is written until the keep masks are known.
 1. Each float32 score maps to a uint32 key whose unsigned order is the float order
    (`pipeline.engine.selection.sortable_keys`). A histogram of the high 16 bits of every key (65,536
    bins) finds the bin that holds the k-th largest key (`locate_threshold_bin`).
@@ -31,44 +33,52 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.engine.keep_tables import flat_values, with_keep
-from pipeline.engine.selection import keep_count, sortable_keys
+from pipeline.engine.keep_tables import CorpusSelection, flat_values, selected_table
+from pipeline.engine.methods import selection_size as method_selection_size
+from pipeline.engine.selection import sortable_keys
+from pipeline.core.errors import UserError
 
 BINS = 1 << 16
 
 
-class SelectionError(RuntimeError):
+class SelectionError(UserError, RuntimeError):
     """Score and tokenized shards that cannot be joined, or a threshold that cannot be found."""
 
 
-def trainable_keys(score_path: Path, tokenized_path: Path) -> np.ndarray:
-    """Keys of one shard's trainable tokens, in row order then position order."""
-    scores = pq.read_table(score_path, columns=["sample_id", "score"])
+def joined_shard(score_path: Path, tokenized_path: Path) -> tuple[pa.Table, pa.ChunkedArray]:
+    """(the score shard's signal columns, the tokenized shard's trainable column), checked to be one data."""
+    scores = pq.read_table(score_path, columns=["sample_id", "rel", "attn"])
     tokenized = pq.read_table(tokenized_path, columns=["sample_id", "trainable"])
     if not scores.column("sample_id").equals(tokenized.column("sample_id")):
         raise SelectionError(f"{score_path} and {tokenized_path} hold different sample ids or row orders")
-    if not pc.list_value_length(scores.column("score")).equals(pc.list_value_length(tokenized.column("trainable"))):
-        raise SelectionError(f"{score_path}: score lengths differ from the trainable masks of {tokenized_path}")
-    trainable = flat_values(tokenized.column("trainable")).astype(bool)
-    return sortable_keys(flat_values(scores.column("score"))[trainable])
+    if not pc.list_value_length(scores.column("rel")).equals(pc.list_value_length(tokenized.column("trainable"))):
+        raise SelectionError(f"{score_path}: signal lengths differ from the trainable masks of {tokenized_path}")
+    return scores, tokenized.column("trainable")
 
 
-def high_histogram(score_path: Path, tokenized_path: Path) -> np.ndarray:
+def trainable_keys(score_path: Path, tokenized_path: Path, selection: CorpusSelection) -> np.ndarray:
+    """Keys of one shard's trainable tokens under `selection`, in row order then position order."""
+    scores, trainable = joined_shard(score_path, tokenized_path)
+    mask = flat_values(trainable).astype(bool)
+    return sortable_keys(selection.shard_scores(scores, trainable)[mask])
+
+
+def high_histogram(score_path: Path, tokenized_path: Path, selection: CorpusSelection) -> np.ndarray:
     """Pass 1: counts of the high 16 bits of one shard's keys (65,536 int64 bins)."""
-    keys = trainable_keys(score_path, tokenized_path)
+    keys = trainable_keys(score_path, tokenized_path, selection)
     return np.bincount(keys >> 16, minlength=BINS).astype(np.int64)
 
 
-def low_histogram(score_path: Path, tokenized_path: Path, high_bin: int) -> np.ndarray:
+def low_histogram(score_path: Path, tokenized_path: Path, selection: CorpusSelection, high_bin: int) -> np.ndarray:
     """Pass 2: counts of the low 16 bits of the keys whose high 16 bits equal `high_bin`."""
-    keys = trainable_keys(score_path, tokenized_path)
+    keys = trainable_keys(score_path, tokenized_path, selection)
     inside = keys[(keys >> 16) == high_bin]
     return np.bincount(inside & 0xFFFF, minlength=BINS).astype(np.int64)
 
 
-def count_ties(score_path: Path, tokenized_path: Path, threshold: int) -> tuple[int, int]:
+def count_ties(score_path: Path, tokenized_path: Path, selection: CorpusSelection, threshold: int) -> tuple[int, int]:
     """Pass 3: (keys > threshold, keys == threshold) of one shard."""
-    keys = trainable_keys(score_path, tokenized_path)
+    keys = trainable_keys(score_path, tokenized_path, selection)
     return int(np.count_nonzero(keys > threshold)), int(np.count_nonzero(keys == threshold))
 
 
@@ -118,8 +128,10 @@ def tie_quotas(ties_per_shard: list[int], ties_to_keep: int) -> list[int]:
     return quotas
 
 
-def apply_threshold(scores: pa.Table, trainable: pa.ChunkedArray, threshold: int | None, take_ties: int) -> pa.Table:
-    """Pass 4: the score table with `keep`/`n_kept` rewritten to the global selection.
+def apply_threshold(
+    scores: pa.Table, trainable: pa.ChunkedArray, selection: CorpusSelection, threshold: int | None, take_ties: int
+) -> pa.Table:
+    """Pass 4: the score table with `score`/`keep`/`n_kept` rewritten to the global selection.
 
     Keeps trainable tokens whose key exceeds `threshold`, plus the first `take_ties` tokens whose
     key equals it, in row then position order. `threshold=None` keeps nothing (k = 0).
@@ -128,10 +140,10 @@ def apply_threshold(scores: pa.Table, trainable: pa.ChunkedArray, threshold: int
     keep = np.zeros(len(mask), dtype=bool)
     if threshold is not None:
         positions = np.flatnonzero(mask)
-        keys = sortable_keys(flat_values(scores.column("score"))[positions])
+        keys = sortable_keys(selection.shard_scores(scores, trainable)[positions])
         keep[positions[keys > threshold]] = True
         keep[positions[keys == threshold][:take_ties]] = True
-    return with_keep(scores, keep)
+    return selected_table(scores, trainable, selection, keep)
 
 
 # parallel_map(function, argument tuples) -> results in argument order; the default runs in-process.
@@ -142,13 +154,13 @@ def serial_map(function: Callable, arguments: list[tuple]) -> Iterator:
     return (function(*args) for args in arguments)
 
 
-def selection_size(ratio: float, total_trainable: int) -> int:
-    """k = ceil(ratio * total_trainable): the same rounding as the per-sample selection."""
-    return keep_count(ratio, total_trainable)
+def selection_size(selection: CorpusSelection, total_trainable: int) -> int:
+    """k over the whole corpus: the same rounding as the method's per-sample selection."""
+    return method_selection_size(selection.settings, total_trainable)
 
 
 def find_threshold(
-    shards: list[tuple[Path, Path]], k: int, parallel_map: ParallelMap = serial_map
+    shards: list[tuple[Path, Path]], selection: CorpusSelection, k: int, parallel_map: ParallelMap = serial_map
 ) -> tuple[Threshold | None, list[int]]:
     """Passes 1-3 over (score shard, tokenized shard) pairs: the threshold and each shard's tie quota.
 
@@ -158,14 +170,14 @@ def find_threshold(
     if k == 0:
         return None, [0] * len(shards)
     high_total = np.zeros(BINS, dtype=np.int64)
-    for histogram in parallel_map(high_histogram, [(s, t) for s, t in shards]):
+    for histogram in parallel_map(high_histogram, [(s, t, selection) for s, t in shards]):
         high_total += histogram
     high_bin, above_bin = locate_threshold_bin(high_total, k)
     low_total = np.zeros(BINS, dtype=np.int64)
-    for histogram in parallel_map(low_histogram, [(s, t, high_bin) for s, t in shards]):
+    for histogram in parallel_map(low_histogram, [(s, t, selection, high_bin) for s, t in shards]):
         low_total += histogram
     threshold = locate_threshold(high_bin, above_bin, low_total, k)
-    counts = list(parallel_map(count_ties, [(s, t, threshold.key) for s, t in shards]))
+    counts = list(parallel_map(count_ties, [(s, t, selection, threshold.key) for s, t in shards]))
     if sum(greater for greater, _ in counts) != threshold.greater:
         raise SelectionError("the score shards changed between selection passes; rerun the job")
     return threshold, tie_quotas([ties for _, ties in counts], threshold.ties_to_keep)

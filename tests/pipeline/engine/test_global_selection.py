@@ -1,4 +1,7 @@
-"""Exact corpus-wide top-k: the histogram passes against a brute-force sort, ties included."""
+"""Exact corpus-wide top-k: the histogram passes against a brute-force sort, ties included.
+
+The shards hold the values to rank in `rel`, selected with method rel and no normalisation, so the
+score each pass computes is the value itself."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import pytest
 from pipeline.engine import global_selection as gs
 from pipeline.artifacts.files import shard_name
 from pipeline.artifacts.schemas import table_from_rows
+from pipeline.engine.keep_tables import CorpusSelection
+from pipeline.engine.select_settings import SelectSettings
 from pipeline.engine.selection import sortable_keys
 
 NAN = float("nan")
@@ -29,8 +34,8 @@ def _write_pair(folder: Path, index: int, samples: list[tuple[list[float], list[
         )
         floats = [NAN] * n
         scores.append(
-            {"sample_id": sample_id, "nll_cur": floats, "nll_hist": floats, "rel": floats, "attn": floats,
-             "score": values, "keep": [False] * n, "n_tokens": n, "n_trainable": sum(trainable), "n_kept": 0}
+            {"sample_id": sample_id, "nll_cur": floats, "nll_hist": floats, "rel": values, "attn": floats,
+             "score": floats, "keep": [False] * n, "n_tokens": n, "n_trainable": sum(trainable), "n_kept": 0}
         )
     score_path, tokenized_path = folder / "scores" / shard_name(index), folder / "tokenized" / shard_name(index)
     for path in (score_path, tokenized_path):
@@ -57,20 +62,32 @@ def _brute_force(corpus: list[list[tuple[list[float], list[bool]]]], ratio: floa
     return keep
 
 
+def _flat(column) -> np.ndarray:
+    return np.array([v for row in column.to_pylist() for v in row])
+
+
+def _raw_rel(ratio: float) -> CorpusSelection:
+    return CorpusSelection(SelectSettings(method="rel", normalise="none", ratio=ratio, granularity="global"))
+
+
 def _select(tmp_path: Path, corpus, ratio: float) -> tuple[list[list[list[bool]]], list[int]]:
     pairs = [_write_pair(tmp_path, i, samples) for i, samples in enumerate(corpus)]
     total = sum(sum(t) for samples in corpus for _, t in samples)
-    k = gs.selection_size(ratio, total)
-    threshold, quotas = gs.find_threshold(pairs, k)
+    selection = _raw_rel(ratio)
+    k = gs.selection_size(selection, total)
+    threshold, quotas = gs.find_threshold(pairs, selection, k)
     kept, n_kept = [], []
     for (score_path, tokenized_path), quota in zip(pairs, quotas):
         table = gs.apply_threshold(
-            pq.read_table(score_path), pq.read_table(tokenized_path).column("trainable"),
+            pq.read_table(score_path), pq.read_table(tokenized_path).column("trainable"), selection,
             threshold.key if threshold else None, quota,
         )
         kept.append(table.column("keep").to_pylist())
         n_kept.extend(table.column("n_kept").to_pylist())
         assert [sum(k) for k in kept[-1]] == table.column("n_kept").to_pylist()
+        # The ranked value is written next to the mask: the raw rel at targets, NaN elsewhere.
+        ranked = np.where(_flat(pq.read_table(tokenized_path).column("trainable")), _flat(table.column("rel")), NAN)
+        np.testing.assert_array_equal(_flat(table.column("score")), ranked.astype(np.float32))
     return kept, n_kept
 
 
@@ -91,7 +108,7 @@ def _random_corpus(rng: np.random.Generator, shards: int, values: np.ndarray) ->
 def test_global_keep_equals_brute_force_with_many_ties(tmp_path: Path, seed: int, ratio: float):
     rng = np.random.default_rng(seed)
     # Few distinct values: nearly every threshold falls among ties, which must go to earlier tokens.
-    values = np.array([0.1, 0.25, 0.5, 0.5, 0.75, -3.5, 1e-30, 7.0, NAN], dtype=np.float32)
+    values = np.array([0.1, 0.25, 0.5, 0.5, 0.75, -3.5, 1e-30, 7.0, -0.0], dtype=np.float32)
     corpus = _random_corpus(rng, shards=4, values=values)
     kept, _ = _select(tmp_path, corpus, ratio)
     assert kept == _brute_force(corpus, ratio)
@@ -108,7 +125,7 @@ def test_global_keep_with_distinct_scores_in_one_bin(tmp_path: Path):
 
 
 def test_context_tokens_never_kept_and_ratio_one_keeps_every_target(tmp_path: Path):
-    corpus = [[([9.0, 1.0, 2.0, 9.0], [False, True, True, False])], [([5.0, NAN], [False, True])]]
+    corpus = [[([9.0, 1.0, 2.0, 9.0], [False, True, True, False])], [([5.0, -1.0], [False, True])]]
     kept, _ = _select(tmp_path, corpus, 1.0)
     assert kept == [[[False, True, True, False]], [[False, True]]]
 
@@ -122,8 +139,8 @@ def test_corpus_without_trainable_tokens_keeps_nothing(tmp_path: Path):
 def test_mismatched_shards_are_refused(tmp_path: Path):
     score_path, _ = _write_pair(tmp_path / "a", 0, [([1.0, 2.0], [False, True])])
     _, other_tokenized = _write_pair(tmp_path / "b", 0, [([1.0, 2.0, 3.0], [False, True, True])])
-    with pytest.raises(gs.SelectionError, match="score lengths differ"):
-        gs.high_histogram(score_path, other_tokenized)
+    with pytest.raises(gs.SelectionError, match="signal lengths differ"):
+        gs.high_histogram(score_path, other_tokenized, _raw_rel(0.5))
 
 
 def test_locate_threshold_walks_from_the_top():
