@@ -185,6 +185,25 @@ def verify_listed_shard(folder: Path, entry: dict[str, Any]) -> None:
         )
 
 
+def refuse_repeated_sample_ids(folder: Path, manifest: dict[str, Any]) -> None:
+    """Raise, naming the id and both shards, when a sample id occurs twice in the shards a manifest lists
+    (joins between stages go by sample id, so a repeated one would be trained or scored twice)."""
+    seen: dict[str, str] = {}
+    for entry in manifest["shards"]:
+        path = Path(folder) / entry["file"]
+        try:
+            ids = pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
+        except (pa.ArrowException, OSError) as error:
+            raise ArtifactError(f"{path} has no readable sample_id column: {error}") from error
+        for sample_id in ids:
+            if sample_id in seen:
+                raise ArtifactError(
+                    f"{Path(folder) / MANIFEST} holds sample id {sample_id!r} twice ({seen[sample_id]} and "
+                    f"{entry['file']}); sample ids must be unique: rerun the stage that made {folder}"
+                )
+            seen[sample_id] = entry["file"]
+
+
 def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:
     """Raise, naming the file, if any shard the manifest lists is missing or differs from its entry."""
     for entry in manifest["shards"]:

@@ -48,5 +48,5 @@ def _run(arguments: argparse.Namespace) -> int:
     prepared, scored = run_demo(config)
     print_summary(prepared, console)
     console.print(format_summary(scored))
-    _show_sample(console, Path(scored["output"]), prepared.output, resolve_model(config.model))
+    _show_sample(console, Path(scored.output), Path(prepared.output), resolve_model(config.model))
     return 0

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.core.config import add_config_arguments, config_from_arguments
+
+if TYPE_CHECKING:
+    from pipeline.artifacts.stage_output import StageSummary
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -23,34 +26,37 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run)
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    skipped = f", {summary['shards_skipped']} already done" if summary["shards_skipped"] else ""
-    rate = f" at {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_scored"] else ""
+def format_summary(summary: StageSummary) -> str:
+    counts, details = summary.counts, summary.details
+    skipped = f", {counts['shards_skipped']} already done" if counts["shards_skipped"] else ""
+    rate = f" at {details['tokens_per_s']:,.0f} tokens/s" if counts["tokens_scored"] else ""
     return "\n".join(
         [
-            f"scored {summary['samples']:,} samples, {summary['tokens']:,} tokens "
-            f"({summary['trainable']:,} trainable) in {summary['shards']} shards{skipped}",
-            f"kept {summary['kept']:,} of {summary['trainable']:,} trainable tokens "
-            f"({summary['kept_ratio']:.1%}, {summary['granularity']} selection)",
-            f"this run: {summary['tokens_scored']:,} tokens scored{rate}, {summary['seconds']:.1f} s in all",
+            f"scored {counts['samples']:,} samples, {counts['tokens']:,} tokens "
+            f"({counts['trainable']:,} trainable) in {counts['shards']} shards{skipped}",
+            f"kept {counts['kept']:,} of {counts['trainable']:,} trainable tokens "
+            f"({details['kept_ratio']:.1%}, {details['granularity']} selection)",
+            f"this run: {counts['tokens_scored']:,} tokens scored{rate}, {summary.timings['total_s']:.1f} s in all",
             *_history_phase_line(summary),
             *_reselected_line(summary),
-            f"output: {summary['output']}",
+            *summary.notes,
+            f"output: {summary.output}",
         ]
     )
 
 
-def _history_phase_line(summary: dict[str, Any]) -> list[str]:
-    history = summary.get("phases", {}).get("history", {})
+def _history_phase_line(summary: StageSummary) -> list[str]:
+    history = summary.details.get("phases", {}).get("history", {})
     if not history.get("shards"):
         return []
     return [f"history NLLs: {history['shards']} shards computed first with the history model alone, then cached"]
 
 
-def _reselected_line(summary: dict[str, Any]) -> list[str]:
-    if not summary["shards_rewritten"]:
+def _reselected_line(summary: StageSummary) -> list[str]:
+    rewritten = summary.counts["shards_rewritten"]
+    if not rewritten:
         return []
-    return [f"keep masks re-selected from the stored scores in {summary['shards_rewritten']} shards (no model run)"]
+    return [f"keep masks re-selected from the stored scores in {rewritten} shards (no model run)"]
 
 
 def _run(arguments: argparse.Namespace) -> int:

@@ -2,14 +2,19 @@
 
 Embedded (no `--address`, no RAY_ADDRESS): Ray starts inside this process, sized to the machine,
 every listener bound to 127.0.0.1, a bounded object store, quiet logs. With an address (or when
-launched by `ray job submit`, which sets RAY_ADDRESS), the same code joins that cluster. When Ray
-is already initialised in this process (a test fixture, a notebook), it is reused and left running.
+launched by `ray job submit`, which sets RAY_ADDRESS), the same code joins that cluster, after
+waiting at most `connect_timeout_s` for it to answer: a cluster that is not there is one clear
+line (`ClusterUnreachable`), not minutes of Ray's retries. When Ray is already initialised in this
+process (a test fixture, a notebook), it is reused and left running.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -17,10 +22,21 @@ from typing import Any
 
 import psutil
 
+from pipeline.core.errors import UserError
+
 # Below this Ray refuses to start; above the cap a scoring job gains nothing (only small results
 # and histograms travel through the object store).
 _MIN_OBJECT_STORE = 256 * 1024**2
 _MAX_OBJECT_STORE = 2 * 1024**3
+
+# How long joining a cluster waits for it to answer by default (a cluster still starting gets that long).
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class ClusterUnreachable(UserError, RuntimeError):
+    """The Ray cluster named by --address or RAY_ADDRESS cannot be joined; the message says where and what to do."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,43 @@ def quiet_ray_logs() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """HOST and PORT of a cluster address (`ray://` too); None for "auto" and forms Ray resolves itself."""
+    host, separator, port = address.removeprefix("ray://").rpartition(":")
+    if not separator or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _unreachable(address: str, reason: str) -> ClusterUnreachable:
+    reason = _ANSI_ESCAPE.sub("", reason).strip().splitlines()[0].rstrip(".") if reason.strip() else "no answer"
+    return ClusterUnreachable(
+        f"cannot reach the Ray cluster at {address}: {reason}; start it, fix --address or RAY_ADDRESS, or leave "
+        "both unset to run on an embedded local Ray (connect_timeout_s sets how long to wait)"
+    )
+
+
+def wait_for_cluster(address: str, timeout_s: float) -> None:
+    """Return once the cluster address accepts connections; raise `ClusterUnreachable` after `timeout_s`.
+
+    Ray's own connect retries for minutes with a warning every few seconds, so the port is probed
+    first, with a deadline. Addresses Ray resolves itself ("auto") are left to `ray.init`.
+    """
+    target = _host_port(address)
+    if target is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(target, timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                return
+        except OSError as error:
+            reason = error.strerror or str(error) or type(error).__name__
+        if time.monotonic() >= deadline:
+            raise _unreachable(address, f"{reason} (waited {timeout_s:g} s)")
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def _describe(embedded: bool, owned: bool) -> RayRuntime:
@@ -104,6 +157,7 @@ def ray_session(
     num_cpus: int | None = None,
     object_store_bytes: int | None = None,
     log_to_driver: bool | None = None,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
 ) -> Iterator[RayRuntime]:
     """Ray for the duration of a stage.
 
@@ -112,6 +166,7 @@ def ray_session(
     its memory within [256 MiB, 2 GiB]); ignored when joining a cluster, which has its own.
     log_to_driver: forward worker output here; default off when embedded (quiet), on for a cluster
     (so `ray job logs` shows what the workers said). Worker exceptions reach the caller either way.
+    connect_timeout_s: how long to wait for a cluster at `address` to answer (`ClusterUnreachable`).
     """
     import ray
 
@@ -136,8 +191,14 @@ def ray_session(
         }
     else:
         settings["address"] = target
+        wait_for_cluster(target, connect_timeout_s)
     with _loopback_only() if embedded else nullcontext():
-        ray.init(**settings)
+        try:
+            ray.init(**settings)
+        except (ConnectionError, TimeoutError, ValueError) as error:
+            if embedded:
+                raise
+            raise _unreachable(target, str(error)) from None
         try:
             yield _describe(embedded=embedded, owned=True)
         finally:

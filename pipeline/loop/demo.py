@@ -8,14 +8,15 @@ training), so REL is 0 and selection is attention-only, as the method prescribes
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
 import pipeline
 from pipeline.core.config import StageConfig
 from pipeline.core.model_zoo import ensure_model
-from pipeline.stages.prepare import PrepareConfig, PrepareSummary, run_prepare
+from pipeline.artifacts.stage_output import StageSummary
+from pipeline.stages.prepare import PrepareConfig, run_prepare
 from pipeline.stages.score import ScoreJobConfig, run_score_job
 
 BUNDLED_CORPUS = Path(pipeline.__file__).resolve().parent.parent / "examples" / "corpus"
@@ -40,7 +41,7 @@ def resolve_model(name_or_folder: str) -> Path:
     return folder if folder.is_dir() else ensure_model(name_or_folder)
 
 
-def run_demo(config: DemoConfig) -> tuple[PrepareSummary, dict[str, Any]]:
+def run_demo(config: DemoConfig) -> tuple[StageSummary, StageSummary]:
     missing = [str(p) for p in config.corpus if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(

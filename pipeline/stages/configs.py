@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from pipeline.core.config import StageConfig, setting
+from pipeline.engine.select_settings import SelectSettings
 from pipeline.engine.settings import ScoreSettings
 
 
@@ -44,8 +45,8 @@ class PrepareConfig(StageConfig):
         return value
 
 
-class ScoreJobConfig(ScoreSettings):
-    """`sstoken score`: the scoring settings plus where data, models and output live and how Ray runs.
+class ScoreJobConfig(ScoreSettings, SelectSettings):
+    """`sstoken score`: the scoring and selection settings plus where data, models and output live and how Ray runs.
 
     None of these fields is part of the run key: the data and checkpoints enter it by fingerprint,
     the rest say where and how the job runs (a new granularity only re-selects).
@@ -57,9 +58,6 @@ class ScoreJobConfig(ScoreSettings):
         None, description="History checkpoint folder; default: the current one (REL is 0, attention only).", run_key=False
     )
     output: Path = setting(description="Output folder for score shards and manifest.json.", run_key=False)
-    granularity: Literal["sample", "global"] = setting(
-        "sample", description="Keep the top ratio of each sample's trainable tokens, or of the whole corpus.", run_key=False
-    )
     history_cache: Path | None = setting(
         None, description="History NLL cache root; default: $SSTOKEN_CACHE/history or ~/.cache/sstoken/history.",
         run_key=False,
@@ -84,6 +82,26 @@ class ScoreJobConfig(ScoreSettings):
         run_key=False,
     )
     progress: bool = setting(True, description="Show a progress bar while scoring.", run_key=False)
+    connect_timeout_s: float = setting(
+        30.0, gt=0, description="Seconds to wait for the Ray cluster at --address to answer before giving up.",
+        run_key=False,
+    )
+    overwrite: bool = setting(
+        False, description="Write into an output folder holding other files or scores of another corpus, "
+        "checkpoints or settings (files of other names are left as they are).", run_key=False,
+    )
 
     def score_settings(self) -> ScoreSettings:
         return ScoreSettings(**{name: getattr(self, name) for name in ScoreSettings.model_fields})
+
+    def select_settings(self) -> SelectSettings:
+        return SelectSettings(**{name: getattr(self, name) for name in SelectSettings.model_fields})
+
+
+class SelectConfig(SelectSettings):
+    """`sstoken select`: a selection method and its settings, applied to a scores folder in place."""
+
+    scores: Path = setting(
+        description="Scores folder made by `sstoken score`; its score, keep and n_kept columns are rewritten in place.",
+        run_key=False,
+    )

@@ -13,7 +13,7 @@ the driver only hands out shard paths and collects small records (no tensors pas
 object store). The global selection passes are plain tasks, one per shard, returning histograms.
 
 Exactly once: a shard counts as done when its record carries this run's key (scoring settings,
-checkpoint and data fingerprints, the input shard's checksum) and the file's sha256, row count,
+the signals computed, checkpoint and data fingerprints, the input shard's checksum) and the file's sha256, row count,
 schema and sample ids all check out (`pipeline.stages.score_shards`); anything else is redone. An actor
 that dies (a node lost, an out-of-memory kill) is replaced and its shard handed out again. The
 manifest is removed when a run starts and written last, so its presence means "complete".
@@ -21,21 +21,20 @@ Output and cache folders must be visible to every node (a local disk on one mach
 file system on a cluster).
 
 History NLLs go to a cache keyed by (history checkpoint, tokenized data, dtype), so a rerun or the
-next round skips the history forward. Two phases, so an actor holds one model at a time (two fp32
-models would double each actor's memory):
-1. history (only when history != current, gamma > 0, and some shard to score lacks cached NLLs):
-   actors load ONLY the history model and fill the cache for those shards, one atomic file each;
-   a shard whose cache file validates is skipped, so a killed phase 1 resumes where it stopped.
-2. score: fresh actors load the current model and score with the cached history NLLs; the
-   Scorer loads the history model lazily, so it never does when the cache holds every shard (it
-   would, and cache the result, only if a cache file vanished in between).
-The summary's `phases` says, per phase, shards done, actors, model loads, the most models any
-actor held at once, and the forwards run.
+next round skips the history forward. The engine holds one model per Scorer, so the job runs two
+phases and an actor holds one model at a time (two fp32 models would double each actor's memory):
+1. history (only when the selection uses REL, history != current, and some shard to score lacks
+   cached NLLs): actors load the history checkpoint and fill the cache for those shards, one
+   atomic file each; a shard whose cache file validates is skipped, so a killed phase 1 resumes.
+2. score: fresh actors load the current checkpoint and write the signals (nll_cur, nll_hist, rel,
+   attn) with the cached history NLLs, and the per-sample selection.
+Then the select step (`pipeline.stages.selection_shards`, the same code `sstoken select` runs)
+checks the method against the corpus (REL floor) and rewrites only shards whose selection differs.
+The summary's `phases` says, per phase, shards done, actors, model loads and forwards run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -43,34 +42,25 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.engine import global_selection
-from pipeline.artifacts.files import (
-    MANIFEST,
-    base_manifest,
-    exclusive_output,
-    read_manifest,
-    remove_stale_temporaries,
-    write_manifest,
-)
+from pipeline.artifacts.files import base_manifest, read_manifest, refuse_repeated_sample_ids
+from pipeline.artifacts.stage_output import StageOutput, StageSummary
 from pipeline.core.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.core.fingerprint import sha256_json, tokenizer_fingerprints
 from pipeline.core.ray_runtime import node_cpus, ordered_map, ray_session
-from pipeline.artifacts.schemas import SchemaError
 from pipeline.stages.score_shards import (
-    PROGRESS,
     ScoreJobError,
     ShardTask,
     check_shard,
     fill_history_cache,
     history_missing,
-    reselect_sample_keep,
-    rewrite_global_keep,
-    sample_selection,
     score_one_shard,
 )
 from pipeline.engine.precision import precision_name
+from pipeline.engine.methods import same_checkpoint_refusal
+from pipeline.engine.select_settings import SelectSettings
 from pipeline.engine.settings import ScoreSettings
 from pipeline.stages.configs import ScoreJobConfig
+from pipeline.stages.selection_shards import SelectShard, apply_selection, plan_selection
 
 # How often one shard may lose its actor (node loss, OOM kill) before the job gives up.
 MAX_SHARD_ATTEMPTS = 4
@@ -85,30 +75,35 @@ Phase = Literal["history", "score"]
 
 
 class ShardScoringActor:
-    """A Ray actor holding one phase's model for its lifetime.
+    """A Ray actor holding ONE model for its lifetime, for one phase.
 
-    phase "history": only the history model (`history_scorer`), filling the history cache.
-    phase "score": the current model (and the history model only if a shard's NLLs are not cached).
+    phase "history": the history checkpoint, filling the history cache (NLLs only).
+    phase "score": the current checkpoint, scoring shards with the cached history NLLs.
     """
 
-    def __init__(self, current: str, history: str | None, settings: ScoreSettings, phase: Phase = "score"):
+    def __init__(
+        self,
+        checkpoint: str,
+        settings: ScoreSettings,
+        phase: Phase,
+        selection: SelectSettings,
+        history_fingerprint: str | None = None,
+    ):
         from transformers.utils import logging as transformers_logging
 
-        from pipeline.engine.scorer import Scorer, history_scorer
+        from pipeline.engine.scorer import Scorer
 
         transformers_logging.disable_progress_bar()  # "Loading weights" bars would reach the job's log
         self.phase = phase
+        self.selection = selection
+        self.history_fingerprint = history_fingerprint
         self.id = uuid.uuid4().hex[:12]
         # A failing constructor would look like a dead actor (and be retried); keep the error for
         # `ready` to raise as an ordinary task error, which the driver reports as it is.
         self.error: Exception | None = None
         try:
-            if phase == "history":
-                if history is None:
-                    raise ScoreJobError("the history phase needs a history checkpoint; this is a bug")
-                self.scorer = history_scorer(history, settings)
-            else:
-                self.scorer = Scorer(current, history, settings)
+            importance = phase == "score" and selection.uses_attention
+            self.scorer = Scorer(checkpoint, settings, importance=importance)
         except Exception as error:  # noqa: BLE001 - re-raised by ready()
             self.error = error
 
@@ -118,21 +113,16 @@ class ShardScoringActor:
         return f"{self.scorer.device.type}/{self.scorer.dtype_name}"
 
     def run(self, task: ShardTask) -> dict[str, Any]:
-        """This phase's work on one shard, plus what the actor holds and ran (for the summary)."""
-        before = dict(self.scorer.forward_counts)
+        """This phase's work on one shard, plus the model loads and forwards it took (for the summary)."""
+        before = self.scorer.forward_count
         if self.phase == "history":
             result = fill_history_cache(self.scorer, task)
         else:
-            result = score_one_shard(self.scorer, task)
-        forwards = {k: v - before[k] for k, v in self.scorer.forward_counts.items()}
-        if self.phase == "history":  # this Scorer's only model is the history checkpoint
-            forwards = {"current": 0, "history": forwards["current"]}
-        return result | {
-            "actor": self.id,
-            "model_loads": self.scorer.model_loads,
-            "models_resident": self.scorer.models_resident,
-            "forwards": forwards,
-        }
+            result = score_one_shard(
+                self.scorer, task, self.selection, self.history_fingerprint, self.scorer.settings.excess
+            )
+        forwards = self.scorer.forward_count - before
+        return result | {"actor": self.id, "model_loads": self.scorer.model_loads, "forwards": forwards}
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -154,14 +144,21 @@ def plan_workers(
         raise ScoreJobError(
             f"cpus_per_worker {cpus_per_worker} exceeds the largest node's {largest} CPUs; no actor could start"
         )
-    if workers is None:
-        if gpus_per_worker > 0:
-            workers = int(total_gpus // gpus_per_worker)
-            if workers < 1:
-                raise ScoreJobError(f"gpus_per_worker {gpus_per_worker} but the cluster has {total_gpus} GPUs")
-        else:
-            workers = max(1, sum(int(c // cpus_per_worker) for c in cpus_by_node))
-    return workers, cpus_per_worker
+    if gpus_per_worker > 0:
+        capacity = int(total_gpus // gpus_per_worker)
+        if capacity < 1:
+            raise ScoreJobError(f"gpus_per_worker {gpus_per_worker} but the cluster has {total_gpus} GPUs")
+    else:
+        capacity = max(1, sum(int(c // cpus_per_worker) for c in cpus_by_node))
+    return min(workers or capacity, capacity), cpus_per_worker
+
+
+def workers_note(requested: int | None, actors: int, cpus: float, gpus: float) -> list[str]:
+    """A line for the summary when --workers asked for more actors than the cluster holds at once."""
+    if requested is None or requested <= actors:
+        return []
+    each = f"{gpus:g} GPU" if gpus > 0 else f"{cpus:g} CPUs"
+    return [f"--workers {requested}: the cluster holds {actors} actors of {each} each at once, so {actors} ran"]
 
 
 def _unwrapped(error: Exception) -> Exception:
@@ -204,7 +201,13 @@ class _Progress:
 
 
 def _run_actor_pool(
-    phase: Phase, tasks: list[ShardTask], config: ScoreJobConfig, workers: int, cpus: float, progress: _Progress
+    phase: Phase,
+    tasks: list[ShardTask],
+    config: ScoreJobConfig,
+    workers: int,
+    cpus: float,
+    progress: _Progress,
+    history_fingerprint: str | None = None,
 ) -> list[dict[str, Any]]:
     """Hand shards to a pool of one phase's actors; replace actors that die and redo their shards.
     Every actor is killed on the way out, so the next phase starts with this phase's models gone."""
@@ -216,10 +219,11 @@ def _run_actor_pool(
     actor_class = ray.remote(ShardScoringActor).options(
         num_cpus=cpus, num_gpus=config.gpus_per_worker, max_restarts=0, max_task_retries=0
     )
-    history = str(config.history) if config.history is not None else None
+    checkpoint = str(config.history if phase == "history" else config.current)
+    selection = config.select_settings()
 
     def start_actor() -> tuple[Any, Any]:
-        actor = actor_class.remote(str(config.current), history, settings, phase)
+        actor = actor_class.remote(checkpoint, settings, phase, selection, history_fingerprint)
         return actor.ready.remote(), actor
 
     queue = deque(tasks)
@@ -272,7 +276,7 @@ def _run_actor_pool(
 
 
 def _phase_summary(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """Shards, actors, model loads (each actor's count, summed), most models one actor held at once, forwards."""
+    """Shards, actors, model loads (each actor's count, summed; each actor holds one model), micro-batch forwards."""
     loads: dict[str, int] = {}
     for r in results:
         loads[r["actor"]] = max(loads.get(r["actor"], 0), r["model_loads"])
@@ -280,8 +284,7 @@ def _phase_summary(results: list[dict[str, Any]], seconds: float) -> dict[str, A
         "shards": len(results),
         "actors": len(loads),
         "model_loads": sum(loads.values()),
-        "max_models_resident": max((r["models_resident"] for r in results), default=0),
-        "forwards": {k: sum(r["forwards"][k] for r in results) for k in ("current", "history")},
+        "forwards": sum(r["forwards"] for r in results),
         "seconds": round(seconds, 3),
     }
 
@@ -304,32 +307,17 @@ def _read_input(config: ScoreJobConfig) -> dict[str, Any]:
     data = Path(config.data)
     if not data.is_dir():
         raise ScoreJobError(f"tokenized input folder {data} does not exist; run `sstoken prepare` first")
-    try:
-        return read_manifest(data, kind="tokenized")
-    except SchemaError as error:
-        raise ScoreJobError(f"{data / MANIFEST} is not a valid tokenized manifest: {error}") from error
+    return read_manifest(data, kind="tokenized")
 
 
-def _clear_stale_outputs(output: Path, expected: set[str]) -> None:
-    """Remove our own shards (ones with a progress record) that the current input no longer has."""
-    for record in sorted((output / PROGRESS).glob("*.json")):
-        name = record.name.removesuffix(".json")
-        if name not in expected:
-            (output / name).unlink(missing_ok=True)
-            record.unlink(missing_ok=True)
+def verified_data_key(tokenized: dict[str, Any]) -> str:
+    """What the tokenized data is, from its shards' checksums (each verified against its file before
+    use), never from the manifest's editable data_fingerprint: keys the history cache and run keys."""
+    return sha256_json([[shard["file"], shard["sha256"]] for shard in tokenized["shards"]])
 
 
-def _refuse_foreign_output(output: Path, data: Path) -> None:
-    if output.resolve() == data.resolve():
-        raise ScoreJobError(f"--output {output} is the tokenized input folder; choose another folder")
-    if (output / MANIFEST).is_file():
-        kind = json.loads((output / MANIFEST).read_text() or "{}").get("kind")
-        if kind != "scores":
-            raise ScoreJobError(f"{output} holds a '{kind}' artifact, not scores; choose another --output")
-
-
-def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
-    """Score every shard of `config.data` into `config.output`; returns the summary dict."""
+def run_score_job(config: ScoreJobConfig) -> StageSummary:
+    """Score every shard of `config.data` into `config.output`; returns the run's summary."""
     started = time.monotonic()
     timings: dict[str, float] = {}
     data, output = Path(config.data), Path(config.output)
@@ -342,12 +330,22 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
         _check_tokenizer(Path(config.history), tokenized["tokenizer"], data, config.trust_remote_code)
     current_fp = checkpoint_fingerprint(config.current)
     history_fp = checkpoint_fingerprint(config.history) if config.history is not None else current_fp
+    data_key = verified_data_key(tokenized)
+    selection = config.select_settings()
+    if history_fp == current_fp and selection.uses_rel:
+        same_checkpoint_refusal(selection)  # before any model runs
+    # What the shards hold: the run-key settings and which signals are computed (the selection
+    # settings are not part of it: a new method, ratio or gamma over the same signals only re-selects).
+    signals = {"rel": selection.uses_rel, "attention": selection.uses_attention}
     identity = {
         "settings": config.run_key_settings(),
+        "signals": signals,
         "current": current_fp,
         "history": history_fp,
-        "data": tokenized["data_fingerprint"],
+        "data": data_key,
     }
+    # The history checkpoint whose cached NLLs REL needs (None: REL unused, or REL is 0 on one checkpoint).
+    rel_history = history_fp if selection.uses_rel and history_fp != current_fp else None
     history_cache = Path(config.history_cache) if config.history_cache else default_history_cache()
     tasks = [
         ShardTask(
@@ -355,34 +353,33 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
             input_path=str((data / shard["file"]).resolve()),
             input_sha256=shard["sha256"],
             rows=shard["rows"],
-            output_path=str((output / shard["file"]).resolve()),
-            record_path=str((output / PROGRESS / f"{shard['file']}.json").resolve()),
+            output_dir=str(output.resolve()),
             run_key=sha256_json(identity | {"file": shard["file"], "input_sha256": shard["sha256"]}),
-            data_fingerprint=tokenized["data_fingerprint"],
+            data_key=data_key,
             history_cache=str(history_cache.resolve()),
         )
         for shard in tokenized["shards"]
     ]
     timings["checks_s"] = time.monotonic() - started
 
-    with exclusive_output(output):
-        _refuse_foreign_output(output, data)
-        (output / MANIFEST).unlink(missing_ok=True)  # present only once everything below is done
-        (output / PROGRESS).mkdir(exist_ok=True)
-        remove_stale_temporaries(output)
-        remove_stale_temporaries(output / PROGRESS)
-        _clear_stale_outputs(output, {t.file for t in tasks})
+    notes: list[str] = []
+    with StageOutput(output, "scores", identity=identity, overwrite=config.overwrite, inputs=[data]) as out:
         object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
-        with ray_session(config.address, config.num_cpus, object_store) as runtime:
+        with ray_session(
+            config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s
+        ) as runtime:
+            # Nothing in the output is touched before the cluster answered and the inputs checked out.
             phase = time.monotonic()
             records = list(ordered_map(check_shard, [(t,) for t in tasks]))
+            refuse_repeated_sample_ids(data, tokenized)
             todo = [t for t, r in zip(tasks, records) if r is None]
+            out.begin()
             timings["validate_s"] = time.monotonic() - phase
 
             # Phase 1: history NLLs for the shards to score that lack them, history model alone.
             phase = time.monotonic()
             history_todo: list[ShardTask] = []
-            if todo and config.gamma > 0.0 and history_fp != current_fp:
+            if todo and rel_history is not None:
                 dtype = precision_name(config.dtype)
                 missing = ordered_map(history_missing, [(t, history_fp, dtype) for t in todo])
                 history_todo = [t for t, m in zip(todo, missing) if m]
@@ -390,6 +387,7 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
                 workers, cpus = plan_workers(
                     node_cpus(), runtime.gpus, config.workers, config.cpus_per_worker, config.gpus_per_worker
                 )
+                notes += workers_note(config.workers, workers, cpus, config.gpus_per_worker)
             history_results: list[dict[str, Any]] = []
             if history_todo:
                 with _Progress(config.progress, len(history_todo), "phase 1/2 history NLLs") as progress:
@@ -402,28 +400,20 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
             if todo:
                 label = "phase 2/2 scoring shards" if history_todo else "scoring shards"
                 with _Progress(config.progress, len(todo), label) as progress:
-                    results = _run_actor_pool("score", todo, config, workers, cpus, progress)
+                    results = _run_actor_pool("score", todo, config, workers, cpus, progress, rel_history)
             scored = {r["record"]["file"]: r["record"] for r in results}
             records = [scored.get(t.file, r) for t, r in zip(tasks, records)]
             timings["score_s"] = time.monotonic() - phase
 
-            # Keep masks from the stored scores, where the ratio or granularity differs from the record's.
+            # The select step over the stored signals: rewrites the shards whose selection differs.
             phase = time.monotonic()
-            before = [r["sha256"] for r in records]
-            if config.granularity == "global":
-                selection, records = _select_globally(tasks, records, config.ratio)
-            else:
-                selection = {"granularity": "sample"}
-                stale = [i for i, r in enumerate(records) if r.get("selection") != sample_selection(config.ratio)]
-                for i, record in zip(stale, ordered_map(reselect_sample_keep, [(tasks[i], config.ratio) for i in stale])):
-                    records[i] = record
-            rewritten = sum(a != r["sha256"] for a, r in zip(before, records))
+            shards = [SelectShard(t.file, t.output_dir, t.input_path) for t in tasks]
+            plan = plan_selection(shards, selection, same_checkpoint=history_fp == current_fp, parallel_map=ordered_map)
+            outcome = apply_selection(shards, plan, parallel_map=ordered_map)
+            records, rewritten = outcome.records, outcome.rewritten
+            notes += outcome.warnings
             timings["select_s"] = time.monotonic() - phase
 
-        # An actor lost mid-write during this run (its node died) leaves a temporary behind: every
-        # shard is complete now, so anything still unrenamed is garbage.
-        remove_stale_temporaries(output)
-        remove_stale_temporaries(output / PROGRESS)
         counts = _totals(records)
         if counts["samples"] != sum(t.rows for t in tasks):
             raise ScoreJobError(
@@ -431,48 +421,41 @@ def run_score_job(config: ScoreJobConfig) -> dict[str, Any]:
                 "this is a bug, please report it"
             )
         timings["total_s"] = time.monotonic() - started
-        manifest = _manifest(config, tokenized, records, selection, current_fp, history_fp, history_cache)
+        manifest = _manifest(config, tokenized, data_key, records, outcome.selection, current_fp, history_fp, history_cache)
+        manifest["signals"] = signals | {"layer": config.layer, "excess": config.excess}
         manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        write_manifest(output, manifest)
+        # Also clears temporaries of actors lost mid-write (a node died): every shard is complete now.
+        out.finish(manifest)
 
     scored_tokens = sum(r["record"]["tokens"] for r in results)
     scoring_s = timings["history_s"] + timings["score_s"]
-    return {
-        "output": str(output),
-        "granularity": config.granularity,
-        "shards": len(tasks),
-        "shards_scored": len(results),
-        "shards_skipped": len(tasks) - len(results),
-        "shards_rewritten": rewritten,
-        # Shards whose scoring pass read history NLLs from the cache (filled by phase 1 or earlier runs).
-        "history_from_cache": sum(r["history_cached"] for r in results),
-        "phases": {
-            "history": _phase_summary(history_results, timings["history_s"]),
-            "score": _phase_summary(results, timings["score_s"]),
+    return StageSummary(
+        stage="score",
+        output=output,
+        counts={
+            **counts,
+            "shards_scored": len(results),
+            "shards_skipped": len(tasks) - len(results),
+            "shards_rewritten": rewritten,
+            # Shards whose scoring pass read history NLLs from the cache (filled by phase 1 or earlier runs).
+            "history_from_cache": sum(r["history_cached"] for r in results),
+            "tokens_scored": scored_tokens,
         },
-        **counts,
-        "kept_ratio": counts["kept"] / counts["trainable"] if counts["trainable"] else 0.0,
-        "tokens_scored": scored_tokens,
-        # Both phases, actor start-up and model loads included.
-        "tokens_per_s": scored_tokens / scoring_s if scored_tokens else 0.0,
-        # Time inside the actors' calls of both phases, summed: without actor start-up and model loading.
-        "shard_seconds": sum(r["seconds"] for r in [*history_results, *results]),
-        "seconds": timings["total_s"],
-    }
-
-
-def _select_globally(
-    tasks: list[ShardTask], records: list[dict[str, Any]], ratio: float
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Exact corpus-wide top-k: three histogram/count passes, then a keep rewrite per shard."""
-    total = sum(r["trainable"] for r in records)
-    k = global_selection.selection_size(ratio, total)
-    pairs = [(t.output_path, t.input_path) for t in tasks]
-    threshold, quotas = global_selection.find_threshold(pairs, k, parallel_map=ordered_map)
-    common = {"granularity": "global", "k": k, "threshold": threshold.as_dict() if threshold else None}
-    rewrites = [(t, common | {"ties": q}) for t, q in zip(tasks, quotas)]
-    records = list(ordered_map(rewrite_global_keep, rewrites))
-    return common, records
+        timings={k: round(v, 3) for k, v in timings.items()},
+        notes=notes,
+        details={
+            "granularity": config.granularity,
+            "kept_ratio": counts["kept"] / counts["trainable"] if counts["trainable"] else 0.0,
+            # Both phases, actor start-up and model loads included.
+            "tokens_per_s": scored_tokens / scoring_s if scored_tokens else 0.0,
+            # Time inside the actors' calls of both phases, summed: without actor start-up and model loading.
+            "shard_seconds": sum(r["seconds"] for r in [*history_results, *results]),
+            "phases": {
+                "history": _phase_summary(history_results, timings["history_s"]),
+                "score": _phase_summary(results, timings["score_s"]),
+            },
+        },
+    )
 
 
 def _totals(records: list[dict[str, Any]]) -> dict[str, int]:
@@ -488,6 +471,7 @@ def _totals(records: list[dict[str, Any]]) -> dict[str, int]:
 def _manifest(
     config: ScoreJobConfig,
     tokenized: dict[str, Any],
+    data_key: str,
     records: list[dict[str, Any]],
     selection: dict[str, Any],
     current_fp: str,
@@ -498,20 +482,14 @@ def _manifest(
     history_path = config.history if config.history is not None else config.current
     return base_manifest("scores", config.resolved()) | {
         "tokenizer": tokenized["tokenizer"],
-        "input_fingerprint": tokenized["data_fingerprint"],
+        "input_fingerprint": data_key,
         "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in shards]),
-        "inputs": [{"kind": "tokenized", "path": str(config.data), "data_fingerprint": tokenized["data_fingerprint"]}],
+        "inputs": [{"kind": "tokenized", "path": str(config.data), "data_fingerprint": data_key}],
         "checkpoints": {
             "current": {"path": str(config.current), "fingerprint": current_fp},
             "history": {"path": str(history_path), "fingerprint": history_fp},
         },
-        "selection": {
-            "gamma": config.gamma,
-            "ratio": config.ratio,
-            "layer": config.layer,
-            "excess": config.excess,
-            **selection,
-        },
+        "selection": {"layer": config.layer, "excess": config.excess, **selection},
         "compute": {
             "dtypes": sorted({r["dtype"] for r in records}),
             "devices": sorted({r["device"] for r in records}),

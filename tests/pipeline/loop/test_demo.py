@@ -18,7 +18,7 @@ def test_demo_prepares_and_scores_into_a_round_folder(tmp_path, llama_dir, ray_l
     config = DemoConfig(output=tmp_path / "run", corpus=[corpus], model=str(llama_dir), rows_per_shard=5)
     prepared, scored = run_demo(config)
 
-    assert (prepared.rows_read, prepared.rows_written) == (12, 12)
+    assert (prepared.counts["rows_read"], prepared.counts["rows_written"]) == (12, 12)
     scores_dir = tmp_path / "run" / "rounds" / "r000" / "scores"
     manifest = read_manifest(scores_dir, kind="scores")
     assert [s["file"] for s in manifest["shards"]] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
@@ -27,7 +27,7 @@ def test_demo_prepares_and_scores_into_a_round_folder(tmp_path, llama_dir, ray_l
     # Round 0: current == history, so the excess loss is 0 everywhere and selection is attention-only.
     rel = scores["rel"].explode().drop_nans().drop_nulls()
     assert rel.len() > 0 and (rel == 0).all()
-    assert scored["kept"] == scores["n_kept"].sum() and scored["samples"] == 12
+    assert scored.counts["kept"] == scores["n_kept"].sum() and scored.counts["samples"] == 12
 
 
 def test_demo_with_a_missing_corpus_names_it(tmp_path, capsys):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,9 @@ from pipeline.core.checkpoints import CheckpointError
 from pipeline.cli import main
 from pipeline.cli.score import format_summary
 from pipeline.core.fingerprint import sha256_file
-from pipeline.stages.score import PROGRESS, ScoreJobConfig, ScoreJobError, plan_workers, run_score_job
-from pipeline.engine.scorer import Scorer, score_shard
+from pipeline.artifacts.stage_output import PROGRESS
+from pipeline.stages.score import ScoreJobConfig, ScoreJobError, plan_workers, run_score_job, workers_note
+from pipeline.engine.scorer import Scorer, nll_table, score_shard
 from tests.factories import write_tokenized
 
 SHARDS = [5, 7, 3, 6]
@@ -59,15 +62,16 @@ def test_artifacts_manifest_and_accounting(sample_run, corpus, llama_dir, llama_
     assert manifest["checkpoints"]["current"]["path"] == str(llama_dir)
     assert manifest["checkpoints"]["history"]["path"] == str(llama_history_dir)
     assert manifest["checkpoints"]["current"]["fingerprint"] != manifest["checkpoints"]["history"]["fingerprint"]
-    assert manifest["selection"] | {} == {
-        "gamma": 0.5, "ratio": 0.6, "layer": -1, "excess": "history_minus_current", "granularity": "sample"
+    assert manifest["selection"] == {
+        "method": "sstoken", "gamma": 0.5, "ratio": 0.6, "normalise": "per_sample", "rel_is_noise": False,
+        "layer": -1, "excess": "history_minus_current", "granularity": "sample"
     }
     assert manifest["config"]["granularity"] == "sample"
     assert {"total_s", "score_s"} <= set(manifest["timings"])
     counts = manifest["counts"]
-    assert counts["samples"] == sum(SHARDS) == summary["samples"]
-    assert summary["shards_scored"] == len(SHARDS) and summary["shards_skipped"] == 0
-    assert summary["tokens_per_s"] > 0 and 0.6 <= summary["kept_ratio"] < 0.75
+    assert counts["samples"] == sum(SHARDS) == summary.counts["samples"]
+    assert summary.counts["shards_scored"] == len(SHARDS) and summary.counts["shards_skipped"] == 0
+    assert summary.details["tokens_per_s"] > 0 and 0.6 <= summary.details["kept_ratio"] < 0.75
     for entry, source in zip(manifest["shards"], tokenized["shards"]):
         scores = pq.read_table(config.output / entry["file"])
         ids = pq.read_table(corpus / source["file"], columns=["sample_id"]).column("sample_id")
@@ -76,9 +80,11 @@ def test_artifacts_manifest_and_accounting(sample_run, corpus, llama_dir, llama_
 
 def test_sample_selection_equals_the_in_process_engine(sample_run, corpus, llama_dir, llama_history_dir):
     config, _ = sample_run
-    scorer = Scorer(llama_dir, llama_history_dir, config.score_settings().model_copy(update={"threads": 2}))
+    settings = config.score_settings().model_copy(update={"threads": 2})
+    history, current = Scorer(llama_history_dir, settings, importance=False), Scorer(llama_dir, settings, importance=True)
     for part in sorted(corpus.glob("part-*.parquet")):
-        expected, _ = score_shard(scorer, pq.read_table(part))
+        tokenized = pq.read_table(part)
+        expected = score_shard(current, tokenized, config.select_settings(), history_nll=nll_table(history, tokenized))
         actual = pq.read_table(config.output / part.name)
         assert actual.column("keep").equals(expected.column("keep")), part.name
         assert actual.column("n_kept").equals(expected.column("n_kept"))
@@ -97,11 +103,12 @@ def test_rerun_redoes_only_missing_or_broken_shards(sample_run, tmp_path):
     (output / "part-00000.parquet").write_bytes((output / "part-00000.parquet").read_bytes()[:300])  # truncated
     table = pq.read_table(output / "part-00001.parquet")
     pq.write_table(table.slice(1), output / "part-00001.parquet")  # readable, a sample missing
-    (output / PROGRESS / "part-00002.parquet.json").unlink()  # never recorded as done
+    record = output / PROGRESS / "part-00002.parquet.json"
+    record.write_text(record.read_text().replace('"run_key": "', '"run_key": "stale'))  # done under another key
     (output / "manifest.json").unlink()
     summary = run_score_job(config.model_copy(update={"output": output, "history_cache": tmp_path / "out-cache"}))
-    assert summary["shards_scored"] == 3 and summary["shards_skipped"] == 1
-    assert summary["history_from_cache"] == 3  # the history forward was skipped
+    assert summary.counts["shards_scored"] == 3 and summary.counts["shards_skipped"] == 1
+    assert summary.counts["history_from_cache"] == 3  # the history forward was skipped
     assert _digests(output) == before
     verify_shards(output, read_manifest(output, kind="scores"))
 
@@ -111,21 +118,19 @@ def test_history_phase_first_one_model_per_actor_and_resumable(sample_run, tmp_p
     current model (the history model is never loaded); each actor loads its model once; a rerun skips
     phase 1 for shards whose cache file validates and redoes only broken or missing ones."""
     config, summary = sample_run
-    history, score = summary["phases"]["history"], summary["phases"]["score"]
+    history, score = summary.details["phases"]["history"], summary.details["phases"]["score"]
     assert history["shards"] == score["shards"] == len(SHARDS)
-    assert history["max_models_resident"] == 1 and score["max_models_resident"] == 1
-    assert history["model_loads"] == history["actors"] >= 1  # once per actor, not once per shard
+    assert history["model_loads"] == history["actors"] >= 1  # one model per actor, loaded once, not once per shard
     assert score["model_loads"] == score["actors"] >= 1
-    assert history["forwards"]["current"] == 0 and history["forwards"]["history"] >= len(SHARDS)
-    assert score["forwards"]["history"] == 0 and score["forwards"]["current"] >= len(SHARDS)
-    assert summary["history_from_cache"] == len(SHARDS)
+    assert history["forwards"] >= len(SHARDS) and score["forwards"] >= len(SHARDS)
+    assert summary.counts["history_from_cache"] == len(SHARDS)
     cached = sorted(Path(config.history_cache).glob("history_nll/*/*/float32/part-*.parquet"))
     assert [p.name for p in cached] == sorted(p.name for p in Path(config.data).glob("part-*.parquet"))
 
     # Rerun into a fresh output with the same cache: no phase 1 at all, same scores.
     again = run_score_job(config.model_copy(update={"output": tmp_path / "again"}))
-    assert again["phases"]["history"]["shards"] == 0 and again["phases"]["history"]["forwards"]["history"] == 0
-    assert again["phases"]["score"]["forwards"]["history"] == 0 and again["phases"]["score"]["max_models_resident"] == 1
+    assert again.details["phases"]["history"]["shards"] == 0 and again.details["phases"]["history"]["forwards"] == 0
+    assert again.details["phases"]["score"]["model_loads"] == again.details["phases"]["score"]["actors"]
     assert _digests(tmp_path / "again") == _digests(config.output)
 
     # A cache with one file missing and one truncated: phase 1 redoes those two only.
@@ -135,8 +140,7 @@ def test_history_phase_first_one_model_per_actor_and_resumable(sample_run, tmp_p
     files[0].unlink()
     files[2].write_bytes(files[2].read_bytes()[:100])
     partial = run_score_job(config.model_copy(update={"output": tmp_path / "partial", "history_cache": cache}))
-    assert partial["phases"]["history"]["shards"] == 2 and partial["phases"]["history"]["max_models_resident"] == 1
-    assert partial["phases"]["score"]["forwards"]["history"] == 0
+    assert partial.details["phases"]["history"]["shards"] == 2
     assert _digests(tmp_path / "partial") == _digests(config.output)
 
 
@@ -145,7 +149,7 @@ def test_global_selection_is_the_exact_corpus_top_k(ray_local, sample_run, corpu
     output = tmp_path / "global"
     shutil.copytree(config.output, output)  # scores are granularity-independent: only keep is rewritten
     summary = run_score_job(config.model_copy(update={"output": output, "granularity": "global"}))
-    assert summary["shards_scored"] == 0 and summary["shards_rewritten"] == len(SHARDS)
+    assert summary.counts["shards_scored"] == 0 and summary.counts["shards_rewritten"] == len(SHARDS)
     scores = [pq.read_table(output / p.name) for p in sorted(corpus.glob("part-*.parquet"))]
     trainable = [pq.read_table(p).column("trainable") for p in sorted(corpus.glob("part-*.parquet"))]
     flat_scores = np.concatenate([np.concatenate(t.column("score").to_numpy(zero_copy_only=False)) for t in scores])
@@ -164,7 +168,7 @@ def test_global_selection_is_the_exact_corpus_top_k(ray_local, sample_run, corpu
     # Rerun: nothing to score or rewrite, same bytes.
     before = _digests(output)
     again = run_score_job(config.model_copy(update={"output": output, "granularity": "global"}))
-    assert again["shards_skipped"] == len(SHARDS) and again["shards_rewritten"] == 0
+    assert again.counts["shards_skipped"] == len(SHARDS) and again.counts["shards_rewritten"] == 0
     assert _digests(output) == before
 
 
@@ -175,23 +179,23 @@ def test_a_new_ratio_or_granularity_only_reselects(ray_local, sample_run, tmp_pa
     output = tmp_path / "reselect"
     shutil.copytree(config.output, output)
     fresh = run_score_job(config.model_copy(update={"output": tmp_path / "fresh", "ratio": 0.3}))
-    assert fresh["shards_scored"] == len(SHARDS)
+    assert fresh.counts["shards_scored"] == len(SHARDS)
 
     lower = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3}))
-    assert lower["shards_scored"] == 0 and lower["tokens_scored"] == 0 and lower["shards_rewritten"] == len(SHARDS)
+    assert lower.counts["shards_scored"] == 0 and lower.counts["tokens_scored"] == 0 and lower.counts["shards_rewritten"] == len(SHARDS)
     assert _digests(output) == _digests(tmp_path / "fresh")
     assert read_manifest(output, kind="scores")["selection"]["ratio"] == 0.3
-    assert lower["kept"] == fresh["kept"] < 0.5 * lower["trainable"]
+    assert lower.counts["kept"] == fresh.counts["kept"] < 0.5 * lower.counts["trainable"]
     assert f"re-selected from the stored scores in {len(SHARDS)} shards" in format_summary(lower)
     assert "re-selected" not in format_summary(fresh)
 
     globally = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3, "granularity": "global"}))
-    assert globally["shards_scored"] == 0 and globally["kept"] == int(np.ceil(0.3 * globally["trainable"]))
+    assert globally.counts["shards_scored"] == 0 and globally.counts["kept"] == int(np.ceil(0.3 * globally.counts["trainable"]))
     back = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3}))
-    assert back["shards_scored"] == 0 and back["shards_rewritten"] > 0
+    assert back.counts["shards_scored"] == 0 and back.counts["shards_rewritten"] > 0
     assert _digests(output) == _digests(tmp_path / "fresh")
     again = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3}))
-    assert again["shards_scored"] == 0 and again["shards_rewritten"] == 0
+    assert again.counts["shards_scored"] == 0 and again.counts["shards_rewritten"] == 0
 
 
 def test_other_tokenizer_is_refused(corpus, llama_dir, tmp_path):
@@ -247,7 +251,7 @@ def test_concurrent_writer_is_refused(corpus, llama_dir, tmp_path):
 def test_output_holding_another_artifact_is_refused(corpus, llama_dir, tmp_path):
     output = tmp_path / "tokenized-copy"
     shutil.copytree(corpus, output)
-    with pytest.raises(ScoreJobError, match="holds a 'tokenized' artifact"):
+    with pytest.raises(ArtifactError, match="holds a 'tokenized' artifact"):
         run_score_job(_config(corpus, output, llama_dir, None))
 
 
@@ -273,7 +277,99 @@ def test_plan_workers_fits_actors_on_nodes():
     assert plan_workers([2.0, 2.0], 0.0, None, None, 0.0) == (2, 2.0)
     assert plan_workers([8.0, 8.0], 4.0, None, None, 1.0) == (4, 1.0)
     assert plan_workers([2.0], 0.0, 3, 0.5, 0.0) == (3, 0.5)
+    assert plan_workers([2.0], 0.0, 8, 1.0, 0.0) == (2, 1.0)  # more than the CPUs hold at once
+    assert workers_note(8, 2, 1.0, 0.0) == ["--workers 8: the cluster holds 2 actors of 1 CPUs each at once, so 2 ran"]
+    assert workers_note(2, 2, 1.0, 0.0) == workers_note(None, 4, 1.0, 0.0) == []
     with pytest.raises(ScoreJobError, match="exceeds the largest node"):
         plan_workers([2.0], 0.0, None, 4.0, 0.0)
     with pytest.raises(ScoreJobError, match="GPUs"):
         plan_workers([2.0], 0.0, None, None, 1.0)
+
+
+def _edited_copy(corpus: Path, folder: Path, edit) -> Path:
+    """A copy of the tokenized corpus whose manifest `edit(manifest)` changed (files untouched)."""
+    shutil.copytree(corpus, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    write_manifest(folder, manifest)
+    return folder
+
+
+def test_a_file_the_stage_did_not_write_is_refused_and_kept(corpus, llama_dir, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "part-00001.parquet").write_bytes(b"someone else's shard")
+    with pytest.raises(ArtifactError, match=r"did not write: part-00001.parquet; .*--overwrite"):
+        run_score_job(_config(corpus, output, llama_dir, None))
+    assert (output / "part-00001.parquet").read_bytes() == b"someone else's shard"
+    with pytest.raises(ArtifactError, match="is inside the input folder"):
+        run_score_job(_config(corpus, corpus / "scores", llama_dir, None))
+    assert not (corpus / "scores").exists()
+
+
+def test_manifest_problems_are_named(ray_local, corpus, llama_dir, tmp_path):
+    def twice(manifest):
+        manifest["shards"].append(dict(manifest["shards"][0]))
+
+    def rows(manifest):
+        manifest["shards"][1]["rows"] = 99
+
+    with pytest.raises(ArtifactError, match="lists part-00000.parquet more than once"):
+        run_score_job(_config(_edited_copy(corpus, tmp_path / "twice", twice), tmp_path / "a", llama_dir, None))
+    with pytest.raises(ArtifactError, match=r"manifest.json says part-00001.parquet has 99 rows, the file has 7"):
+        run_score_job(_config(_edited_copy(corpus, tmp_path / "rows", rows), tmp_path / "b", llama_dir, None))
+    repeated = tmp_path / "repeated"
+    shutil.copytree(corpus, repeated)
+    shutil.copy(repeated / "part-00000.parquet", repeated / "part-00004.parquet")  # every id of shard 0 again
+
+    def listed(manifest):
+        manifest["shards"].append(dict(manifest["shards"][0], file="part-00004.parquet"))
+
+    listed_copy = _edited_copy(repeated, tmp_path / "repeated-listed", listed)
+    with pytest.raises(ArtifactError, match=r"holds sample id 's00-0000' twice \(part-00000.parquet and part-00004"):
+        run_score_job(_config(listed_copy, tmp_path / "c", llama_dir, None))
+    for name in ("a", "b", "c"):  # refused before the output was touched
+        assert not (tmp_path / name / "manifest.json").exists() and not (tmp_path / name / PROGRESS).exists()
+
+
+def test_changed_shard_under_an_unchanged_fingerprint_misses_the_history_cache(sample_run, tokenizer, tmp_path):
+    """The cache and run keys come from the verified shard checksums, not the editable data_fingerprint;
+    and scoring another corpus into a finished scores folder needs --overwrite."""
+    config, _ = sample_run
+    other = write_tokenized(tmp_path / "other", tokenizer, SHARDS[:1], seed=99)  # same ids, other tokens
+    data = tmp_path / "data"
+    shutil.copytree(config.data, data)
+    shutil.copy(other / "part-00000.parquet", data / "part-00000.parquet")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = sha256_file(data / "part-00000.parquet")  # fingerprint left as it was
+    write_manifest(data, manifest)
+    output = tmp_path / "out"
+    shutil.copytree(config.output, output)
+    changed = config.model_copy(update={"data": data, "output": output})
+    with pytest.raises(ArtifactError, match="made from other inputs or settings; pass --overwrite"):
+        run_score_job(changed)
+    summary = run_score_job(changed.model_copy(update={"overwrite": True}))
+    assert summary.details["phases"]["history"]["shards"] == len(SHARDS)  # no stale history NLLs reused
+    assert summary.counts["shards_scored"] == len(SHARDS)
+    assert sha256_file(output / "part-00000.parquet") != sha256_file(config.output / "part-00000.parquet")
+
+
+def test_an_unreachable_cluster_fails_fast_and_touches_no_output(sample_run, tmp_path):
+    config, _ = sample_run
+    output = tmp_path / "finished"
+    shutil.copytree(config.output, output)
+    manifest = (output / "manifest.json").read_bytes()
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "score", "--data", str(config.data), "--current", str(config.current),
+         "--history", str(config.history), "--history-cache", str(config.history_cache), "--output", str(output),
+         "--no-progress", "--address", "127.0.0.1:1", "--connect-timeout-s", "2"],
+        cwd=Path(__file__).resolve().parents[3], env=environment, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 60
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in lines[0], result.stderr
+    assert "\x1b" not in result.stderr and "Traceback" not in result.stderr
+    assert (output / "manifest.json").read_bytes() == manifest
