@@ -38,19 +38,20 @@ class MethodError(UserError):
 
 @dataclass(frozen=True)
 class RelStats:
-    """What the guards need to know about REL over the corpus: how many targets, the largest |REL|."""
+    """What the guards need to know about REL over the corpus: targets, the largest |REL|, targets without REL."""
 
     targets: int = 0
     abs_max: float = 0.0
+    missing: int = 0
 
     @classmethod
     def of(cls, rel: np.ndarray, trainable: np.ndarray) -> RelStats:
         values = np.asarray(rel, dtype=np.float64)[np.asarray(trainable, dtype=bool)]
         finite = values[~np.isnan(values)]
-        return cls(int(len(values)), float(np.abs(finite).max()) if len(finite) else 0.0)
+        return cls(int(len(values)), float(np.abs(finite).max()) if len(finite) else 0.0, int(len(values) - len(finite)))
 
     def merge(self, other: RelStats) -> RelStats:
-        return RelStats(self.targets + other.targets, max(self.abs_max, other.abs_max))
+        return RelStats(self.targets + other.targets, max(self.abs_max, other.abs_max), self.missing + other.missing)
 
     @property
     def is_noise(self) -> bool:
@@ -75,7 +76,14 @@ def rel_guard(settings: SelectSettings, stats: RelStats) -> list[str]:
     REL below REL_FLOOR at every target is treated as zero (see `sample_score`): for sstoken with
     0 < gamma < 1 attention then decides alone, which is worth a warning, not an error.
     """
-    if not settings.uses_rel or not stats.is_noise:
+    if not settings.uses_rel:
+        return []
+    if stats.missing:
+        raise MethodError(
+            f"method {settings.method} needs REL, but {stats.missing} of {stats.targets} targets have none: these "
+            "scores were made without the history pass (gamma 0 or method attn); rescore with a method that uses REL"
+        )
+    if not stats.is_noise:
         return []
     finding = (
         f"every trainable token has |REL| < {REL_FLOOR:g} nats (largest {stats.abs_max:.3g}): the history and "

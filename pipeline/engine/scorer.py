@@ -1,23 +1,23 @@
-"""The scoring engine: per-token NLLs under two checkpoints, attention importance, scores and keep masks.
+"""The scoring engine: one checkpoint's per-token NLL and, when asked, attention importance.
 
 Every per-token array has len(input_ids) entries; entry i is about token i as a target
-(nll[i] = -log P(x_i | x_<i)), NaN / False where i is not a target. The Ray job drives this
-through `Scorer.score_samples` and `score_shard`; nothing here knows about Ray.
+(nll[i] = -log P(x_i | x_<i)), NaN where i is not a target. A `Scorer` holds ONE model. A run that
+needs two checkpoints runs two passes, so only one model is ever resident:
+
+    history = Scorer(history_path, settings, importance=False)
+    table = nll_table(history, tokenized)                      # history_nll.v1 (what the cache stores)
+    current = Scorer(current_path, settings, importance=selection.uses_attention)
+    scores = score_shard(current, tokenized, selection, history_nll=table)   # scores.v1
+
+`score_shard` writes the signals (nll_cur, nll_hist, rel, attn) and the per-sample selection of
+`pipeline.engine.methods` (score, keep); the select stage recomputes score and keep from the
+signals without a model. Nothing here knows about Ray.
 
 Work skipped on purpose:
-- gamma == 1: no attention capture at all (attn is NaN).
-- gamma == 0: no history forward at all (nll_hist and rel are NaN); nll_cur is still reported,
-  since the current forward runs anyway for attention and its head costs only the target rows.
-- history None, or the same fingerprint as current: no history model is loaded; nll_hist equals
-  nll_cur and rel is 0 at every target.
-- history NLLs passed in (from the cache): no history forward.
-
-Two passes instead of both models at once (what the Ray job does, so only one model is resident):
-`history_scorer(history, settings)` is a Scorer over the history checkpoint alone (gamma 1: no
-attention capture), `history_nll_table(scorer, tokenized)` gives its history_nll.v1 table, and
-`score_shard(Scorer(current, history, settings), tokenized, that_table)` scores without ever
-loading the history model. The NLLs are the ones the combined path computes: same forward, same
-micro-batches.
+- no importance asked (gamma 1, REL-only methods): no attention capture at all (attn is NaN).
+- REL not used (gamma 0, attn, full, random): no history pass (nll_hist and rel are NaN).
+- current and history the same checkpoint: no history pass; nll_hist equals nll_cur, rel is 0.
+- history NLLs cached: no history pass.
 """
 
 from __future__ import annotations
@@ -31,29 +31,25 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from transformers import AutoConfig
 
+from pipeline.artifacts.schemas import arrow_schema
+from pipeline.core.checkpoints import checkpoint_fingerprint, load_model
 from pipeline.engine.attention import REQUEST_KWARG, ImportanceRequest, register_importance_attention
 from pipeline.engine.batching import length_sorted_batches, right_padded
-from pipeline.core.checkpoints import checkpoint_fingerprint, load_model
+from pipeline.engine.keep_tables import CorpusSelection, row_arrays, selected_table
 from pipeline.engine.nll import output_head, target_nll
 from pipeline.engine.precision import MIXED_BFLOAT16, compute_precision, load_dtype, precision_name, to_mixed_precision
-from pipeline.artifacts.schemas import arrow_schema
-from pipeline.engine.selection import combine, minmax_normalise, select_sample
+from pipeline.engine.select_settings import SelectSettings
 from pipeline.engine.settings import ScoreSettings
 
 
 @dataclass
-class SampleScores:
-    """Scores of one sample; every array has one entry per token (entry i = token i as a target)."""
+class TokenSignals:
+    """One model's signals for one sample, full length: NLL, and importance (None when not asked)."""
 
     sample_id: str
-    nll_cur: np.ndarray
-    nll_hist: np.ndarray
-    rel: np.ndarray
-    attn: np.ndarray
-    score: np.ndarray
-    keep: np.ndarray
+    nll: np.ndarray
+    attn: np.ndarray | None
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -90,79 +86,52 @@ def _layer_index(model: Any, layer: int, folder: Path | str) -> int:
     return index
 
 
-class Scorer:
-    """Holds the current (and, when needed, history) model and scores batches of tokenized samples.
+def _full_length(mask: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+    """Target values spread to the sample's length, NaN off the targets (and everywhere for None)."""
+    out = np.full(len(mask), np.nan, dtype=np.float32)
+    if values is not None:
+        out[mask] = values
+    return out
 
-    Attributes a driver uses: `current_fingerprint` / `history_fingerprint` (history None means
-    history == current), `dtype_name` (part of the history cache key), `uses_history` (False when
-    no history NLLs are needed: same checkpoint or gamma == 0), `forward_counts` (micro-batch
-    forwards run so far, per model), `model_loads` (models loaded so far) and `models_resident`.
+
+class Scorer:
+    """Holds one checkpoint and gives per-token NLLs (and importance, when built with importance=True).
+
+    Attributes a driver uses: `fingerprint`, `dtype_name` (part of the history cache key),
+    `device`, `forward_count` (micro-batch forwards run so far), `model_loads` (always 1).
     """
 
-    def __init__(self, current: Path | str, history: Path | str | None, settings: ScoreSettings):
+    def __init__(self, checkpoint: Path | str, settings: ScoreSettings, importance: bool):
         self.settings = settings
+        self.importance = importance
         self.device = resolve_device(settings.device)
         self.dtype_name = precision_name(settings.dtype)
         if self.device.type == "cpu":
             torch.set_num_threads(settings.threads or _available_cpus())
-        self.current_fingerprint = checkpoint_fingerprint(current)
-        self.history_fingerprint = checkpoint_fingerprint(history) if history is not None else self.current_fingerprint
-        self.same_checkpoint = self.history_fingerprint == self.current_fingerprint
-        self.uses_attention = settings.gamma < 1.0
-        self.uses_history = settings.gamma > 0.0 and not self.same_checkpoint
-        self.forward_counts = {"current": 0, "history": 0}
-        self.model_loads = 0
-
-        self.current = self._load(current)
-        # The importance layer matters only with attention (gamma < 1); a history_scorer over a model
-        # of another depth or layer layout must not trip over it.
-        self.layer_idx = _layer_index(self.current, settings.layer, current) if self.uses_attention else None
-        if self.uses_attention:
-            self.current.set_attn_implementation(register_importance_attention())
-        # The history model loads on first use: with every shard's history NLLs cached, it never does.
-        self.history: Any | None = None
-        self._history_path = history
-        self._vocab_limit = self.current.get_input_embeddings().num_embeddings
-        if self.uses_history:
-            history_config = AutoConfig.from_pretrained(
-                history, local_files_only=True, trust_remote_code=settings.trust_remote_code
-            )
-            self._vocab_limit = min(self._vocab_limit, int(history_config.vocab_size))
-
-    def _load(self, path: Path | str) -> Any:
-        model = load_model(path, load_dtype(self.dtype_name), "cpu", trust_remote_code=self.settings.trust_remote_code)
+        self.fingerprint = checkpoint_fingerprint(checkpoint)
+        model = load_model(checkpoint, load_dtype(self.dtype_name), "cpu", trust_remote_code=settings.trust_remote_code)
         if self.dtype_name == MIXED_BFLOAT16:
             to_mixed_precision(model)
-        self.model_loads += 1
-        return model.to(self.device)
-
-    @property
-    def models_resident(self) -> int:
-        """Models this Scorer holds now: the current one, plus the history one once it was needed."""
-        return 1 + (self.history is not None)
-
-    def _history_model(self) -> Any:
-        if self.history is None:
-            self.history = self._load(self._history_path)
-        return self.history
+        self.model = model.to(self.device)
+        self.model_loads = 1
+        self.forward_count = 0
+        # The importance layer matters only with attention; a NLL-only pass over a model of another
+        # depth or layer layout must not trip over it.
+        self.layer_idx = _layer_index(self.model, settings.layer, checkpoint) if importance else None
+        if importance:
+            self.model.set_attn_implementation(register_importance_attention())
+        self._vocab_limit = self.model.get_input_embeddings().num_embeddings
 
     # -- inputs ---------------------------------------------------------------------------------
 
     def _check_inputs(
-        self,
-        sample_ids: Sequence[str],
-        input_ids: Sequence[np.ndarray],
-        trainable: Sequence[np.ndarray],
-        history_nll: Sequence[np.ndarray] | None,
+        self, sample_ids: Sequence[str], input_ids: Sequence[np.ndarray], trainable: Sequence[np.ndarray]
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if not len(sample_ids) == len(input_ids) == len(trainable):
             raise ValueError(
                 f"sample_ids, input_ids and trainable must have the same length, got "
                 f"{len(sample_ids)}, {len(input_ids)} and {len(trainable)}"
             )
-        if history_nll is not None and len(history_nll) != len(sample_ids):
-            raise ValueError(f"history_nll has {len(history_nll)} entries for {len(sample_ids)} samples")
-        vocab = self._vocab_limit
         ids_out, masks_out = [], []
         for index, sample_id in enumerate(sample_ids):
             ids = np.asarray(input_ids[index])
@@ -170,38 +139,26 @@ class Scorer:
             if ids.ndim != 1 or len(ids) == 0:
                 raise ValueError(f"sample {sample_id!r}: input_ids must be a non-empty 1-D array, got shape {ids.shape}")
             if mask.shape != ids.shape:
-                raise ValueError(
-                    f"sample {sample_id!r}: trainable has {mask.size} entries but input_ids has {len(ids)}"
-                )
+                raise ValueError(f"sample {sample_id!r}: trainable has {mask.size} entries but input_ids has {len(ids)}")
             if mask.dtype != bool:
                 raise ValueError(f"sample {sample_id!r}: trainable must be boolean, got {mask.dtype}")
             if mask[0]:
                 raise ValueError(f"sample {sample_id!r}: trainable[0] is true, but position 0 is never a target")
-            if ids.min() < 0 or ids.max() >= vocab:
+            if ids.min() < 0 or ids.max() >= self._vocab_limit:
                 raise ValueError(
-                    f"sample {sample_id!r}: token ids must lie in [0, {vocab}) for this model, "
+                    f"sample {sample_id!r}: token ids must lie in [0, {self._vocab_limit}) for this model, "
                     f"found {ids.min()}..{ids.max()}; was the data tokenized with another tokenizer?"
                 )
-            if history_nll is not None and self.uses_history:
-                cached = np.asarray(history_nll[index])
-                if cached.shape != ids.shape:
-                    raise ValueError(
-                        f"sample {sample_id!r}: history_nll has {cached.size} entries but input_ids has {len(ids)}"
-                    )
-                if np.isnan(cached[mask]).any():
-                    raise ValueError(
-                        f"sample {sample_id!r}: history_nll is NaN at a target; the cached NLLs do not match this data"
-                    )
             ids_out.append(ids.astype(np.int64))
             masks_out.append(mask)
         return ids_out, masks_out
 
-    # -- forwards -------------------------------------------------------------------------------
+    # -- one micro-batch ------------------------------------------------------------------------
 
-    def _forward_nll(
-        self, model: Any, ids: list[np.ndarray], masks: list[np.ndarray], request: ImportanceRequest | None
-    ) -> list[np.ndarray]:
-        """Target NLLs (fp32, one array of n_trainable per sample) of one right-padded micro-batch."""
+    def forward(self, ids: list[np.ndarray], masks: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """One right-padded micro-batch: target NLLs (fp32, n_trainable per sample) and, when this
+        Scorer computes importance, the target importances (same shape); else None."""
+        request = ImportanceRequest.for_batch(self.layer_idx, masks, self.device) if self.importance else None
         input_ids, attention_mask = right_padded(ids)
         input_ids = input_ids.to(self.device)
         padded = bool((attention_mask == 0).any())
@@ -209,108 +166,100 @@ class Scorer:
         mask_arg = attention_mask.to(self.device) if padded else None
         extra = {REQUEST_KWARG: request} if request is not None else {}
         with compute_precision(self.dtype_name, self.device):
-            decoder = _decoder(model)
-            hidden = decoder(input_ids=input_ids, attention_mask=mask_arg, use_cache=False, **extra).last_hidden_state
+            hidden = _decoder(self.model)(
+                input_ids=input_ids, attention_mask=mask_arg, use_cache=False, **extra
+            ).last_hidden_state
+        self.forward_count += 1
         targets = torch.zeros(input_ids.shape, dtype=torch.bool)
         for row, mask in enumerate(masks):
             targets[row, : len(mask)] = torch.as_tensor(mask)
-        head, softcap = output_head(model)
+        head, softcap = output_head(self.model)
         nll = target_nll(hidden.float(), input_ids, targets.to(self.device), head, softcap).cpu().numpy()
-        return np.split(nll, np.cumsum([int(m.sum()) for m in masks])[:-1])
+        nlls = np.split(nll, np.cumsum([int(m.sum()) for m in masks])[:-1])
+        if request is None:
+            return nlls, None
+        if request.result is None:
+            raise RuntimeError(
+                f"layer {self.layer_idx} never reached the importance attention function; "
+                f"{type(self.model).__name__} may not use transformers' attention interface"
+            )
+        return nlls, [r.cpu().numpy() for r in request.result]
 
-    def score_samples(
-        self,
-        sample_ids: Sequence[str],
-        input_ids: Sequence[np.ndarray],
-        trainable: Sequence[np.ndarray],
-        history_nll: Sequence[np.ndarray] | None = None,
-    ) -> list[SampleScores]:
-        """Score samples (any order, any lengths); returns one SampleScores per sample, in input order.
+    # -- many samples ---------------------------------------------------------------------------
 
-        history_nll: cached history NLLs (full length, NaN off targets) to use instead of a history
-        forward; ignored when no history model is in play (same checkpoint, or gamma == 0).
-        """
-        ids, masks = self._check_inputs(sample_ids, input_ids, trainable, history_nll)
-        run_history = self.uses_history and history_nll is None
-        n = len(ids)
-        nll_cur: list[np.ndarray | None] = [None] * n
-        nll_hist: list[np.ndarray | None] = [None] * n
-        attn: list[np.ndarray | None] = [None] * n
+    def token_signals(
+        self, sample_ids: Sequence[str], input_ids: Sequence[np.ndarray], trainable: Sequence[np.ndarray]
+    ) -> list[TokenSignals]:
+        """Samples in any order and length, in length-sorted micro-batches; results in input order."""
+        ids, masks = self._check_inputs(sample_ids, input_ids, trainable)
+        results: list[TokenSignals | None] = [None] * len(ids)
         with torch.inference_mode():
             for batch in length_sorted_batches([len(x) for x in ids], self.settings.max_batch_tokens):
-                batch_ids = [ids[i] for i in batch]
-                batch_masks = [masks[i] for i in batch]
-                request = (
-                    ImportanceRequest.for_batch(self.layer_idx, batch_masks, self.device) if self.uses_attention else None
-                )
-                current = self._forward_nll(self.current, batch_ids, batch_masks, request)
-                self.forward_counts["current"] += 1
-                if request is not None and request.result is None:
-                    raise RuntimeError(
-                        f"layer {self.layer_idx} never reached the importance attention function; "
-                        f"{type(self.current).__name__} may not use transformers' attention interface"
-                    )
-                history = self._forward_nll(self._history_model(), batch_ids, batch_masks, None) if run_history else None
-                if run_history:
-                    self.forward_counts["history"] += 1
+                nlls, importances = self.forward([ids[i] for i in batch], [masks[i] for i in batch])
                 for slot, index in enumerate(batch):
-                    nll_cur[index] = current[slot]
-                    if history is not None:
-                        nll_hist[index] = history[slot]
-                    if request is not None:
-                        attn[index] = request.result[slot].cpu().numpy()
-        results = []
-        for index in range(n):
-            mask = masks[index]
-            cached = None
-            if self.uses_history and not run_history:
-                cached = np.asarray(history_nll[index], dtype=np.float32)[mask]
-            results.append(
-                self._finish(sample_ids[index], mask, nll_cur[index], nll_hist[index] if run_history else cached, attn[index])
-            )
-        return results
+                    attn = _full_length(masks[index], importances[slot]) if importances is not None else None
+                    results[index] = TokenSignals(sample_ids[index], _full_length(masks[index], nlls[slot]), attn)
+        return results  # type: ignore[return-value]
 
-    # -- per-sample combination -----------------------------------------------------------------
 
-    def _finish(
-        self,
-        sample_id: str,
-        mask: np.ndarray,
-        nll_cur_targets: np.ndarray,
-        nll_hist_targets: np.ndarray | None,
-        attn_targets: np.ndarray | None,
-    ) -> SampleScores:
-        def full(values: np.ndarray | None) -> np.ndarray:
-            out = np.full(len(mask), np.nan, dtype=np.float32)
-            if values is not None:
-                out[mask] = values
-            return out
+# -- signals of both checkpoints ------------------------------------------------------------------
 
-        settings = self.settings
-        nll_cur = full(nll_cur_targets)
-        if self.uses_history:
-            nll_hist = full(nll_hist_targets)
-        elif self.same_checkpoint and settings.gamma > 0.0:
-            nll_hist = nll_cur.copy()
+
+@dataclass
+class SampleSignals:
+    """What the score stage stores for one sample (full length, NaN off the targets)."""
+
+    sample_id: str
+    nll_cur: np.ndarray
+    nll_hist: np.ndarray
+    rel: np.ndarray
+    attn: np.ndarray
+
+
+def combine_signals(
+    current: list[TokenSignals],
+    history_nll: Sequence[np.ndarray] | None,
+    trainable: Sequence[np.ndarray],
+    *,
+    same_checkpoint: bool,
+    uses_rel: bool,
+    excess: str,
+) -> list[SampleSignals]:
+    """The current pass's signals joined with the history NLLs (full length, input order).
+
+    REL is `nll_hist - nll_cur` (history_minus_current) or the reverse. With the same checkpoint
+    nll_hist is nll_cur and REL is 0; when REL is not used, nll_hist and rel are NaN.
+    """
+    if uses_rel and not same_checkpoint and history_nll is None:
+        raise ValueError("REL needs the history NLLs: run the history pass (nll_table) first and pass them in")
+    if history_nll is not None and len(history_nll) != len(current):
+        raise ValueError(f"history_nll has {len(history_nll)} entries for {len(current)} samples")
+    out = []
+    for index, signals in enumerate(current):
+        mask = np.asarray(trainable[index], dtype=bool)
+        nan = _full_length(mask, None)
+        if not uses_rel:
+            nll_hist = nan
+        elif same_checkpoint:
+            nll_hist = signals.nll.copy()
         else:
-            nll_hist = full(None)
-        rel = nll_hist - nll_cur if settings.excess == "history_minus_current" else nll_cur - nll_hist
-        rel_normalised = minmax_normalise(rel, mask) if settings.gamma > 0.0 else full(None)
-        attn = full(attn_targets)
-        score = combine(rel_normalised, attn, settings.gamma)
-        keep = select_sample(score, mask, settings.ratio)
-        return SampleScores(sample_id, nll_cur, nll_hist, rel.astype(np.float32), attn, score, keep)
+            nll_hist = np.asarray(history_nll[index], dtype=np.float32)  # type: ignore[index]
+            if nll_hist.shape != mask.shape:
+                raise ValueError(
+                    f"sample {signals.sample_id!r}: history_nll has {nll_hist.size} entries but input_ids has {len(mask)}"
+                )
+            if np.isnan(nll_hist[mask]).any():
+                raise ValueError(
+                    f"sample {signals.sample_id!r}: history_nll is NaN at a target; the cached NLLs do not match this data"
+                )
+            nll_hist = np.where(mask, nll_hist, np.float32(np.nan)).astype(np.float32)
+        rel = nll_hist - signals.nll if excess == "history_minus_current" else signals.nll - nll_hist
+        attn = signals.attn if signals.attn is not None else nan
+        out.append(SampleSignals(signals.sample_id, signals.nll, nll_hist, rel.astype(np.float32), attn))
+    return out
 
 
 # -- Arrow shards -------------------------------------------------------------------------------
-
-
-def _list_values(column: pa.ChunkedArray | pa.Array, dtype: Any) -> list[np.ndarray]:
-    """Split a list<...> column into one numpy array per row."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = array.offsets.to_numpy()
-    values = array.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    return [values[offsets[i] : offsets[i + 1]] for i in range(len(array))]
 
 
 def _list_column(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
@@ -331,7 +280,7 @@ def _history_by_sample(history_nll: pa.Table, sample_ids: list[str]) -> list[np.
             f"history_nll table lacks {len(missing)} of this shard's samples (first: {missing[0]!r}); "
             "it was made from other data: delete it so it is recomputed"
         )
-    rows = _list_values(history_nll.column("nll"), np.float32)
+    rows = row_arrays(history_nll.column("nll"), np.float32)
     return [rows[row_of[s]] for s in sample_ids]
 
 
@@ -341,73 +290,63 @@ def _tokenized_columns(tokenized: pa.Table) -> tuple[list[str], list[np.ndarray]
     if missing:
         raise ValueError(f"tokenized table lacks column(s) {', '.join(missing)}; expected a tokenized.v1 shard")
     sample_ids = tokenized.column("sample_id").to_pylist()
-    return sample_ids, _list_values(tokenized.column("input_ids"), np.int64), _list_values(tokenized.column("trainable"), bool)
+    return sample_ids, row_arrays(tokenized.column("input_ids"), np.int64), row_arrays(tokenized.column("trainable"), bool)
 
 
-def _history_table(sample_ids: list[str], nlls: list[np.ndarray]) -> pa.Table:
+def nll_table(scorer: Scorer, tokenized: pa.Table) -> pa.Table:
+    """The history pass over one tokenized shard: its history_nll.v1 table, in the shard's row order."""
+    sample_ids, input_ids, trainable = _tokenized_columns(tokenized)
+    nlls = [s.nll for s in scorer.token_signals(sample_ids, input_ids, trainable)]
     return pa.Table.from_arrays(
         [pa.array(sample_ids, pa.string()), _list_column(nlls, pa.float32())], schema=arrow_schema("history_nll")
     )
 
 
-def history_scorer(history: Path | str, settings: ScoreSettings) -> Scorer:
-    """A Scorer holding only the history checkpoint (as its 'current' model), for `history_nll_table`.
+def signals_table(signals: list[SampleSignals], trainable: Sequence[np.ndarray]) -> pa.Table:
+    """A scores.v1 table of the signals, with no selection yet (score NaN, keep false)."""
 
-    gamma 1 and no second checkpoint: no attention capture and no other model, so its forward is the
-    one the two-model Scorer runs for history NLLs. The dtype, device and batch budget are kept.
-    """
-    return Scorer(history, None, settings.model_copy(update={"gamma": 1.0}))
+    def lists(name: str) -> pa.Array:
+        return _list_column([getattr(s, name) for s in signals], pa.float32())
 
-
-def history_nlls(
-    scorer: Scorer, sample_ids: Sequence[str], input_ids: Sequence[np.ndarray], trainable: Sequence[np.ndarray]
-) -> list[np.ndarray]:
-    """Per-sample NLLs (full length, NaN off targets) of a `history_scorer`'s model, in input order:
-    what `Scorer.score_samples(..., history_nll=...)` takes instead of running a history forward."""
-    if scorer.uses_attention or scorer.uses_history:
-        raise ValueError("history NLLs need a single-model Scorer without attention; build it with history_scorer()")
-    return [r.nll_cur for r in scorer.score_samples(sample_ids, input_ids, trainable)]
-
-
-def history_nll_table(scorer: Scorer, tokenized: pa.Table) -> pa.Table:
-    """The history_nll.v1 table of one tokenized shard under `scorer`'s model (see `history_scorer`).
-
-    Row order is the shard's; equals the `nll_hist` a two-model Scorer with that history computes.
-    """
-    sample_ids, input_ids, trainable = _tokenized_columns(tokenized)
-    return _history_table(sample_ids, history_nlls(scorer, sample_ids, input_ids, trainable))
-
-
-def score_shard(
-    scorer: Scorer, tokenized: pa.Table, history_nll: pa.Table | None = None
-) -> tuple[pa.Table, pa.Table | None]:
-    """Score one tokenized shard.
-
-    Returns (scores table, schema scores.v1, in the shard's row order; history NLL table, schema
-    history_nll.v1, when a history forward ran here, else None).
-    """
-    sample_ids, input_ids, trainable = _tokenized_columns(tokenized)
-    cached = _history_by_sample(history_nll, sample_ids) if history_nll is not None and scorer.uses_history else None
-    results = scorer.score_samples(sample_ids, input_ids, trainable, cached)
-
-    def lists(name: str, value_type: pa.DataType) -> pa.Array:
-        return _list_column([getattr(r, name) for r in results], value_type)
-
-    counts = {
-        "n_tokens": [len(r.keep) for r in results],
-        "n_trainable": [int(m.sum()) for m in trainable],
-        "n_kept": [int(r.keep.sum()) for r in results],
-    }
-    scores = pa.Table.from_arrays(
+    lengths = [len(s.nll_cur) for s in signals]
+    n_trainable = [int(np.count_nonzero(mask)) for mask in trainable]
+    return pa.Table.from_arrays(
         [
-            pa.array(sample_ids, pa.string()),
-            *(lists(name, pa.float32()) for name in ("nll_cur", "nll_hist", "rel", "attn", "score")),
-            lists("keep", pa.bool_()),
-            *(pa.array(counts[name], pa.int32()) for name in ("n_tokens", "n_trainable", "n_kept")),
+            pa.array([s.sample_id for s in signals], pa.string()),
+            *(lists(name) for name in ("nll_cur", "nll_hist", "rel", "attn")),
+            _list_column([np.full(n, np.nan, np.float32) for n in lengths], pa.float32()),
+            _list_column([np.zeros(n, bool) for n in lengths], pa.bool_()),
+            pa.array(lengths, pa.int32()),
+            pa.array(n_trainable, pa.int32()),
+            pa.array([0] * len(signals), pa.int32()),
         ],
         schema=arrow_schema("scores"),
     )
-    history = None
-    if scorer.uses_history and cached is None:
-        history = _history_table(sample_ids, [r.nll_hist for r in results])
-    return scores, history
+
+
+def score_shard(
+    scorer: Scorer,
+    tokenized: pa.Table,
+    selection: SelectSettings,
+    *,
+    history_nll: pa.Table | None = None,
+    same_checkpoint: bool = False,
+    excess: str = "history_minus_current",
+) -> pa.Table:
+    """The current pass over one tokenized shard: signals plus the per-sample selection (scores.v1).
+
+    `history_nll`: the history pass's table (joined by sample_id), needed when `selection` uses REL
+    and the checkpoints differ. A global selection is made afterwards over every shard; here its
+    keep stays per sample. The selection assumes REL is a signal: the corpus-wide floor check is
+    the select step's (`pipeline.engine.methods.rel_guard`).
+    """
+    if selection.uses_attention and not scorer.importance:
+        raise ValueError("the selection needs attention importance but the Scorer was built with importance=False")
+    sample_ids, input_ids, trainable = _tokenized_columns(tokenized)
+    cached = _history_by_sample(history_nll, sample_ids) if history_nll is not None and selection.uses_rel else None
+    signals = combine_signals(
+        scorer.token_signals(sample_ids, input_ids, trainable), cached, trainable,
+        same_checkpoint=same_checkpoint, uses_rel=selection.uses_rel, excess=excess,
+    )
+    per_sample = selection.model_copy(update={"granularity": "sample"})
+    return selected_table(signals_table(signals, trainable), tokenized.column("trainable"), CorpusSelection(per_sample))

@@ -110,7 +110,7 @@ def test_rel_below_the_floor_is_noise_treated_as_zero():
     stats = RelStats.of(tiny, TRAINABLE)
     assert stats.is_noise and stats.targets == 4 and stats.abs_max < REL_FLOOR
     assert not RelStats.of(REL, TRAINABLE).is_noise and not RelStats().is_noise  # no targets: nothing to say
-    assert RelStats(2, 1e-6).merge(RelStats(3, 0.5)) == RelStats(5, 0.5)
+    assert RelStats(2, 1e-6).merge(RelStats(3, 0.5, 1)) == RelStats(5, 0.5, 1)
 
     settings = SelectSettings(gamma=0.5)
     warnings = rel_guard(settings, stats)
@@ -124,6 +124,14 @@ def test_rel_below_the_floor_is_noise_treated_as_zero():
         with pytest.raises(MethodError, match="\\|REL\\| < 0.0001 nats.*ranks by REL alone"):
             rel_guard(SelectSettings(method=method), stats)
     assert rel_guard(SelectSettings(method="attn"), stats) == []  # REL plays no part
+
+
+def test_rel_missing_at_targets_is_refused_before_any_shard_is_written():
+    stats = RelStats.of(np.where(TRAINABLE, np.nan, np.nan), TRAINABLE)
+    assert stats.missing == 4
+    with pytest.raises(MethodError, match="needs REL, but 4 of 4 targets have none"):
+        rel_guard(SelectSettings(gamma=0.5), stats)
+    assert rel_guard(SelectSettings(method="random"), stats) == []
 
 
 def test_selection_key_names_only_what_the_method_uses():

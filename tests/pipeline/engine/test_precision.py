@@ -55,14 +55,14 @@ def test_mixed_mode_loads_a_checkpoint_in_its_own_dtype(llama_dir, tmp_path, mon
         return real_load(path, dtype, *args, **kwargs)
 
     monkeypatch.setattr(scorer_module, "load_model", recording_load)
-    scorer = Scorer(tmp_path, None, ScoreSettings(dtype="bfloat16", device="cpu"))
-    _assert_mixed(scorer.current)
+    scorer = Scorer(tmp_path, ScoreSettings(dtype="bfloat16", device="cpu"), importance=True)
+    _assert_mixed(scorer.model)
     assert requested == ["auto"]
-    embeddings = scorer.current.get_input_embeddings().weight
+    embeddings = scorer.model.get_input_embeddings().weight
     assert torch.equal(embeddings, stored.get_input_embeddings().weight.float())
 
     original = load_eager(llama_dir).get_output_embeddings().weight
-    mixed = Scorer(llama_dir, None, ScoreSettings(dtype="bfloat16", device="cpu")).current
+    mixed = Scorer(llama_dir, ScoreSettings(dtype="bfloat16", device="cpu"), importance=True).model
     assert torch.equal(mixed.get_output_embeddings().weight, original)
 
 
@@ -86,16 +86,16 @@ def test_mixed_scorer_keeps_head_and_importance_in_float32(llama_dir, llama_hist
         return original(query, key, *args, **kwargs)
 
     monkeypatch.setattr(attention, "context_attention_mass", spy)
-    scorer = Scorer(llama_dir, llama_history_dir, ScoreSettings(dtype="bfloat16", device="cpu"))
-    head = scorer.current.get_output_embeddings()
+    scorer = Scorer(llama_dir, ScoreSettings(dtype="bfloat16", device="cpu"), importance=True)
+    head = scorer.model.get_output_embeddings()
     head.register_forward_hook(lambda module, args, out: seen["head"].append((torch.is_autocast_enabled("cpu"), out.dtype)))
     ids = np.arange(3, 40)
     mask = np.arange(37) >= 10
-    result = scorer.score_samples(["s"], [ids], [mask])[0]
+    result = scorer.token_signals(["s"], [ids], [mask])[0]
 
     assert seen["importance"] and all(not autocast for autocast, _ in seen["importance"])
     assert seen["head"] == [(False, torch.float32)]
-    assert result.nll_cur.dtype == np.float32 and not np.isnan(result.nll_cur[mask]).any()
+    assert result.nll.dtype == np.float32 and not np.isnan(result.nll[mask]).any()
 
 
 def test_mixed_scores_stay_close_to_float32(llama_dir, llama_history_dir):
@@ -103,8 +103,8 @@ def test_mixed_scores_stay_close_to_float32(llama_dir, llama_history_dir):
     ids = [rng.integers(0, 300, n) for n in (60, 90, 120)]
     masks = [np.arange(len(x)) >= 20 for x in ids]
     names = ["a", "b", "c"]
-    exact = Scorer(llama_dir, llama_history_dir, ScoreSettings(dtype="float32", device="cpu")).score_samples(names, ids, masks)
-    mixed = Scorer(llama_dir, llama_history_dir, ScoreSettings(dtype="bfloat16", device="cpu")).score_samples(names, ids, masks)
+    exact = Scorer(llama_dir, ScoreSettings(dtype="float32", device="cpu"), importance=True).token_signals(names, ids, masks)
+    mixed = Scorer(llama_dir, ScoreSettings(dtype="bfloat16", device="cpu"), importance=True).token_signals(names, ids, masks)
     for a, b, m in zip(exact, mixed, masks):
-        assert np.abs(a.nll_cur[m] - b.nll_cur[m]).max() < 0.05
+        assert np.abs(a.nll[m] - b.nll[m]).max() < 0.05
         assert np.abs(a.attn[m] - b.attn[m]).max() < 0.02

@@ -1,4 +1,4 @@
-"""The scoring engine against the naive reference, plus its settings, skips and input checks."""
+"""The scoring engine against the naive reference: one model per Scorer, two passes, then selection."""
 
 import numpy as np
 import pyarrow as pa
@@ -6,9 +6,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.engine.attention import ATTENTION_IMPLEMENTATION
 from pipeline.artifacts.schemas import arrow_schema, validate_table
-from pipeline.engine.scorer import Scorer, ScoreSettings, history_nll_table, history_scorer, score_shard
+from pipeline.engine.attention import ATTENTION_IMPLEMENTATION
+from pipeline.engine.methods import sample_score, selection_size
+from pipeline.engine.scorer import Scorer, combine_signals, nll_table, score_shard
+from pipeline.engine.select_settings import SelectSettings
+from pipeline.engine.selection import top_k_mask
+from pipeline.engine.settings import ScoreSettings
 from tests.pipeline.engine.reference import load_eager, naive_forward, naive_scores
 
 FIELDS = ("nll_cur", "nll_hist", "rel", "attn", "score")
@@ -60,6 +64,36 @@ def _assert_matches_reference(results, reference, masks, atol=1e-4):
         np.testing.assert_array_equal(got.keep, expected["keep"], err_msg=got.sample_id)
 
 
+def _two_pass(current, history, sample_ids, ids, masks, selection=SelectSettings(), **settings):
+    """What the score job does in process: history pass, current pass, signals, per-sample selection."""
+    score_settings = ScoreSettings(**(FP32 | settings))
+    history_nll = None
+    if selection.uses_rel and history is not None:
+        history_nll = [s.nll for s in Scorer(history, score_settings, importance=False).token_signals(sample_ids, ids, masks)]
+    scorer = Scorer(current, score_settings, importance=selection.uses_attention)
+    signals = combine_signals(
+        scorer.token_signals(sample_ids, ids, masks), history_nll, masks,
+        same_checkpoint=history is None, uses_rel=selection.uses_rel, excess=score_settings.excess,
+    )
+    results = []
+    for s, m in zip(signals, masks):
+        score = sample_score(s.sample_id, s.rel, s.attn, m, selection)
+        keep = top_k_mask(score, m, selection_size(selection, int(m.sum())))
+        results.append({"sample_id": s.sample_id, "nll_cur": s.nll_cur, "nll_hist": s.nll_hist, "rel": s.rel,
+                        "attn": s.attn, "score": score, "keep": keep})
+    return scorer, results
+
+
+def _assert_matches_reference(results, reference, masks, fields=FIELDS, atol=1e-4):
+    for got, expected, mask in zip(results, reference, masks):
+        for name in fields:
+            a, b = got[name], expected[name]
+            assert a.dtype == np.float32 and a.shape == mask.shape
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+            np.testing.assert_allclose(a[mask], b[mask], atol=atol, rtol=0, err_msg=f"{got['sample_id']} {name}")
+        np.testing.assert_array_equal(got["keep"], expected["keep"], err_msg=got["sample_id"])
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("layer", [-1, 0])
 def test_fast_path_matches_naive_reference(request, samples, family, layer):
@@ -67,10 +101,9 @@ def test_fast_path_matches_naive_reference(request, samples, family, layer):
     history = request.getfixturevalue(f"{family}_history_dir")
     sample_ids, ids, masks = samples
     # A small budget: several micro-batches, each mixing lengths with right padding.
-    scorer = Scorer(current, history, ScoreSettings(layer=layer, max_batch_tokens=240, **FP32))
-    results = scorer.score_samples(sample_ids, ids, masks)
-    assert [r.sample_id for r in results] == sample_ids
-    assert scorer.forward_counts["current"] >= 3
+    scorer, results = _two_pass(current, history, sample_ids, ids, masks, layer=layer, max_batch_tokens=240)
+    assert [r["sample_id"] for r in results] == sample_ids
+    assert scorer.forward_count >= 3 and scorer.model_loads == 1
     cur, hist = load_eager(current), load_eager(history)
     reference = [naive_scores(cur, hist, x, m, layer=layer) for x, m in zip(ids, masks)]
     _assert_matches_reference(results, reference, masks)
@@ -80,15 +113,14 @@ def test_literal_alignment(llama_dir):
     """Entry i is token i as a target; attention uses query row i (not i-1); turn 2's context holds turn 1."""
     ids = np.array([11, 12, 13, 14, 15, 16, 17, 18])
     trainable = np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=bool)
-    scorer = Scorer(llama_dir, None, ScoreSettings(**FP32))
-    result = scorer.score_samples(["x"], [ids], [trainable])[0]
-    assert np.isnan(result.nll_cur).tolist() == [True, True, False, False, True, True, False, False]
-    assert result.keep[~trainable].sum() == 0 and result.keep.sum() == 3  # ceil(0.6 * 4)
+    result = Scorer(llama_dir, ScoreSettings(**FP32), importance=True).token_signals(["x"], [ids], [trainable])[0]
+    assert np.isnan(result.nll).tolist() == [True, True, False, False, True, True, False, False]
+    assert np.isnan(result.attn).tolist() == np.isnan(result.nll).tolist()
 
     model = load_eager(llama_dir)
     logits = model(input_ids=torch.tensor(ids)[None]).logits[0].float()
     for i in (2, 3, 6, 7):
-        assert result.nll_cur[i] == pytest.approx(-torch.log_softmax(logits[i - 1], -1)[ids[i]].item(), abs=1e-5)
+        assert result.nll[i] == pytest.approx(-torch.log_softmax(logits[i - 1], -1)[ids[i]].item(), abs=1e-5)
     attention = naive_forward(model, ids).attentions[-1][0].numpy()  # [H, T, T]
     assert result.attn[2] == pytest.approx(attention[:, 2, :2].sum(-1).mean(), abs=1e-5)
     assert result.attn[3] == pytest.approx(attention[:, 3, :2].sum(-1).mean(), abs=1e-5)
@@ -99,54 +131,51 @@ def test_literal_alignment(llama_dir):
 
 def test_gamma_one_skips_attention(llama_dir, llama_history_dir, samples):
     sample_ids, ids, masks = samples
-    scorer = Scorer(llama_dir, llama_history_dir, ScoreSettings(gamma=1.0, **FP32))
-    assert scorer.current.config._attn_implementation == "sdpa"
-    results = scorer.score_samples(sample_ids, ids, masks)
+    scorer, results = _two_pass(llama_dir, llama_history_dir, sample_ids, ids, masks, SelectSettings(gamma=1.0))
+    assert scorer.model.config._attn_implementation == "sdpa" and scorer.layer_idx is None
     cur, hist = load_eager(llama_dir), load_eager(llama_history_dir)
     for result, x, m in zip(results, ids, masks):
-        assert np.isnan(result.attn).all()
+        assert np.isnan(result["attn"]).all()
         expected = naive_scores(cur, hist, x, m, gamma=1.0)
-        np.testing.assert_allclose(result.score[m], expected["score"][m], atol=1e-4)
-        np.testing.assert_array_equal(result.keep, expected["keep"])
+        np.testing.assert_allclose(result["score"][m], expected["score"][m], atol=1e-4)
+        np.testing.assert_array_equal(result["keep"], expected["keep"])
 
 
-def test_gamma_zero_skips_history(llama_dir, llama_history_dir, samples):
+def test_gamma_zero_runs_no_history_pass(llama_dir, llama_history_dir, samples):
     sample_ids, ids, masks = samples
-    scorer = Scorer(llama_dir, llama_history_dir, ScoreSettings(gamma=0.0, **FP32))
-    assert scorer.history is None and scorer.current.config._attn_implementation == ATTENTION_IMPLEMENTATION
-    results = scorer.score_samples(sample_ids, ids, masks)
-    assert scorer.forward_counts["history"] == 0
+    scorer, results = _two_pass(llama_dir, llama_history_dir, sample_ids, ids, masks, SelectSettings(gamma=0.0))
+    assert scorer.model.config._attn_implementation == ATTENTION_IMPLEMENTATION
     for result, m in zip(results, masks):
-        assert np.isnan(result.nll_hist).all() and np.isnan(result.rel).all()
-        np.testing.assert_array_equal(result.score[m], result.attn[m])
-        assert not np.isnan(result.nll_cur[m]).any()
+        assert np.isnan(result["nll_hist"]).all() and np.isnan(result["rel"]).all()
+        np.testing.assert_array_equal(result["score"][m], result["attn"][m])
+        assert not np.isnan(result["nll_cur"][m]).any()
 
 
 def test_excess_direction(llama_dir, llama_history_dir, samples):
     sample_ids, ids, masks = samples
-    forward = Scorer(llama_dir, llama_history_dir, ScoreSettings(gamma=1.0, **FP32)).score_samples(sample_ids, ids, masks)
-    reverse = Scorer(
-        llama_dir, llama_history_dir, ScoreSettings(gamma=1.0, excess="current_minus_history", **FP32)
-    ).score_samples(sample_ids, ids, masks)
+    rel_only = SelectSettings(method="rel")
+    _, forward = _two_pass(llama_dir, llama_history_dir, sample_ids, ids, masks, rel_only)
+    _, reverse = _two_pass(llama_dir, llama_history_dir, sample_ids, ids, masks, rel_only, excess="current_minus_history")
     for a, b, m in zip(forward, reverse, masks):
-        np.testing.assert_allclose(b.rel[m], -a.rel[m], atol=1e-6)
-        np.testing.assert_allclose(b.rel[m], b.nll_cur[m] - b.nll_hist[m], atol=1e-6)
+        np.testing.assert_allclose(b["rel"][m], -a["rel"][m], atol=1e-6)
+        np.testing.assert_allclose(b["rel"][m], b["nll_cur"][m] - b["nll_hist"][m], atol=1e-6)
 
 
-@pytest.mark.parametrize("history", ["same", "none"])
-def test_same_checkpoint_skips_history_forward(request, llama_dir, samples, history):
+def test_same_checkpoint_gives_zero_rel_without_a_history_pass(llama_dir, samples):
     sample_ids, ids, masks = samples
-    other = llama_dir if history == "same" else None
-    scorer = Scorer(llama_dir, other, ScoreSettings(**FP32))
-    assert scorer.history is None and scorer.history_fingerprint == scorer.current_fingerprint
-    results = scorer.score_samples(sample_ids, ids, masks)
-    assert scorer.forward_counts["history"] == 0
+    _, results = _two_pass(llama_dir, None, sample_ids, ids, masks)
     cur = load_eager(llama_dir)
     for result, x, m in zip(results, ids, masks):
-        np.testing.assert_array_equal(result.rel[m], 0.0)
-        np.testing.assert_array_equal(result.nll_hist, result.nll_cur)
-        expected = naive_scores(cur, None, x, m)
-        np.testing.assert_array_equal(result.keep, expected["keep"])
+        np.testing.assert_array_equal(result["rel"][m], 0.0)
+        np.testing.assert_array_equal(result["nll_hist"], result["nll_cur"])
+        np.testing.assert_array_equal(result["keep"], naive_scores(cur, None, x, m)["keep"])
+
+
+def test_rel_needs_the_history_pass(llama_dir, samples):
+    sample_ids, ids, masks = samples
+    signals = Scorer(llama_dir, ScoreSettings(**FP32), importance=False).token_signals(sample_ids, ids, masks)
+    with pytest.raises(ValueError, match="REL needs the history NLLs"):
+        combine_signals(signals, None, masks, same_checkpoint=False, uses_rel=True, excess="history_minus_current")
 
 
 def _tokenized_table(sample_ids, ids, masks):
@@ -172,73 +201,50 @@ def _count_forwards(model):
     return counter
 
 
-def test_rescoring_with_cached_history_runs_one_forward_per_batch(llama_dir, llama_history_dir, samples):
+def test_two_passes_one_model_each_give_the_reference_scores(llama_dir, llama_history_dir, samples):
+    """History pass (history model alone) -> history_nll table; current pass joins it by sample_id."""
     sample_ids, ids, masks = samples
     tokenized = _tokenized_table(sample_ids, ids, masks)
     settings = ScoreSettings(max_batch_tokens=240, **FP32)
 
-    first = Scorer(llama_dir, llama_history_dir, settings)
-    current_calls = _count_forwards(first.current)
-    scores, history = score_shard(first, tokenized, None)
-    batches = current_calls["calls"]
-    assert batches >= 3 and first.forward_counts == {"current": batches, "history": batches}
-    validate_table(scores, "scores")
-    validate_table(history, "history_nll")
+    history = Scorer(llama_history_dir, settings, importance=False)
+    table = nll_table(history, tokenized)
+    validate_table(table, "history_nll")
+    assert table.column("sample_id").to_pylist() == sample_ids and history.forward_count >= 3
 
-    second = Scorer(llama_dir, llama_history_dir, settings)
-    current_calls = _count_forwards(second.current)
-    shuffled = history.take(pa.array(np.random.default_rng(0).permutation(history.num_rows)))  # join by id
-    rescored, no_history = score_shard(second, tokenized, shuffled)
-    assert no_history is None
-    assert current_calls["calls"] == batches and second.forward_counts == {"current": batches, "history": 0}
-    assert second.history is None  # never even loaded
-    _assert_tables_equal(rescored, scores)
+    current = Scorer(llama_dir, settings, importance=True)
+    calls = _count_forwards(current.model)
+    shuffled = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))  # joined by id
+    scores = score_shard(current, tokenized, SelectSettings(), history_nll=shuffled)
+    validate_table(scores, "scores")
+    assert calls["calls"] == current.forward_count >= 3  # one forward per micro-batch, no other model
+    cur, hist = load_eager(llama_dir), load_eager(llama_history_dir)
+    for row, (x, m) in enumerate(zip(ids, masks)):
+        expected = naive_scores(cur, hist, x, m)
+        got = {name: np.asarray(scores.column(name)[row].as_py(), np.float32) for name in FIELDS}
+        got |= {"sample_id": sample_ids[row], "keep": np.asarray(scores.column("keep")[row].as_py())}
+        _assert_matches_reference([got], [expected], [m])
     assert scores.column("n_kept").to_pylist() == [int(np.ceil(0.6 * m.sum() - 1e-9)) for m in masks]
     assert scores.column("n_tokens").to_pylist() == [len(x) for x in ids]
+    assert scores.column("n_trainable").to_pylist() == [int(m.sum()) for m in masks]
+
+    # The same history pass again gives the same table, bit for bit (fp32): the cache may reuse it.
+    _assert_tables_equal(nll_table(Scorer(llama_history_dir, settings, importance=False), tokenized), table)
 
 
-def test_history_pass_alone_gives_the_combined_paths_history_nlls(llama_dir, llama_history_dir, samples):
-    """Phase 1 of the job (history model alone) = the nll_hist of the two-model Scorer, bit for bit in fp32."""
-    sample_ids, ids, masks = samples
-    tokenized = _tokenized_table(sample_ids, ids, masks)
-    settings = ScoreSettings(max_batch_tokens=240, **FP32)
-    combined, _ = score_shard(Scorer(llama_dir, llama_history_dir, settings), tokenized, None)
-
-    alone = history_scorer(llama_history_dir, settings)
-    assert alone.models_resident == 1 and alone.model_loads == 1 and not alone.uses_attention
-    assert alone.current_fingerprint == Scorer(llama_dir, llama_history_dir, settings).history_fingerprint
-    table = history_nll_table(alone, tokenized)
-    validate_table(table, "history_nll")
-    assert table.column("sample_id").to_pylist() == sample_ids
-    for got, expected in zip(table.column("nll").to_pylist(), combined.column("nll_hist").to_pylist()):
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
-
-    # Phase 2: the current model with that table never loads the history model, same scores.
-    scorer = Scorer(llama_dir, llama_history_dir, settings)
-    rescored, no_history = score_shard(scorer, tokenized, table)
-    assert no_history is None and scorer.history is None and scorer.models_resident == 1
-    assert scorer.forward_counts["history"] == 0 and scorer.model_loads == 1
-    _assert_tables_equal(rescored, combined)
-    with pytest.raises(ValueError, match="history_scorer"):
-        history_nll_table(scorer, tokenized)
-
-
-def test_score_shard_without_history_model_returns_no_history_table(llama_dir, samples):
-    scores, history = score_shard(Scorer(llama_dir, None, ScoreSettings(**FP32)), _tokenized_table(*samples), None)
-    assert history is None and scores.num_rows == len(samples[0])
-
-
-def test_tokenized_table_without_needed_columns_is_refused(llama_dir, samples):
-    table = _tokenized_table(*samples).drop_columns(["trainable"])
+def test_score_shard_refusals(llama_dir, llama_history_dir, samples):
+    tokenized = _tokenized_table(*samples)
+    nll_only = Scorer(llama_dir, ScoreSettings(**FP32), importance=False)
+    with pytest.raises(ValueError, match="needs attention importance"):
+        score_shard(nll_only, tokenized, SelectSettings())
     with pytest.raises(ValueError, match="lacks column\\(s\\) trainable"):
-        score_shard(Scorer(llama_dir, None, ScoreSettings(**FP32)), table, None)
-
-
-def test_history_table_missing_a_sample_is_refused(llama_dir, llama_history_dir, samples):
-    scorer = Scorer(llama_dir, llama_history_dir, ScoreSettings(**FP32))
+        score_shard(nll_only, tokenized.drop_columns(["trainable"]), SelectSettings(method="full"))
     partial = pa.Table.from_pylist([{"sample_id": "s0", "nll": [0.0]}], schema=arrow_schema("history_nll"))
     with pytest.raises(ValueError, match="lacks 6 of this shard's samples"):
-        score_shard(scorer, _tokenized_table(*samples), partial)
+        score_shard(nll_only, tokenized, SelectSettings(method="rel"), history_nll=partial)
+    # Methods without REL or attention need neither the history pass nor importance.
+    scores = score_shard(nll_only, tokenized, SelectSettings(method="random"))
+    assert np.isnan(np.concatenate(scores.column("attn").to_pylist(), dtype=np.float32)).all()
 
 
 def test_bf16_keeps_the_same_tokens_as_fp32(llama_dir, llama_history_dir, samples):
@@ -247,52 +253,68 @@ def test_bf16_keeps_the_same_tokens_as_fp32(llama_dir, llama_history_dir, sample
     ids = list(ids) + [rng.integers(0, 300, 200) for _ in range(6)]
     masks = list(masks) + [np.arange(200) >= 40 for _ in range(6)]
     sample_ids = [f"s{i}" for i in range(len(ids))]
-    exact = Scorer(llama_dir, llama_history_dir, ScoreSettings(**FP32)).score_samples(sample_ids, ids, masks)
-    fast = Scorer(llama_dir, llama_history_dir, ScoreSettings(dtype="bfloat16", device="cpu"))
+    _, exact = _two_pass(llama_dir, llama_history_dir, sample_ids, ids, masks)
+    fast, approx = _two_pass(llama_dir, llama_history_dir, sample_ids, ids, masks, dtype="bfloat16")
     assert fast.dtype_name == "bfloat16-mixed"
-    approx = fast.score_samples(sample_ids, ids, masks)
-    same = sum(int((a.keep[m] == b.keep[m]).sum()) for a, b, m in zip(exact, approx, masks))
+    same = sum(int((a["keep"][m] == b["keep"][m]).sum()) for a, b, m in zip(exact, approx, masks))
     total = sum(int(m.sum()) for m in masks)
     assert same / total >= 0.99, f"bf16 keep agreement {same / total:.4f}"
 
 
 @pytest.mark.parametrize(
-    ("settings", "field"), [({"ratio": 0.0}, "ratio"), ({"ratio": 1.2}, "ratio"), ({"gamma": -0.1}, "gamma"),
-                            ({"gamma": 1.5}, "gamma"), ({"max_batch_tokens": 0}, "max_batch_tokens")]
+    ("settings", "field"), [({"max_batch_tokens": 0}, "max_batch_tokens"), ({"dtype": "float16"}, "dtype")]
 )
 def test_bad_settings_name_the_field(settings, field):
     with pytest.raises(ValidationError, match=field):
         ScoreSettings(**settings)
 
 
+@pytest.mark.parametrize(
+    ("settings", "field"), [({"ratio": 0.0}, "ratio"), ({"ratio": 1.2}, "ratio"), ({"gamma": -0.1}, "gamma"),
+                            ({"gamma": 1.5}, "gamma"), ({"method": "rho1"}, "method"), ({"seed": -1}, "seed")]
+)
+def test_bad_selection_settings_name_the_field(settings, field):
+    with pytest.raises(ValidationError, match=field):
+        SelectSettings(**settings)
+
+
 def test_layer_out_of_range(llama_dir):
     with pytest.raises(ValueError, match="layer 2 is out of range.*2 layers"):
-        Scorer(llama_dir, None, ScoreSettings(layer=2, **FP32))
+        Scorer(llama_dir, ScoreSettings(layer=2, **FP32), importance=True)
     with pytest.raises(ValueError, match="layer -3 is out of range"):
-        Scorer(llama_dir, None, ScoreSettings(layer=-3, **FP32))
-    # Without attention (gamma 1, the history pass) the layer plays no part and is not checked.
-    assert history_scorer(llama_dir, ScoreSettings(layer=5, **FP32)).layer_idx is None
+        Scorer(llama_dir, ScoreSettings(layer=-3, **FP32), importance=True)
+    # Without importance (the history pass) the layer plays no part and is not checked.
+    assert Scorer(llama_dir, ScoreSettings(layer=5, **FP32), importance=False).layer_idx is None
 
 
 @pytest.mark.parametrize(
-    ("ids", "masks", "history", "message"),
+    ("ids", "masks", "message"),
     [
-        ([np.array([1, 2, 3])], [np.array([0, 1], bool)], None, "trainable has 2 entries but input_ids has 3"),
-        ([np.array([1, 2, 3])], [np.array([1, 1, 0], bool)], None, "trainable\\[0\\] is true"),
-        ([np.array([1, 2, 99999])], [np.array([0, 1, 1], bool)], None, "token ids must lie in"),
-        ([np.array([1, 2, 3])], [np.array([0, 1, 1])], None, "trainable must be boolean"),
-        ([np.array([], dtype=np.int64)], [np.array([], bool)], None, "non-empty"),
-        ([np.array([1, 2, 3])], [np.array([0, 1, 1], bool)], [np.array([np.nan, 1.0])], "history_nll has 2 entries"),
-        ([np.array([1, 2, 3])], [np.array([0, 1, 1], bool)], [np.array([np.nan, 1.0, np.nan])], "NaN at a target"),
+        ([np.array([1, 2, 3])], [np.array([0, 1], bool)], "trainable has 2 entries but input_ids has 3"),
+        ([np.array([1, 2, 3])], [np.array([1, 1, 0], bool)], "trainable\\[0\\] is true"),
+        ([np.array([1, 2, 99999])], [np.array([0, 1, 1], bool)], "token ids must lie in"),
+        ([np.array([1, 2, 3])], [np.array([0, 1, 1])], "trainable must be boolean"),
+        ([np.array([], dtype=np.int64)], [np.array([], bool)], "non-empty"),
     ],
 )
-def test_bad_inputs_are_named(llama_dir, llama_history_dir, ids, masks, history, message):
-    scorer = Scorer(llama_dir, llama_history_dir, ScoreSettings(**FP32))
+def test_bad_inputs_are_named(llama_dir, ids, masks, message):
+    scorer = Scorer(llama_dir, ScoreSettings(**FP32), importance=True)
     with pytest.raises(ValueError, match=message):
-        scorer.score_samples(["bad"], ids, masks, history)
+        scorer.token_signals(["bad"], ids, masks)
+
+
+@pytest.mark.parametrize(
+    ("history", "message"),
+    [([np.array([np.nan, 1.0])], "history_nll has 2 entries"), ([np.array([np.nan, 1.0, np.nan])], "NaN at a target")],
+)
+def test_bad_history_nlls_are_named(llama_dir, history, message):
+    mask = np.array([0, 1, 1], bool)
+    signals = Scorer(llama_dir, ScoreSettings(**FP32), importance=False).token_signals(["bad"], [np.array([1, 2, 3])], [mask])
+    with pytest.raises(ValueError, match=message):
+        combine_signals(signals, history, [mask], same_checkpoint=False, uses_rel=True, excess="history_minus_current")
 
 
 def test_mismatched_list_lengths(llama_dir):
-    scorer = Scorer(llama_dir, None, ScoreSettings(**FP32))
+    scorer = Scorer(llama_dir, ScoreSettings(**FP32), importance=False)
     with pytest.raises(ValueError, match="same length"):
-        scorer.score_samples(["a", "b"], [np.array([1, 2])], [np.array([0, 1], bool)])
+        scorer.token_signals(["a", "b"], [np.array([1, 2])], [np.array([0, 1], bool)])

@@ -1,0 +1,169 @@
+"""A selection over a scores folder: per-shard work (plain functions Ray can run) and the driver.
+
+Both stages that select call `plan_selection`, then `apply_selection`: the score stage at its
+end, over the shards it just wrote, and the select stage over an existing scores folder. One code path, so re-selecting
+gives the bytes a fresh scoring at those settings gives, and no model runs.
+
+The shards are rewritten in place: each keeps its progress record (its run key) and the record
+gains the `selection` it now holds. A shard whose record already carries this selection, with
+the file still at the recorded checksum, is left alone, so a rerun after a kill redoes only the
+shards still to rewrite. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.artifacts.files import read_shard
+from pipeline.artifacts.schemas import arrow_schema
+from pipeline.artifacts.stage_output import commit_shard, read_record
+from pipeline.core.errors import UserError
+from pipeline.core.fingerprint import sha256_file
+from pipeline.engine import global_selection
+from pipeline.engine.global_selection import ParallelMap, serial_map
+from pipeline.engine.keep_tables import CorpusSelection, selected_table, shard_rel_stats
+from pipeline.engine.methods import RelStats, rel_guard, same_checkpoint_refusal
+from pipeline.engine.select_settings import SelectSettings
+
+
+class SelectError(UserError):
+    """A scores folder that cannot be selected from; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class SelectShard:
+    """One score shard, rewritten in place, and the tokenized shard that gives its trainable mask."""
+
+    file: str
+    folder: str
+    tokenized_path: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder) / self.file
+
+
+def selection_record(settings: SelectSettings, rel_is_noise: bool = False) -> dict[str, Any]:
+    """The `selection` a shard's record carries for a per-sample selection (the score stage writes
+    this one with each shard; the select step compares against it)."""
+    key = settings.selection_key()
+    return key | {"rel_is_noise": rel_is_noise} if settings.uses_rel else key
+
+
+def _joined(shard: SelectShard) -> tuple[Any, Any]:
+    """The shard's scores (canonical schema, so a rewrite is byte-identical to a fresh write) and its trainable column."""
+    scores = read_shard(shard.path, "scores").cast(arrow_schema("scores"))
+    tokenized = pq.read_table(shard.tokenized_path, columns=["sample_id", "trainable"])
+    if not scores.column("sample_id").equals(tokenized.column("sample_id")):
+        raise SelectError(f"{shard.path} and {shard.tokenized_path} list different samples; rerun `sstoken score`")
+    return scores, tokenized.column("trainable")
+
+
+def rel_stats_of_shard(shard: SelectShard) -> RelStats:
+    """Pass 0 (methods that use REL): the shard's target count and largest |REL|."""
+    scores, trainable = _joined(shard)
+    return shard_rel_stats(scores, trainable)
+
+
+def rewrite_selection(
+    shard: SelectShard, record_selection: dict[str, Any], selection: CorpusSelection, threshold: int | None = None,
+    ties: int = 0,
+) -> dict[str, Any]:
+    """One shard's score, keep and n_kept from its stored signals, committed with its record; skipped
+    when the record already carries `record_selection` and the file its recorded checksum.
+    A global selection passes the threshold key and the shard's tie quota."""
+    record = read_record(Path(shard.folder), shard.file)
+    if record is None:
+        raise SelectError(
+            f"{shard.path} has no progress record: it was not written by `sstoken score` or the record was lost; "
+            "rerun `sstoken score` for this folder"
+        )
+    if record.get("selection") == record_selection and sha256_file(shard.path) == record.get("sha256"):
+        return record
+    scores, trainable = _joined(shard)
+    if selection.settings.granularity == "global":
+        table = global_selection.apply_threshold(scores, trainable, selection, threshold, ties)
+    else:
+        table = selected_table(scores, trainable, selection)
+    update = {"selection": record_selection, "kept": int(pc.sum(table.column("n_kept")).as_py() or 0)}
+    return commit_shard(Path(shard.folder), shard.file, table, record | update)
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """A selection checked against the corpus, before anything is written."""
+
+    selection: CorpusSelection
+    record: dict[str, Any]  # the `selection` every shard's record will carry (global: plus k, threshold, ties)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SelectionOutcome:
+    """What a selection did: the manifest's `selection` section, each shard's record, how many were rewritten."""
+
+    selection: dict[str, Any]
+    records: list[dict[str, Any]]
+    rewritten: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_selection(
+    shards: Sequence[SelectShard],
+    settings: SelectSettings,
+    *,
+    same_checkpoint: bool,
+    parallel_map: ParallelMap = serial_map,
+) -> SelectionPlan:
+    """Check a selection against the corpus; every refusal happens here, before any shard is rewritten.
+
+    Refuses a REL-only method over one checkpoint, REL missing at targets, and a REL-only method
+    whose REL is below the floor everywhere; for other methods REL below the floor counts as 0 and
+    the plan carries a warning.
+    """
+    if same_checkpoint and settings.uses_rel:
+        same_checkpoint_refusal(settings)
+    warnings: list[str] = []
+    noise = False
+    if settings.uses_rel:
+        stats = RelStats()
+        for shard_stats in parallel_map(rel_stats_of_shard, [(s,) for s in shards]):
+            stats = stats.merge(shard_stats)
+        warnings = rel_guard(settings, stats)
+        noise = stats.is_noise
+    return SelectionPlan(CorpusSelection(settings, rel_is_noise=noise), selection_record(settings, noise), warnings)
+
+
+def apply_selection(
+    shards: Sequence[SelectShard], plan: SelectionPlan, parallel_map: ParallelMap = serial_map
+) -> SelectionOutcome:
+    """Rewrite every shard whose record does not carry the plan's selection (the caller holds the folder's lock)."""
+    before = [(read_record(Path(s.folder), s.file) or {}).get("sha256") for s in shards]
+    common = plan.record
+    if plan.selection.settings.granularity == "global":
+        records, common = _select_globally(shards, plan.selection, common, parallel_map)
+    else:
+        records = list(parallel_map(rewrite_selection, [(s, common, plan.selection) for s in shards]))
+    rewritten = sum(b != r["sha256"] for b, r in zip(before, records))
+    section = common | ({"warnings": plan.warnings} if plan.warnings else {})
+    return SelectionOutcome(selection=section, records=records, rewritten=rewritten, warnings=plan.warnings)
+
+
+def _select_globally(
+    shards: Sequence[SelectShard], selection: CorpusSelection, common: dict[str, Any], parallel_map: ParallelMap
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Exact corpus-wide top-k: three histogram/count passes, then one rewrite per shard."""
+    pairs = [(s.path, Path(s.tokenized_path)) for s in shards]
+    total = sum(int(pc.sum(pq.read_table(s.tokenized_path, columns=["n_trainable"]).column(0)).as_py() or 0) for s in shards)
+    k = global_selection.selection_size(selection, total)
+    threshold, quotas = global_selection.find_threshold(pairs, selection, k, parallel_map=parallel_map)
+    common = common | {"k": k, "threshold": threshold.as_dict() if threshold else None}
+    key = threshold.key if threshold else None
+    rewrites = [(s, common | {"ties": q}, selection, key, q) for s, q in zip(shards, quotas)]
+    return list(parallel_map(rewrite_selection, rewrites)), common
