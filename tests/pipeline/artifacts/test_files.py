@@ -10,12 +10,15 @@ import pytest
 
 from pipeline.artifacts.files import (
     ArtifactError,
+    base_manifest,
     exclusive_output,
     read_manifest,
+    refuse_repeated_sample_ids,
     remove_stale_temporaries,
     shard_is_valid,
     shard_name,
     verify_shards,
+    write_manifest,
     write_parquet_atomic,
 )
 from pipeline.core.fingerprint import sha256_file
@@ -48,8 +51,9 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
 def test_stale_temporaries_are_removed(tmp_path):
     (tmp_path / ".part-00000.parquet.tmp-9-abc").write_bytes(b"x")
     (tmp_path / "part-00001.parquet").write_bytes(b"x")
+    (tmp_path / ".notes.tmp-draft").write_bytes(b"a user's file, not one of our temporaries")
     remove_stale_temporaries(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["part-00001.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp-draft", "part-00001.parquet"]
 
 
 def test_verify_shards_names_the_broken_file(tmp_path):
@@ -87,3 +91,37 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     holder.join()
     with exclusive_output(tmp_path):
         pass
+
+
+def _listed(folder, rows):
+    digest = write_parquet_atomic(pa.table({"sample_id": [f"s{i}" for i in range(rows)]}), folder / "part-00000.parquet")
+    return {"file": "part-00000.parquet", "rows": rows, "sha256": digest}
+
+
+def test_manifest_that_is_not_an_object_names_the_file(tmp_path):
+    (tmp_path / "manifest.json").write_text('["part-00000.parquet"]')
+    with pytest.raises(ArtifactError, match=r"manifest.json is not a manifest: it holds a JSON list, not an object"):
+        read_manifest(tmp_path)
+
+
+def test_manifest_listing_a_shard_twice_is_refused(tmp_path):
+    entry = _listed(tmp_path, 2)
+    write_manifest(tmp_path, base_manifest("tokenized", {}) | {"shards": [entry, entry], "counts": {}})
+    with pytest.raises(ArtifactError, match="lists part-00000.parquet more than once"):
+        read_manifest(tmp_path)
+
+
+def test_an_edited_row_count_is_a_manifest_problem(tmp_path):
+    entry = _listed(tmp_path, 2)
+    with pytest.raises(ArtifactError, match=r"manifest.json says part-00000.parquet has 5 rows, the file has 2; the manifest"):
+        verify_shards(tmp_path, {"shards": [entry | {"rows": 5}]})
+
+
+def test_a_sample_id_twice_across_shards_is_refused(tmp_path):
+    first = _listed(tmp_path, 2)
+    (tmp_path / "part-00000.parquet").rename(tmp_path / "part-00001.parquet")
+    second = _listed(tmp_path, 3)
+    manifest = {"shards": [second, first | {"file": "part-00001.parquet"}]}
+    with pytest.raises(ArtifactError, match=r"holds sample id 's0' twice \(part-00000.parquet and part-00001.parquet\)"):
+        refuse_repeated_sample_ids(tmp_path, manifest)
+    refuse_repeated_sample_ids(tmp_path, {"shards": [second]})

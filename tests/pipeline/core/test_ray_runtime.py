@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from pipeline.core import ray_runtime
+from pipeline.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -80,3 +82,26 @@ def _power(base: int, exponent: int) -> int:
 def test_ordered_map_keeps_argument_order(ray_local):
     results = list(ray_runtime.ordered_map(_power, [(2, i) for i in range(7)], num_cpus=0.5, window=2))
     assert results == [2**i for i in range(7)]
+
+
+def test_an_unreachable_cluster_is_one_clear_line_within_the_timeout():
+    started = time.monotonic()
+    with pytest.raises(ray_runtime.ClusterUnreachable) as refused:
+        ray_runtime.wait_for_cluster("127.0.0.1:1", timeout_s=1.0)
+    assert 1.0 <= time.monotonic() - started < 10
+    message = str(refused.value)
+    assert message.startswith("cannot reach the Ray cluster at 127.0.0.1:1: ") and "waited 1 s" in message
+    assert "\n" not in message and isinstance(refused.value, UserError)
+
+
+def test_ray_errors_lose_colour_codes_and_tracebacks():
+    noisy = "\x1b[31mFailed to connect to GCS.\x1b[0m\nTraceback (most recent call last):\n  ..."
+    message = str(ray_runtime._unreachable("ray://10.0.0.1:10001", noisy))
+    assert "\x1b" not in message and "\n" not in message and "Failed to connect to GCS;" in message
+
+
+def test_cluster_addresses_that_can_be_probed():
+    assert ray_runtime._host_port("127.0.0.1:6379") == ("127.0.0.1", 6379)
+    assert ray_runtime._host_port("ray://head:10001") == ("head", 10001)
+    assert ray_runtime._host_port("[::1]:6379") == ("::1", 6379)
+    assert ray_runtime._host_port("auto") is None
