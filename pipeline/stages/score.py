@@ -1,12 +1,12 @@
 """The scoring stage: tokenized shards in, score shards and a manifest out, exactly once, on Ray.
 
-    run_score_job(ScoreJobConfig(data=..., current=..., history=..., output=...)) -> summary dict
+    run_score_job(ScoreJobConfig(data=..., current=..., history=..., output=...)) -> StageSummary
 
 Why Ray core (actors + tasks) and not Ray Data: the unit of work is one input shard, and each
 shard must become one output file with the same name, written atomically and validated on a
 rerun. A pool of long-lived actors, each holding its model (loaded once), takes one shard at a
-time and writes `OUTPUT/<input shard name>` through a temporary name and a rename, then a
-`_progress/<name>.json` record. Ray Data would split and merge blocks across shards, name its
+time and commits `OUTPUT/<input shard name>` with its `_progress/<name>.json` record
+(`pipeline.artifacts.stage_output`: temporary name, record, rename). Ray Data would split and merge blocks across shards, name its
 output files randomly and write them with no per-shard commit point, so a killed job could leave
 half a shard or a duplicate; the actor pool keeps the shard boundary as the commit boundary, and
 the driver only hands out shard paths and collects small records (no tensors pass through the
@@ -16,7 +16,9 @@ Exactly once: a shard counts as done when its record carries this run's key (sco
 the signals computed, checkpoint and data fingerprints, the input shard's checksum) and the file's sha256, row count,
 schema and sample ids all check out (`pipeline.stages.score_shards`); anything else is redone. An actor
 that dies (a node lost, an out-of-memory kill) is replaced and its shard handed out again. The
-manifest is removed when a run starts and written last, so its presence means "complete".
+output folder is a `StageOutput`: locked, refused when it holds files the stage did not write
+(unless --overwrite) or lies inside --data; its manifest is removed only once the cluster answered
+and the inputs checked out, and written last, so its presence means "complete".
 Output and cache folders must be visible to every node (a local disk on one machine, a shared
 file system on a cluster).
 
