@@ -2,7 +2,9 @@
 
 A fixed history model (the base model, say) gives the same NLLs every round, so they are computed
 once and stored under a folder keyed by everything that determines them: the checkpoint
-fingerprint, the tokenized data's fingerprint and the compute dtype. One Parquet file per
+fingerprint, the tokenized data's key and the compute dtype. The data key is a digest of the
+tokenized shards' checksums, each verified against its file before use (`sstoken score`), never
+the manifest's editable data_fingerprint: a changed shard never meets stale NLLs. One Parquet file per
 tokenized shard, same file name, written atomically; an unreadable or malformed file counts as
 absent and is recomputed.
 """

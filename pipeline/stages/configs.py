@@ -34,7 +34,8 @@ class PrepareConfig(StageConfig):
     chat_template: Path | None = Field(None, description="Jinja chat template file, for tokenizers without one (or to override it).")
     trust_remote_code: bool = Field(False, description="Allow the tokenizer folder's own Python code to run.")
     overwrite: bool = setting(
-        False, description="Replace an output folder that holds a different prepared corpus.", run_key=False
+        False, description="Write into an output folder holding other files or a corpus made from other inputs or "
+        "settings (files of other names are left as they are).", run_key=False
     )
 
     @field_validator("max_length", "rows_per_shard")
