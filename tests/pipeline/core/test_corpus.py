@@ -35,9 +35,12 @@ def test_json_array_object_and_jsonl_named_json(tmp_path):
 
 
 def test_broken_json_file_is_one_rejected_record(tmp_path):
-    (tmp_path / "broken.json").write_text('[{"prompt": ')
+    (tmp_path / "broken.json").write_text('{"data": [{"prompt": ')
     (got,) = records(tmp_path / "broken.json")
     assert (got.locator, got.reason) == ("file", "invalid_json")
+    (tmp_path / "broken_array.json").write_text('[{"prompt": ')  # an array: its one (unfinished) entry
+    (got,) = records(tmp_path / "broken_array.json")
+    assert (got.locator, got.reason) == ("row 0", "invalid_json")
 
 
 def test_parquet_and_datasets_folder(tmp_path):
@@ -79,3 +82,115 @@ def test_empty_files_yield_nothing(tmp_path):
     (tmp_path / "empty.json").write_text("  \n")
     assert records(tmp_path / "empty.jsonl") == []
     assert records(tmp_path / "empty.json") == []
+
+
+def reasons(path, **options):
+    return [(r.locator, r.reason) for source in resolve_inputs([path]) for r in iter_records(source, **options)]
+
+
+def test_line_nested_past_the_recursion_limit_is_one_rejected_row(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text("[" * 100_000 + "\n" + '{"a": ' * 200 + "1" + "}" * 200 + "\n" + json.dumps(ROW) + "\n")
+    assert reasons(path) == [("line 1", "too_deeply_nested"), ("line 2", "too_deeply_nested"), ("line 3", None)]
+
+
+def test_lone_surrogate_is_rejected_with_its_place(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "Q\\ud800", "response": "A"}\n{"\\udfff": 1}\n' + json.dumps(ROW) + "\n")
+    got = records(path)
+    assert [(r.locator, r.reason) for r in got] == [("line 1", "invalid_unicode"), ("line 2", "invalid_unicode"), ("line 3", None)]
+    assert "lone surrogate" in got[0].detail
+    got[0].detail.encode("utf-8")  # the detail itself can be written to Parquet
+
+
+def test_parquet_corrupted_mid_file_keeps_the_other_row_groups(tmp_path):
+    path = tmp_path / "c.parquet"
+    rows = [{"prompt": f"question {i} " + "x" * 200, "response": "a" * 300} for i in range(30)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=10)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    data[column.data_page_offset : column.data_page_offset + 100] = b"A" * 100
+    path.write_bytes(bytes(data))
+    got = records(path)
+    good = [r for r in got if r.row is not None]
+    assert [r.locator for r in good] == [f"row {i}" for i in [*range(10), *range(20, 30)]]
+    (bad,) = [r for r in got if r.row is None]
+    assert (bad.locator, bad.reason) == ("row group 1 (rows 10-19)", "unreadable_file")
+
+
+def test_json_array_with_bad_entries_rejects_only_those_entries(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_bytes(b'[\n' + json.dumps(ROW).encode() + b',\n{oops, "x": [1, "]"]},\n"a string",\n'
+                     + b'{"prompt": "caf\xe9", "response": "A"},\n' + json.dumps(ROW).encode() + b'\n]\n')
+    assert reasons(path) == [("row 0", None), ("row 1", "invalid_json"), ("row 2", "invalid_json"),
+                             ("row 3", "undecodable_bytes"), ("row 4", None)]
+
+
+def test_unclosed_json_array_keeps_the_entries_before_the_break(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text("[" + json.dumps(ROW) + ', {"prompt": "unterminated')
+    assert reasons(path) == [("row 0", None), ("row 1", "invalid_json")]
+
+
+def test_byte_order_mark_is_not_a_lost_row(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(ROW).encode() + b"\n" + json.dumps(ROW).encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([ROW]).encode())
+    assert [r.row for r in records(tmp_path / "bom.jsonl")] == [ROW, ROW]
+    assert [r.row for r in records(tmp_path / "bom.json")] == [ROW]
+
+
+def test_parquet_under_a_jsonl_name_says_it_looks_like_parquet(tmp_path):
+    pq.write_table(pa.Table.from_pylist([ROW]), tmp_path / "data.jsonl")
+    (got,) = records(tmp_path / "data.jsonl")
+    assert (got.locator, got.reason) == ("file", "unreadable_file")
+    assert "looks like a Parquet file" in got.detail and ".parquet" in got.detail
+
+
+def test_row_size_limit_is_checked_before_parsing(tmp_path):
+    big = {"prompt": "Q", "response": "A" * 5000}
+    jsonl = tmp_path / "big.jsonl"
+    jsonl.write_bytes(json.dumps(big).encode() + b"\n" + b"{" * 20_000 + b"\n" + json.dumps(ROW).encode() + b"\n")
+    assert reasons(jsonl, max_row_bytes=1000) == [("line 1", "row_too_large"), ("line 2", "row_too_large"), ("line 3", None)]
+    (tmp_path / "big.json").write_text(json.dumps([big, ROW]))
+    assert reasons(tmp_path / "big.json", max_row_bytes=1000) == [("row 0", "row_too_large"), ("row 1", None)]
+    pq.write_table(pa.Table.from_pylist([big, ROW]), tmp_path / "big.parquet")
+    got = records_with(tmp_path / "big.parquet", max_row_bytes=1000)
+    assert [(r.locator, r.reason) for r in got] == [("row 0", "row_too_large"), ("row 1", None)]
+    assert "over the limit of 1000 bytes" in got[0].detail
+
+
+def records_with(path, **options):
+    return [r for source in resolve_inputs([path]) for r in iter_records(source, **options)]
+
+
+def test_a_file_given_twice_or_through_its_folder_is_read_once(tmp_path, caplog):
+    (tmp_path / "a.jsonl").write_text(json.dumps(ROW) + "\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "a.jsonl")
+    sources = resolve_inputs([tmp_path / "a.jsonl", tmp_path, tmp_path / "a.jsonl"])
+    assert [s.path for s in sources] == [tmp_path / "a.jsonl"]
+    assert "given more than once" in caplog.text
+
+
+def test_symlink_loops_walk_each_real_folder_once(tmp_path):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "x.jsonl").write_text(json.dumps(ROW) + "\n")
+    (root / "a" / "loop").symlink_to(root)  # a link back to an ancestor
+    (root / "a" / "to_b").symlink_to(root / "b")  # two links that point at each other's folders
+    (root / "b" / "to_a").symlink_to(root / "a")
+    sources = resolve_inputs([root])
+    assert [s.path for s in sources] == [root / "a" / "x.jsonl"]
+
+
+def test_json_array_edges(tmp_path):
+    cases = {
+        "[]": [],
+        "[" + json.dumps(ROW) + ",]": [("row 0", None)],  # a trailing comma loses nothing
+        "[" + json.dumps(ROW) + ",,3]": [("row 0", None), ("row 1", "invalid_json"), ("row 2", "invalid_json")],
+        "[" + json.dumps(ROW) + ",": [("row 0", None), ("row 1", "invalid_json")],  # cut short
+        "[" + json.dumps(ROW) + "] 7": [("row 0", None), ("after the array", "invalid_json")],
+    }
+    for index, (text, expected) in enumerate(cases.items()):
+        (tmp_path / f"{index}.json").write_text(text)
+        assert reasons(tmp_path / f"{index}.json") == expected, text
