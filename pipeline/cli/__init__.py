@@ -7,9 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import demo, models, prepare, score
+from pipeline.cli import demo, models, prepare, score, select
 
-SUBCOMMANDS = (prepare, score, models, demo)
+SUBCOMMANDS = (prepare, score, select, models, demo)
 
 # Errors that mean "bad input or setup": shown as one clear line, exit status 2.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)

@@ -14,9 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.engine.methods import RelStats, sample_score, selection_size
+from pipeline.engine.methods import RelStats, sample_keep, sample_score
 from pipeline.engine.select_settings import SelectSettings
-from pipeline.engine.selection import top_k_mask
 
 
 def flat_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -103,7 +102,7 @@ def selected_table(
         if selection.settings.granularity != "sample":
             raise ValueError("a global selection passes its keep mask; this is a bug")
         masks = row_arrays(trainable, bool)
-        keep_rows = [top_k_mask(s, m, selection_size(selection.settings, int(m.sum()))) for s, m in zip(rows, masks)]
+        keep_rows = [sample_keep(s, m, selection.settings) for s, m in zip(rows, masks)]
         keep = np.concatenate(keep_rows) if keep_rows else np.zeros(0, bool)
     score = np.concatenate(rows) if rows else np.zeros(0, np.float32)
     return with_selection(scores, score, keep)

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.core.errors import UserError
 from pipeline.engine.select_settings import SelectSettings
-from pipeline.engine.selection import combine, keep_count, minmax_normalise
+from pipeline.engine.selection import combine, keep_count, minmax_normalise, top_k_mask
 
 # |REL| below this at every target of the corpus is numerical noise, not a signal (nats). A re-saved
 # copy of a checkpoint gives ~1e-7 in float32; a single optimiser step of SFT moves NLLs by far
@@ -161,3 +161,8 @@ def selection_size(settings: SelectSettings, n_trainable: int) -> int:
     if settings.method == "tokencleaning":
         return min(n_trainable, math.floor(round(settings.ratio * n_trainable, 9)))
     return keep_count(settings.keep_ratio, n_trainable)
+
+
+def sample_keep(score: np.ndarray, trainable: np.ndarray, settings: SelectSettings) -> np.ndarray:
+    """The per-sample keep mask: the method's `selection_size` highest scores, ties to the earlier position."""
+    return top_k_mask(score, trainable, selection_size(settings, int(np.count_nonzero(trainable))))

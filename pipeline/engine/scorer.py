@@ -37,6 +37,7 @@ from pipeline.core.checkpoints import checkpoint_fingerprint, load_model
 from pipeline.engine.attention import REQUEST_KWARG, ImportanceRequest, register_importance_attention
 from pipeline.engine.batching import length_sorted_batches, right_padded
 from pipeline.engine.keep_tables import CorpusSelection, row_arrays, selected_table
+from pipeline.engine.methods import sample_keep, sample_score
 from pipeline.engine.nll import output_head, target_nll
 from pipeline.engine.precision import MIXED_BFLOAT16, compute_precision, load_dtype, precision_name, to_mixed_precision
 from pipeline.engine.select_settings import SelectSettings
@@ -256,6 +257,38 @@ def combine_signals(
         rel = nll_hist - signals.nll if excess == "history_minus_current" else signals.nll - nll_hist
         attn = signals.attn if signals.attn is not None else nan
         out.append(SampleSignals(signals.sample_id, signals.nll, nll_hist, rel.astype(np.float32), attn))
+    return out
+
+
+@dataclass
+class SampleScores(SampleSignals):
+    """A sample's signals plus its per-sample selection: `score` and `keep` (full length)."""
+
+    score: np.ndarray
+    keep: np.ndarray
+
+
+def score_samples(
+    scorer: Scorer,
+    sample_ids: Sequence[str],
+    input_ids: Sequence[np.ndarray],
+    trainable: Sequence[np.ndarray],
+    selection: SelectSettings,
+    *,
+    history_nll: Sequence[np.ndarray] | None = None,
+    same_checkpoint: bool = False,
+) -> list[SampleScores]:
+    """The current pass over samples in memory (benchmarks, notebooks): signals, then the per-sample
+    selection, in input order. `history_nll`: the history pass's NLLs (full length), needed when the
+    selection uses REL and the checkpoints differ."""
+    signals = combine_signals(
+        scorer.token_signals(sample_ids, input_ids, trainable), history_nll, trainable,
+        same_checkpoint=same_checkpoint, uses_rel=selection.uses_rel, excess=scorer.settings.excess,
+    )
+    out = []
+    for s, mask in zip(signals, trainable):
+        score = sample_score(s.sample_id, s.rel, s.attn, mask, selection)
+        out.append(SampleScores(s.sample_id, s.nll_cur, s.nll_hist, s.rel, s.attn, score, sample_keep(score, mask, selection)))
     return out
 
 

@@ -47,10 +47,10 @@ class SelectSettings(StageConfig):
         "sample", run_key=False,
         description="Keep the top ratio of each sample's trainable tokens, or of the whole corpus.",
     )
-    normalise: Normalise | None = setting(
-        None, run_key=False,
-        description="How REL is scaled before ranking: per_sample min-max (the paper) or none (raw nats). "
-        "Default: none for tokencleaning, per_sample otherwise. See docs/method.md for global granularity.",
+    normalise: Literal["auto", "per_sample", "none"] = setting(
+        "auto", run_key=False,
+        description="How REL is scaled before ranking: per_sample min-max (the paper) or none (raw nats); "
+        "auto: none for tokencleaning, per_sample otherwise. See docs/method.md for global granularity.",
     )
     seed: int = setting(
         0, ge=0, run_key=False, description="random only: seed; each sample's draw depends on (seed, sample_id)."
@@ -90,7 +90,9 @@ class SelectSettings(StageConfig):
         """The normalisation REL gets (None when REL plays no part)."""
         if not self.uses_rel:
             return None
-        return self.normalise or ("none" if self.method == "tokencleaning" else "per_sample")
+        if self.normalise != "auto":
+            return self.normalise
+        return "none" if self.method == "tokencleaning" else "per_sample"
 
     @property
     def keep_ratio(self) -> float:

@@ -53,11 +53,12 @@ def in_process(model: Path, data: Path, config: ScoreJobConfig) -> float:
     from pipeline.engine.scorer import Scorer, score_shard
 
     settings = config.score_settings().model_copy(update={"threads": config.threads or machine_cpus()})
-    scorer = Scorer(model, model, settings)
+    selection = config.select_settings()
+    scorer = Scorer(model, settings, importance=selection.uses_attention)  # history = current: one pass
     tokens, started = 0, time.monotonic()
     for part in sorted(data.glob("part-*.parquet")):
         table = pq.read_table(part)
-        score_shard(scorer, table)
+        score_shard(scorer, table, selection, same_checkpoint=True)
         tokens += sum(table.column("n_tokens").to_pylist())
     return tokens / (time.monotonic() - started)
 
@@ -65,7 +66,7 @@ def in_process(model: Path, data: Path, config: ScoreJobConfig) -> float:
 def ray_job(config: ScoreJobConfig) -> tuple[float, float]:
     shutil.rmtree(config.output, ignore_errors=True)
     summary = run_score_job(config)
-    return summary["tokens_per_s"], summary["tokens_scored"] / summary["shard_seconds"]
+    return summary.details["tokens_per_s"], summary.counts["tokens_scored"] / summary.details["shard_seconds"]
 
 
 def main() -> None:

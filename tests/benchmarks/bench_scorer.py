@@ -141,14 +141,17 @@ class Naive:
 
 class Fast:
     def __init__(self, current: Path, history: Path, dtype: str, warm: bool, max_batch_tokens: int):
-        from pipeline.engine.scorer import Scorer, ScoreSettings
+        from pipeline.engine.scorer import Scorer
+        from pipeline.engine.select_settings import SelectSettings
+        from pipeline.engine.settings import ScoreSettings
 
         self.name = f"fast-{dtype}-{'warm' if warm else 'cold'}"
         self.current, self.history = current, history
         self.settings = ScoreSettings(dtype=dtype, device="cpu", max_batch_tokens=max_batch_tokens)
+        self.selection = SelectSettings()
         # warm: the current model, loaded once. cold: nothing until run() (the last run's phase-2
         # Scorer stays afterwards for the FLOP count, and is released when the next run starts).
-        self.scorer = Scorer(current, history, self.settings) if warm else None
+        self.scorer = Scorer(current, self.settings, importance=True) if warm else None
         self.warm = warm
         self.load_seconds = 0.0  # model loads inside the last run (cold only): a per-job cost, timed apart
         self.cache: dict[int, list[np.ndarray]] = {}
@@ -157,12 +160,12 @@ class Fast:
         """Phase 1: the history model alone computes its NLLs, then is released."""
         import gc
 
-        from pipeline.engine.scorer import history_nlls, history_scorer
+        from pipeline.engine.scorer import Scorer
 
         started = time.perf_counter()
-        scorer = history_scorer(self.history, self.settings)
+        scorer = Scorer(self.history, self.settings, importance=False)
         self.load_seconds += time.perf_counter() - started
-        nlls = history_nlls(scorer, [str(i) for i in range(len(ids))], ids, masks)
+        nlls = [s.nll for s in scorer.token_signals([str(i) for i in range(len(ids))], ids, masks)]
         del scorer
         gc.collect()
         return nlls
@@ -176,21 +179,21 @@ class Fast:
             self.run(ids, masks)
 
     def run(self, ids, masks):
+        from pipeline.engine.scorer import Scorer, score_samples
+
         sample_ids = [str(i) for i in range(len(ids))]
         if self.warm:
-            return self.scorer.score_samples(sample_ids, ids, masks, self.cache[id(ids)])
+            return score_samples(self.scorer, sample_ids, ids, masks, self.selection, history_nll=self.cache[id(ids)])
         import gc
-
-        from pipeline.engine.scorer import Scorer
 
         self.scorer = None  # the previous run's current model goes before the history model loads
         gc.collect()
         self.load_seconds = 0.0
         history = self.history_pass(ids, masks)
         started = time.perf_counter()
-        self.scorer = Scorer(self.current, self.history, self.settings)  # phase 2: the current model only
+        self.scorer = Scorer(self.current, self.settings, importance=True)  # phase 2: the current model only
         self.load_seconds += time.perf_counter() - started
-        return self.scorer.score_samples(sample_ids, ids, masks, history)
+        return score_samples(self.scorer, sample_ids, ids, masks, self.selection, history_nll=history)
 
 
 def build_variant(name: str, current: Path, history: Path, max_batch_tokens: int):
@@ -219,12 +222,12 @@ def forward_flops(config, ids: list[np.ndarray], masks: list[np.ndarray], body_p
 
 
 def fast_flops(variant: Fast, ids, masks) -> float:
-    model = variant.scorer.current
+    model = variant.scorer.model
     embedding = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight
     tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     body = sum(p.numel() for p in model.parameters()) - embedding - (0 if tied else head.numel())
-    flops = forward_flops(model.config, ids, masks, body, attention=variant.scorer.uses_attention)
+    flops = forward_flops(model.config, ids, masks, body, attention=variant.scorer.importance)
     if not variant.warm:
         flops += forward_flops(model.config, ids, masks, body, attention=False)
     return flops
