@@ -10,6 +10,8 @@ from typing import Any
 import jsonschema
 import pyarrow as pa
 
+from pipeline.core.errors import UserError
+
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 
 _SCALARS = {
@@ -22,7 +24,7 @@ _SCALARS = {
 }
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """Data that does not match its schema file; the message names the source and the field."""
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.conversation import Message
+from pipeline.core.errors import UserError
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """No usable chat template, or a template that cannot render a conversation."""
 
 

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import files_fingerprint
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be used; the message names the folder and what to do."""
 
 

@@ -3,9 +3,16 @@
 A `UserError` means bad input, a bad setting or an unusable environment: the CLI prints its
 message as one line (it names the file, row or setting and what to do) and exits with
 `exit_code`. Every other exception is a bug (or out of memory) and keeps its traceback, exit 1.
+
+Operating-system refusals the user can fix (disk full, read-only output, permission denied, a
+missing path) are user errors too: `refusal_from_os_error` turns them into one line naming the
+path and what to do.
 """
 
 from __future__ import annotations
+
+import errno
+import os
 
 # Exit status of a user error (a missing path, a bad setting, a refused output folder, ...).
 EXIT_USER_ERROR = 2
@@ -15,3 +22,37 @@ class UserError(Exception):
     """An error the user can fix; the message names the input and what to do."""
 
     exit_code: int = EXIT_USER_ERROR
+
+
+class SystemRefusal(UserError):
+    """The operating system refused the work in a way the user can fix: no space, read-only, no permission."""
+
+
+# errno -> (what happened, what to do); the path goes between them.
+_OS_ADVICE: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on device writing", "free space and rerun; finished shards are kept"),
+    errno.EDQUOT: ("disk quota exceeded writing", "free space or raise the quota and rerun; finished shards are kept"),
+    errno.EROFS: ("read-only file system: cannot write", "choose an output folder on writable storage"),
+    errno.EACCES: ("permission denied on", "give this user access to it, or choose another path"),
+    errno.EPERM: ("operation not permitted on", "give this user access to it, or choose another path"),
+    errno.ENOENT: ("no such file or directory:", "check the path"),
+}
+
+
+def refusal_from_os_error(error: OSError, where: str | os.PathLike[str] | None = None) -> SystemRefusal | None:
+    """A one-line user error for an OS refusal the user can fix (None for any other OSError: a bug).
+
+    The path is the one the error names; an error that names none (pyarrow's writers) is placed
+    under `where`, the stage's output folder, when known.
+    """
+    advice = _OS_ADVICE.get(error.errno) if error.errno is not None else None
+    if advice is None:
+        return None
+    happened, todo = advice
+    if error.filename is not None:
+        path = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
+    elif where is not None:
+        path = f"a file under {where}"
+    else:
+        path = "a file"
+    return SystemRefusal(f"{happened} {path}: {todo}")

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import sha256_file
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ SOURCE_FILE = "SOURCE.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", SOURCE_FILE)
 
 
-class ModelZooError(RuntimeError):
+class ModelZooError(UserError, RuntimeError):
     """A model that is unknown, cannot be fetched, or whose cached folder is incomplete."""
 
 

@@ -85,7 +85,10 @@ def test_stage_run_keys_leave_out_paths_and_placement():
     assert PrepareConfig.run_key_fields() == [
         "tokenizer", "max_length", "on_overflow", "rows_per_shard", "chat_template", "trust_remote_code"
     ]
-    assert ScoreJobConfig.run_key_fields() == ["gamma", "layer", "excess", "dtype", "max_batch_tokens"]
+    placement = {"data", "current", "history", "output", "history_cache", "address", "workers", "cpus_per_worker",
+                 "gpus_per_worker", "num_cpus", "object_store_mb", "progress", "device", "threads", "trust_remote_code"}
+    assert not placement & set(ScoreJobConfig.run_key_fields())
+    assert {"layer", "excess", "dtype", "max_batch_tokens"} <= set(ScoreJobConfig.run_key_fields())
 
 
 def test_help_shows_the_default_of_a_default_factory():
