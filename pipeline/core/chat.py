@@ -9,11 +9,14 @@ mapping turns character spans into token flags. Working in characters (not token
 right when the tokenizer merges across a boundary, so that a prefix's tokens are not a prefix of
 the whole; when a template renders a turn differently once later turns follow (some strip
 reasoning from earlier turns), the turn is located by its content after the previous turn and
-closed with the template's own end-of-turn text.
+closed with the template's own end-of-turn text. Long conversations render a few messages around
+each turn instead of its whole prefix, so the work grows linearly with the number of turns.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,11 +62,20 @@ def load_chat_template(tokenizer: Any, template_file: Path | None, tokenizer_nam
 
 
 class ChatRenderer:
-    """Turns messages into (input_ids, trainable) with one tokenizer and its chat template."""
+    """Turns messages into (input_ids, trainable) with one tokenizer and its chat template.
 
-    def __init__(self, tokenizer: Any):
+    With `add_bos`, the tokenizer's BOS token is put in front of every rendering that does not
+    already start with it (for templates that leave it out); it is context, never a target.
+    """
+
+    def __init__(self, tokenizer: Any, add_bos: bool = False):
         self.tokenizer = tokenizer
         self._special_ids = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+        self._bos_id = tokenizer.bos_token_id if add_bos else None
+        if add_bos and self._bos_id is None:
+            raise TemplateError(
+                f"add_bos is on but tokenizer {getattr(tokenizer, 'name_or_path', '')!s} has no BOS token; turn add_bos off"
+            )
 
     def _text(self, messages: list[Message], generation_prompt: bool) -> str:
         try:
@@ -74,25 +86,59 @@ class ChatRenderer:
             raise TemplateError(f"the chat template cannot render this conversation: {error}") from error
 
     def assistant_spans(self, messages: list[Message], full_text: str) -> list[tuple[int, int]]:
-        """Character spans [start, end) in `full_text` of each assistant turn, end-of-turn included."""
+        """Character spans [start, end) in `full_text` of each assistant turn, end-of-turn included.
+
+        The spans are those of `_prefix_spans` (the definition), found with work linear in the
+        number of turns: from the third assistant turn on, a turn is located by rendering a window
+        of messages around it (the previous turn's exchange, its own, and the message after it,
+        which some templates look at). The window's text from the end of the previous turn to the
+        end of this one must appear at the same place in `full_text`; when it does not (a template
+        that renders this stretch differently in the whole conversation), the turn's whole prefix
+        is rendered instead.
+        """
+        turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
         spans: list[tuple[int, int]] = []
-        searched_to = 0
-        for k, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = self._text(messages[:k], generation_prompt=True) if k else ""
-            if before and full_text.startswith(before) and len(before) >= searched_to:
-                start = len(before)
-            else:
-                start = self._locate_content(full_text, message["content"], searched_to)
-            through = self._text(messages[: k + 1], generation_prompt=False)
-            if full_text.startswith(through) and len(through) > start:
-                end = len(through)
-            else:
-                end = self._close_turn(full_text, through, message["content"], start)
-            spans.append((start, end))
-            searched_to = end
+        for i, k in enumerate(turns):
+            searched_to = spans[-1][1] if spans else 0
+            span = self._span_in_window(messages, full_text, turns, i, searched_to) if i >= 2 else None
+            spans.append(span or self._prefix_span(messages, full_text, k, searched_to))
         return spans
+
+    def _span_in_window(
+        self, messages: list[Message], full_text: str, turns: list[int], i: int, searched_to: int
+    ) -> tuple[int, int] | None:
+        """Turn `turns[i]` located in a window starting after turn `turns[i - 2]`; None when the window disagrees."""
+        first, k = turns[i - 2] + 1, turns[i]
+        window = messages[first : k + 2]
+        window_text = self._text(window, generation_prompt=False)
+        (_, previous_end), (start, end), *_ = self._prefix_spans(window, window_text)
+        stretch = window_text[previous_end:end]
+        if start < previous_end or not full_text.startswith(stretch, searched_to):
+            return None
+        return searched_to + start - previous_end, searched_to + len(stretch)
+
+    def _prefix_spans(self, messages: list[Message], full_text: str) -> list[tuple[int, int]]:
+        """Every assistant turn's span, each from renderings of its whole prefix (quadratic in turns)."""
+        spans: list[tuple[int, int]] = []
+        for k, message in enumerate(messages):
+            if message["role"] == "assistant":
+                spans.append(self._prefix_span(messages, full_text, k, spans[-1][1] if spans else 0))
+        return spans
+
+    def _prefix_span(self, messages: list[Message], full_text: str, k: int, searched_to: int) -> tuple[int, int]:
+        """Turn k's span: it starts where the prefix with a generation prompt ends, and ends where the prefix through it ends."""
+        content = messages[k]["content"]
+        before = self._text(messages[:k], generation_prompt=True) if k else ""
+        if before and full_text.startswith(before) and len(before) >= searched_to:
+            start = len(before)
+        else:
+            start = self._locate_content(full_text, content, searched_to)
+        through = self._text(messages[: k + 1], generation_prompt=False)
+        if full_text.startswith(through) and len(through) > start:
+            end = len(through)
+        else:
+            end = self._close_turn(full_text, through, content, start)
+        return start, end
 
     @staticmethod
     def _locate_content(full_text: str, content: str, searched_to: int) -> int:
@@ -122,10 +168,11 @@ class ChatRenderer:
         input_ids = list(encoding["input_ids"])
         offsets = encoding["offset_mapping"]
         trainable = [False] * len(input_ids)
-        for start, end in spans:
-            members = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        for members in _tokens_in_spans(offsets, spans):
             for i in self._trim_after_end_of_turn(members, input_ids, offsets, full_text):
                 trainable[i] = True
+        if self._bos_id is not None and input_ids[:1] != [self._bos_id]:
+            input_ids, trainable = [self._bos_id, *input_ids], [False, *trainable]
         if trainable:
             trainable[0] = False  # position 0 is never a prediction target
         return RenderedSample(input_ids, trainable)
@@ -146,3 +193,19 @@ class ChatRenderer:
         if all(not text[offsets[i][0] : offsets[i][1]].strip() for i in tail):
             return members[: last + 1]
         return members
+
+
+def _tokens_in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> Iterator[list[int]]:
+    """For each character span (in order), the tokens that overlap it; one pass over both lists.
+
+    A fast tokenizer's offsets for one text are in order, so token ends never decrease.
+    """
+    ends = [end for _, end in offsets]
+    for start, end in spans:
+        i = bisect.bisect_right(ends, start)  # the first token that ends after the span starts
+        members = []
+        while i < len(offsets) and offsets[i][0] < end:
+            if offsets[i][1] > offsets[i][0]:
+                members.append(i)
+            i += 1
+        yield members

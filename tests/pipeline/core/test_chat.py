@@ -121,3 +121,116 @@ def test_template_that_raises_becomes_template_error():
     tokenizer = tiny.build_tokenizer(chat_template="{{ raise_exception('roles must alternate') }}")
     with pytest.raises(TemplateError, match="roles must alternate"):
         ChatRenderer(tokenizer).render([{"role": "assistant", "content": "x"}])
+
+
+def trainable_runs(tokenizer, sample):
+    """The decoded text of each maximal run of trainable tokens."""
+    runs, start = [], None
+    for i, flag in enumerate([*sample.trainable, False]):
+        if flag and start is None:
+            start = i
+        if not flag and start is not None:
+            runs.append(tokenizer.decode(sample.input_ids[start:i]))
+            start = None
+    return runs
+
+
+def long_conversation(turns: int, system: bool = False) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": "Be brief."}] if system else []
+    for i in range(turns // 2):
+        messages += [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+    return messages
+
+
+def test_span_finding_renders_a_number_of_messages_linear_in_the_turns():
+    """Each assistant turn is located by rendering a few messages around it, not its whole prefix."""
+    tokenizer = tiny.build_tokenizer()
+    rendered: list[int] = []
+    render = tokenizer.apply_chat_template
+
+    def counting(messages, **options):
+        rendered.append(len(messages))
+        return render(messages, **options)
+
+    tokenizer.apply_chat_template = counting
+    for turns in (2_000, 20):
+        rendered.clear()
+        messages = long_conversation(turns)
+        sample = ChatRenderer(tokenizer).render(messages)
+        assert trainable_runs(tokenizer, sample) == [f"Answer {i}.<|im_end|>" for i in range(turns // 2)]
+        assert sum(rendered) <= 20 * len(messages) and len(rendered) <= 10 * (turns // 2)
+
+
+MISTRAL_LIKE_TEMPLATE = (  # the system prompt goes into the LAST user message: earlier prefixes render differently
+    "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in loop_messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{{- '<|endoftext|>' -}}"
+    "{%- for m in loop_messages -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{%- if system is defined and loop.index0 == ns.last_user -%}{{ '[INST] ' + system + '\\n\\n' + m['content'] + '[/INST]' }}"
+    "{%- else -%}{{ '[INST] ' + m['content'] + '[/INST]' }}{%- endif -%}"
+    "{%- else -%}{{ m['content'] + '<|im_end|>' }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+DEFAULT_SYSTEM_TEMPLATE = (  # like Qwen2.5: a default system prompt when the conversation has none
+    "{%- if messages[0]['role'] != 'system' -%}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{%- endif -%}"
+    + tiny.CHATML_TEMPLATE
+)
+PREFIX_MERGE_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [tiny.CHATML_TEMPLATE, REASONING_TEMPLATE, MISTRAL_LIKE_TEMPLATE,
+                                      DEFAULT_SYSTEM_TEMPLATE, PREFIX_MERGE_TEMPLATE])
+def test_located_turns_equal_the_whole_prefix_renderings(template):
+    """The windows give the spans that rendering each turn's whole prefix gives (the definition)."""
+    tokenizer = tiny.build_tokenizer(chat_template=template)
+    renderer = ChatRenderer(tokenizer)
+    messages = long_conversation(12, system=True)
+    messages[5:5] = [{"role": "assistant", "content": "And more."}]  # two assistant messages in a row
+    text = renderer._text(messages, generation_prompt=False)
+    assert renderer.assistant_spans(messages, text) == renderer._prefix_spans(messages, text)
+
+
+def test_reasoning_template_keeps_its_block_on_the_last_turn_of_a_long_conversation():
+    tokenizer = tiny.build_tokenizer(chat_template=REASONING_TEMPLATE)
+    sample = ChatRenderer(tokenizer).render(long_conversation(10))
+    assert trainable_runs(tokenizer, sample) == [
+        *(f"Answer {i}.<|im_end|>" for i in range(4)), "<think>\n\n</think>\n\nAnswer 4.<|im_end|>"
+    ]
+
+
+def bos_tokenizer(chat_template=tiny.CHATML_TEMPLATE):
+    tokenizer = tiny.build_tokenizer(chat_template=chat_template)
+    tokenizer.bos_token = "<|endoftext|>"
+    return tokenizer
+
+
+def test_add_bos_prepends_the_bos_token_as_a_context_token():
+    tokenizer = bos_tokenizer()
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Paris."}]
+    plain = ChatRenderer(tokenizer).render(messages)
+    with_bos = ChatRenderer(tokenizer, add_bos=True).render(messages)
+    assert with_bos.input_ids == [tokenizer.bos_token_id, *plain.input_ids]
+    assert with_bos.trainable == [False, *plain.trainable]
+    assert tokenizer.convert_ids_to_tokens(with_bos.input_ids[:2]) == ["<|endoftext|>", "<|im_start|>"]
+
+
+def test_add_bos_never_doubles_a_bos_the_template_writes_and_frees_position_zero():
+    tokenizer = bos_tokenizer("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    sample = ChatRenderer(tokenizer, add_bos=True).render([{"role": "assistant", "content": "Paris is nice."}])
+    assert sample.input_ids.count(tokenizer.bos_token_id) == 1
+    content_only = bos_tokenizer("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    sample = ChatRenderer(content_only, add_bos=True).render([{"role": "assistant", "content": "Paris is nice."}])
+    assert sample.trainable[0] is False and all(sample.trainable[1:])  # the first word is now a target
+
+
+def test_add_bos_without_a_bos_token_is_a_clear_error():
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.bos_token = None
+    with pytest.raises(TemplateError, match="has no BOS token"):
+        ChatRenderer(tokenizer, add_bos=True)
