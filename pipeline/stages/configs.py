@@ -31,6 +31,16 @@ class PrepareConfig(StageConfig):
     max_length: int | None = Field(2048, description="Longest sample in tokens; longer ones are handled per --on-overflow. None: no limit.")
     on_overflow: Literal["truncate", "reject"] = Field("truncate", description="What to do with samples over max_length.")
     rows_per_shard: int = Field(10_000, description="Samples per output shard.")
+    max_row_bytes: int = Field(
+        4 * 1024 * 1024,
+        description="Largest raw row in bytes (a JSONL line, a JSON array entry, the text of a Parquet or datasets row); "
+        "larger rows are rejected as row_too_large before they are parsed or tokenized.",
+    )
+    add_bos: bool = Field(
+        False,
+        description="Put the tokenizer's BOS token in front of every sample whose rendering does not start with it "
+        "(for chat templates that leave it out; ChatML has none). A context token, never trained on.",
+    )
     chat_template: Path | None = Field(None, description="Jinja chat template file, for tokenizers without one (or to override it).")
     trust_remote_code: bool = Field(False, description="Allow the tokenizer folder's own Python code to run.")
     overwrite: bool = setting(
@@ -43,6 +53,13 @@ class PrepareConfig(StageConfig):
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value < 2:
             raise ValueError("must be at least 2")
+        return value
+
+    @field_validator("max_row_bytes")
+    @classmethod
+    def _at_least_one_byte(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
         return value
 
 

@@ -24,13 +24,14 @@ from pipeline.core.corpus import InputRecord, InputSource, iter_records, resolve
 from pipeline.core.fingerprint import files_fingerprint, sha256_json, tokenizer_fingerprints
 from pipeline.stages.configs import PrepareConfig
 from pipeline.artifacts.schemas import table_from_rows
+from pipeline.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 REJECTED = "rejected.parquet"
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """The prepare stage cannot produce a corpus (no valid row, or an unusable output folder)."""
 
 
@@ -38,14 +39,15 @@ def load_chat_tokenizer(config: PrepareConfig) -> Any:
     """The tokenizer folder's tokenizer, with a usable chat template installed."""
     tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
     load_chat_template(tokenizer, config.chat_template, config.tokenizer)
+    ChatRenderer(tokenizer, add_bos=config.add_bos)  # refuses add_bos without a BOS token, before any output is touched
     return tokenizer
 
 
-def _ids_are_unique(sources: list[InputSource]) -> bool:
+def _ids_are_unique(sources: list[InputSource], max_row_bytes: int) -> bool:
     """First pass: use the input's `id` column only if every id it holds is distinct."""
     seen: set[str] = set()
     for source in sources:
-        for record in iter_records(source):
+        for record in iter_records(source, max_row_bytes):
             identifier = row_id(record.row) if record.row is not None else None
             if identifier is None:
                 continue
@@ -162,7 +164,8 @@ def _write_corpus(
     config: PrepareConfig, sources: list[InputSource], tokenizer: Any, out: StageOutput, run_key: str
 ) -> dict[str, Any]:
     """Build every sample, commit the shards and rejected.parquet; the manifest fields they give."""
-    builder = _SampleBuilder(config, ChatRenderer(tokenizer), use_ids=_ids_are_unique(sources))
+    renderer = ChatRenderer(tokenizer, add_bos=config.add_bos)
+    builder = _SampleBuilder(config, renderer, use_ids=_ids_are_unique(sources, config.max_row_bytes))
     rejected: list[dict[str, Any]] = []
     inputs: list[dict[str, Any]] = []
     tally: Counter = Counter()
@@ -171,7 +174,7 @@ def _write_corpus(
     def samples() -> Iterator[dict[str, Any]]:
         for source in sources:
             read = written = 0
-            for record in iter_records(source):
+            for record in iter_records(source, config.max_row_bytes):
                 read += 1
                 sample = builder.build(record)
                 if sample.row is None:

@@ -12,7 +12,9 @@ import pytest
 
 from pipeline.artifacts.files import ArtifactError, exclusive_output, read_manifest, read_shard, verify_shards
 from pipeline.cli import main
+from pipeline.core.chat import TemplateError
 from pipeline.stages.prepare import PrepareConfig, PrepareError, run_prepare
+from tests import tiny
 
 MULTI_TURN = [
     {"role": "system", "content": "Be brief."},
@@ -246,3 +248,76 @@ def test_an_output_in_the_input_folder_is_refused_up_front(tmp_path, tokenizer_d
     with pytest.raises(ArtifactError, match="input folder .*choose an output folder outside the inputs"):
         prepare(export, tokenizer_dir, output, overwrite=True)
     assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+
+
+def test_bad_inputs_never_stop_the_run_and_each_rejection_names_its_place(tmp_path, tokenizer_dir, caplog):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    good = write_jsonl(folder / "good.jsonl", [{"prompt": "Q0", "response": "A"}])
+    write_jsonl(folder / "deep.jsonl", [b"[" * 100_000 + b"\n", {"prompt": "Q1", "response": "A"}])
+    write_jsonl(folder / "surrogate.jsonl", [b'{"prompt": "Q\\ud800", "response": "A"}\n', {"prompt": "Q2", "response": "A"}])
+    (folder / "array.json").write_text('[{"prompt": "Q3", "response": "A"}, {oops}, {"prompt": "Q4", "response": "A"}]')
+    (folder / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "Q5", "response": "A"}).encode())
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Q6", "response": "A"}]), folder / "renamed.jsonl")
+    damaged = folder / "damaged.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"Q{i} " + "x" * 300, "response": "A"} for i in range(7, 13)]),
+                   damaged, row_group_size=2)
+    column = pq.ParquetFile(damaged).metadata.row_group(1).column(0)
+    data = bytearray(damaged.read_bytes())
+    data[column.data_page_offset : column.data_page_offset + 100] = b"A" * 100
+    damaged.write_bytes(bytes(data))
+
+    # good.jsonl is given twice (in the folder and by name): it is read once.
+    summary = run_prepare(PrepareConfig(input=[folder, good], tokenizer=str(tokenizer_dir), output=tmp_path / "out"))
+    counts = summary.counts
+    assert counts["rows_read"] == counts["rows_written"] + counts["rows_rejected"] == 15
+    assert counts["rows_written"] == 10  # Q0 to Q5, and the Parquet rows outside the damaged row group
+    rejected = pl.read_parquet(tmp_path / "out" / "rejected.parquet")
+    places = {(Path(r["input_file"]).name, r["locator"]): r["reason"] for r in rejected.iter_rows(named=True)}
+    assert places == {
+        ("deep.jsonl", "line 1"): "too_deeply_nested",
+        ("surrogate.jsonl", "line 1"): "invalid_unicode",
+        ("array.json", "row 1"): "invalid_json",
+        ("renamed.jsonl", "file"): "unreadable_file",
+        ("damaged.parquet", "row group 1 (rows 2-3)"): "unreadable_file",
+    }
+    assert "same file" in caplog.text
+    assert [entry["path"] for entry in read_manifest(tmp_path / "out")["inputs"]].count(str(good)) == 1
+
+
+def test_rows_over_max_row_bytes_are_rejected_before_tokenizing(tmp_path, tokenizer_dir):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Q", "response": "A" * 2000}, {"prompt": "Q", "response": "A"}])
+    summary = prepare(corpus, tokenizer_dir, tmp_path / "out", max_row_bytes=1000)
+    assert (summary.counts["rows_written"], summary.counts["rows_rejected"]) == (1, 1)
+    rejected = pl.read_parquet(tmp_path / "out" / "rejected.parquet").row(0, named=True)
+    assert (rejected["locator"], rejected["reason"]) == ("line 1", "row_too_large")
+    assert "over the limit of 1000 bytes" in rejected["detail"]
+    assert read_manifest(tmp_path / "out")["config"]["max_row_bytes"] == 1000
+    assert PrepareConfig.model_fields["max_row_bytes"].default == 4 * 1024 * 1024
+
+
+def test_add_bos_is_recorded_and_changes_the_run_identity(tmp_path):
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.bos_token = "<|endoftext|>"  # a BOS that the ChatML template leaves out
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Q", "response": "A"}])
+    output = tmp_path / "out"
+    prepare(corpus, tokenizer_dir, output)
+    assert read_manifest(output)["config"]["add_bos"] is False
+    without = read_corpus(output).row(0, named=True)
+    assert not prepare(corpus, tokenizer_dir, output, add_bos=True, overwrite=True).reused
+    assert read_manifest(output)["config"]["add_bos"] is True
+    with_bos = read_corpus(output).row(0, named=True)
+    assert with_bos["input_ids"] == [tokenizer.bos_token_id, *without["input_ids"]]
+    assert with_bos["trainable"] == [False, *without["trainable"]]
+
+
+def test_add_bos_with_a_tokenizer_without_bos_fails_before_any_output(tmp_path):
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.bos_token = None
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Q", "response": "A"}])
+    with pytest.raises(TemplateError, match="has no BOS token; turn add_bos off"):
+        prepare(corpus, tmp_path / "tokenizer", tmp_path / "out", add_bos=True)
+    assert not (tmp_path / "out").exists()
