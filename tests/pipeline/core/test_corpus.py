@@ -194,3 +194,17 @@ def test_json_array_edges(tmp_path):
     for index, (text, expected) in enumerate(cases.items()):
         (tmp_path / f"{index}.json").write_text(text)
         assert reasons(tmp_path / f"{index}.json") == expected, text
+
+
+def test_an_over_long_line_is_skipped_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as handle:
+        handle.write(b'{"prompt": "Q", "response": "' + b"A" * (50 << 20) + b'"}\n' + json.dumps(ROW).encode() + b"\n")
+    tracemalloc.start()
+    got = reasons(path, max_row_bytes=1 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == [("line 1", "row_too_large"), ("line 2", None)]
+    assert peak < 8 << 20  # a few pieces of the line at a time, never the 50 MB line
