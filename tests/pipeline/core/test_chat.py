@@ -15,6 +15,18 @@ def tokens_and_flags(tokenizer, messages):
     return list(zip(tokenizer.convert_ids_to_tokens(sample.input_ids), sample.trainable)), sample
 
 
+def trainable_runs(tokenizer, sample):
+    """The decoded text of each maximal run of trainable tokens."""
+    runs, start = [], None
+    for i, flag in enumerate([*sample.trainable, False]):
+        if flag and start is None:
+            start = i
+        if not flag and start is not None:
+            runs.append(tokenizer.decode(sample.input_ids[start:i]))
+            start = None
+    return runs
+
+
 def test_single_turn_marks_response_and_end_of_turn_only(tokenizer):
     pairs, sample = tokens_and_flags(
         tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Paris."}]
@@ -95,14 +107,7 @@ def test_template_that_renders_earlier_turns_differently():
         {"role": "assistant", "content": "Paris."},
     ]
     sample = ChatRenderer(tokenizer).render(messages)
-    runs, start = [], None
-    for i, flag in enumerate([*sample.trainable, False]):
-        if flag and start is None:
-            start = i
-        if not flag and start is not None:
-            runs.append(tokenizer.decode(sample.input_ids[start:i]))
-            start = None
-    assert runs == ["Hello!<|im_end|>", "<think>\n\n</think>\n\nParis.<|im_end|>"]
+    assert trainable_runs(tokenizer, sample) == ["Hello!<|im_end|>", "<think>\n\n</think>\n\nParis.<|im_end|>"]
 
 
 def test_missing_template_is_a_clear_error(tmp_path):
@@ -121,18 +126,6 @@ def test_template_that_raises_becomes_template_error():
     tokenizer = tiny.build_tokenizer(chat_template="{{ raise_exception('roles must alternate') }}")
     with pytest.raises(TemplateError, match="roles must alternate"):
         ChatRenderer(tokenizer).render([{"role": "assistant", "content": "x"}])
-
-
-def trainable_runs(tokenizer, sample):
-    """The decoded text of each maximal run of trainable tokens."""
-    runs, start = [], None
-    for i, flag in enumerate([*sample.trainable, False]):
-        if flag and start is None:
-            start = i
-        if not flag and start is not None:
-            runs.append(tokenizer.decode(sample.input_ids[start:i]))
-            start = None
-    return runs
 
 
 def long_conversation(turns: int, system: bool = False) -> list[dict[str, str]]:
