@@ -227,7 +227,7 @@ def _read_jsonl(path: Path, limit: int | None) -> Iterator[InputRecord]:
 def _bounded_lines(handle: BinaryIO, limit: int | None) -> Iterator[tuple[int, bytes | None, int]]:
     """(line number, line or None when over `limit` bytes, its size); never holds more than `limit` bytes."""
     number = 0
-    while raw := handle.readline(-1 if limit is None else limit + 1):
+    while raw := handle.readline(-1 if limit is None else limit + 2):  # + 2: room for a CRLF ending
         number += 1
         content = len(raw.rstrip(b"\r\n"))
         if limit is None or content <= limit:

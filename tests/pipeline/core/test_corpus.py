@@ -208,3 +208,11 @@ def test_an_over_long_line_is_skipped_in_bounded_memory(tmp_path):
     tracemalloc.stop()
     assert got == [("line 1", "row_too_large"), ("line 2", None)]
     assert peak < 8 << 20  # a few pieces of the line at a time, never the 50 MB line
+
+
+def test_crlf_lines_at_the_limit_keep_their_line_numbers(tmp_path):
+    line = json.dumps(ROW).encode()
+    (tmp_path / "crlf.jsonl").write_bytes(line + b"\r\n" + line + b"x\r\n" + line + b"\r\n")
+    assert reasons(tmp_path / "crlf.jsonl", max_row_bytes=len(line)) == [
+        ("line 1", None), ("line 2", "row_too_large"), ("line 3", None)
+    ]
