@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow.parquet as pq
 from rich.console import Console
 
-from pipeline.core.config import add_config_arguments, config_from_arguments
+from pipeline.cli.command import print_summary, stage_command
+from pipeline.loop.demo import DemoConfig
 
-
-def register(commands: argparse._SubParsersAction) -> None:
-    from pipeline.loop.demo import DemoConfig
-
-    parser = commands.add_parser(
-        "demo",
-        help="Fetch SmolLM2-135M, prepare the bundled corpus and score it on an embedded Ray.",
-        description="The embedded default: fetch the real small model once (cached), prepare the bundled corpus, "
-        "score it on a local in-process Ray and show one sample's kept tokens.",
-    )
-    add_config_arguments(parser, DemoConfig)
-    parser.set_defaults(handler=_run)
+if TYPE_CHECKING:
+    from pipeline.loop.demo import DemoRun
 
 
 def _show_sample(console: Console, scores_dir: Path, tokenized_dir: Path, model: Path) -> None:
     """One multi-turn sample, kept tokens highlighted: the masks are something to look at, not a number."""
-    from pipeline.core.checkpoints import load_tokenizer
+    import pyarrow.parquet as pq
+
     from pipeline.cli.token_view import keep_view, legend
+    from pipeline.core.checkpoints import load_tokenizer
 
     tokenized = pq.read_table(sorted(tokenized_dir.glob("part-*.parquet"))[0]).to_pylist()
     scores = {r["sample_id"]: r for r in pq.read_table(sorted(scores_dir.glob("part-*.parquet"))[0]).to_pylist()}
@@ -38,15 +30,21 @@ def _show_sample(console: Console, scores_dir: Path, tokenized_dir: Path, model:
     console.print(legend())
 
 
-def _run(arguments: argparse.Namespace) -> int:
-    from pipeline.cli.prepare import print_summary
-    from pipeline.cli.score import format_summary
-    from pipeline.loop.demo import DemoConfig, resolve_model, run_demo
-
-    config = config_from_arguments(DemoConfig, arguments)
-    console = Console()
-    prepared, scored = run_demo(config)
-    print_summary(prepared, console)
-    console.print(format_summary(scored))
-    _show_sample(console, Path(scored.output), Path(prepared.output), resolve_model(config.model))
+def report(run: DemoRun, console: Console) -> int:
+    """Both stages' summaries, then one sample with its kept tokens."""
+    print_summary(run.prepared, console)
+    print_summary(run.scored, console)
+    _show_sample(console, Path(run.scored.output), Path(run.prepared.output), run.model)
     return 0
+
+
+register = stage_command(
+    "demo",
+    DemoConfig,
+    "pipeline.loop.demo:run_demo",
+    help="Fetch SmolLM2-135M, prepare the bundled corpus and score it on an embedded Ray.",
+    description="The embedded default: fetch the real small model once (cached), prepare the bundled corpus, "
+    "score it on a local in-process Ray and show one sample's kept tokens. The prepare: and score: sections of "
+    "--config (or --prepare.FLAG, --score.FLAG) set the stages' own settings.",
+    report=report,
+)

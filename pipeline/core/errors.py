@@ -50,7 +50,8 @@ def refusal_from_os_error(error: OSError, where: str | os.PathLike[str] | None =
         return None
     happened, todo = advice
     if error.filename is not None:
-        path = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
+        # A rename names its temporary source first: the destination is the path the user knows.
+        path = str(error.filename2 if error.filename2 is not None else error.filename)
     elif where is not None:
         path = f"a file under {where}"
     else:

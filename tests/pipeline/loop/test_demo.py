@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
+import pytest
 
 from pipeline.artifacts.files import read_manifest
 from pipeline.cli import main
-from pipeline.loop.demo import DemoConfig, run_demo
+from pipeline.core.config import ConfigError, load_config
+from pipeline.loop.demo import BUNDLED_CORPUS, DemoConfig, run_demo
+from pipeline.stages.configs import PrepareConfig, ScoreJobConfig
 
 
 def test_demo_prepares_and_scores_into_a_round_folder(tmp_path, llama_dir, ray_local):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer number {i}."}) + "\n"
                               for i in range(12)))
-    config = DemoConfig(output=tmp_path / "run", corpus=[corpus], model=str(llama_dir), rows_per_shard=5)
-    prepared, scored = run_demo(config)
+    config = DemoConfig(output=tmp_path / "run", corpus=[corpus], model=str(llama_dir), prepare={"rows_per_shard": 5})
+    run = run_demo(config)
 
-    assert (prepared.counts["rows_read"], prepared.counts["rows_written"]) == (12, 12)
+    assert (run.prepared.counts["rows_read"], run.prepared.counts["rows_written"]) == (12, 12)
     scores_dir = tmp_path / "run" / "rounds" / "r000" / "scores"
     manifest = read_manifest(scores_dir, kind="scores")
     assert [s["file"] for s in manifest["shards"]] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
@@ -27,7 +31,35 @@ def test_demo_prepares_and_scores_into_a_round_folder(tmp_path, llama_dir, ray_l
     # Round 0: current == history, so the excess loss is 0 everywhere and selection is attention-only.
     rel = scores["rel"].explode().drop_nans().drop_nulls()
     assert rel.len() > 0 and (rel == 0).all()
-    assert scored.counts["kept"] == scores["n_kept"].sum() and scored.counts["samples"] == 12
+    assert run.scored.counts["kept"] == scores["n_kept"].sum() and run.scored.counts["samples"] == 12
+
+
+def test_demo_sections_are_the_stage_configs_with_demo_defaults_and_derived_paths(tmp_path, llama_dir):
+    config = DemoConfig(output=tmp_path / "run", model=str(llama_dir))
+    assert config.prepare == PrepareConfig(
+        input=[BUNDLED_CORPUS], tokenizer=str(llama_dir), output=tmp_path / "run" / "tokenized",
+        max_length=512, rows_per_shard=128,
+    )
+    assert config.score == ScoreJobConfig(
+        data=tmp_path / "run" / "tokenized", current=llama_dir, history=llama_dir,
+        output=tmp_path / "run" / "rounds" / "r000" / "scores", history_cache=tmp_path / "run" / "history_cache",
+    )
+
+
+def test_demo_config_file_with_sections_and_flags(tmp_path, llama_dir):
+    config_file = tmp_path / "demo.yaml"
+    config_file.write_text(f"model: {llama_dir}\nprepare:\n  max-length: 256\nscore:\n  ratio: 0.4\n  workers: 1\n")
+    overrides = {"output": tmp_path / "run", "score": {"ratio": 0.3}, "prepare": {"max_length": None}}
+    config = load_config(DemoConfig, config_file, overrides)
+    assert (config.prepare.max_length, config.score.ratio, config.score.workers) == (None, 0.3, 1)
+    config_file.write_text("score:\n  output: /elsewhere\n")
+    with pytest.raises(ConfigError, match="score.output cannot be set"):
+        load_config(DemoConfig, config_file)
+
+
+def test_the_repository_demo_config_states_the_demo_defaults(llama_dir):
+    config_file = Path(__file__).resolve().parents[3] / "jobs" / "configs" / "demo.yaml"
+    assert load_config(DemoConfig, config_file, {"model": str(llama_dir)}) == DemoConfig(model=str(llama_dir))
 
 
 def test_demo_with_a_missing_corpus_names_it(tmp_path, capsys):

@@ -192,8 +192,8 @@ def test_cli_exit_codes_and_messages(tmp_path, tokenizer_dir, mixed_corpus, caps
     assert "no valid row in" in capsys.readouterr().err
     # Written, but an input gave nothing: status 3 and the input named.
     assert main([*base, "--input", str(mixed_corpus), "--output", str(tmp_path / "c"), "--rows-per-shard", "3"]) == 3
-    err = capsys.readouterr().err
-    assert "empty.jsonl (empty)" in err and "rows rejected" in err
+    printed = capsys.readouterr()
+    assert "empty.jsonl (empty)" in printed.err and "rows rejected" in printed.out
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "Q", "response": "A"}])
     assert main([*base, "--input", str(ok), "--output", str(tmp_path / "d")]) == 0
     with pytest.raises(SystemExit) as exited:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,6 @@ import pytest
 from pipeline.artifacts.files import ArtifactError, exclusive_output, read_manifest, verify_shards, write_manifest
 from pipeline.core.checkpoints import CheckpointError
 from pipeline.cli import main
-from pipeline.cli.score import format_summary
 from pipeline.core.fingerprint import sha256_file
 from pipeline.artifacts.stage_output import PROGRESS
 from pipeline.stages.score import ScoreJobConfig, ScoreJobError, plan_workers, run_score_job, workers_note
@@ -186,8 +186,6 @@ def test_a_new_ratio_or_granularity_only_reselects(ray_local, sample_run, tmp_pa
     assert _digests(output) == _digests(tmp_path / "fresh")
     assert read_manifest(output, kind="scores")["selection"]["ratio"] == 0.3
     assert lower.counts["kept"] == fresh.counts["kept"] < 0.5 * lower.counts["trainable"]
-    assert f"re-selected from the stored scores in {len(SHARDS)} shards" in format_summary(lower)
-    assert "re-selected" not in format_summary(fresh)
 
     globally = run_score_job(config.model_copy(update={"output": output, "ratio": 0.3, "granularity": "global"}))
     assert globally.counts["shards_scored"] == 0 and globally.counts["kept"] == int(np.ceil(0.3 * globally.counts["trainable"]))
@@ -263,7 +261,7 @@ def test_cli_and_job_entrypoint_share_one_code_path(sample_run, capsys, tmp_path
                  "--output", str(config.output), "--no-progress"]
     assert main(["score", *arguments]) == 0
     printed = capsys.readouterr().out
-    assert f"scored {sum(SHARDS)} samples" in printed and f"{len(SHARDS)} already done" in printed
+    assert re.search(rf"samples\W+{sum(SHARDS)}\b", printed) and re.search(rf"shards skipped\W+{len(SHARDS)}\b", printed)
     help_text = subprocess.run(
         [sys.executable, "jobs/score.py", "--help"], cwd=Path(__file__).resolve().parents[3],
         capture_output=True, text=True, timeout=120,
