@@ -1,7 +1,10 @@
 """Entrypoint for `ray job submit`: the same code path as `sstoken score`.
 
-    ray job submit --working-dir . -- python jobs/score.py --config jobs/configs/demo.yaml \
+    ray job submit --working-dir . -- python jobs/score.py --config jobs/configs/cluster.example.yaml \
         --data DIR --current MODEL --history MODEL --output DIR
+
+The config file holds `sstoken score` settings (flags override them); the exit status is the CLI's
+(0 done, 2 a user error on one line, 1 a bug with its traceback).
 
 Inside a submitted job RAY_ADDRESS is set, so the stage joins that cluster instead of starting one.
 """

@@ -203,3 +203,12 @@ def test_help_spells_out_none_and_sections(capsys):
 def test_max_length_none_from_the_command_line(prepare_args, capsys):
     assert main([*prepare_args, "--max-length", "none"]) == 0
     assert read_manifest(Path(prepare_args[prepare_args.index("--output") + 1]))["config"]["max_length"] is None
+
+
+def test_the_cluster_example_config_is_a_score_config():
+    from pipeline.core.config import load_config
+    from pipeline.stages.configs import ScoreJobConfig
+
+    paths = {"data": "/d", "current": "/m", "history": "/h", "output": "/o"}
+    config = load_config(ScoreJobConfig, REPO / "jobs" / "configs" / "cluster.example.yaml", paths)
+    assert (config.granularity, config.workers, config.gpus_per_worker, config.dtype) == ("global", 8, 1, "bfloat16")
