@@ -83,7 +83,8 @@ def test_run_key_is_declared_on_the_fields():
 
 def test_stage_run_keys_leave_out_paths_and_placement():
     assert PrepareConfig.run_key_fields() == [
-        "tokenizer", "max_length", "on_overflow", "rows_per_shard", "chat_template", "trust_remote_code"
+        "tokenizer", "max_length", "on_overflow", "rows_per_shard", "max_row_bytes", "add_bos", "chat_template",
+        "trust_remote_code",
     ]
     placement = {"data", "current", "history", "output", "history_cache", "address", "workers", "cpus_per_worker",
                  "gpus_per_worker", "num_cpus", "object_store_mb", "progress", "device", "threads", "trust_remote_code"}
