@@ -48,23 +48,6 @@ def test_help_text_comes_from_the_fields():
     assert "Kept fraction (60% by default). (default: 0.6)" in parser.format_help()
 
 
-@pytest.mark.parametrize(
-    "yaml_text, message",
-    [
-        ("data: /a\nratio: lots\n", "ratio: Input should be a valid number"),
-        ("data: /a\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
-        ("- just\n- a list\n", "must hold a mapping"),
-        ("data: [unclosed\n", "is not valid YAML"),
-        ("ratio: 0.5\n", "data: Field required"),
-    ],
-)
-def test_bad_config_files_name_the_problem(tmp_path, yaml_text, message):
-    config_file = tmp_path / "c.yaml"
-    config_file.write_text(yaml_text)
-    with pytest.raises(ConfigError, match=message):
-        load_config(ExampleConfig, config_file)
-
-
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(ExampleConfig, tmp_path / "nope.yaml")
@@ -160,20 +143,26 @@ def test_section_help_shows_section_defaults_and_hides_derived_settings():
 
 
 @pytest.mark.parametrize(
-    "yaml_text, message",
+    "config_class, yaml_text, message",
     [
-        ("second:\n  data: /d\n  bogus: 1\n", "second.bogus: Extra inputs are not permitted"),
-        ("third:\n  data: /d\nsecond:\n  data: /d\n", "third: Extra inputs are not permitted"),
-        ("second:\n  data: /d\nfirst:\n  where: /x\n", "first.where cannot be set"),
-        ("second: 3\n", "second: Input should be a valid dictionary"),
-        ("first:\n  limit: 3\n", "second.data: Field required"),
+        (ExampleConfig, "data: /a\nratio: lots\n", "ratio: Input should be a valid number"),
+        (ExampleConfig, "data: /a\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
+        (ExampleConfig, "- just\n- a list\n", "must hold a mapping"),
+        (ExampleConfig, "data: [unclosed\n", "is not valid YAML"),
+        (ExampleConfig, "ratio: 0.5\n", "data: Field required"),
+        (TwoStageConfig, "second:\n  data: /d\n  bogus: 1\n", "second.bogus: Extra inputs are not permitted"),
+        (TwoStageConfig, "third:\n  data: /d\nsecond:\n  data: /d\n", "third: Extra inputs are not permitted"),
+        (TwoStageConfig, "second:\n  data: /d\nfirst:\n  where: /x\n", "first.where cannot be set"),
+        (TwoStageConfig, "second: 3\n", "second: Input should be a valid dictionary"),
+        (TwoStageConfig, "first:\n  limit: 3\n", "second.data: Field required"),
     ],
 )
-def test_bad_sections_are_named(tmp_path, yaml_text, message):
-    config_file = tmp_path / "run.yaml"
+def test_bad_config_files_name_the_problem(tmp_path, config_class, yaml_text, message):
+    """Unknown keys and sections, bad values, missing settings: each named, with its section."""
+    config_file = tmp_path / "c.yaml"
     config_file.write_text(yaml_text)
     with pytest.raises(ConfigError, match=message):
-        load_config(TwoStageConfig, config_file)
+        load_config(config_class, config_file)
 
 
 def test_config_error_is_a_user_error():
