@@ -446,6 +446,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
         timings={k: round(v, 3) for k, v in timings.items()},
         notes=notes,
         details={
+            "method": config.method,
             "granularity": config.granularity,
             "kept_ratio": counts["kept"] / counts["trainable"] if counts["trainable"] else 0.0,
             # Both phases, actor start-up and model loads included.
