@@ -93,8 +93,8 @@ class ChatRenderer:
         of messages around it (the previous turn's exchange, its own, and the message after it,
         which some templates look at). The window's text from the end of the previous turn to the
         end of this one must appear at the same place in `full_text`; when it does not (a template
-        that renders this stretch differently in the whole conversation), the turn's whole prefix
-        is rendered instead.
+        that renders this stretch differently in the whole conversation), or the template refuses
+        the window, the turn's whole prefix is rendered instead.
         """
         turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
         spans: list[tuple[int, int]] = []
@@ -110,8 +110,11 @@ class ChatRenderer:
         """Turn `turns[i]` located in a window starting after turn `turns[i - 2]`; None when the window disagrees."""
         first, k = turns[i - 2] + 1, turns[i]
         window = messages[first : k + 2]
-        window_text = self._text(window, generation_prompt=False)
-        (_, previous_end), (start, end), *_ = self._prefix_spans(window, window_text)
+        try:
+            window_text = self._text(window, generation_prompt=False)
+            (_, previous_end), (start, end), *_ = self._prefix_spans(window, window_text)
+        except TemplateError:  # a template may refuse a window (say, one opening with an assistant message)
+            return None
         stretch = window_text[previous_end:end]
         if start < previous_end or not full_text.startswith(stretch, searched_to):
             return None

@@ -171,6 +171,10 @@ DEFAULT_SYSTEM_TEMPLATE = (  # like Qwen2.5: a default system prompt when the co
     "{%- if messages[0]['role'] != 'system' -%}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{%- endif -%}"
     + tiny.CHATML_TEMPLATE
 )
+STARTS_WITH_USER_TEMPLATE = (  # refuses a conversation that opens with an assistant message
+    "{%- if messages[0]['role'] == 'assistant' -%}{{ raise_exception('start with a user message') }}{%- endif -%}"
+    + tiny.CHATML_TEMPLATE
+)
 PREFIX_MERGE_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
@@ -178,7 +182,7 @@ PREFIX_MERGE_TEMPLATE = (
 
 
 @pytest.mark.parametrize("template", [tiny.CHATML_TEMPLATE, REASONING_TEMPLATE, MISTRAL_LIKE_TEMPLATE,
-                                      DEFAULT_SYSTEM_TEMPLATE, PREFIX_MERGE_TEMPLATE])
+                                      DEFAULT_SYSTEM_TEMPLATE, PREFIX_MERGE_TEMPLATE, STARTS_WITH_USER_TEMPLATE])
 def test_located_turns_equal_the_whole_prefix_renderings(template):
     """The windows give the spans that rendering each turn's whole prefix gives (the definition)."""
     tokenizer = tiny.build_tokenizer(chat_template=template)
