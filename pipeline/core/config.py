@@ -181,6 +181,8 @@ def _add_field_flag(
     annotation = _strip_optional(field.annotation)
     optional = _is_optional(field.annotation)
     kwargs: dict[str, Any] = {"dest": prefix + name, "default": argparse.SUPPRESS, "help": _help_text(field, default)}
+    if annotation is not bool:
+        kwargs["metavar"] = name.upper()
     if annotation is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif _is_list(annotation):

@@ -28,7 +28,7 @@ class PrepareConfig(StageConfig):
     output: Path = setting(
         description="Output folder for part-NNNNN.parquet shards, rejected.parquet and manifest.json.", run_key=False
     )
-    max_length: int | None = Field(2048, description="Longest sample in tokens; longer ones are handled per --on-overflow. None: no limit.")
+    max_length: int | None = Field(2048, description="Longest sample in tokens (none: no limit); longer ones are handled per --on-overflow.")
     on_overflow: Literal["truncate", "reject"] = Field("truncate", description="What to do with samples over max_length.")
     rows_per_shard: int = Field(10_000, description="Samples per output shard.")
     max_row_bytes: int = Field(

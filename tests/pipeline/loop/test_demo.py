@@ -11,27 +11,30 @@ import pytest
 from pipeline.artifacts.files import read_manifest
 from pipeline.cli import main
 from pipeline.core.config import ConfigError, load_config
-from pipeline.loop.demo import BUNDLED_CORPUS, DemoConfig, run_demo
+from pipeline.loop.demo import BUNDLED_CORPUS, DemoConfig
 from pipeline.stages.configs import PrepareConfig, ScoreJobConfig
 
 
-def test_demo_prepares_and_scores_into_a_round_folder(tmp_path, llama_dir, ray_local):
+def test_demo_prepares_and_scores_into_a_round_folder(tmp_path, llama_dir, ray_local, capsys):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer number {i}."}) + "\n"
                               for i in range(12)))
-    config = DemoConfig(output=tmp_path / "run", corpus=[corpus], model=str(llama_dir), prepare={"rows_per_shard": 5})
-    run = run_demo(config)
+    argv = ["demo", "--output", str(tmp_path / "run"), "--corpus", str(corpus), "--model", str(llama_dir),
+            "--prepare.rows-per-shard", "5", "--score.workers", "1", "--no-score.progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "prepare →" in printed and "score →" in printed and "targets" in printed and "kept" in printed
 
-    assert (run.prepared.counts["rows_read"], run.prepared.counts["rows_written"]) == (12, 12)
     scores_dir = tmp_path / "run" / "rounds" / "r000" / "scores"
     manifest = read_manifest(scores_dir, kind="scores")
     assert [s["file"] for s in manifest["shards"]] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert read_manifest(tmp_path / "run" / "tokenized")["counts"]["rows_written"] == 12
     scores = pl.read_parquet(scores_dir / "part-*.parquet")
     assert scores.height == 12 and scores["sample_id"].n_unique() == 12
     # Round 0: current == history, so the excess loss is 0 everywhere and selection is attention-only.
     rel = scores["rel"].explode().drop_nans().drop_nulls()
     assert rel.len() > 0 and (rel == 0).all()
-    assert run.scored.counts["kept"] == scores["n_kept"].sum() and run.scored.counts["samples"] == 12
+    assert manifest["config"]["workers"] == 1 and manifest["config"]["current"] == str(llama_dir)
 
 
 def test_demo_sections_are_the_stage_configs_with_demo_defaults_and_derived_paths(tmp_path, llama_dir):
