@@ -118,20 +118,14 @@ class SectionedConfig(StageConfig):
         completed = dict(data)
         for section in sections:
             given = data.get(section, {})
-            if isinstance(given, BaseModel):
-                given = given.model_dump(exclude_unset=True)
             if not isinstance(given, dict):
-                continue  # pydantic reports the section as not a mapping
+                continue  # a complete stage config is used as it is; pydantic refuses anything else by name
             refused = sorted(set(given) & set(cls.derived_fields.get(section, ())))
             if refused:
                 names = ", ".join(f"{section}.{name}" for name in refused)
                 raise ValueError(f"{names} cannot be set: {cls.__name__} fills it from its own settings")
             completed[section] = cls.section_defaults.get(section, {}) | given | derived.get(section, {})
         return completed
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _is_list(annotation: Any) -> bool:

@@ -49,6 +49,14 @@ def test_demo_sections_are_the_stage_configs_with_demo_defaults_and_derived_path
     )
 
 
+def test_demo_derives_exactly_the_settings_it_declares(llama_dir):
+    top = {"output": Path("run"), "corpus": [BUNDLED_CORPUS], "model": str(llama_dir)}
+    derived = DemoConfig.derived_settings(top)
+    assert {section: sorted(names) for section, names in derived.items()} == {
+        section: sorted(names) for section, names in DemoConfig.derived_fields.items()
+    }
+
+
 def test_demo_config_file_with_sections_and_flags(tmp_path, llama_dir):
     config_file = tmp_path / "demo.yaml"
     config_file.write_text(f"model: {llama_dir}\nprepare:\n  max-length: 256\nscore:\n  ratio: 0.4\n  workers: 1\n")
