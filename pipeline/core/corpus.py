@@ -93,6 +93,7 @@ def resolve_inputs(paths: list[Path]) -> list[InputSource]:
     first_by_real_path: dict[Path, Path] = {}
     for raw in paths:
         for source in _sources_of(Path(raw)):
+            _require_utf8_name(source.path)
             real = source.path.resolve()
             if real in first_by_real_path:
                 logger.warning("input %s is the same file as %s (given more than once, or linked); it is read once",
@@ -101,6 +102,15 @@ def resolve_inputs(paths: list[Path]) -> list[InputSource]:
             first_by_real_path[real] = source.path
             sources.append(source)
     return sources
+
+
+def _require_utf8_name(path: Path) -> None:
+    """Refuse a path whose name is not valid UTF-8: it could not be recorded in the manifest or rejected.parquet."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise InputError(f"input {shown} has a name that is not valid UTF-8; rename it") from None
 
 
 def _sources_of(path: Path) -> list[InputSource]:

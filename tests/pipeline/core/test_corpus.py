@@ -216,3 +216,12 @@ def test_crlf_lines_at_the_limit_keep_their_line_numbers(tmp_path):
     assert reasons(tmp_path / "crlf.jsonl", max_row_bytes=len(line)) == [
         ("line 1", None), ("line 2", "row_too_large"), ("line 3", None)
     ]
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path):
+    import os
+
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jsonl"), "w") as handle:
+        handle.write(json.dumps(ROW) + "\n")
+    with pytest.raises(InputError, match=r"caf\\xe9.jsonl has a name that is not valid UTF-8; rename it"):
+        resolve_inputs([tmp_path])
