@@ -49,6 +49,15 @@ def test_demo_sections_are_the_stage_configs_with_demo_defaults_and_derived_path
     )
 
 
+def test_demo_with_no_arguments_points_at_the_cached_real_model(tmp_path, monkeypatch):
+    """`sstoken demo` alone: the config is complete before anything is fetched (the fetch runs with the demo)."""
+    monkeypatch.setenv("SSTOKEN_CACHE", str(tmp_path))
+    config = DemoConfig()
+    assert config.prepare.tokenizer == str(tmp_path / "models" / "smollm2-135m") and config.prepare.max_length == 512
+    assert config.score.current == config.score.history == tmp_path / "models" / "smollm2-135m"
+    assert config.prepare.input == [BUNDLED_CORPUS] and not (tmp_path / "models").exists()
+
+
 def test_demo_derives_exactly_the_settings_it_declares(llama_dir):
     top = {"output": Path("run"), "corpus": [BUNDLED_CORPUS], "model": str(llama_dir)}
     derived = DemoConfig.derived_settings(top)
