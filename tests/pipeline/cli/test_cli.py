@@ -212,3 +212,19 @@ def test_the_cluster_example_config_is_a_score_config():
     paths = {"data": "/d", "current": "/m", "history": "/h", "output": "/o"}
     config = load_config(ScoreJobConfig, REPO / "jobs" / "configs" / "cluster.example.yaml", paths)
     assert (config.granularity, config.workers, config.gpus_per_worker, config.dtype) == ("global", 8, 1, "bfloat16")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["select", "--scores", "{tmp}/none", "--method", "rel"], "{tmp}/none has no manifest.json"),
+        (["score", "--data", "{tmp}/none", "--current", "{tmp}/m", "--output", "{tmp}/o"],
+         "tokenized input folder {tmp}/none does not exist"),
+    ],
+)
+def test_select_and_score_refuse_missing_folders_in_one_line(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    lines = stderr_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"sstoken {argv[0]}: error: ")
+    assert message.replace("{tmp}", str(tmp_path)) in lines[0]
