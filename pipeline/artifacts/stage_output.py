@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,23 +155,20 @@ class StageOutput:
         self.overwrite = overwrite
         self.inputs = list(inputs)
         self.previous = _Previous()
-        self._lock: Any = None
+        self._held = ExitStack()
 
     # context: lock, then look (nothing is removed or written until `begin`)
 
     def __enter__(self) -> StageOutput:
         _refuse_output_in_inputs(self.folder, self.inputs)
-        self._lock = exclusive_output(self.folder)
-        self._lock.__enter__()
-        try:
+        with ExitStack() as held:
+            held.enter_context(exclusive_output(self.folder))
             self._inspect()
-        except BaseException:
-            self._lock.__exit__(None, None, None)
-            raise
+            self._held = held.pop_all()  # keep the lock past a successful inspection
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._lock.__exit__(*exc)
+        self._held.close()
 
     def _inspect(self) -> None:
         """Read what an earlier run left; refuse a foreign artifact, another identity or files not ours."""
