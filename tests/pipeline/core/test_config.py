@@ -28,10 +28,11 @@ class ExampleConfig(StageConfig):
     flag: bool = Field(False, description="A switch.")
 
 
-def parse(argv):
+def parse(argv, config_class=ExampleConfig):
+    """The config a command line built from `config_class` gives for `argv`."""
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser, ExampleConfig)
-    return config_from_arguments(ExampleConfig, parser.parse_args(argv))
+    add_config_arguments(parser, config_class)
+    return config_from_arguments(config_class, parser.parse_args(argv))
 
 
 def test_flags_override_yaml(tmp_path):
@@ -118,20 +119,14 @@ class TwoStageConfig(SectionedConfig):
         return {"first": {"where": Path(top["root"]) / "first"}}
 
 
-def parse_sections(argv: list[str]) -> TwoStageConfig:
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser, TwoStageConfig)
-    return config_from_arguments(TwoStageConfig, parser.parse_args(argv))
-
-
 def test_sections_are_the_stage_configs_filled_from_yaml_and_flags(tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text("root: /r\nfirst:\n  limit: 4\nsecond:\n  data: /d\n  ratio: 0.2\n")
-    config = parse_sections(["--config", str(config_file), "--second.ratio", "0.3", "--first.limit", "none"])
+    config = parse(["--config", str(config_file), "--second.ratio", "0.3", "--first.limit", "none"], TwoStageConfig)
     assert config.first == KeyedConfig(depth=5, where=Path("/r/first"), limit=None)
     assert config.second == ExampleConfig(data=Path("/d"), ratio=0.3)
     # The section defaults and the derived settings need no YAML at all.
-    assert parse_sections(["--second.data", "/d"]).first == KeyedConfig(depth=5, where=Path("/run/first"))
+    assert parse(["--second.data", "/d"], TwoStageConfig).first == KeyedConfig(depth=5, where=Path("/run/first"))
 
 
 def test_section_help_shows_section_defaults_and_hides_derived_settings():
