@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from pipeline.core.checkpoints import CheckpointError
+
 # Elements of one fp32 logits chunk (64 MiB): bounds the head's transient memory for any vocabulary.
 LOGIT_CHUNK_ELEMENTS = 1 << 24
 
@@ -18,7 +20,7 @@ def output_head(model: Any) -> tuple[torch.nn.Module, float | None]:
     """The model's LM head and its final-logit soft cap (Gemma-style), if it has one."""
     head = model.get_output_embeddings()
     if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head); a causal LM is required")
+        raise CheckpointError(f"{type(model).__name__} has no output embeddings (LM head); a causal LM is required")
     return head, getattr(model.config, "final_logit_softcapping", None)
 
 

@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.core.fingerprint import sha256_file
 from pipeline.artifacts.stage_output import PROGRESS
 from pipeline.stages.score import ScoreJobConfig, ScoreJobError, plan_workers, run_score_job, workers_note
-from pipeline.engine.scorer import Scorer, nll_table, score_shard
+from pipeline.engine.scorer import Scorer, ScoringInputError, nll_table, score_shard
 from tests.factories import write_tokenized
 
 SHARDS = [5, 7, 3, 6]
@@ -235,8 +235,16 @@ def test_corrupt_tokenized_shard_is_refused(ray_local, corpus, llama_dir, tmp_pa
 
 
 def test_engine_errors_reach_the_caller_as_they_are(ray_local, corpus, llama_dir, tmp_path):
-    with pytest.raises(ValueError, match="layer 7 is out of range"):
+    with pytest.raises(ScoringInputError, match="layer 7 is out of range"):
         run_score_job(_config(corpus, tmp_path / "out", llama_dir, None, layer=7))
+
+
+def test_an_engine_user_error_is_one_line_through_the_cli(ray_local, corpus, llama_dir, tmp_path, capsys):
+    arguments = ["--data", str(corpus), "--current", str(llama_dir), "--output", str(tmp_path / "out"),
+                 "--history-cache", str(tmp_path / "cache"), "--layer", "7", "--no-progress"]
+    assert main(["score", *arguments]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("sstoken score: error: layer 7 is out of range") and "Traceback" not in error
 
 
 def test_concurrent_writer_is_refused(corpus, llama_dir, tmp_path):
