@@ -13,9 +13,9 @@ needs two checkpoints runs two passes, so only one model is ever resident:
 `pipeline.engine.methods` (score, keep); the select stage recomputes score and keep from the
 signals without a model. Nothing here knows about Ray.
 
-Work skipped on purpose:
-- no importance asked (gamma 1, REL-only methods): no attention capture at all (attn is NaN).
-- REL not used (gamma 0, attn, full, random): no history pass (nll_hist and rel are NaN).
+Work skipped on purpose (the score stage stores every signal unless told `signals: needed`):
+- no importance asked (signals needed, gamma 1, REL-only methods): no attention capture (attn is NaN).
+- REL not stored (signals needed, gamma 0, attn, full, random): no history pass (nll_hist, rel NaN).
 - current and history the same checkpoint: no history pass; nll_hist equals nll_cur, rel is 0.
 - history NLLs cached: no history pass.
 """
@@ -42,7 +42,7 @@ from pipeline.engine.methods import sample_keep, sample_score
 from pipeline.engine.nll import output_head, target_nll
 from pipeline.engine.precision import MIXED_BFLOAT16, compute_precision, load_dtype, precision_name, to_mixed_precision
 from pipeline.engine.select_settings import SelectSettings
-from pipeline.engine.settings import ScoreSettings
+from pipeline.engine.settings import ScoreSettings, SignalSet
 
 
 class ScoringInputError(UserError, ValueError):
@@ -372,21 +372,24 @@ def score_shard(
     history_nll: pa.Table | None = None,
     same_checkpoint: bool = False,
     excess: str = "history_minus_current",
+    signals: SignalSet | None = None,
 ) -> pa.Table:
     """The current pass over one tokenized shard: signals plus the per-sample selection (scores.v1).
 
     `history_nll`: the history pass's table (joined by sample_id), needed when `selection` uses REL
     and the checkpoints differ. A global selection is made afterwards over every shard; here its
     keep stays per sample. The selection assumes REL is a signal: the corpus-wide floor check is
-    the select step's (`pipeline.engine.methods.rel_guard`).
+    the select step's (`pipeline.engine.methods.rel_guard`). `signals`: which signals to store
+    (default: those the selection uses); attention comes from the Scorer, so it must compute importance.
     """
-    if selection.uses_attention and not scorer.importance:
-        raise ValueError("the selection needs attention importance but the Scorer was built with importance=False")
+    signals = signals or SignalSet(rel=selection.uses_rel, attention=selection.uses_attention)
+    if signals.attention and not scorer.importance:
+        raise ValueError("the signals to store need attention importance but the Scorer was built with importance=False")
     sample_ids, input_ids, trainable = _tokenized_columns(tokenized)
-    cached = _history_by_sample(history_nll, sample_ids) if history_nll is not None and selection.uses_rel else None
-    signals = combine_signals(
+    cached = _history_by_sample(history_nll, sample_ids) if history_nll is not None and signals.rel else None
+    stored = combine_signals(
         scorer.token_signals(sample_ids, input_ids, trainable), cached, trainable,
-        same_checkpoint=same_checkpoint, uses_rel=selection.uses_rel, excess=excess,
+        same_checkpoint=same_checkpoint, uses_rel=signals.rel, excess=excess,
     )
     per_sample = selection.model_copy(update={"granularity": "sample"})
-    return selected_table(signals_table(signals, trainable), tokenized.column("trainable"), CorpusSelection(per_sample))
+    return selected_table(signals_table(stored, trainable), tokenized.column("trainable"), CorpusSelection(per_sample))

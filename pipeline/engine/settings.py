@@ -6,16 +6,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field
 
 from pipeline.core.config import StageConfig, setting
+from pipeline.engine.select_settings import SelectSettings
 
 
 class ScoreSettings(StageConfig):
     """How the signals are computed: model, layer, precision, batching (selection: `SelectSettings`)."""
 
+    signals: Literal["all", "needed"] = Field(
+        "all",
+        description="Signals to compute and store: all (REL, when history differs from current, and attention), so "
+        "`sstoken select` can later apply any method to them, byte-identical to scoring with it; needed: only what "
+        "--method uses (no history pass for attention-only methods, no attention capture for REL-only ones): faster, "
+        "but a later selection that needs a missing signal is refused.",
+    )
     layer: int = Field(-1, description="Decoder layer whose attention gives importance; negative counts from the last.")
     excess: Literal["history_minus_current", "current_minus_history"] = Field(
         "history_minus_current",
@@ -41,3 +50,17 @@ class ScoreSettings(StageConfig):
     trust_remote_code: bool = setting(
         False, description="Allow model code shipped inside a checkpoint folder to run.", run_key=False
     )
+
+
+@dataclass(frozen=True)
+class SignalSet:
+    """Which signals a score run computes and stores, besides the current NLL it always has."""
+
+    rel: bool
+    attention: bool
+
+
+def signals_to_compute(signals: str, selection: SelectSettings) -> SignalSet:
+    """`all`: every signal; `needed`: those `selection`'s method uses."""
+    everything = signals == "all"
+    return SignalSet(rel=everything or selection.uses_rel, attention=everything or selection.uses_attention)

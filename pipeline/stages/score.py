@@ -41,6 +41,7 @@ import os
 import time
 import uuid
 from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,7 +61,7 @@ from pipeline.stages.score_shards import (
 from pipeline.engine.precision import precision_name
 from pipeline.engine.methods import same_checkpoint_refusal
 from pipeline.engine.select_settings import SelectSettings
-from pipeline.engine.settings import ScoreSettings
+from pipeline.engine.settings import ScoreSettings, signals_to_compute
 from pipeline.stages.configs import ScoreJobConfig
 from pipeline.stages.selection_shards import SelectShard, apply_selection, plan_selection
 
@@ -104,7 +105,7 @@ class ShardScoringActor:
         # `ready` to raise as an ordinary task error, which the driver reports as it is.
         self.error: Exception | None = None
         try:
-            importance = phase == "score" and selection.uses_attention
+            importance = phase == "score" and signals_to_compute(settings.signals, selection).attention
             self.scorer = Scorer(checkpoint, settings, importance=importance)
         except Exception as error:  # noqa: BLE001 - re-raised by ready()
             self.error = error
@@ -120,9 +121,7 @@ class ShardScoringActor:
         if self.phase == "history":
             result = fill_history_cache(self.scorer, task)
         else:
-            result = score_one_shard(
-                self.scorer, task, self.selection, self.history_fingerprint, self.scorer.settings.excess
-            )
+            result = score_one_shard(self.scorer, task, self.selection, self.history_fingerprint)
         forwards = self.scorer.forward_count - before
         return result | {"actor": self.id, "model_loads": self.scorer.model_loads, "forwards": forwards}
 
@@ -338,7 +337,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
         same_checkpoint_refusal(selection)  # before any model runs
     # What the shards hold: the run-key settings and which signals are computed (the selection
     # settings are not part of it: a new method, ratio or gamma over the same signals only re-selects).
-    signals = {"rel": selection.uses_rel, "attention": selection.uses_attention}
+    signals = asdict(signals_to_compute(config.signals, selection))
     identity = {
         "settings": config.run_key_settings(),
         "signals": signals,
@@ -347,7 +346,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
         "data": data_key,
     }
     # The history checkpoint whose cached NLLs REL needs (None: REL unused, or REL is 0 on one checkpoint).
-    rel_history = history_fp if selection.uses_rel and history_fp != current_fp else None
+    rel_history = history_fp if signals["rel"] and history_fp != current_fp else None
     history_cache = Path(config.history_cache) if config.history_cache else default_history_cache()
     tasks = [
         ShardTask(

@@ -28,6 +28,7 @@ from pipeline.artifacts.files import read_shard, verify_listed_shard
 from pipeline.artifacts.stage_output import commit_shard, completed_record as committed_record
 from pipeline.artifacts.history_cache import history_cache_dir, load_cached_history, store_history
 from pipeline.engine.select_settings import SelectSettings
+from pipeline.engine.settings import signals_to_compute
 from pipeline.artifacts.schemas import arrow_schema, validate_table
 from pipeline.core.errors import UserError
 from pipeline.stages.selection_shards import selection_record
@@ -112,19 +113,21 @@ def fill_history_cache(scorer: Any, task: ShardTask) -> dict[str, Any]:
 
 
 def score_one_shard(
-    scorer: Any, task: ShardTask, selection: SelectSettings, history_fingerprint: str | None, excess: str
+    scorer: Any, task: ShardTask, selection: SelectSettings, history_fingerprint: str | None
 ) -> dict[str, Any]:
     """Phase 2 for one shard: the current pass (a Scorer holding the current checkpoint), with the
     history NLLs phase 1 cached, and the per-sample selection; committed with its progress record.
 
     history_fingerprint: the history checkpoint whose cached NLLs REL needs; None when REL is not
-    used or current and history are the same checkpoint (REL is then 0)."""
+    computed or current and history are the same checkpoint (REL is then 0)."""
     from pipeline.engine.scorer import score_shard
+
+    signals = signals_to_compute(scorer.settings.signals, selection)
 
     started = time.monotonic()
     tokenized = read_shard(Path(task.input_path), "tokenized")
     cached = None
-    if selection.uses_rel and history_fingerprint is not None:
+    if signals.rel and history_fingerprint is not None:
         folder = history_folder(task, history_fingerprint, scorer.dtype_name)
         cached = load_cached_history(folder, task.file)
         if cached is None:
@@ -133,7 +136,8 @@ def score_one_shard(
                 "folder shared by every node (--history-cache)? Rerun the job"
             )
     scores = score_shard(
-        scorer, tokenized, selection, history_nll=cached, same_checkpoint=history_fingerprint is None, excess=excess
+        scorer, tokenized, selection, history_nll=cached, same_checkpoint=history_fingerprint is None,
+        excess=scorer.settings.excess, signals=signals,
     )
     validate_table(scores, "scores", source=f"scores of {task.input_path}")
     if not scores.column("sample_id").equals(tokenized.column("sample_id")):

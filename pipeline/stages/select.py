@@ -4,12 +4,14 @@
 
 The score, keep and n_kept columns of every shard are rewritten in place (`selection_shards`),
 the manifest's `selection` section and config say what the folder now holds, and the result is
-byte-identical to a `sstoken score` run with those settings from scratch whenever that run would
-compute the same signals (see docs/method.md, "Signals, then selection").
+byte-identical to a `sstoken score` run with those settings from scratch (with `--signals all`,
+the default; see docs/method.md, "Signals, then selection").
 
 Exactly once through `StageOutput`: the folder's lock; the manifest goes while shards are being
-rewritten and comes back last; a shard whose record already carries the selection is skipped,
-so a killed select is finished by running it (or `sstoken score` with the same settings) again.
+rewritten and comes back last; a shard whose record already carries the selection is skipped.
+The manifest the run started from is kept under `_progress/` until it finishes, so a killed
+select is finished by running `sstoken select` again (any settings), or `sstoken score` with the
+same arguments.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts.files import MANIFEST, ArtifactError, read_manifest
-from pipeline.artifacts.stage_output import StageOutput, StageSummary
+from pipeline.artifacts.files import MANIFEST, ArtifactError, read_manifest, write_json_atomic
+from pipeline.artifacts.schemas import validate_manifest
+from pipeline.artifacts.stage_output import StageOutput, StageSummary, read_record, record_path
 from pipeline.core.fingerprint import sha256_json
 from pipeline.stages.configs import SelectConfig
 from pipeline.stages.selection_shards import SelectError, SelectionOutcome, SelectShard, apply_selection, plan_selection
@@ -27,7 +30,15 @@ from pipeline.stages.selection_shards import SelectError, SelectionOutcome, Sele
 __all__ = ["SelectConfig", "run_select"]
 
 
+# Under _progress/ (as a record's name): the scores manifest an unfinished select run started from.
+STARTED_FROM = "select-started-from"
+
+
 def _scores_manifest(folder: Path) -> dict[str, Any]:
+    started_from = read_record(folder, STARTED_FROM)
+    if not (folder / MANIFEST).is_file() and started_from is not None:
+        validate_manifest(started_from, source=str(record_path(folder, STARTED_FROM)))
+        return started_from  # a select run was killed: finish it from the manifest it started from
     if not (folder / MANIFEST).is_file():
         raise SelectError(
             f"{folder} has no {MANIFEST}: it is not a finished scores folder (an interrupted `sstoken score` or "
@@ -79,9 +90,12 @@ def run_select(config: SelectConfig) -> StageSummary:
     shards = [SelectShard(s["file"], str(folder.resolve()), str((data / s["file"]).resolve())) for s in manifest["shards"]]
     with StageOutput(folder, "scores", inputs=[data]) as out:
         plan = plan_selection(shards, config, same_checkpoint=same_checkpoint)  # every refusal, before any write
+        record_path(folder, STARTED_FROM).parent.mkdir(exist_ok=True)
+        write_json_atomic(manifest, record_path(folder, STARTED_FROM))
         out.begin()
         outcome = apply_selection(shards, plan)
         written = out.finish(reselected_manifest(manifest, config, outcome))
+        record_path(folder, STARTED_FROM).unlink(missing_ok=True)
     counts = written["counts"]
     return StageSummary(
         stage="select",

@@ -112,22 +112,38 @@ def test_another_method_on_the_same_signals_is_byte_identical(
     assert summary.counts["kept"] == int(0.5 * trainable)  # floor, as TokenCleaning's code
 
 
-@pytest.mark.parametrize("method", ["random", "full", "attn", "rel"])
-def test_every_method_selects_what_a_fresh_scoring_selects(
+@pytest.mark.parametrize("method", ["random", "full", "attn", "rel", "tokencleaning"])
+def test_every_method_reselected_is_byte_identical_to_scoring_with_it(
     ray_local, scored, corpus, cache, llama_dir, llama_history_dir, tmp_path, method, no_model
 ):
-    """Over the full signal set, any method's score, keep and n_kept columns equal those of a fresh scoring
-    with that method (whose shards hold only the signals it needs)."""
+    """Every signal is stored by default, so any method selected afterwards gives the very shards a
+    fresh scoring with that method writes."""
     folder = _copy(scored, tmp_path / "all-signals")
     run_select(SelectConfig(scores=folder, method=method, ratio=0.4, seed=11))
     fresh = _score(corpus, tmp_path / "fresh", llama_dir, llama_history_dir, cache, method=method, ratio=0.4, seed=11)
+    assert _digests(folder) == _digests(fresh.output)
+    assert read_manifest(folder, kind="scores")["selection"] == read_manifest(fresh.output, kind="scores")["selection"]
+
+
+@pytest.mark.parametrize("method", ["attn", "rel"])
+def test_with_only_the_needed_signals_the_selection_columns_still_match(
+    ray_local, scored, corpus, cache, llama_dir, llama_history_dir, tmp_path, method, no_model
+):
+    """`signals: needed` stores only what the method uses (attn: no REL, rel: no attention): its
+    score, keep and n_kept equal a re-selection of the full signal set with that method."""
+    folder = _copy(scored, tmp_path / "all-signals")
+    run_select(SelectConfig(scores=folder, method=method, ratio=0.4))
+    lean = _score(corpus, tmp_path / "lean", llama_dir, llama_history_dir, cache, method=method, ratio=0.4,
+                  signals="needed")
+    missing = "rel" if method == "attn" else "attn"
     for part in sorted(folder.glob("part-*.parquet")):
-        got, expected = pq.read_table(part), pq.read_table(fresh.output / part.name)
+        got, expected = pq.read_table(part), pq.read_table(lean.output / part.name)
         for name in ("keep", "n_kept"):
             assert got.column(name).equals(expected.column(name)), (method, part.name, name)
         np.testing.assert_array_equal(
             np.concatenate(got.column("score").to_pylist()), np.concatenate(expected.column("score").to_pylist())
         )
+        assert np.isnan(np.concatenate(expected.column(missing).to_pylist())).all()
 
 
 def test_random_is_reproducible_and_seeded(scored, tmp_path, no_model):
@@ -188,11 +204,38 @@ def test_rel_below_the_floor_is_treated_as_zero_with_a_warning(
 
 
 def test_a_signal_the_scores_lack_is_refused_before_any_write(ray_local, corpus, cache, llama_dir, llama_history_dir, tmp_path):
-    attention = _score(corpus, tmp_path / "attn", llama_dir, llama_history_dir, cache, method="attn")
+    attention = _score(corpus, tmp_path / "attn", llama_dir, llama_history_dir, cache, method="attn", signals="needed")
     before = _digests(attention.output)
     with pytest.raises(MethodError, match="needs REL, but .* targets have none"):
         run_select(SelectConfig(scores=attention.output, method="sstoken"))
     assert _digests(attention.output) == before and (attention.output / "manifest.json").is_file()
+
+
+def test_a_killed_select_is_finished_by_selecting_again(scored, tmp_path, monkeypatch, no_model):
+    from pipeline.stages import selection_shards
+
+    expected = _copy(scored, tmp_path / "expected")
+    run_select(SelectConfig(scores=expected, method="random", ratio=0.3))
+    killed = _copy(scored, tmp_path / "killed")
+    commit = selection_shards.commit_shard
+    calls = []
+
+    def dies_on_the_second_shard(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(selection_shards, "commit_shard", dies_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_select(SelectConfig(scores=killed, method="random", ratio=0.3))
+    monkeypatch.setattr(selection_shards, "commit_shard", commit)
+    assert not (killed / "manifest.json").exists()  # incomplete, and says so
+    summary = run_select(SelectConfig(scores=killed, method="random", ratio=0.3))
+    assert summary.counts["shards_rewritten"] == len(SHARDS) - 1
+    assert _digests(killed) == _digests(expected)
+    assert read_manifest(killed, kind="scores")["selection"] == read_manifest(expected, kind="scores")["selection"]
+    assert sorted(p.name for p in (killed / "_progress").iterdir()) == sorted(f"{name}.json" for name in _digests(killed))
 
 
 def test_select_needs_a_finished_scores_folder(corpus, tmp_path):
