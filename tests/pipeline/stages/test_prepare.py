@@ -63,6 +63,12 @@ def prepare(corpus, tokenizer_dir, output, **settings):
     return run_prepare(config)
 
 
+def rejections_by_place(output: Path) -> dict[tuple[str, str], str]:
+    """{(input file name, locator): reason} of every row in rejected.parquet."""
+    rejected = pl.read_parquet(output / "rejected.parquet")
+    return {(Path(r["input_file"]).name, r["locator"]): r["reason"] for r in rejected.iter_rows(named=True)}
+
+
 def read_corpus(output: Path) -> pl.DataFrame:
     manifest = read_manifest(output, kind="tokenized")
     return pl.concat([pl.from_arrow(read_shard(output / s["file"], "tokenized")) for s in manifest["shards"]])
@@ -75,8 +81,7 @@ def test_mixed_corpus_counts_masks_and_rejections(mixed_corpus, tokenizer_dir, t
     assert summary.counts['rows_read'] == 15
     assert (summary.counts['rows_written'], summary.counts['rows_rejected']) == (5, 10)
     assert summary.counts['rows_read'] == summary.counts['rows_written'] + summary.counts['rows_rejected']
-    rejected = pl.read_parquet(output / "rejected.parquet")
-    by_line = {(Path(r["input_file"]).name, r["locator"]): r["reason"] for r in rejected.iter_rows(named=True)}
+    by_line = rejections_by_place(output)
     assert by_line == {
         ("chat.jsonl", "line 3"): "invalid_json",
         ("chat.jsonl", "line 4"): "missing_fields",
@@ -89,6 +94,7 @@ def test_mixed_corpus_counts_masks_and_rejections(mixed_corpus, tokenizer_dir, t
         ("chat.jsonl", "line 11"): "duplicate",
         ("chat.jsonl", "line 12"): "too_long",
     }
+    rejected = pl.read_parquet(output / "rejected.parquet")
     assert all(rejected["detail"].str.len_chars() > 0)
     assert rejected.filter(pl.col("reason") == "duplicate")["sample_id"].item() is not None
 
@@ -272,8 +278,7 @@ def test_bad_inputs_never_stop_the_run_and_each_rejection_names_its_place(tmp_pa
     counts = summary.counts
     assert counts["rows_read"] == counts["rows_written"] + counts["rows_rejected"] == 15
     assert counts["rows_written"] == 10  # Q0 to Q5, and the Parquet rows outside the damaged row group
-    rejected = pl.read_parquet(tmp_path / "out" / "rejected.parquet")
-    places = {(Path(r["input_file"]).name, r["locator"]): r["reason"] for r in rejected.iter_rows(named=True)}
+    places = rejections_by_place(tmp_path / "out")
     assert places == {
         ("deep.jsonl", "line 1"): "too_deeply_nested",
         ("surrogate.jsonl", "line 1"): "invalid_unicode",
