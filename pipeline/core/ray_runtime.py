@@ -212,13 +212,31 @@ def node_cpus() -> list[float]:
     return [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
 
 
+def task_error_cause(error: Exception) -> Exception:
+    """The exception a Ray task or actor method raised, without Ray's wrapper (whose message carries
+    the worker's traceback and colour codes), so a user error reaches the user as its one line."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, Exception) else error
+
+
+def _get(ref: Any) -> Any:
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as error:
+        raise task_error_cause(error) from None
+
+
 def ordered_map(
     function: Callable, arguments: list[tuple], num_cpus: float = 1.0, window: int | None = None
 ) -> Iterator[Any]:
     """Run `function(*args)` as Ray tasks, yielding results in argument order.
 
     At most `window` tasks are in flight (default: twice the cluster's CPUs), so results waiting
-    to be consumed never pile up in the object store. Ray retries a task whose worker died.
+    to be consumed never pile up in the object store. Ray retries a task whose worker died. An
+    exception a task raises is re-raised here as itself (`task_error_cause`).
     """
     import ray
 
@@ -228,6 +246,6 @@ def ordered_map(
     for args in arguments:
         pending.append(remote.remote(*args))
         if len(pending) >= window:
-            yield ray.get(pending.pop(0))
+            yield _get(pending.pop(0))
     while pending:
-        yield ray.get(pending.pop(0))
+        yield _get(pending.pop(0))

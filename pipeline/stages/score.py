@@ -49,7 +49,7 @@ from pipeline.artifacts.files import base_manifest, read_manifest, refuse_repeat
 from pipeline.artifacts.stage_output import StageOutput, StageSummary
 from pipeline.core.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.core.fingerprint import sha256_json, tokenizer_fingerprints
-from pipeline.core.ray_runtime import node_cpus, ordered_map, ray_session
+from pipeline.core.ray_runtime import node_cpus, ordered_map, ray_session, task_error_cause
 from pipeline.stages.score_shards import (
     ScoreJobError,
     ShardTask,
@@ -158,14 +158,9 @@ def workers_note(requested: int | None, actors: int, cpus: float, gpus: float) -
     """A line for the summary when --workers asked for more actors than the cluster holds at once."""
     if requested is None or requested <= actors:
         return []
-    each = f"{gpus:g} GPU" if gpus > 0 else f"{cpus:g} CPUs"
-    return [f"--workers {requested}: the cluster holds {actors} actors of {each} each at once, so {actors} ran"]
-
-
-def _unwrapped(error: Exception) -> Exception:
-    """The original exception inside a RayTaskError, so the user sees one clear line."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, Exception) else error
+    each = f"{gpus:g} GPU" if gpus > 0 else f"{cpus:g} CPU" + ("" if cpus == 1 else "s")
+    plural = "" if actors == 1 else "s"
+    return [f"--workers {requested}: the cluster holds {actors} actor{plural} of {each} each at once, so {actors} ran"]
 
 
 class _Progress:
@@ -247,7 +242,7 @@ def _run_actor_pool(
                     ray.get(ref)
                     idle.append(actor)
                 except RayTaskError as error:  # the models could not be loaded: no point retrying
-                    raise _unwrapped(error) from None
+                    raise task_error_cause(error) from None
                 except RayActorError as error:
                     actor_failures += 1
                     if actor_failures > workers + MAX_SHARD_ATTEMPTS:
@@ -266,7 +261,7 @@ def _run_actor_pool(
                 starting.update([start_actor()])
                 continue
             except RayTaskError as error:
-                raise _unwrapped(error) from None
+                raise task_error_cause(error) from None
             results.append(result)
             idle.append(actor)
             progress.shard_done(result["tokens"])
@@ -438,8 +433,9 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
             "shards_scored": len(results),
             "shards_skipped": len(tasks) - len(results),
             "shards_rewritten": rewritten,
-            # Shards whose scoring pass read history NLLs from the cache (filled by phase 1 or earlier runs).
-            "history_from_cache": sum(r["history_cached"] for r in results),
+            # History NLLs: computed by this run's phase 1, or reused from the cache an earlier run filled.
+            "history_computed": sum(r["computed"] for r in history_results),
+            "history_reused": sum(r["history_cached"] for r in results) - sum(r["computed"] for r in history_results),
             "tokens_scored": scored_tokens,
         },
         timings={k: round(v, 3) for k, v in timings.items()},

@@ -108,7 +108,7 @@ def test_rerun_redoes_only_missing_or_broken_shards(sample_run, tmp_path):
     (output / "manifest.json").unlink()
     summary = run_score_job(config.model_copy(update={"output": output, "history_cache": tmp_path / "out-cache"}))
     assert summary.counts["shards_scored"] == 3 and summary.counts["shards_skipped"] == 1
-    assert summary.counts["history_from_cache"] == 3  # the history forward was skipped
+    assert (summary.counts["history_reused"], summary.counts["history_computed"]) == (3, 0)  # no history forward
     assert _digests(output) == before
     verify_shards(output, read_manifest(output, kind="scores"))
 
@@ -123,13 +123,14 @@ def test_history_phase_first_one_model_per_actor_and_resumable(sample_run, tmp_p
     assert history["model_loads"] == history["actors"] >= 1  # one model per actor, loaded once, not once per shard
     assert score["model_loads"] == score["actors"] >= 1
     assert history["forwards"] >= len(SHARDS) and score["forwards"] >= len(SHARDS)
-    assert summary.counts["history_from_cache"] == len(SHARDS)
+    assert (summary.counts["history_computed"], summary.counts["history_reused"]) == (len(SHARDS), 0)
     cached = sorted(Path(config.history_cache).glob("history_nll/*/*/float32/part-*.parquet"))
     assert [p.name for p in cached] == sorted(p.name for p in Path(config.data).glob("part-*.parquet"))
 
     # Rerun into a fresh output with the same cache: no phase 1 at all, same scores.
     again = run_score_job(config.model_copy(update={"output": tmp_path / "again"}))
     assert again.details["phases"]["history"]["shards"] == 0 and again.details["phases"]["history"]["forwards"] == 0
+    assert (again.counts["history_computed"], again.counts["history_reused"]) == (0, len(SHARDS))
     assert again.details["phases"]["score"]["model_loads"] == again.details["phases"]["score"]["actors"]
     assert _digests(tmp_path / "again") == _digests(config.output)
 
@@ -284,7 +285,8 @@ def test_plan_workers_fits_actors_on_nodes():
     assert plan_workers([8.0, 8.0], 4.0, None, None, 1.0) == (4, 1.0)
     assert plan_workers([2.0], 0.0, 3, 0.5, 0.0) == (3, 0.5)
     assert plan_workers([2.0], 0.0, 8, 1.0, 0.0) == (2, 1.0)  # more than the CPUs hold at once
-    assert workers_note(8, 2, 1.0, 0.0) == ["--workers 8: the cluster holds 2 actors of 1 CPUs each at once, so 2 ran"]
+    assert workers_note(8, 2, 1.0, 0.0) == ["--workers 8: the cluster holds 2 actors of 1 CPU each at once, so 2 ran"]
+    assert workers_note(64, 1, 2.0, 0.0) == ["--workers 64: the cluster holds 1 actor of 2 CPUs each at once, so 1 ran"]
     assert workers_note(2, 2, 1.0, 0.0) == workers_note(None, 4, 1.0, 0.0) == []
     with pytest.raises(ScoreJobError, match="exceeds the largest node"):
         plan_workers([2.0], 0.0, None, 4.0, 0.0)
@@ -322,8 +324,11 @@ def test_manifest_problems_are_named(ray_local, corpus, llama_dir, tmp_path):
 
     with pytest.raises(ArtifactError, match="lists part-00000.parquet more than once"):
         run_score_job(_config(_edited_copy(corpus, tmp_path / "twice", twice), tmp_path / "a", llama_dir, None))
-    with pytest.raises(ArtifactError, match=r"manifest.json says part-00001.parquet has 99 rows, the file has 7"):
+    with pytest.raises(ArtifactError, match=r"manifest.json says part-00001.parquet has 99 rows, the file has 7") as raised:
         run_score_job(_config(_edited_copy(corpus, tmp_path / "rows", rows), tmp_path / "b", llama_dir, None))
+    # Checked inside a Ray task, yet raised as the error itself: no worker traceback, no colour codes.
+    assert type(raised.value) is ArtifactError and str(raised.value).startswith(str(tmp_path / "rows"))
+    assert "\x1b[" not in str(raised.value) and "Traceback" not in str(raised.value)
     repeated = tmp_path / "repeated"
     shutil.copytree(corpus, repeated)
     shutil.copy(repeated / "part-00000.parquet", repeated / "part-00004.parquet")  # every id of shard 0 again
