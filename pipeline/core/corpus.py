@@ -3,8 +3,8 @@
 Reading never stops at a bad row: each row comes back as an `InputRecord` that holds either the
 parsed row or the reason it could not be read, with where it came from (file and line or row).
 Work per row is bounded: a row larger than `max_row_bytes` is rejected as `row_too_large` before
-it is parsed (JSONL is read line by line in bounded pieces), and a damaged Parquet row group is
-one rejection, after which the file's other row groups are still read.
+it is parsed (JSONL is read line by line in bounded pieces), and each row of a damaged Parquet row
+group is a rejection, after which the file's other row groups are still read.
 """
 
 from __future__ import annotations
@@ -361,7 +361,9 @@ def _sized(name: str, locator: str, row: Any, limit: int | None) -> InputRecord 
 
 
 def _read_parquet(path: Path, limit: int | None) -> Iterator[InputRecord]:
-    """Rows of a Parquet file, row group by row group: a damaged group is one rejection, the others are read."""
+    """Rows of a Parquet file, row group by row group: each row of a damaged group that was not read
+    is a rejection of its own (so rows read counts the file's rows, as its metadata states); the
+    other groups are read."""
     name = str(path)
     try:
         parquet = pq.ParquetFile(path)
@@ -379,8 +381,9 @@ def _read_parquet(path: Path, limit: int | None) -> Iterator[InputRecord]:
                     index += 1
         except (pa.ArrowException, OSError) as error:
             last = first + metadata.num_rows - 1
-            yield InputRecord(name, f"row group {group} (rows {index}-{last})", reason="unreadable_file",
-                              detail=f"Parquet row group {group} is damaged, rows {index} to {last} not read: {_one_line(error)}")
+            detail = f"Parquet row group {group} is damaged, rows {index} to {last} not read: {_one_line(error)}"
+            for lost in range(index, last + 1):
+                yield InputRecord(name, f"row {lost}", reason="unreadable_file", detail=detail)
         first += metadata.num_rows
 
 

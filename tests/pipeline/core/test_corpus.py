@@ -114,8 +114,10 @@ def test_parquet_corrupted_mid_file_keeps_the_other_row_groups(tmp_path):
     got = records(path)
     good = [r for r in got if r.row is not None]
     assert [r.locator for r in good] == [f"row {i}" for i in [*range(10), *range(20, 30)]]
-    (bad,) = [r for r in got if r.row is None]
-    assert (bad.locator, bad.reason) == ("row group 1 (rows 10-19)", "unreadable_file")
+    bad = [r for r in got if r.row is None]
+    assert [(r.locator, r.reason) for r in bad] == [(f"row {i}", "unreadable_file") for i in range(10, 20)]
+    assert "row group 1 is damaged, rows 10 to 19 not read" in bad[0].detail
+    assert len(got) == pq.ParquetFile(path).metadata.num_rows  # every row of the file is accounted for
 
 
 def test_json_array_with_bad_entries_rejects_only_those_entries(tmp_path):
