@@ -81,7 +81,7 @@ def rel_guard(settings: SelectSettings, stats: RelStats) -> list[str]:
     if stats.missing:
         raise MethodError(
             f"method {settings.method} needs REL, but {stats.missing} of {stats.targets} targets have none: these "
-            "scores were made without the history pass (gamma 0 or method attn); rescore with a method that uses REL"
+            "scores were made with --signals needed and a method without REL; rescore with --signals all"
         )
     if not stats.is_noise:
         return []
@@ -112,7 +112,7 @@ def _needed(values: np.ndarray, trainable: np.ndarray, signal: str, sample_id: s
 def _rel_term(rel: np.ndarray, trainable: np.ndarray, settings: SelectSettings, sample_id: str, noise: bool) -> np.ndarray:
     rel = _needed(
         np.asarray(rel, dtype=np.float32), trainable, "rel", sample_id,
-        "these scores were made without the history pass (gamma 0 or method attn): rescore with a method that uses REL",
+        "these scores were made with --signals needed and a method without REL: rescore with --signals all",
     )
     if noise:
         rel = np.where(trainable, np.float32(0.0), np.float32(np.nan)).astype(np.float32)
@@ -145,7 +145,7 @@ def sample_score(
     if settings.uses_attention:
         attention = _needed(
             np.asarray(attn, dtype=np.float32), trainable, "attn", sample_id,
-            "these scores were made without attention (gamma 1 or a REL-only method): rescore with gamma < 1",
+            "these scores were made with --signals needed and a method without attention: rescore with --signals all",
         )
     rel_term = _rel_term(rel, trainable, settings, sample_id, rel_is_noise) if settings.uses_rel else None
     if attention is None:

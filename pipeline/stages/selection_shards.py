@@ -32,6 +32,11 @@ from pipeline.engine.methods import RelStats, rel_guard, same_checkpoint_refusal
 from pipeline.engine.select_settings import SelectSettings
 
 
+SAME_CHECKPOINT_NOTE = (
+    "current and history are the same checkpoint (round 0): REL is 0 at every target, so attention alone decides"
+)
+
+
 class SelectError(UserError):
     """A scores folder that cannot be selected from; the message names the file and what to do."""
 
@@ -129,6 +134,8 @@ def plan_selection(
     """
     if same_checkpoint and settings.uses_rel:
         same_checkpoint_refusal(settings)
+        # REL is 0 by construction (nll_hist is nll_cur), not noise of two near-identical checkpoints.
+        return SelectionPlan(CorpusSelection(settings), selection_record(settings), [SAME_CHECKPOINT_NOTE])
     warnings: list[str] = []
     noise = False
     if settings.uses_rel:

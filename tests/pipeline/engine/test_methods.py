@@ -82,7 +82,7 @@ def test_random_keeps_the_ratio_count_reproducibly_per_sample_id():
 
 def test_missing_signal_is_refused_by_name():
     no_rel = np.full(len(REL), NAN, np.float32)
-    with pytest.raises(MethodError, match="sample 'x': rel is NaN at a target.*without the history pass"):
+    with pytest.raises(MethodError, match="sample 'x': rel is NaN at a target.*--signals needed"):
         sample_score("x", no_rel, ATTN, TRAINABLE, SelectSettings(method="rel"))
     with pytest.raises(MethodError, match="attn is NaN at a target.*without attention"):
         sample_score("x", REL, no_rel, TRAINABLE, SelectSettings(gamma=0.5))

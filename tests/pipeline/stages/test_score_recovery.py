@@ -201,7 +201,13 @@ def test_worker_node_killed_mid_run_loses_nothing(corpus, llama_dir, llama_histo
         _wait_for(lambda: alive_nodes() == 2, 90, "the worker node")
 
         job_id = f"score-node-loss-{port}"
-        submitted = job("submit", "--no-wait", "--submission-id", job_id, "--", *entrypoint)
+        submit = ("submit", "--no-wait", "--submission-id", job_id, "--", *entrypoint)
+        submitted = job(*submit)
+        deadline = time.monotonic() + 120
+        # The head's job agent comes up some seconds after the node reports alive (later on a busy machine).
+        while submitted.returncode != 0 and "No available agent" in submitted.stdout and time.monotonic() < deadline:
+            time.sleep(3)
+            submitted = job(*submit)
         assert submitted.returncode == 0, submitted.stdout
 
         def finished() -> bool:

@@ -18,7 +18,7 @@ from pipeline.engine.methods import MethodError
 from pipeline.stages.configs import SelectConfig
 from pipeline.stages.score import ScoreJobConfig, run_score_job
 from pipeline.stages.select import run_select
-from pipeline.stages.selection_shards import SelectError
+from pipeline.stages.selection_shards import SAME_CHECKPOINT_NOTE, SelectError
 from tests import tiny
 from tests.factories import write_tokenized
 
@@ -163,6 +163,9 @@ def test_same_checkpoint_refuses_rel_only_selection(ray_local, corpus, cache, ll
         _score(corpus, tmp_path / "refused", llama_dir, None, cache, gamma=1.0)
     assert not (tmp_path / "refused").exists()  # refused before any work
     attention_only = _score(corpus, tmp_path / "round0", llama_dir, None, cache)
+    selection = read_manifest(attention_only.output, kind="scores")["selection"]
+    # REL is 0 by construction here, not the noise of a near-copy: said as such, not as "a re-saved copy?".
+    assert selection["rel_is_noise"] is False and selection["warnings"] == [SAME_CHECKPOINT_NOTE]
     before = _digests(attention_only.output)
     for settings in ({"method": "rel"}, {"method": "tokencleaning"}, {"gamma": 1.0}):
         with pytest.raises(MethodError, match="position tie-break would keep the first"):
