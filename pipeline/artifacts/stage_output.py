@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.artifacts.files import (
     MANIFEST,
@@ -44,13 +43,14 @@ from pipeline.artifacts.files import (
     is_temporary,
     read_manifest,
     remove_stale_temporaries,
+    shard_is_valid,
     verify_listed_shard,
     write_json_atomic,
     write_manifest,
     write_parquet_atomic,
 )
 from pipeline.artifacts.schemas import SchemaError
-from pipeline.core.fingerprint import sha256_file, sha256_json
+from pipeline.core.fingerprint import sha256_json
 
 PROGRESS = "_progress"
 LOCK = ".lock"
@@ -76,16 +76,9 @@ def completed_record(folder: Path, name: str, run_key: str) -> dict[str, Any] | 
     """The record of `name` when it was committed under `run_key` and the file still matches it:
     same sha256, readable Parquet with the recorded row count. None means "do it (again)"."""
     record = read_record(folder, name)
-    path = Path(folder) / name
-    if record is None or record.get("run_key") != run_key or not path.is_file():
+    if record is None or record.get("run_key") != run_key or None in (record.get("sha256"), record.get("rows")):
         return None
-    if sha256_file(path) != record.get("sha256"):
-        return None
-    try:
-        rows = pq.ParquetFile(path).metadata.num_rows
-    except (pa.ArrowException, OSError):
-        return None
-    return record if rows == record.get("rows") else None
+    return record if shard_is_valid(Path(folder) / name, record["sha256"], record["rows"]) else None
 
 
 def commit_shard(folder: Path, name: str, table: pa.Table, record: dict[str, Any]) -> dict[str, Any]:
