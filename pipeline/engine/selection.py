@@ -66,7 +66,3 @@ def top_k_mask(scores: np.ndarray, trainable: np.ndarray, k: int) -> np.ndarray:
     keep[positions[order[:k]]] = True
     return keep
 
-
-def select_sample(scores: np.ndarray, trainable: np.ndarray, ratio: float) -> np.ndarray:
-    """The per-sample keep mask: top ceil(ratio * n_trainable) targets by score."""
-    return top_k_mask(scores, trainable, keep_count(ratio, int(trainable.sum())))

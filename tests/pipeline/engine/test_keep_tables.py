@@ -8,7 +8,7 @@ from pipeline.artifacts.schemas import arrow_schema
 from pipeline.engine.keep_tables import CorpusSelection, flat_values, selected_table, shard_rel_stats, with_selection
 from pipeline.engine.methods import sample_score
 from pipeline.engine.select_settings import SelectSettings
-from pipeline.engine.selection import select_sample
+from pipeline.engine.selection import keep_count, top_k_mask
 
 
 def _lists(arrays, kind):
@@ -45,7 +45,7 @@ def test_per_sample_selection_is_the_per_sample_method_then_top_k(table_and_mask
     out = selected_table(table, trainable, CorpusSelection(settings))
     scores = [sample_score(f"s{i}", r, a, m, settings) for i, (r, a, m) in enumerate(zip(rel, attn, masks))]
     ratio = 1.0 if method == "full" else 0.5
-    expected = [select_sample(s, m, ratio) for s, m in zip(scores, masks)]
+    expected = [top_k_mask(s, m, keep_count(ratio, int(m.sum()))) for s, m in zip(scores, masks)]
     assert np.array_equal(flat_values(out.column("keep")).astype(bool), np.concatenate(expected))
     np.testing.assert_array_equal(flat_values(out.column("score")), np.concatenate(scores))
     assert out.column("n_kept").to_pylist() == [int(e.sum()) for e in expected]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.engine.selection import combine, keep_count, minmax_normalise, select_sample, sortable_keys, top_k_mask
+from pipeline.engine.selection import combine, keep_count, minmax_normalise, sortable_keys, top_k_mask
 
 NAN = np.nan
 
@@ -53,8 +53,8 @@ def test_top_k_breaks_ties_by_earlier_position():
     assert top_k_mask(scores, trainable, 3).tolist() == [False, True, True, True, False, False]
 
 
-def test_select_sample_never_keeps_context_and_handles_no_targets():
+def test_top_k_at_a_ratio_never_keeps_context_and_handles_no_targets():
     scores = np.array([9.0, 0.1, 0.2, 9.0], dtype=np.float32)
     trainable = np.array([False, True, True, False])
-    assert select_sample(scores, trainable, 0.5).tolist() == [False, False, True, False]
-    assert not select_sample(scores, np.zeros(4, bool), 0.6).any()
+    assert top_k_mask(scores, trainable, keep_count(0.5, 2)).tolist() == [False, False, True, False]
+    assert not top_k_mask(scores, np.zeros(4, bool), keep_count(0.6, 0)).any()
