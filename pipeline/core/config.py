@@ -103,6 +103,15 @@ class SectionedConfig(StageConfig):
         """Section settings derived from the top-level values (as given, or their defaults); none here."""
         return {}
 
+    @classmethod
+    def derived_from_sections(cls, given: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Section settings derived from other sections' given values (section defaults included); none here.
+
+        A run config whose `select:` section also decides the selection fields of its `score:` section
+        fills them here, so one setting is stated in one place.
+        """
+        return {}
+
     @model_validator(mode="before")
     @classmethod
     def _complete_sections(cls, data: Any) -> Any:
@@ -115,6 +124,13 @@ class SectionedConfig(StageConfig):
             if name not in sections and (name in data or not field.is_required())
         }
         derived = cls.derived_settings(top)
+        given_sections = {
+            section: cls.section_defaults.get(section, {}) | data.get(section, {})
+            for section in sections
+            if isinstance(data.get(section, {}), dict)
+        }
+        for section, values in cls.derived_from_sections(given_sections).items():
+            derived[section] = derived.get(section, {}) | values
         completed = dict(data)
         for section in sections:
             given = data.get(section, {})

@@ -1,0 +1,71 @@
+"""`sstoken run CONFIG`: rounds of score -> select -> train in one run folder, then a table of the rounds."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.cli.command import stage_command
+from pipeline.loop.run_config import RunConfig
+
+if TYPE_CHECKING:
+    from pipeline.loop.rounds import RunResult
+
+
+def _figure(value: Any, digits: str = ".4g") -> str:
+    return "-" if value is None else format(value, digits)
+
+
+def rounds_table(record: dict[str, Any], root: Path) -> Table:
+    """One row per round: its data, selection, kept ratio, train loss, and the stages' seconds."""
+    table = Table(title=f"run → {root}")
+    for column in ("round", "samples", "selection", "kept ratio", "train loss", "score s", "select s", "train s",
+                   "rescore / train"):
+        table.add_column(column, justify="left" if column == "selection" else "right")
+    for entry in record["rounds"]:
+        summary = entry.get("summary", {})
+        selection = entry.get("selection", {}).get("method", "?") + (" (warm-up)" if entry.get("warmup") else "")
+        table.add_row(
+            f"r{entry['round']:03d}", f"{entry['samples']:,}", selection, _figure(summary.get("kept_ratio"), ".3f"),
+            _figure(summary.get("train_loss")), _figure(summary.get("score_s"), ".1f"),
+            _figure(summary.get("select_s"), ".1f"), _figure(summary.get("train_s"), ".1f"),
+            _figure(summary.get("rescore_to_train"), ".2f"),
+        )
+    return table
+
+
+def artifacts_note(result: RunResult) -> str:
+    """Where the run's record and its last checkpoint are."""
+    last = result.record["rounds"][-1]
+    return f"run record: {result.folder.record}\nlast checkpoint: {result.folder.root / last['checkpoint']}"
+
+
+def report(result: RunResult, console: Console) -> int:
+    console.print(rounds_table(result.record, result.folder.root))
+    console.print(artifacts_note(result))
+    return 0
+
+
+_register = stage_command(
+    "run",
+    RunConfig,
+    "pipeline.loop.rounds:run_loop",
+    help="Rounds of score -> select -> train in one run folder (the self-modulated loop).",
+    description="Prepare the corpus (once), then rounds of score -> select -> train; each round's checkpoint is the "
+    "next round's current model. A round is a slice of the corpus (default) or an epoch. A killed run resumes "
+    "when run again. CONFIG is a YAML file with the run's settings and its prepare:, score:, select: and train: "
+    "sections (see jobs/configs/run.example.yaml); flags override it.",
+    report=report,
+)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """`sstoken run [CONFIG] [--flags]`: CONFIG is the same file `--config` names."""
+    _register(commands)
+    parser = commands.choices["run"]
+    parser.add_argument("config", nargs="?", type=Path, default=argparse.SUPPRESS, metavar="CONFIG",
+                        help="YAML file with the run's settings (as --config).")

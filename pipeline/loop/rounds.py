@@ -1,0 +1,333 @@
+"""`sstoken run`: prepare once, then rounds of score -> select -> train in one run folder.
+
+    run_loop(RunConfig(...)) -> RunResult
+
+Each round's checkpoint is the next round's current model, and training continues from it; every
+round follows one linear learning-rate schedule (`schedule_start_step`, `schedule_total_steps`),
+planned up front from the rounds' sample counts. The roles per method are in `pipeline.loop.roles`,
+the slices in `pipeline.loop.slices`, the layout and run.json in `pipeline.loop.run_folder`.
+
+Resume: every stage is exactly-once on its own, so a killed run is finished by running it again.
+A round recorded done in run.json whose checkpoint is complete is skipped whole; in the round in
+flight a stage recorded done whose output's manifest is there is skipped, and any other stage is
+run again, which resumes from its own progress (finished shards, the trainer's last checkpoint).
+One Ray session serves every stage of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts.files import MANIFEST, exclusive_output, utc_now
+from pipeline.artifacts.stage_output import StageSummary
+from pipeline.artifacts.training_data import DataPlan
+from pipeline.core.checkpoints import checkpoint_fingerprint
+from pipeline.core.config import ConfigError
+from pipeline.core.fingerprint import sha256_json
+from pipeline.core.model_zoo import ensure_model
+from pipeline.core.ray_runtime import ray_session
+from pipeline.loop.ema import ema_checkpoint
+from pipeline.loop.roles import RoundRoles, round_roles
+from pipeline.loop.run_config import RunConfig
+from pipeline.loop.run_folder import RUN_RECORD_VERSION, RunFolder, read_run_record, write_run_record
+from pipeline.loop.slices import corpus_ids, materialise_slice, sample_order, slice_bounds
+from pipeline.stages.configs import SelectConfig
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """Round `index`: pass `epoch` over the corpus, slice `part` of it (None: the whole), order[start:stop]."""
+
+    index: int
+    epoch: int
+    part: int | None
+    start: int
+    stop: int
+
+    @property
+    def samples(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run did: its folder, its record (run.json) and the prepare stage's summary."""
+
+    folder: RunFolder
+    record: dict[str, Any]
+    prepared: StageSummary
+
+
+def plan_rounds(config: RunConfig, samples: int) -> list[RoundSpec]:
+    """The rounds of the run over `samples` samples (positions in the seeded order)."""
+    if config.round_unit == "epoch":
+        return [RoundSpec(epoch, epoch, None, 0, samples) for epoch in range(config.epochs)]
+    bounds = slice_bounds(samples, config.slices)
+    return [
+        RoundSpec(epoch * config.slices + part, epoch, part, start, stop)
+        for epoch in range(config.epochs)
+        for part, (start, stop) in enumerate(bounds)
+    ]
+
+
+def planned_steps(config: RunConfig, samples: int) -> int:
+    """Optimizer steps of a round of `samples` samples, as the train stage counts them."""
+    train = config.train
+    return DataPlan(samples, train.batch_size, train.micro_batch_size, train.workers, train.seed, train.epochs).steps
+
+
+def _refuse_stepless_rounds(config: RunConfig, specs: list[RoundSpec], steps: list[int]) -> None:
+    """A round too small for one global batch would train nothing; say which and what to change."""
+    for spec, count in zip(specs, steps):
+        if count == 0:
+            raise ConfigError(
+                f"round {spec.index} has {spec.samples} samples, fewer than train.batch_size {config.train.batch_size} "
+                f"/ train.epochs {config.train.epochs}: it would take no optimizer step; lower train.batch_size, or use "
+                "fewer slices or more samples"
+            )
+
+
+def run_identity(config: RunConfig) -> dict[str, Any]:
+    """What the run's results depend on: a rerun with other values is another run (refused in the same folder)."""
+    top = {name: value for name, value in config.resolved().items() if name not in (*config.sections(), "output")}
+    return top | {
+        "prepare": config.prepare.run_key_settings(),
+        "score": config.score.run_key_settings(),
+        "select": config.select.selection_key(),
+        "train": config.train.train_settings().run_key_settings(),
+    }
+
+
+def say(message: str) -> None:
+    """One line of the run's log, on stderr (stdout carries the summary)."""
+    print(f"sstoken run: {message}", file=sys.stderr, flush=True)
+
+
+def _model_entry(path: Path) -> dict[str, str]:
+    return {"path": str(path), "fingerprint": checkpoint_fingerprint(path)}
+
+
+class _Run:
+    """One run in progress: its config, folder, record and the models it started from."""
+
+    def __init__(self, config: RunConfig, folder: RunFolder, base: Path):
+        self.config, self.folder, self.base = config, folder, base
+        self.record = self._start_record()
+
+    def _start_record(self) -> dict[str, Any]:
+        identity = run_identity(self.config)
+        record = read_run_record(self.folder)
+        if record is not None and record.get("identity") != sha256_json(identity):
+            before = record.get("settings", {})
+            changed = sorted(k for k in identity.keys() | before.keys() if identity.get(k) != before.get(k))
+            raise ConfigError(
+                f"{self.folder.root} holds a run made with other settings ({', '.join(changed) or 'code'} differ); "
+                "choose another output folder, or rerun with the settings it was started with"
+            )
+        if record is None:
+            record = {
+                "version": RUN_RECORD_VERSION,
+                "created_at": utc_now(),
+                "status": "running",
+                "identity": sha256_json(identity),
+                "settings": identity,
+                "config": self.config.resolved(),
+                "round_unit": self.config.round_unit,
+                "history": {"policy": self.config.history}
+                | ({"alpha": self.config.ema_alpha} if self.config.history == "ema" else {}),
+                "selection": self.config.select.selection_key(),
+                "models": {"base": _model_entry(self.base), "reference": None},
+                "rounds": [],
+            }
+        return self.save(record)
+
+    def save(self, record: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.record = write_run_record(self.folder, record if record is not None else self.record)
+        return self.record
+
+    def round_entry(self, spec: RoundSpec) -> dict[str, Any]:
+        for entry in self.record["rounds"]:
+            if entry["round"] == spec.index:
+                return entry
+        entry = {"round": spec.index, "epoch": spec.epoch, "slice": spec.part, "samples": spec.samples,
+                 "status": "running", "stages": {}}
+        self.record["rounds"].append(entry)
+        return entry
+
+    def stage(self, entry: dict[str, Any], name: str, output: Path, run: Callable[[], StageSummary]) -> dict[str, Any]:
+        """Run one stage of a round unless it is recorded done and its output is complete; its figures."""
+        done = entry["stages"].get(name)
+        if done is not None and (Path(output) / MANIFEST).is_file():
+            return done
+        started = time.monotonic()
+        summary = run()
+        figures = {"seconds": round(time.monotonic() - started, 3), "counts": dict(summary.counts),
+                   "notes": list(summary.notes)}
+        entry["stages"][name] = figures
+        self.save()
+        return figures
+
+
+def _round_data(run: _Run, spec: RoundSpec, order: list[str]) -> Path:
+    """The tokenized folder a round scores and trains on: its slice, the subset, or the whole corpus."""
+    config, folder = run.config, run.folder
+    rows = config.prepare.rows_per_shard
+    if spec.part is not None:
+        description = {"round": spec.index, "epoch": spec.epoch, "slice": spec.part, "of": config.slices, "seed": config.seed}
+        materialise_slice(folder.tokenized, order[spec.start:spec.stop], folder.data(spec.index), rows, description)
+        return folder.data(spec.index)
+    if config.samples is None:
+        return folder.tokenized
+    materialise_slice(folder.tokenized, order, folder.subset, rows, {"subset": len(order), "seed": config.seed})
+    return folder.subset
+
+
+def _trained_reference(run: _Run) -> Path:
+    """rho1 / tokencleaning with reference_corpus: the base trained on it with every trainable token."""
+    from pipeline.stages.prepare import run_prepare
+    from pipeline.stages.score import run_score_job
+    from pipeline.stages.train import run_train
+
+    config, folder, base = run.config, run.folder, run.base
+    assert config.reference_corpus is not None
+    say(f"reference: training {base} on every trainable token of {', '.join(map(str, config.reference_corpus))}")
+    run_prepare(config.prepare.model_copy(update={"input": config.reference_corpus, "output": folder.reference("tokenized")}))
+    run_score_job(config.score.model_copy(update={
+        "data": folder.reference("tokenized"), "current": base, "history": base, "output": folder.reference("scores"),
+        "method": "full", "signals": "needed", "excess": "history_minus_current",
+    }))
+    run_train(config.train.model_copy(update={
+        "data": folder.reference("tokenized"), "masks": folder.reference("scores"), "model": base,
+        "output": folder.reference("train"), "schedule_start_step": 0, "schedule_total_steps": None,
+    }))
+    return folder.reference("train") / "checkpoint"
+
+
+def _reference(run: _Run) -> Path | None:
+    config = run.config
+    if config.reference is None and config.reference_corpus is None:
+        return None
+    reference = Path(config.reference) if config.reference is not None else _trained_reference(run)
+    entry = _model_entry(reference) | {"trained_by_run": config.reference is None}
+    if run.record["models"].get("reference") != entry:
+        run.record["models"]["reference"] = entry
+        run.save()
+    return reference
+
+
+def read_train_loss(train_output: Path) -> float | None:
+    """Mean loss over the optimizer steps of a train stage's metrics.jsonl (the last line of a step wins)."""
+    path = Path(train_output) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    losses: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            metric = json.loads(line)
+            losses[int(metric["step"])] = float(metric["loss"])
+    return sum(losses.values()) / len(losses) if losses else None
+
+
+def _round_summary(entry: dict[str, Any], train_output: Path) -> dict[str, Any]:
+    stages = entry["stages"]
+    select_counts = stages["select"]["counts"]
+    score_s, select_s, train_s = (stages[name]["seconds"] for name in ("score", "select", "train"))
+    return {
+        "train_loss": read_train_loss(train_output),
+        "kept": select_counts.get("kept"),
+        "trainable": select_counts.get("trainable"),
+        "kept_ratio": select_counts.get("kept_ratio"),
+        "history_computed": stages["score"]["counts"].get("history_computed"),
+        "history_reused": stages["score"]["counts"].get("history_reused"),
+        "score_s": score_s,
+        "select_s": select_s,
+        "train_s": train_s,
+        "rescore_to_train": round(score_s / train_s, 4) if train_s else None,
+    }
+
+
+def _roles_entry(run: _Run, roles: RoundRoles) -> dict[str, Any]:
+    return {
+        "current": _model_entry(roles.current),
+        "history": _model_entry(roles.history) | {"policy": run.config.history},
+        "train_from": str(roles.train_from),
+        "selection": roles.selection.selection_key(),
+        "warmup": roles.warmup,
+    }
+
+
+def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | None, schedule: tuple[int, int]) -> None:
+    from pipeline.stages.score import run_score_job
+    from pipeline.stages.select import run_select
+    from pipeline.stages.train import run_train
+
+    config, folder, index = run.config, run.folder, spec.index
+    entry = run.round_entry(spec)
+    checkpoint = folder.checkpoint(index)
+    if entry["status"] == "done" and (folder.train(index) / MANIFEST).is_file():
+        say(f"round {index}: done earlier, kept ({folder.relative(checkpoint)})")
+        return
+    label = f"round {index + 1}/{config.rounds}" + (f" (epoch {spec.epoch}, slice {spec.part})" if spec.part is not None else "")
+    data = _round_data(run, spec, order)
+    roles = round_roles(config, folder, index, run.base, reference)
+    if roles.ema_parts is not None:
+        ema_checkpoint(*roles.ema_parts, alpha=config.ema_alpha, output=roles.history)
+    entry |= {"data": folder.relative(data)} | _roles_entry(run, roles)
+    entry |= {"scores": folder.relative(folder.scores(index)), "masks": folder.relative(folder.masks(index)),
+              "checkpoint": folder.relative(checkpoint), "schedule": {"start_step": schedule[0], "total_steps": schedule[1]}}
+    run.save()
+    if roles.warmup is not None:
+        say(roles.warmup)
+    say(f"{label}: scoring {spec.samples} samples, current {roles.current}, history {roles.history}")
+    selection = roles.selection.model_dump()
+    run.stage(entry, "score", folder.scores(index), lambda: run_score_job(config.score.model_copy(update={
+        "data": data, "current": roles.current, "history": roles.history, "output": folder.scores(index), **selection,
+    })))
+    say(f"{label}: selecting ({roles.selection.method}) into {folder.relative(folder.masks(index))}")
+    run.stage(entry, "select", folder.masks(index), lambda: run_select(
+        SelectConfig(scores=folder.scores(index), output=folder.masks(index), **selection)
+    ))
+    say(f"{label}: training from {roles.train_from} (schedule steps from {schedule[0]} of {schedule[1]})")
+    run.stage(entry, "train", folder.train(index), lambda: run_train(config.train.model_copy(update={
+        "data": data, "masks": folder.masks(index), "model": roles.train_from, "output": folder.train(index),
+        "schedule_start_step": schedule[0], "schedule_total_steps": schedule[1],
+    })))
+    entry["checkpoint_fingerprint"] = checkpoint_fingerprint(checkpoint)
+    entry["summary"] = _round_summary(entry, folder.train(index))
+    entry["status"] = "done"
+    run.save()
+    say(f"{label}: done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in entry["summary"].items()
+                                       if k in ("train_loss", "kept_ratio") and v is not None))
+
+
+def run_loop(config: RunConfig) -> RunResult:
+    """Prepare (if needed), then every round; a killed run resumes where it stopped. Returns the run's record."""
+    from pipeline.stages.prepare import run_prepare
+
+    folder = RunFolder(Path(config.output))
+    base = Path(config.model) if Path(config.model).is_dir() else ensure_model(config.model)
+    score = config.score
+    object_store = score.object_store_mb * 1024**2 if score.object_store_mb else None
+    with exclusive_output(folder.root):
+        run = _Run(config, folder, base)
+        with ray_session(score.address, score.num_cpus, object_store, connect_timeout_s=score.connect_timeout_s):
+            prepared = run_prepare(config.prepare)
+            order = sample_order(corpus_ids(folder.tokenized), config.seed)[: config.samples]
+            specs = plan_rounds(config, len(order))
+            steps = [planned_steps(config, spec.samples) for spec in specs]
+            _refuse_stepless_rounds(config, specs, steps)
+            run.record["schedule"] = {"total_steps": sum(steps), "steps_per_round": steps}
+            run.record["samples"] = len(order)
+            run.save()
+            reference = _reference(run)
+            for spec in specs:
+                _run_round(run, spec, order, reference, (sum(steps[: spec.index]), sum(steps)))
+        run.record["status"] = "done"
+        run.save()
+    return RunResult(folder=folder, record=run.record, prepared=prepared)

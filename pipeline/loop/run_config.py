@@ -1,0 +1,156 @@
+"""`RunConfig`: the settings of `sstoken run`, rounds of score -> select -> train in one run folder.
+
+Its sections are the stages' own configs (`prepare:`, `score:`, `select:`, `train:`), unchanged;
+its top-level fields say what a round is, which model plays which role, and where the run lives.
+The paths that tie the stages together are filled in per round by the loop (they are shown here
+for round 0, and cannot be set), and so are the score stage's selection fields (from `select:`,
+so a method is stated once) and the train stage's place in the one learning-rate schedule.
+
+Roles per method (current and history are the score stage's two checkpoints):
+- sstoken, rel, attn, full, random: current = the model before this round (the base model in
+  round 0), history = the `history` policy's model (base, previous or ema).
+- rho1: current = the model before this round, history = the reference (`reference`, or a model
+  the run first trains on `reference_corpus` with every trainable token); excess current - history.
+- tokencleaning: history = the base model; current = the reference when one is given (the fixed
+  form), else the model before this round (the self-evolving form: slice k is scored by the base
+  against the model of slice k-1, and training continues from that model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.core.config import SectionedConfig
+from pipeline.core.model_zoo import model_dir
+from pipeline.engine.select_settings import SelectSettings
+from pipeline.stages.configs import PrepareConfig, ScoreJobConfig, TrainConfig
+
+RoundUnit = Literal["slice", "epoch"]
+HistoryPolicy = Literal["base", "previous", "ema"]
+Warmup = Literal["attn", "full"]
+
+# The selection fields the score stage also has: filled from the select: section.
+SELECTION_FIELDS = tuple(SelectSettings.model_fields)
+# Methods whose score is REL alone or in part, so round 0 (current == history, REL 0) needs the warm-up.
+REFERENCE_METHODS = ("rho1", "tokencleaning")
+
+
+def model_folder(name_or_folder: str) -> Path:
+    """The folder a model argument names: the folder itself, or where a known model is (or will be) cached."""
+    folder = Path(name_or_folder)
+    return folder if folder.is_dir() else model_dir(name_or_folder)
+
+
+def excess_for(method: str) -> str:
+    """The direction the score stage stores REL in for a method: Rho-1 ranks current - reference."""
+    return "current_minus_history" if method == "rho1" else "history_minus_current"
+
+
+class RunConfig(SectionedConfig):
+    """Settings of `sstoken run`: what a round is, the models' roles, and the stages' own sections."""
+
+    derived_fields: ClassVar[dict[str, tuple[str, ...]]] = {
+        "prepare": ("input", "tokenizer", "output"),
+        "score": ("data", "current", "history", "output", "history_cache", "excess", *SELECTION_FIELDS),
+        "train": ("data", "masks", "model", "output", "schedule_start_step", "schedule_total_steps"),
+    }
+
+    output: Path = Field(Path("runs/run"), description="Run folder: run.json, tokenized/, history_cache/, rounds/rNNN/.")
+    corpus: list[Path] = Field(description="Corpus files or folders to prepare (any input `sstoken prepare` reads).")
+    model: str = Field(description="Base model: a known model name (see `sstoken models list`) or a model folder.")
+    round_unit: RoundUnit = Field(
+        "slice",
+        description="What one round trains on: slice (the corpus cut into `slices` parts per epoch, each scored by the "
+        "model that has not trained on it yet, as the paper's online selection sees its data) or epoch (the whole "
+        "corpus every round).",
+    )
+    slices: int = Field(5, ge=1, description="round_unit slice: slices per epoch (rounds per epoch).")
+    epochs: int = Field(1, ge=1, description="Passes of the loop over the corpus (train.epochs: passes of one round over its data).")
+    samples: int | None = Field(
+        None, ge=1, description="Use only this many samples: the first of the seeded order (none: every sample)."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the sample order the slices (and a subset) are cut from.")
+    history: HistoryPolicy = Field(
+        "base",
+        description="History model of REL: base (the model the run starts from, the paper's experiments; its NLLs are "
+        "cached), previous (the model before the current one), ema (ema_alpha * history + (1 - ema_alpha) * current).",
+    )
+    ema_alpha: float = Field(0.9, gt=0.0, lt=1.0, description="history ema: weight of the past in the weight average.")
+    warmup: Warmup = Field(
+        "attn",
+        description="Round 0 of a method that uses REL while current == history (REL is 0): attn trains on the "
+        "attention-only selection (the paper's start), full on every trainable token.",
+    )
+    reference: Path | None = Field(
+        None, description="rho1, tokencleaning: the reference model folder (rho1: the history; tokencleaning: the current "
+        "scorer, with the base as history).",
+    )
+    reference_corpus: list[Path] | None = Field(
+        None, description="rho1, tokencleaning: a clean corpus the run first trains the reference on (every trainable "
+        "token, from the base model), instead of a given reference.",
+    )
+    prepare: PrepareConfig = Field(description="The prepare stage: the corpus into RUN/tokenized.")
+    score: ScoreJobConfig = Field(description="The score stage of every round (its selection comes from select:).")
+    select: SelectSettings = Field(default_factory=SelectSettings, description="The selection of every round.")
+    train: TrainConfig = Field(description="The train stage of every round (one learning-rate schedule across rounds).")
+
+    @classmethod
+    def derived_settings(cls, top: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        run = Path(top["output"])
+        model = model_folder(str(top["model"])) if "model" in top else Path("MODEL")  # missing: refused by name
+        first = run / "rounds" / "r000"
+        return {
+            "prepare": {"input": top.get("corpus", []), "tokenizer": str(model), "output": run / "tokenized"},
+            "score": {
+                "data": run / "tokenized",
+                "current": model,
+                "history": model,
+                "output": first / "scores",
+                "history_cache": run / "history_cache",
+            },
+            "train": {
+                "data": run / "tokenized",
+                "masks": first / "masks",
+                "model": model,
+                "output": first / "train",
+                "schedule_start_step": 0,
+                "schedule_total_steps": None,
+            },
+        }
+
+    @classmethod
+    def derived_from_sections(cls, given: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        select = {name: value for name, value in given.get("select", {}).items() if name in SELECTION_FIELDS}
+        method = str(select.get("method", SelectSettings.model_fields["method"].default))
+        return {"score": select | {"excess": excess_for(method)}}
+
+    @model_validator(mode="after")
+    def _settings_fit_together(self) -> RunConfig:
+        method, given = self.select.method, self.model_fields_set
+        has_reference = self.reference is not None or self.reference_corpus is not None
+        if self.reference is not None and self.reference_corpus is not None:
+            raise ValueError("give reference (a model folder) or reference_corpus (to train one), not both")
+        if method == "rho1" and not has_reference:
+            raise ValueError(
+                "select.method rho1 needs a reference model: set reference to a model folder, or reference_corpus to a "
+                "clean corpus the run trains one on first"
+            )
+        if has_reference and method not in REFERENCE_METHODS:
+            raise ValueError(f"reference and reference_corpus are for rho1 and tokencleaning, not select.method {method}")
+        if method in REFERENCE_METHODS and self.history != "base":
+            raise ValueError(f"select.method {method} sets its own history model; leave history at base")
+        if "ema_alpha" in given and self.history != "ema":
+            raise ValueError(f"ema_alpha applies to history ema, not history {self.history}")
+        if "slices" in given and self.round_unit != "slice":
+            raise ValueError("slices applies to round_unit slice; an epoch round trains on the whole corpus")
+        if self.round_unit == "slice" and self.samples is not None and self.slices > self.samples:
+            raise ValueError(f"slices {self.slices} is more than the {self.samples} samples; set slices to at most {self.samples}")
+        return self
+
+    @property
+    def rounds(self) -> int:
+        """How many rounds the run has."""
+        return self.epochs * (self.slices if self.round_unit == "slice" else 1)
