@@ -84,3 +84,42 @@ def write_tokenized(
     }
     write_manifest(folder, manifest)
     return folder
+
+
+def write_keep_masks(
+    folder: Path, tokenized: Path, ratio: float = 0.5, seed: int = 0, kind: str = "scores", shift_length: int = 0
+) -> Path:
+    """A minimal masks artifact (kind scores or masks) for `tokenized`: each trainable token kept with
+    probability `ratio` (seeded); `shift_length` adds that many entries to every mask (a broken artifact)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.artifacts.files import read_manifest
+
+    folder, tokenized = Path(folder), Path(tokenized)
+    folder.mkdir(parents=True, exist_ok=True)
+    source = read_manifest(tokenized, kind="tokenized")
+    rng = random.Random(seed)
+    shards = []
+    for entry in source["shards"]:
+        rows = pq.read_table(tokenized / entry["file"], columns=["sample_id", "trainable"]).to_pylist()
+        keep = [[t and rng.random() < ratio for t in row["trainable"]] + [False] * shift_length for row in rows]
+        table = pa.table({
+            "sample_id": [row["sample_id"] for row in rows],
+            "keep": pa.array(keep, type=pa.list_(pa.bool_())),
+            "n_kept": pa.array([sum(k) for k in keep], type=pa.int32()),
+            "n_trainable": pa.array([sum(row["trainable"]) for row in rows], type=pa.int32()),
+        })
+        digest = write_parquet_atomic(table, folder / entry["file"])
+        shards.append({"file": entry["file"], "rows": table.num_rows, "sha256": digest})
+    data_key = sha256_json([[s["file"], s["sha256"]] for s in source["shards"]])
+    manifest = base_manifest(kind, {"factory": "tests.factories.write_keep_masks", "ratio": ratio, "seed": seed}) | {
+        "tokenizer": source["tokenizer"],
+        "input_fingerprint": data_key,
+        "inputs": [{"kind": "tokenized", "path": str(tokenized), "data_fingerprint": data_key}],
+        "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in shards]),
+        "shards": shards,
+        "counts": {"samples": sum(s["rows"] for s in shards)},
+    }
+    write_manifest(folder, manifest)
+    return folder

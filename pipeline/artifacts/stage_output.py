@@ -131,6 +131,9 @@ class StageOutput:
 
     identity: what the output is made from (inputs, settings, checkpoints); a finished output with
     another identity is replaced only with `overwrite`. inputs: folders or files the stage reads.
+    entries: fixed names of files or folders the stage writes besides shards (a checkpoint folder,
+    a metrics log): owned once `claim`ed (a record names them before they exist), never removed by
+    `finish`; the stage manages their contents itself.
     """
 
     def __init__(
@@ -141,8 +144,10 @@ class StageOutput:
         identity: dict[str, Any] | None = None,
         overwrite: bool = False,
         inputs: Sequence[Path] = (),
+        entries: Sequence[str] = (),
     ):
         self.folder = Path(folder)
+        self.entries = tuple(entries)
         self.kind = kind
         self.identity = sha256_json(identity) if identity is not None else None
         self.overwrite = overwrite
@@ -236,6 +241,12 @@ class StageOutput:
         """The record of `name` when it is already committed under `run_key` and still valid."""
         return completed_record(self.folder, name, run_key)
 
+    def claim(self, name: str, record: dict[str, Any] | None = None) -> None:
+        """Record that this stage owns the entry `name` (one of `entries`) before writing it."""
+        if name not in self.entries:
+            raise ValueError(f"{name} is not one of this output's entries {self.entries}")
+        write_json_atomic({"file": name} | (record or {}), record_path(self.folder, name))
+
     def commit(self, name: str, table: pa.Table, record: dict[str, Any]) -> dict[str, Any]:
         """Write one file atomically with its record; see `commit_shard`."""
         return commit_shard(self.folder, name, table, record)
@@ -260,7 +271,7 @@ class StageOutput:
 
     def _remove_unlisted(self, listed: set[str]) -> None:
         """Our own files of an earlier run (with their records) that this run's manifest does not list."""
-        for name in sorted(self.owned_files() - listed):
+        for name in sorted(self.owned_files() - listed - set(self.entries)):
             (self.folder / name).unlink(missing_ok=True)
             record_path(self.folder, name).unlink(missing_ok=True)
 

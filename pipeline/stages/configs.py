@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.config import StageConfig, setting
 from pipeline.engine.select_settings import SelectSettings
 from pipeline.engine.settings import ScoreSettings
+from pipeline.engine.train_settings import TrainSettings
 
 
 class PrepareConfig(StageConfig):
@@ -117,9 +118,73 @@ class ScoreJobConfig(ScoreSettings, SelectSettings):
 
 
 class SelectConfig(SelectSettings):
-    """`sstoken select`: a selection method and its settings, applied to a scores folder in place."""
+    """`sstoken select`: a selection method and its settings, applied to a scores folder in place or
+    written apart to a masks folder (`output`)."""
 
     scores: Path = setting(
-        description="Scores folder made by `sstoken score`; its score, keep and n_kept columns are rewritten in place.",
+        description="Scores folder made by `sstoken score`; without --output its score, keep and n_kept columns are "
+        "rewritten in place.",
         run_key=False,
+    )
+    output: Path | None = setting(
+        None,
+        description="Masks folder to write the selection to (mask shards named as the score shards, a manifest of kind "
+        "masks); the scores folder is then left untouched. Default: select in place.",
+        run_key=False,
+    )
+    overwrite: bool = setting(
+        False, description="With --output: write into a folder holding other files or masks of other scores or settings "
+        "(files of other names are left as they are).", run_key=False,
+    )
+
+    @model_validator(mode="after")
+    def _overwrite_needs_output(self) -> SelectConfig:
+        if self.overwrite and self.output is None:
+            raise ValueError("overwrite applies to a masks folder (--output); a selection in place needs none")
+        return self
+
+
+class TrainConfig(TrainSettings):
+    """`sstoken train`: the SFT settings plus where tokens, masks, the starting model and the output live, and how Ray runs.
+
+    None of these fields is part of the run key: data, masks and model enter it by fingerprint, the
+    rest say where and how the run goes (another number of workers resumes the same run).
+    """
+
+    data: Path = setting(description="Tokenized input folder (made by `sstoken prepare`).", run_key=False)
+    masks: Path = setting(
+        description="Keep masks: a scores folder (`sstoken score` / `sstoken select`) or a masks folder "
+        "(`sstoken select --output`) made from --data.", run_key=False,
+    )
+    model: Path = setting(description="Starting checkpoint: a Hugging Face folder (safetensors + tokenizer).", run_key=False)
+    output: Path = setting(
+        description="Output folder: checkpoint/ (the trained model), metrics.jsonl, train/ (resumable state while "
+        "running) and manifest.json.", run_key=False,
+    )
+    workers: int = setting(1, ge=1, description="Training workers (data-parallel ranks).", run_key=False)
+    use_gpu: bool = setting(False, description="One GPU per worker (bf16 autocast with dtype auto).", run_key=False)
+    cpus_per_worker: float | None = setting(
+        None, gt=0, description="CPUs per worker (its torch threads); default: the cluster's CPUs shared by the workers, "
+        "at most one node's.", run_key=False,
+    )
+    address: str | None = setting(
+        None, description="Ray cluster to run on (HOST:PORT, auto, ray://...); default: RAY_ADDRESS, else embedded.",
+        run_key=False,
+    )
+    num_cpus: int | None = setting(None, ge=1, description="CPUs of the embedded Ray; default: this machine's.", run_key=False)
+    object_store_mb: int | None = setting(
+        None, ge=100, description="Object store of the embedded Ray in MiB; default: a tenth of memory, within 256-2048.",
+        run_key=False,
+    )
+    connect_timeout_s: float = setting(
+        30.0, gt=0, description="Seconds to wait for the Ray cluster at --address to answer before giving up.",
+        run_key=False,
+    )
+    trust_remote_code: bool = setting(
+        False, description="Allow model code shipped inside the model folder to run.", run_key=False
+    )
+    progress: bool = setting(True, description="Show a progress bar while training.", run_key=False)
+    overwrite: bool = setting(
+        False, description="Write into an output folder holding other files or a model trained from other inputs or "
+        "settings (files of other names are left as they are).", run_key=False,
     )
