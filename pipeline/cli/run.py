@@ -22,13 +22,12 @@ def _figure(value: Any, digits: str = ".4g") -> str:
 
 def rounds_table(record: dict[str, Any], root: Path) -> Table:
     """One row per round: its data, selection, kept ratio, train loss, and the stages' seconds."""
-    table = Table(title=f"run → {root}")
-    for column in ("round", "samples", "selection", "kept ratio", "train loss", "score s", "select s", "train s",
-                   "rescore / train"):
-        table.add_column(column, justify="left" if column == "selection" else "right")
+    table = Table(title=f"run → {root}", caption="kept: share of trainable tokens kept; loss: mean train loss of the round's steps")
+    for column in ("round", "samples", "selection", "kept", "loss", "score s", "select s", "train s", "score/train"):
+        table.add_column(column, justify="left" if column == "selection" else "right", no_wrap=True)
     for entry in record["rounds"]:
         summary = entry.get("summary", {})
-        selection = entry.get("selection", {}).get("method", "?") + (" (warm-up)" if entry.get("warmup") else "")
+        selection = entry.get("selection", {}).get("method", "?") + (" warm-up" if entry.get("warmup") else "")
         table.add_row(
             f"r{entry['round']:03d}", f"{entry['samples']:,}", selection, _figure(summary.get("kept_ratio"), ".3f"),
             _figure(summary.get("train_loss")), _figure(summary.get("score_s"), ".1f"),
@@ -63,9 +62,17 @@ _register = stage_command(
 )
 
 
+class _ConfigFile(argparse.Action):
+    """The positional CONFIG fills `--config`'s setting (argparse calls it with None when CONFIG is absent)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001 - argparse's signature
+        if values is not None:
+            namespace.config = values
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """`sstoken run [CONFIG] [--flags]`: CONFIG is the same file `--config` names."""
     _register(commands)
     parser = commands.choices["run"]
-    parser.add_argument("config", nargs="?", type=Path, default=argparse.SUPPRESS, metavar="CONFIG",
+    parser.add_argument("run_config", nargs="?", type=Path, action=_ConfigFile, metavar="CONFIG",
                         help="YAML file with the run's settings (as --config).")

@@ -62,7 +62,7 @@ def round_roles(config: RunConfig, folder: RunFolder, index: int, base: Path, re
         return RoundRoles(current, history, before, config.select, ema_parts)
     what = "attention-only selection" if config.warmup == "attn" else "every trainable token"
     note = (
-        f"round {index}: current == history ({current}), so REL is 0 and select.method {method} has no signal: "
+        f"r{index:03d}: current == history ({current}), so REL is 0 and select.method {method} has no signal: "
         f"warmup {config.warmup} trains on the {what}"
     )
     return RoundRoles(current, history, before, warmup_selection(config), ema_parts, warmup=note)

@@ -271,9 +271,10 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
     entry = run.round_entry(spec)
     checkpoint = folder.checkpoint(index)
     if entry["status"] == "done" and (folder.train(index) / MANIFEST).is_file():
-        say(f"round {index}: done earlier, kept ({folder.relative(checkpoint)})")
+        say(f"r{index:03d}: done earlier, kept ({folder.relative(checkpoint)})")
         return
-    label = f"round {index + 1}/{config.rounds}" + (f" (epoch {spec.epoch}, slice {spec.part})" if spec.part is not None else "")
+    where = f", epoch {spec.epoch}" + (f", slice {spec.part}" if spec.part is not None else "")
+    label = f"r{index:03d} (round {index + 1} of {config.rounds}{where})"
     data = _round_data(run, spec, order)
     roles = round_roles(config, folder, index, run.base, reference)
     if roles.ema_parts is not None:

@@ -1,0 +1,37 @@
+"""How much two rounds' selections agree, over the samples both selected from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.artifacts.files import read_manifest
+
+
+def _keep_frame(folder: Path) -> pl.DataFrame:
+    manifest = read_manifest(folder)
+    files = [str(Path(folder) / entry["file"]) for entry in manifest["shards"]]
+    return pl.read_parquet(files, columns=["sample_id", "keep", "n_trainable"])
+
+
+def mask_agreement(first: Path, second: Path) -> dict[str, Any]:
+    """Keep masks of two scores or masks folders, joined by sample_id.
+
+    same_decision: share of the common samples' trainable tokens that both keep or both drop;
+    kept_overlap: tokens both keep / tokens either keeps (Jaccard). Context tokens, never kept,
+    count in neither.
+    """
+    joined = _keep_frame(first).join(_keep_frame(second), on="sample_id", how="inner", suffix="_second")
+    both = either = 0
+    for keep, other in zip(joined["keep"].to_list(), joined["keep_second"].to_list()):
+        both += sum(a and b for a, b in zip(keep, other))
+        either += sum(a or b for a, b in zip(keep, other))
+    trainable = int(joined["n_trainable"].sum() or 0)
+    return {
+        "samples": joined.height,
+        "trainable": trainable,
+        "same_decision": 1 - (either - both) / trainable if trainable else None,
+        "kept_overlap": both / either if either else None,
+    }
