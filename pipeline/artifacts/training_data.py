@@ -29,9 +29,8 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.artifacts.files import ArtifactError, read_manifest, verify_shards
+from pipeline.artifacts.keep_masks import KeepMasksSource, keep_masks_source, read_keep_mask_shard
 from pipeline.core.fingerprint import sha256_json
-
-MASK_KINDS = ("scores", "masks")
 
 
 class TrainingDataError(ArtifactError):
@@ -45,7 +44,11 @@ class TrainingSource:
     tokenized: Path
     masks: Path
     tokenized_manifest: dict[str, Any]
-    masks_manifest: dict[str, Any]
+    keep_masks: KeepMasksSource
+
+    @property
+    def masks_manifest(self) -> dict[str, Any]:
+        return self.keep_masks.manifest
 
     @property
     def data_key(self) -> str:
@@ -66,39 +69,28 @@ def shards_key(manifest: dict[str, Any]) -> str:
     return sha256_json([[shard["file"], shard["sha256"]] for shard in manifest["shards"]])
 
 
-def _read(folder: Path, what: str, kinds: tuple[str, ...], todo: str) -> dict[str, Any]:
-    if not folder.is_dir():
-        raise TrainingDataError(f"{what} folder {folder} does not exist; {todo}")
-    manifest = read_manifest(folder)
-    if manifest["kind"] not in kinds:
-        raise TrainingDataError(f"{folder} holds a '{manifest['kind']}' artifact, not {what} ({' or '.join(kinds)}); {todo}")
-    verify_shards(folder, manifest)
-    return manifest
-
-
-def _masks_data_fingerprint(manifest: dict[str, Any]) -> str | None:
-    """The tokenized data a masks manifest says it was made from."""
-    entries = [entry for entry in manifest.get("inputs", []) if entry.get("kind") == "tokenized"]
-    if entries and "data_fingerprint" in entries[0]:
-        return entries[0]["data_fingerprint"]
-    return manifest.get("input_fingerprint") if manifest["kind"] == "scores" else None
-
-
 def open_training_data(tokenized: Path, masks: Path) -> TrainingSource:
-    """Check that `masks` were made from `tokenized` with the same tokenizer; every shard's checksum too."""
+    """Check that `masks` were made from `tokenized` with the same tokenizer, and the tokenized shards'
+    checksums (the masks shards' are checked as they are read)."""
     tokenized, masks = Path(tokenized), Path(masks)
-    tokenized_manifest = _read(tokenized, "tokenized data", ("tokenized",), "run `sstoken prepare` first")
-    masks_manifest = _read(masks, "masks", MASK_KINDS, "give a scores folder (`sstoken score`) or a masks folder "
-                           "(`sstoken select --output`)")
-    source = TrainingSource(tokenized, masks, tokenized_manifest, masks_manifest)
-    mask_tokenizer = masks_manifest.get("tokenizer", {}).get("fingerprint")
+    if not tokenized.is_dir():
+        raise TrainingDataError(f"tokenized data folder {tokenized} does not exist; run `sstoken prepare` first")
+    if not masks.is_dir():
+        raise TrainingDataError(
+            f"masks folder {masks} does not exist; give a scores folder (`sstoken score`) or a masks folder "
+            "(`sstoken select --output`)"
+        )
+    tokenized_manifest = read_manifest(tokenized, kind="tokenized")
+    verify_shards(tokenized, tokenized_manifest)
+    source = TrainingSource(tokenized, masks, tokenized_manifest, keep_masks_source(masks))
+    mask_tokenizer = source.keep_masks.tokenizer_fingerprint
     if mask_tokenizer != source.tokenizer_fingerprint:
         raise TrainingDataError(
             f"{masks} was made with another tokenizer (fingerprint {str(mask_tokenizer)[:12]}) than {tokenized} "
             f"({source.tokenizer_fingerprint[:12]}); score and select the data in {tokenized}, or pass the "
             "tokenized folder those masks were made from"
         )
-    made_from = _masks_data_fingerprint(masks_manifest)
+    made_from = source.keep_masks.tokenized_fingerprint
     if made_from != source.data_key:
         raise TrainingDataError(
             f"{masks} was made from other tokenized data than {tokenized} (data fingerprint {str(made_from)[:12]}, "
@@ -123,13 +115,29 @@ class SampleIndex:
         return len(self.sample_ids)
 
 
-def _shard_frame(folder: Path, manifest: dict[str, Any], columns: list[str]) -> pl.DataFrame:
-    """The given columns of every shard, with the shard's file name and the row within it."""
+def _with_place(frame: pl.DataFrame, file: str) -> pl.DataFrame:
+    """The shard's rows with the shard's file name and each row's number in it."""
+    return frame.with_columns(pl.lit(file).alias("file"), pl.int_range(pl.len()).alias("row"))
+
+
+def _tokens_frame(source: TrainingSource) -> pl.DataFrame:
+    shards = source.tokenized_manifest["shards"]
+    return pl.concat([
+        _with_place(pl.from_arrow(pq.read_table(source.tokenized / s["file"], columns=["sample_id", "n_tokens"])), s["file"])
+        for s in shards
+    ])
+
+
+def _masks_frame(source: TrainingSource) -> pl.DataFrame:
+    """Per sample: mask length and kept targets (position 0 is never one), with its place."""
     frames = []
-    for entry in manifest["shards"]:
-        frame = pl.from_arrow(pq.read_table(Path(folder) / entry["file"], columns=columns))
-        frames.append(frame.with_columns(pl.lit(entry["file"]).alias("file"), pl.int_range(pl.len()).alias("row")))
-    return pl.concat(frames) if frames else pl.DataFrame()
+    for entry in source.masks_manifest["shards"]:
+        keep = pl.from_arrow(read_keep_mask_shard(source.keep_masks, entry))
+        frames.append(_with_place(keep, entry["file"]).with_columns(
+            pl.col("keep").list.len().alias("mask_length"),
+            pl.col("keep").list.slice(1).list.sum().fill_null(0).alias("kept"),
+        ).drop("keep"))
+    return pl.concat(frames)
 
 
 def _refuse_unmatched(source: TrainingSource, joined: pl.DataFrame, tokens: pl.DataFrame, masks: pl.DataFrame) -> None:
@@ -150,11 +158,7 @@ def _refuse_unmatched(source: TrainingSource, joined: pl.DataFrame, tokens: pl.D
 
 def build_index(source: TrainingSource) -> SampleIndex:
     """Join tokens and masks by sample_id; refuse ids on one side only and lengths that disagree."""
-    tokens = _shard_frame(source.tokenized, source.tokenized_manifest, ["sample_id", "n_tokens"])
-    masks = _shard_frame(source.masks, source.masks_manifest, ["sample_id", "keep"]).with_columns(
-        pl.col("keep").list.len().alias("mask_length"),
-        pl.col("keep").list.slice(1).list.sum().fill_null(0).alias("kept"),
-    ).drop("keep")
+    tokens, masks = _tokens_frame(source), _masks_frame(source)
     joined = tokens.join(masks, on="sample_id", how="inner", suffix="_mask", maintain_order="left")
     _refuse_unmatched(source, joined, tokens, masks)
     wrong = joined.filter(pl.col("n_tokens") != pl.col("mask_length"))
