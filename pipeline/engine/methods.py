@@ -7,11 +7,13 @@ the select stage and the tests share one definition of every method:
     rel            REL_n                                        (sstoken at gamma 1)
     attn           attn                                         (sstoken at gamma 0)
     tokencleaning  REL, raw (history - current: loss(base) - loss(reference) with current = reference)
+    rho1           REL, raw (current - history: loss(current) - loss(reference) with history = reference)
     full           1 at every target                            (keeps them all)
     random         uniform [0, 1) per target, from (seed, sample_id)
 
 A score of NaN never reaches the ranking at a target: a signal a method needs but the scores do
-not hold (REL after a gamma-0 scoring, attention after a gamma-1 one) is refused by name.
+not hold (REL after a gamma-0 scoring, attention after a gamma-1 one) is refused by name, and so is
+a baseline over REL stored in the other direction (`excess_refusal`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,26 @@ def same_checkpoint_refusal(settings: SelectSettings) -> None:
             "position tie-break would keep the first ceil(ratio * n) tokens of each response. Pass a history "
             "checkpoint that differs (e.g. the base model), or use gamma < 1 (attention decides) or --method attn"
         )
+
+
+# The direction of the stored REL (`sstoken score --excess`) a baseline is defined on.
+REQUIRED_EXCESS = {"tokencleaning": "history_minus_current", "rho1": "current_minus_history"}
+
+
+def excess_refusal(settings: SelectSettings, excess: str, source: str) -> None:
+    """Refuse a baseline whose excess loss is the opposite of the REL `source` stores (`excess`):
+    ranking it would keep exactly the tokens the method means to drop."""
+    required = REQUIRED_EXCESS.get(settings.method)
+    if required is None or excess == required:
+        return
+    roles = {
+        "rho1": "current = the model being trained, --history = the reference model",
+        "tokencleaning": "current = the newer reference model, --history = the base model",
+    }[settings.method]
+    raise MethodError(
+        f"method {settings.method} ranks REL = {required.replace('_minus_', ' - ')} ({roles}), but {source} stores "
+        f"REL as {excess.replace('_minus_', ' - ')}; rescore with `sstoken score --excess {required}`"
+    )
 
 
 def rel_guard(settings: SelectSettings, stats: RelStats) -> list[str]:
@@ -157,7 +179,8 @@ def sample_score(
 
 def selection_size(settings: SelectSettings, n_trainable: int) -> int:
     """How many of n trainable tokens a selection keeps: ceil(ratio * n); floor for tokencleaning, as
-    their code does (`int(n * ratio)`); all for full."""
+    their code does (`int(n * ratio)`); all for full. rho1 takes ceil: Rho-1's paper says "top k%"
+    and its training code is not public, so it rounds like every method without a published rule."""
     if settings.method == "tokencleaning":
         return min(n_trainable, math.floor(round(settings.ratio * n_trainable, 9)))
     return keep_count(settings.keep_ratio, n_trainable)

@@ -12,13 +12,15 @@ from pydantic import model_validator
 
 from pipeline.core.config import StageConfig, setting
 
-Method = Literal["sstoken", "rel", "attn", "full", "random", "tokencleaning"]
+Method = Literal["sstoken", "rel", "attn", "full", "random", "tokencleaning", "rho1"]
 Normalise = Literal["per_sample", "none"]
 
 # Methods that rank by REL alone: with no REL signal (same checkpoint, or REL below the floor
 # everywhere) every score ties and the position tie-break would keep the first tokens of each response.
 # sstoken joins them at gamma 1.
-REL_ONLY_METHODS = ("rel", "tokencleaning")
+REL_ONLY_METHODS = ("rel", "tokencleaning", "rho1")
+# Methods that rank raw REL (nats), never normalised: the baselines as their authors define them.
+RAW_REL_METHODS = ("tokencleaning", "rho1")
 
 
 class SelectSettings(StageConfig):
@@ -32,7 +34,8 @@ class SelectSettings(StageConfig):
         "sstoken",
         description="sstoken: gamma * REL_n + (1 - gamma) * attn; rel: REL_n only (gamma 1); attn: attention only "
         "(gamma 0); full: every trainable token; random: ratio of them at random (seeded); tokencleaning: raw REL "
-        "(history - current), top floor(ratio * n).",
+        "(history - current), top floor(ratio * n); rho1: raw REL stored with --excess current_minus_history "
+        "(Rho-1's loss(current) - loss(reference), history = the reference), top ceil(ratio * n).",
         run_key=False,
     )
     gamma: float = setting(
@@ -50,7 +53,7 @@ class SelectSettings(StageConfig):
     normalise: Literal["auto", "per_sample", "none"] = setting(
         "auto", run_key=False,
         description="How REL is scaled before ranking: per_sample min-max (the paper) or none (raw nats); "
-        "auto: none for tokencleaning, per_sample otherwise. See docs/method.md for global granularity.",
+        "auto: none for tokencleaning and rho1, per_sample otherwise. See docs/method.md for global granularity.",
     )
     seed: int = setting(
         0, ge=0, run_key=False, description="random only: seed; each sample's draw depends on (seed, sample_id)."
@@ -58,16 +61,16 @@ class SelectSettings(StageConfig):
 
     @model_validator(mode="after")
     def _normalise_fits_method(self) -> SelectSettings:
-        if self.method == "tokencleaning" and self.normalise == "per_sample":
+        if self.method in RAW_REL_METHODS and self.normalise == "per_sample":
             raise ValueError(
-                "method tokencleaning ranks raw REL without normalisation; use --method rel --normalise per_sample "
+                f"method {self.method} ranks raw REL without normalisation; use --method rel --normalise per_sample "
                 "for normalised REL"
             )
         return self
 
     @property
     def rel_weight(self) -> float:
-        """Weight of the REL term in the score: gamma for sstoken, 1 for rel and tokencleaning, else 0."""
+        """Weight of the REL term in the score: gamma for sstoken, 1 for the REL-only methods, else 0."""
         if self.method == "sstoken":
             return self.gamma
         return 1.0 if self.method in REL_ONLY_METHODS else 0.0
@@ -92,7 +95,7 @@ class SelectSettings(StageConfig):
             return None
         if self.normalise != "auto":
             return self.normalise
-        return "none" if self.method == "tokencleaning" else "per_sample"
+        return "none" if self.method in RAW_REL_METHODS else "per_sample"
 
     @property
     def keep_ratio(self) -> float:

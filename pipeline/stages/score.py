@@ -59,7 +59,7 @@ from pipeline.stages.score_shards import (
     score_one_shard,
 )
 from pipeline.engine.precision import precision_name
-from pipeline.engine.methods import same_checkpoint_refusal
+from pipeline.engine.methods import excess_refusal, same_checkpoint_refusal
 from pipeline.engine.select_settings import SelectSettings
 from pipeline.engine.settings import ScoreSettings, signals_to_compute
 from pipeline.stages.configs import ScoreJobConfig
@@ -328,6 +328,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
     history_fp = checkpoint_fingerprint(config.history) if config.history is not None else current_fp
     data_key = verified_data_key(tokenized)
     selection = config.select_settings()
+    excess_refusal(selection, config.excess, "this scoring (--excess)")  # before any model runs
     if history_fp == current_fp and selection.uses_rel:
         same_checkpoint_refusal(selection)  # before any model runs
     # What the shards hold: the run-key settings and which signals are computed (the selection

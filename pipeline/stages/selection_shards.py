@@ -4,10 +4,12 @@ Both stages that select call `plan_selection`, then `apply_selection`: the score
 end, over the shards it just wrote, and the select stage over an existing scores folder. One code path, so re-selecting
 gives the bytes a fresh scoring at those settings gives, and no model runs.
 
-The shards are rewritten in place: each keeps its progress record (its run key) and the record
-gains the `selection` it now holds. A shard whose record already carries this selection, with
-the file still at the recorded checksum, is left alone, so a rerun after a kill redoes only the
-shards still to rewrite. This module imports no torch.
+The selection goes to one of two places, by the same code: in place (each score shard is rewritten,
+keeps its progress record, its run key, and the record gains the `selection` it now holds), or
+apart (`select --output`: a mask shard of the same name in another folder, `masks.v1`, whose
+record names the score shard it was selected from). A shard whose record already carries this
+selection (and, apart, the same score shard), with the file still at the recorded checksum, is
+left alone, so a rerun after a kill redoes only the shards still to write. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -43,15 +46,23 @@ class SelectError(UserError):
 
 @dataclass(frozen=True)
 class SelectShard:
-    """One score shard, rewritten in place, and the tokenized shard that gives its trainable mask."""
+    """One score shard, the tokenized shard that gives its trainable mask, and where its selection goes:
+    `output_folder` None rewrites the score shard in place; a folder gets a mask shard of the same name."""
 
     file: str
-    folder: str
+    folder: str  # the scores folder
     tokenized_path: str
+    output_folder: str | None = None
+    scores_sha256: str | None = None  # apart: the score shard's checksum in the scores manifest
 
     @property
     def path(self) -> Path:
         return Path(self.folder) / self.file
+
+    @property
+    def target_folder(self) -> Path:
+        """The folder the selected shard is committed to."""
+        return Path(self.output_folder if self.output_folder is not None else self.folder)
 
 
 def selection_record(settings: SelectSettings, rel_is_noise: bool = False) -> dict[str, Any]:
@@ -76,28 +87,52 @@ def rel_stats_of_shard(shard: SelectShard) -> RelStats:
     return shard_rel_stats(scores, trainable)
 
 
-def rewrite_selection(
-    shard: SelectShard, record_selection: dict[str, Any], selection: CorpusSelection, threshold: int | None = None,
-    ties: int = 0,
-) -> dict[str, Any]:
-    """One shard's score, keep and n_kept from its stored signals, committed with its record; skipped
-    when the record already carries `record_selection` and the file its recorded checksum.
-    A global selection passes the threshold key and the shard's tie quota."""
-    record = read_record(Path(shard.folder), shard.file)
-    if record is None:
+def mask_table(selected: pa.Table) -> pa.Table:
+    """The masks.v1 columns of a selected scores table (the signals stay in the scores folder)."""
+    schema = arrow_schema("masks")
+    return selected.select(schema.names).cast(schema)
+
+
+def _source_record(shard: SelectShard, existing: dict[str, Any] | None) -> dict[str, Any]:
+    """What the committed record carries besides the selection: in place, the score shard's own record
+    (its run key); apart, the score shard the mask shard is selected from."""
+    if shard.output_folder is not None:
+        return {"scores_file": shard.file, "scores_sha256": shard.scores_sha256}
+    if existing is None:
         raise SelectError(
             f"{shard.path} has no progress record: it was not written by `sstoken score` or the record was lost; "
             "rerun `sstoken score` for this folder"
         )
-    if record.get("selection") == record_selection and sha256_file(shard.path) == record.get("sha256"):
-        return record
+    return existing
+
+
+def rewrite_selection(
+    shard: SelectShard, record_selection: dict[str, Any], selection: CorpusSelection, threshold: int | None = None,
+    ties: int = 0,
+) -> dict[str, Any]:
+    """One shard's score, keep and n_kept from its stored signals, committed with its record (in place,
+    or as a mask shard apart); skipped when the record already carries `record_selection` and its
+    source, and the file its recorded checksum. A global selection passes the threshold key and the
+    shard's tie quota."""
+    target = shard.target_folder
+    existing = read_record(target, shard.file)
+    source = _source_record(shard, existing)
+    if (
+        existing is not None
+        and all(existing.get(name) == value for name, value in source.items())
+        and existing.get("selection") == record_selection
+        and sha256_file(target / shard.file) == existing.get("sha256")
+    ):
+        return existing
     scores, trainable = _joined(shard)
     if selection.settings.granularity == "global":
         table = global_selection.apply_threshold(scores, trainable, selection, threshold, ties)
     else:
         table = selected_table(scores, trainable, selection)
+    if shard.output_folder is not None:
+        table = mask_table(table)
     update = {"selection": record_selection, "kept": int(pc.sum(table.column("n_kept")).as_py() or 0)}
-    return commit_shard(Path(shard.folder), shard.file, table, record | update)
+    return commit_shard(target, shard.file, table, source | update)
 
 
 @dataclass(frozen=True)
@@ -150,8 +185,9 @@ def plan_selection(
 def apply_selection(
     shards: Sequence[SelectShard], plan: SelectionPlan, parallel_map: ParallelMap = serial_map
 ) -> SelectionOutcome:
-    """Rewrite every shard whose record does not carry the plan's selection (the caller holds the folder's lock)."""
-    before = [(read_record(Path(s.folder), s.file) or {}).get("sha256") for s in shards]
+    """Write every shard whose record does not carry the plan's selection (the caller holds the lock of
+    the folder written to)."""
+    before = [(read_record(s.target_folder, s.file) or {}).get("sha256") for s in shards]
     common = plan.record
     if plan.selection.settings.granularity == "global":
         records, common = _select_globally(shards, plan.selection, common, parallel_map)

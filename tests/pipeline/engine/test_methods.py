@@ -11,6 +11,7 @@ from pipeline.engine.methods import (
     REL_FLOOR,
     MethodError,
     RelStats,
+    excess_refusal,
     rel_guard,
     sample_score,
     same_checkpoint_refusal,
@@ -63,6 +64,42 @@ def test_tokencleaning_ranks_raw_rel_and_keeps_floor_of_ratio():
         SelectSettings(method="tokencleaning", normalise="per_sample")
 
 
+def test_rho1_ranks_raw_excess_loss_and_keeps_ceil_of_ratio():
+    # REL stored as current - reference (--excess current_minus_history): Rho-1's excess loss, in nats.
+    np.testing.assert_array_equal(_score(method="rho1")[TRAINABLE], REL[TRAINABLE])
+    assert np.isnan(_score(method="rho1")[~TRAINABLE]).all()
+    assert _keep(method="rho1", ratio=0.6) == [2, 4, 6]  # ceil(0.6 * 4) = 3: raw 2.0, 1.0, 0.5
+    assert _keep(method="rho1", ratio=0.25) == [2]
+    assert selection_size(SelectSettings(method="rho1", ratio=0.6), 4) == 3
+    assert SelectSettings(method="rho1").selection_key() == {
+        "method": "rho1", "ratio": 0.6, "granularity": "sample", "normalise": "none"
+    }
+    # Raw nats, not min-max (what global granularity compares across samples): negative excess stays negative.
+    negative = np.where(TRAINABLE, np.array([0, 0, -3.0, -0.5, -2.0, 0, -1.0]), NAN).astype(np.float32)
+    score = sample_score("s", negative, ATTN, TRAINABLE, SelectSettings(method="rho1", ratio=0.5))
+    np.testing.assert_array_equal(score[TRAINABLE], [-3.0, -0.5, -2.0, -1.0])
+    assert np.flatnonzero(top_k_mask(score, TRAINABLE, 2)).tolist() == [3, 6]
+    with pytest.raises(ValidationError, match="rho1 ranks raw REL"):
+        SelectSettings(method="rho1", normalise="per_sample")
+
+
+@pytest.mark.parametrize(
+    ("method", "excess", "refused"),
+    [("rho1", "history_minus_current", True), ("rho1", "current_minus_history", False),
+     ("tokencleaning", "current_minus_history", True), ("tokencleaning", "history_minus_current", False),
+     ("sstoken", "current_minus_history", False), ("random", "current_minus_history", False)],
+)
+def test_a_baseline_over_rel_of_the_other_direction_is_refused_naming_the_fix(method, excess, refused):
+    settings = SelectSettings(method=method)
+    if not refused:
+        excess_refusal(settings, excess, "scores/")
+        return
+    required = "current_minus_history" if method == "rho1" else "history_minus_current"
+    with pytest.raises(MethodError, match=f"method {method} ranks REL.*scores/ stores REL as.*--excess {required}") as caught:
+        excess_refusal(settings, excess, "scores/")
+    assert isinstance(caught.value, UserError)
+
+
 def test_full_keeps_every_target_whatever_the_ratio():
     assert _keep(method="full", ratio=0.1) == [2, 3, 4, 6]
     assert SelectSettings(method="full", ratio=0.1).selection_key()["ratio"] == 1.0
@@ -93,7 +130,7 @@ def test_missing_signal_is_refused_by_name():
 
 @pytest.mark.parametrize(
     ("settings", "refused"),
-    [({"method": "rel"}, True), ({"method": "tokencleaning"}, True), ({"gamma": 1.0}, True),
+    [({"method": "rel"}, True), ({"method": "tokencleaning"}, True), ({"method": "rho1"}, True), ({"gamma": 1.0}, True),
      ({"gamma": 0.5}, False), ({"method": "attn"}, False), ({"method": "random"}, False), ({"method": "full"}, False)],
 )
 def test_same_checkpoint_refuses_rel_only_selection(settings, refused):
@@ -120,7 +157,7 @@ def test_rel_below_the_floor_is_noise_treated_as_zero():
     stretched = sample_score("s", tiny, ATTN, TRAINABLE, settings)
     assert (stretched - 0.5 * ATTN)[TRAINABLE].max() > 0.49  # REL_n of the largest noise value ~ 1
     np.testing.assert_allclose(noisy[TRAINABLE], 0.5 * ATTN[TRAINABLE], rtol=1e-6)
-    for method in ("rel", "tokencleaning"):
+    for method in ("rel", "tokencleaning", "rho1"):
         with pytest.raises(MethodError, match="\\|REL\\| < 0.0001 nats.*ranks by REL alone"):
             rel_guard(SelectSettings(method=method), stats)
     assert rel_guard(SelectSettings(method="attn"), stats) == []  # REL plays no part
