@@ -45,7 +45,7 @@ def artifacts_note(result: RunResult) -> str:
 
 def report(result: RunResult, console: Console) -> int:
     console.print(rounds_table(result.record, result.folder.root))
-    console.print(artifacts_note(result))
+    console.print(artifacts_note(result), soft_wrap=True)
     return 0
 
 

@@ -1,66 +1,48 @@
-"""The embedded demo end to end, with the tiny model standing in for the real one."""
+"""The embedded demo: a run config with the demo's defaults, and its closing report."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from rich.console import Console
 
-from pipeline.artifacts.files import read_manifest
 from pipeline.cli import main
+from pipeline.cli.demo import report
 from pipeline.core.config import ConfigError, load_config
-from pipeline.loop.demo import BUNDLED_CORPUS, DemoConfig
-from pipeline.stages.configs import PrepareConfig, ScoreJobConfig
+from pipeline.engine.select_settings import SelectSettings
+from pipeline.loop.demo import BUNDLED_CORPUS, DemoConfig, DemoRun
+from pipeline.loop.rounds import RunResult
+from pipeline.loop.run_folder import RunFolder
+from pipeline.stages.configs import PrepareConfig
+from tests.factories import write_tokenized
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_demo_prepares_and_scores_into_a_round_folder(tmp_path, llama_dir, ray_local, capsys):
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer number {i}."}) + "\n"
-                              for i in range(12)))
-    argv = ["demo", "--output", str(tmp_path / "run"), "--corpus", str(corpus), "--model", str(llama_dir),
-            "--prepare.rows-per-shard", "5", "--score.workers", "1", "--no-score.progress"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "prepare →" in printed and "score →" in printed and "targets" in printed and "kept" in printed
-
-    scores_dir = tmp_path / "run" / "rounds" / "r000" / "scores"
-    manifest = read_manifest(scores_dir, kind="scores")
-    assert [s["file"] for s in manifest["shards"]] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    assert read_manifest(tmp_path / "run" / "tokenized")["counts"]["rows_written"] == 12
-    scores = pl.read_parquet(scores_dir / "part-*.parquet")
-    assert scores.height == 12 and scores["sample_id"].n_unique() == 12
-    # Round 0: current == history, so the excess loss is 0 everywhere and selection is attention-only.
-    rel = scores["rel"].explode().drop_nans().drop_nulls()
-    assert rel.len() > 0 and (rel == 0).all()
-    assert manifest["config"]["workers"] == 1 and manifest["config"]["current"] == str(llama_dir)
-
-
-def test_demo_sections_are_the_stage_configs_with_demo_defaults_and_derived_paths(tmp_path, llama_dir):
-    config = DemoConfig(output=tmp_path / "run", model=str(llama_dir))
-    assert config.prepare == PrepareConfig(
-        input=[BUNDLED_CORPUS], tokenizer=str(llama_dir), output=tmp_path / "run" / "tokenized",
-        max_length=512, rows_per_shard=128,
-    )
-    assert config.score == ScoreJobConfig(
-        data=tmp_path / "run" / "tokenized", current=llama_dir, history=llama_dir,
-        output=tmp_path / "run" / "rounds" / "r000" / "scores", history_cache=tmp_path / "run" / "history_cache",
-    )
-
-
-def test_demo_with_no_arguments_points_at_the_cached_real_model(tmp_path, monkeypatch):
+def test_demo_defaults_two_epoch_rounds_over_a_subset_of_the_bundled_corpus(tmp_path, monkeypatch):
     """`sstoken demo` alone: the config is complete before anything is fetched (the fetch runs with the demo)."""
     monkeypatch.setenv("SSTOKEN_CACHE", str(tmp_path))
     config = DemoConfig()
-    assert config.prepare.tokenizer == str(tmp_path / "models" / "smollm2-135m") and config.prepare.max_length == 512
-    assert config.score.current == config.score.history == tmp_path / "models" / "smollm2-135m"
-    assert config.prepare.input == [BUNDLED_CORPUS] and not (tmp_path / "models").exists()
+    model = tmp_path / "models" / "smollm2-135m"
+    assert (config.round_unit, config.epochs, config.samples, config.rounds) == ("epoch", 2, 96, 2)
+    assert config.prepare == PrepareConfig(
+        input=[BUNDLED_CORPUS], tokenizer=str(model), output=Path("runs/demo/tokenized"), max_length=512, rows_per_shard=64
+    )
+    assert config.score.current == config.score.history == config.train.model == model
+    assert (config.train.batch_size, config.train.micro_batch_size, config.train.finetune) == (8, 4, "lora")
+    assert not (tmp_path / "models").exists()
 
 
-def test_demo_derives_exactly_the_settings_it_declares(llama_dir):
+def test_run_config_derives_exactly_the_settings_it_declares(llama_dir):
     top = {"output": Path("run"), "corpus": [BUNDLED_CORPUS], "model": str(llama_dir)}
     derived = DemoConfig.derived_settings(top)
+    every_selection_setting = {"select": SelectSettings().model_dump()}  # given, they all reach the score section
+    for section, values in DemoConfig.derived_from_sections(every_selection_setting).items():
+        derived[section] = derived.get(section, {}) | values
     assert {section: sorted(names) for section, names in derived.items()} == {
         section: sorted(names) for section, names in DemoConfig.derived_fields.items()
     }
@@ -68,20 +50,62 @@ def test_demo_derives_exactly_the_settings_it_declares(llama_dir):
 
 def test_demo_config_file_with_sections_and_flags(tmp_path, llama_dir):
     config_file = tmp_path / "demo.yaml"
-    config_file.write_text(f"model: {llama_dir}\nprepare:\n  max-length: 256\nscore:\n  ratio: 0.4\n  workers: 1\n")
-    overrides = {"output": tmp_path / "run", "score": {"ratio": 0.3}, "prepare": {"max_length": None}}
+    config_file.write_text(f"model: {llama_dir}\nprepare:\n  max-length: 256\nselect:\n  ratio: 0.4\ntrain:\n  lr: 0.001\n")
+    overrides = {"output": tmp_path / "run", "select": {"ratio": 0.3}, "prepare": {"max_length": None}, "samples": 12}
     config = load_config(DemoConfig, config_file, overrides)
-    assert (config.prepare.max_length, config.score.ratio, config.score.workers) == (None, 0.3, 1)
+    assert (config.prepare.max_length, config.select.ratio, config.score.ratio, config.train.lr) == (None, 0.3, 0.3, 0.001)
+    assert config.samples == 12 and config.train.output == tmp_path / "run" / "rounds" / "r000" / "train"
     config_file.write_text("score:\n  output: /elsewhere\n")
     with pytest.raises(ConfigError, match="score.output cannot be set"):
         load_config(DemoConfig, config_file)
 
 
 def test_the_repository_demo_config_states_the_demo_defaults(llama_dir):
-    config_file = Path(__file__).resolve().parents[3] / "jobs" / "configs" / "demo.yaml"
+    config_file = ROOT / "jobs" / "configs" / "demo.yaml"
     assert load_config(DemoConfig, config_file, {"model": str(llama_dir)}) == DemoConfig(model=str(llama_dir))
 
 
 def test_demo_with_a_missing_corpus_names_it(tmp_path, capsys):
     assert main(["demo", "--corpus", str(tmp_path / "nowhere"), "--output", str(tmp_path / "run")]) == 2
     assert "nowhere not found" in capsys.readouterr().err
+
+
+def test_the_report_prints_each_round_the_agreement_a_sample_and_where_things_are(tmp_path, tokenizer, llama_dir):
+    run = RunFolder(tmp_path / "run")
+    data = write_tokenized(run.subset, tokenizer, [3])
+    rows = pq.read_table(data / "part-00000.parquet").to_pylist()
+    run.masks(1).mkdir(parents=True)
+    keep = [[t and i % 2 == 0 for i, t in enumerate(r["trainable"])] for r in rows]
+    pq.write_table(pa.table({"sample_id": [r["sample_id"] for r in rows], "keep": keep}), run.masks(1) / "part-00000.parquet")
+    rounds = [
+        {"round": i, "samples": 3, "selection": {"method": method}, "warmup": "note" if i == 0 else None,
+         "data": "subset", "masks": f"rounds/r00{i}/masks", "checkpoint": f"rounds/r00{i}/train/checkpoint",
+         "summary": {"kept_ratio": 0.61, "train_loss": loss, "score_s": 10.0, "select_s": 0.2, "train_s": 40.0,
+                     "rescore_to_train": 0.25}}
+        for i, (method, loss) in enumerate([("attn", 3.25), ("sstoken", 2.5)])
+    ]
+    record = {"rounds": rounds, "models": {"base": {"path": str(llama_dir)}}}
+    agreement = {"samples": 3, "trainable": 40, "same_decision": 0.875, "kept_overlap": 0.75}
+    console = Console(record=True, width=140)
+    assert report(DemoRun(run=RunResult(folder=run, record=record, prepared=None), agreement=agreement), console) == 0
+    text = console.export_text()
+    assert "attn warm-up" in text and "3.25" in text and "2.5" in text and "0.610" in text
+    assert "87.5% same keep/drop decision" in text and "75.0% of the tokens either round kept" in text
+    assert f"last checkpoint: {run.root / 'rounds/r001/train/checkpoint'}" in text
+    assert "kept)" in text  # the sample view: its targets and kept tokens
+
+
+@pytest.mark.slow
+def test_demo_runs_the_loop_end_to_end_with_a_tiny_model(tmp_path, llama_dir, ray_local, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer number {i} is here."}) + "\n"
+                              for i in range(12)))
+    argv = ["demo", "--output", str(tmp_path / "run"), "--corpus", str(corpus), "--model", str(llama_dir),
+            "--samples", "8", "--score.workers", "1", "--no-score.progress", "--no-train.progress",
+            "--train.lora-r", "4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "r000" in printed and "r001" in printed and "same keep/drop decision over" not in printed
+    assert "agreement between r000's and r001's masks over the same 8 samples" in printed
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [r["data"] for r in record["rounds"]] == ["subset", "subset"]
