@@ -14,6 +14,7 @@ config.json and the tokenizer, loadable by `pipeline.core.checkpoints.load_model
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ class FineTuned:
                 task_type="CAUSAL_LM",
             )
             torch.manual_seed(settings.seed)  # the adapters' initialisation: the same on every rank and every run
-            self.wrapper = get_peft_model(model, lora)
+            with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self.wrapper = get_peft_model(model, lora)
             model = self.wrapper.get_base_model()
         self.model = model.to(device).train()
 

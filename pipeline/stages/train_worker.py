@@ -160,7 +160,9 @@ def ray_train_loop(spec: dict[str, Any]) -> None:
     """Ray Train v2 `train_loop_per_worker`: this worker's rank, resume checkpoint and report, then `run_rank`."""
     import ray.train
     import ray.train.torch
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars would reach the job's log
     context = ray.train.get_context()
     job = RankJob(**spec)
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")

@@ -1,0 +1,193 @@
+"""`sstoken train` on a shared local Ray: output layout, a checkpoint the scorer loads, reruns, refusals, the CLI.
+
+One Ray Train fit in the fast suite (a module fixture); two workers against one and a killed run
+resumed are slow tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.artifacts.files import ArtifactError, read_manifest
+from pipeline.cli import main
+from pipeline.core.checkpoints import CheckpointError, checkpoint_fingerprint, load_model
+from pipeline.engine.scorer import Scorer
+from pipeline.engine.settings import ScoreSettings
+from pipeline.stages.train import TrainConfig, TrainError, run_train
+from tests import tiny
+from tests.factories import write_keep_masks, write_tokenized
+
+SETTINGS = dict(batch_size=4, micro_batch_size=2, lora_r=4, lr=1e-2, checkpoint_every=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    data = write_tokenized(tmp_path_factory.mktemp("tokenized"), tokenizer, [6, 5], seed=11)
+    return data, write_keep_masks(tmp_path_factory.mktemp("masks"), data, ratio=0.5, seed=3)
+
+
+def _config(inputs, model: Path, output: Path, **overrides) -> TrainConfig:
+    data, masks = inputs
+    return TrainConfig(data=data, masks=masks, model=model, output=output, **(SETTINGS | overrides))
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, inputs, llama_dir, tmp_path_factory):
+    config = _config(inputs, llama_dir, tmp_path_factory.mktemp("train") / "out")
+    started = time.monotonic()
+    summary = run_train(config)
+    return config, summary, time.monotonic() - started
+
+
+def test_output_layout_manifest_and_metrics(trained, inputs, llama_dir):
+    config, summary, seconds = trained
+    output = Path(config.output)
+    assert sorted(p.name for p in output.iterdir()) == [".lock", "_progress", "checkpoint", "manifest.json", "metrics.jsonl"]
+    manifest = read_manifest(output, kind="train")
+    steps = summary.counts["steps"]
+    assert steps == manifest["counts"]["steps"] >= 2
+    assert manifest["checkpoints"]["start"]["fingerprint"] == checkpoint_fingerprint(llama_dir)
+    assert manifest["checkpoints"]["final"]["fingerprint"] == checkpoint_fingerprint(output / "checkpoint")
+    assert [i["kind"] for i in manifest["inputs"]] == ["tokenized", "scores"]
+    assert manifest["schedule"] == {"start_step": 0, "total_steps": steps, "warmup_steps": 1}
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, steps + 1))
+    assert {"loss", "kept_tokens", "tokens_per_s", "lr"} <= set(lines[0])
+    assert summary.counts["kept_tokens"] == sum(m["kept_tokens"] for m in lines)
+    assert summary.details["tokens_per_s"] > 0 and not summary.reused
+    print(f"one Ray Train fit (1 worker, {steps} steps, tiny LoRA): {seconds:.1f} s")
+
+
+def test_the_merged_lora_checkpoint_is_what_the_scorer_loads(trained, llama_dir):
+    config, _, _ = trained
+    checkpoint = Path(config.output) / "checkpoint"
+    assert (checkpoint / "tokenizer.json").is_file() and (checkpoint / "model.safetensors").is_file()
+    weights = load_file(checkpoint / "model.safetensors")
+    assert not any("lora" in name for name in weights)
+    base = load_model(llama_dir).state_dict()
+    moved = [name for name in weights if not torch.equal(weights[name], base[name])]
+    assert any("q_proj" in name for name in moved) and not any("norm" in name for name in moved)
+    assert Scorer(checkpoint, ScoreSettings(device="cpu"), importance=False).fingerprint == checkpoint_fingerprint(checkpoint)
+
+
+def test_a_rerun_of_a_finished_output_returns_at_once(trained):
+    config, summary, _ = trained
+    started = time.monotonic()
+    again = run_train(config.model_copy(update={"workers": 1, "checkpoint_every": 5}))  # not part of the run key
+    assert again.reused and again.counts == summary.counts
+    assert time.monotonic() - started < 10
+
+
+def test_other_settings_into_a_finished_output_are_refused_without_overwrite(trained):
+    config, _, _ = trained
+    with pytest.raises(ArtifactError, match="already holds a train artifact made from other inputs or settings"):
+        run_train(config.model_copy(update={"lr": 5e-3}))
+
+
+def test_a_batch_that_does_not_divide_is_refused(inputs, llama_dir, tmp_path):
+    with pytest.raises(TrainError, match="batch_size 6 is not a multiple of micro_batch_size 2 x workers 2 = 4"):
+        run_train(_config(inputs, llama_dir, tmp_path / "out", batch_size=6, workers=2))
+    with pytest.raises(TrainError, match="batch_size 64 is more than the .* samples with kept tokens"):
+        run_train(_config(inputs, llama_dir, tmp_path / "out", batch_size=64))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_folder_that_is_not_a_hugging_face_checkpoint_is_refused(inputs, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="has no config.json; is it a Hugging Face model folder"):
+        run_train(_config(inputs, folder, tmp_path / "out"))
+
+
+def test_a_model_with_another_tokenizer_is_refused(inputs, tmp_path):
+    model = tmp_path / "model"
+    tiny.build_tokenizer(vocab_size=300).save_pretrained(model)
+    tiny.save_model(model, "llama", 300)
+    with pytest.raises(TrainError, match="was tokenized with another tokenizer .* than the model in"):
+        run_train(_config(inputs, model, tmp_path / "out"))
+
+
+def test_an_output_folder_holding_someone_elses_checkpoint_folder_is_refused(inputs, llama_dir, tmp_path):
+    (tmp_path / "out" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(ArtifactError, match="holds files this stage did not write: checkpoint"):
+        run_train(_config(inputs, llama_dir, tmp_path / "out"))
+    with pytest.raises(ArtifactError, match="checkpoint exists and was not written by sstoken train"):
+        run_train(_config(inputs, llama_dir, tmp_path / "out", overwrite=True))
+    assert (tmp_path / "out" / "checkpoint").is_dir()  # never deleted
+
+
+def test_cli_help_and_a_missing_input_in_one_line(inputs, llama_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--masks" in help_text and "--finetune {lora,full}" in help_text and "--schedule-start-step" in help_text
+    _, masks = inputs
+    status = main(["train", "--data", str(tmp_path / "nope"), "--masks", str(masks), "--model", str(llama_dir),
+                   "--output", str(tmp_path / "out")])
+    assert status == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sstoken train: error: tokenized data folder {tmp_path / 'nope'} does not exist; run `sstoken prepare` first"
+    )
+
+
+# -- slow: several fits --------------------------------------------------------------------------
+
+
+def _weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(output) / "checkpoint" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_two_workers_give_the_tensors_of_one_worker(ray_local, inputs, llama_dir, tmp_path):
+    settings = dict(finetune="full", batch_size=4, micro_batch_size=2, epochs=2.0)
+    one = run_train(_config(inputs, llama_dir, tmp_path / "one", **settings))
+    two = run_train(_config(inputs, llama_dir, tmp_path / "two", workers=2, **settings))
+    assert one.counts["kept_tokens"] == two.counts["kept_tokens"]
+    expected, found = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_killed_train_resumes_to_the_tensors_of_an_uninterrupted_run(ray_local, tokenizer, llama_dir, tmp_path):
+    data = write_tokenized(tmp_path / "tokenized", tokenizer, [20, 20], seed=12)
+    inputs = (data, write_keep_masks(tmp_path / "masks", data, ratio=0.5, seed=4))
+    settings = dict(epochs=3.0, lora_dropout=0.1)
+    run_train(_config(inputs, llama_dir, tmp_path / "uninterrupted", **settings))
+
+    output = tmp_path / "killed"
+    command = [sys.executable, "-m", "pipeline", "train", "--data", str(data), "--masks", str(inputs[1]),
+               "--model", str(llama_dir), "--output", str(output), "--num-cpus", "2", "--no-progress",
+               *[f"--{k.replace('_', '-')}={v}" for k, v in (SETTINGS | settings).items() if k != "progress"]]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((output / "train").glob("run-*/checkpoint_*")) and time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read().decode()
+            time.sleep(0.2)
+        time.sleep(random.uniform(0, 3))
+        assert process.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (output / "manifest.json").exists()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    expected, found = _weights(tmp_path / "uninterrupted"), _weights(output)
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=0, atol=0, msg=name)
+    shutil.rmtree(tmp_path, ignore_errors=True)
