@@ -1,0 +1,150 @@
+"""Slow: `sstoken run` killed with SIGKILL at random moments in round 2 and rerun, and a run on a two-node
+loopback cluster with 2 training workers. Both end with the artifacts of an uninterrupted run.
+
+Processes are ended by their ids (process groups and recorded descendants), never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.artifacts.files import read_manifest
+from pipeline.core.fingerprint import sha256_file
+from tests.pipeline.loop.test_rounds import run_settings, write_corpus
+from tests.pipeline.stages.test_score_recovery import RAY_BIN, ROOT, _environment, _free_port, _kill_tree, _wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _config_file(folder: Path, output: Path, corpus: Path, model: Path) -> Path:
+    path = folder / f"{output.name}.yaml"
+    path.write_text(json.dumps(run_settings(output, corpus, model), default=str))  # JSON is YAML
+    return path
+
+
+def _start(config: Path, *flags: str, environment: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(config), *flags], cwd=ROOT, env=environment or _environment(),
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _finish(process: subprocess.Popen, timeout: float = 900) -> str:
+    try:
+        log, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            _kill_tree(process)
+    assert process.returncode == 0, log
+    return log
+
+
+def _artifacts(run: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """sha256 of every round's data, scores and masks shards; the final checkpoint's tensors."""
+    digests = {}
+    for round_dir in sorted((run / "rounds").iterdir()):
+        for part in ("data", "scores", "masks"):
+            for entry in read_manifest(round_dir / part)["shards"]:
+                digests[f"{round_dir.name}/{part}/{entry['file']}"] = sha256_file(round_dir / part / entry["file"])
+    return digests, load_file(run / "rounds" / "r001" / "train" / "checkpoint" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, llama_dir) -> tuple[Path, Path]:
+    """An uninterrupted run (and the corpus it ran on)."""
+    folder = tmp_path_factory.mktemp("reference")
+    corpus = write_corpus(folder / "corpus.jsonl", 16)
+    _finish(_start(_config_file(folder, folder / "run", corpus, llama_dir)))
+    return folder / "run", corpus
+
+
+def test_killed_at_random_moments_in_round_two_then_rerun_equals_an_uninterrupted_run(reference, llama_dir, tmp_path):
+    expected_run, corpus = reference
+    output = tmp_path / "run"
+    config = _config_file(tmp_path, output, corpus, llama_dir)
+    second = output / "rounds" / "r001"
+    rng = random.Random(20261128)
+    # Kill moments in round 2: while scoring, while selecting or training (after the masks), mid-training.
+    moments = [
+        lambda: (second / "scores" / "_progress").is_dir(),
+        lambda: (second / "masks" / "manifest.json").is_file(),
+        lambda: (second / "train" / "metrics.jsonl").is_file(),
+    ]
+    kills = 0
+    for ready in moments:
+        process = _start(config)
+        delay = rng.uniform(0.0, 3.0)
+        seen = None
+        while process.poll() is None:
+            if seen is None and ready():
+                seen = time.monotonic()
+            if seen is not None and time.monotonic() - seen >= delay:
+                _kill_tree(process)
+                kills += 1
+                break
+            time.sleep(0.05)
+        if process.poll() is None:
+            _kill_tree(process)
+    assert kills >= 2, f"most runs finished before their kill moment ({kills} kills)"
+    log = _finish(_start(config))
+    assert "r000: done earlier" in log
+    digests, tensors = _artifacts(output)
+    expected_digests, expected_tensors = _artifacts(expected_run)
+    assert digests == expected_digests
+    assert tensors.keys() == expected_tensors.keys()
+    assert all(torch.equal(tensors[name], expected_tensors[name]) for name in tensors)
+    record = json.loads((output / "run.json").read_text())
+    assert record["status"] == "done" and [r["status"] for r in record["rounds"]] == ["done", "done"]
+
+
+def test_two_node_loopback_cluster_with_two_training_workers(reference, llama_dir, tmp_path):
+    expected_run, corpus = reference
+    port = _free_port()
+    environment = {k: v for k, v in _environment().items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    common = ["--num-cpus", "1", "--object-store-memory", str(200 * 1024**2), "--disable-usage-stats", "--block"]
+    started: list[subprocess.Popen] = []
+
+    def ray_start(*arguments: str) -> None:
+        started.append(subprocess.Popen(
+            [str(RAY_BIN), "start", *arguments, *common], env=environment, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+
+    def alive_nodes() -> int:
+        result = subprocess.run(
+            [sys.executable, "-c", "import ray; ray.init(address='127.0.0.1:%d', logging_level='ERROR');"
+             "print(sum(n['Alive'] for n in ray.nodes()))" % port],
+            env=environment, capture_output=True, text=True, timeout=60,
+        )
+        return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
+
+    output = tmp_path / "run"
+    address = f"127.0.0.1:{port}"
+    try:
+        ray_start("--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false")
+        _wait_for(lambda: alive_nodes() == 1, 90, "the head node")
+        ray_start(f"--address={address}", "--node-ip-address=127.0.0.1")
+        _wait_for(lambda: alive_nodes() == 2, 90, "the worker node")
+        config = _config_file(tmp_path, output, corpus, llama_dir)
+        _finish(_start(config, "--score.address", address, "--train.workers", "2", environment=environment))
+    finally:
+        for process in started:
+            _kill_tree(process)
+    digests, tensors = _artifacts(output)
+    expected_digests, expected_tensors = _artifacts(expected_run)
+    # Round 0 is scored by the base on either cluster: the same bytes. Two workers with the same global
+    # batch give the same update within float tolerance, so round 1 starts from (nearly) the same model.
+    first = {name: digest for name, digest in digests.items() if name.startswith("r000/")}
+    assert first == {name: digest for name, digest in expected_digests.items() if name.startswith("r000/")}
+    assert all(torch.allclose(tensors[name], expected_tensors[name], atol=1e-4) for name in tensors)
+    record = json.loads((output / "run.json").read_text())
+    assert record["config"]["train"]["workers"] == 2 and record["status"] == "done"
