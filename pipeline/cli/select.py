@@ -12,6 +12,8 @@ register = stage_command(
     help="Re-select the keep masks of a scores folder by another method, ratio or granularity (no model run).",
     description="Recompute the score, keep and n_kept columns of every shard of a scores folder (made by "
     "`sstoken score`) from its stored signals (nll_cur, nll_hist, rel, attn), in place, and update its "
-    "manifest. The result equals a fresh `sstoken score` with these settings. Methods: sstoken, rel, attn, "
-    "full, random, tokencleaning (see docs/method.md).",
+    "manifest. The result equals a fresh `sstoken score` with these settings. With --output DIR the selection "
+    "goes to a masks folder instead (mask shards named as the score shards, a manifest of kind masks) and the "
+    "scores folder is left untouched. Methods: sstoken, rel, attn, full, random, tokencleaning, rho1 (see "
+    "docs/method.md).",
 )
