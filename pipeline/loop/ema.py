@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from pipeline.artifacts.files import is_temporary
 from pipeline.core.checkpoints import CheckpointError, checkpoint_files
 
 # safetensors dtype names of the torch dtypes a checkpoint holds.
@@ -119,6 +120,9 @@ def ema_checkpoint(history: Path, current: Path, alpha: float, output: Path) -> 
         return output  # renamed into place only when complete
     history_files, current_files = _tensor_files(Path(history)), _tensor_files(Path(current))
     _check_same_tensors(Path(history), Path(current), history_files, current_files)
+    for leftover in output.parent.glob(f".{output.name}.tmp-*"):  # of a write killed before its rename
+        if is_temporary(leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
     building = output.with_name(f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     building.mkdir(parents=True)
     try:

@@ -100,5 +100,10 @@ def test_an_existing_ema_folder_is_kept_and_mismatched_checkpoints_refused(tmp_p
     wide = _folder(tmp_path / "w", {"model.safetensors": {"a": torch.zeros(3)}})
     with pytest.raises(CheckpointError, match="shape"):
         ema_checkpoint(history, wide, alpha=0.5, output=tmp_path / "ema")
-    (tmp_path / "ema").mkdir()
-    assert ema_checkpoint(history, wide, alpha=0.5, output=tmp_path / "ema") == tmp_path / "ema"
+    killed = tmp_path / ".ema.tmp-123-abcdef01"  # a build killed before its rename
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    same = _folder(tmp_path / "s", {"model.safetensors": {"a": torch.ones(2)}})
+    ema_checkpoint(history, same, alpha=0.5, output=tmp_path / "ema")
+    assert not killed.exists() and torch.equal(_read(tmp_path / "ema" / "model.safetensors")["a"], torch.full((2,), 0.5))
+    assert ema_checkpoint(history, wide, alpha=0.5, output=tmp_path / "ema") == tmp_path / "ema"  # complete: kept
