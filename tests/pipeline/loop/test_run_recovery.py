@@ -148,3 +148,35 @@ def test_two_node_loopback_cluster_with_two_training_workers(reference, llama_di
     assert all(torch.allclose(tensors[name], expected_tensors[name], atol=1e-4) for name in tensors)
     record = json.loads((output / "run.json").read_text())
     assert record["config"]["train"]["workers"] == 2 and record["status"] == "done"
+
+
+def test_ema_history_is_built_per_round_and_scores_round_two(llama_dir, tmp_path, ray_local):
+    from pipeline.core.checkpoints import checkpoint_fingerprint
+    from pipeline.loop.rounds import run_loop
+    from pipeline.loop.run_config import RunConfig
+
+    settings = run_settings(tmp_path / "run", write_corpus(tmp_path / "c.jsonl", 16), llama_dir)
+    record = run_loop(RunConfig(**settings | {"history": "ema", "ema_alpha": 0.75})).record
+    history = tmp_path / "run" / "rounds" / "r001" / "history"
+    base, first = load_file(llama_dir / "model.safetensors"), load_file(history.parent.parent / "r000" / "train" / "checkpoint" / "model.safetensors")
+    averaged = load_file(history / "model.safetensors")
+    assert all(torch.allclose(averaged[n], 0.75 * base[n] + 0.25 * first[n], atol=1e-6) for n in averaged)
+    second = record["rounds"][1]
+    assert second["history"] == {"path": str(history), "fingerprint": checkpoint_fingerprint(history), "policy": "ema"}
+    assert read_manifest(tmp_path / "run" / "rounds" / "r001" / "scores")["checkpoints"]["history"]["path"] == str(history)
+
+
+def test_rho1_trains_its_reference_first_and_scores_current_minus_reference(llama_dir, tmp_path, ray_local):
+    from pipeline.loop.rounds import run_loop
+    from pipeline.loop.run_config import RunConfig
+
+    corpus, clean = write_corpus(tmp_path / "c.jsonl", 16), write_corpus(tmp_path / "clean.jsonl", 8, seed=5)
+    settings = run_settings(tmp_path / "run", corpus, llama_dir) | {"select": {"method": "rho1"}, "reference_corpus": [clean]}
+    record = run_loop(RunConfig(**settings)).record
+    reference = tmp_path / "run" / "reference" / "train" / "checkpoint"
+    assert record["models"]["reference"]["path"] == str(reference) and record["models"]["reference"]["trained_by_run"]
+    first = record["rounds"][0]
+    assert (first["current"]["path"], first["history"]["path"], first["warmup"]) == (str(llama_dir), str(reference), None)
+    scores = read_manifest(tmp_path / "run" / "rounds" / "r000" / "scores")
+    assert scores["selection"]["excess"] == "current_minus_history" and first["selection"]["method"] == "rho1"
+    assert read_manifest(tmp_path / "run" / "reference" / "scores")["selection"]["method"] == "full"
