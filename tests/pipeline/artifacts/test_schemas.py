@@ -13,7 +13,7 @@ TOKENIZED_ROW = dict(sample_id="s1", source="a.jsonl", input_ids=[1, 2, 3], trai
                      n_tokens=3, n_trainable=2, n_turns=1, truncated=False)
 
 
-@pytest.mark.parametrize("name", ["tokenized", "rejected", "scores", "history_nll"])
+@pytest.mark.parametrize("name", ["tokenized", "rejected", "scores", "history_nll", "masks"])
 def test_every_schema_file_loads(name):
     schema = arrow_schema(name)
     definition = json.loads((SCHEMA_DIR / f"{name}.v1.json").read_text())

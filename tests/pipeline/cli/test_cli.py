@@ -218,6 +218,8 @@ def test_the_cluster_example_config_is_a_score_config():
     "argv, message",
     [
         (["select", "--scores", "{tmp}/none", "--method", "rel"], "{tmp}/none has no manifest.json"),
+        (["select", "--scores", "{tmp}/none", "--output", "{tmp}/masks"], "scores folder {tmp}/none does not exist"),
+        (["select", "--scores", "{tmp}/none", "--overwrite"], "overwrite applies to a masks folder (--output)"),
         (["score", "--data", "{tmp}/none", "--current", "{tmp}/m", "--output", "{tmp}/o"],
          "tokenized input folder {tmp}/none does not exist"),
     ],
