@@ -128,8 +128,10 @@ def train_step(
     the same number; gradients are then summed over ranks, clipped, and AdamW steps at `lr`.
     """
     parameters = trainable_parameters(model)
+    device = parameters[0].device  # NCCL reduces tensors on the GPU only
     local = torch.tensor(
-        [sum(kept_count(b.labels) for b in micro_batches), sum(b.tokens for b in micro_batches)], dtype=torch.float64
+        [sum(kept_count(b.labels) for b in micro_batches), sum(b.tokens for b in micro_batches)],
+        dtype=torch.float64, device=device,
     )
     global_kept, global_tokens = (int(v) for v in sum_across_ranks(local).tolist())
     if global_kept == 0:
@@ -144,6 +146,6 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    loss = sum_across_ranks(torch.tensor([nll_sum], dtype=torch.float64)).item() / global_kept
+    loss = sum_across_ranks(torch.tensor([nll_sum], dtype=torch.float64, device=device)).item() / global_kept
     return StepResult(loss=loss, kept_tokens=global_kept, tokens=global_tokens, grad_norm=float(norm))
 
