@@ -125,9 +125,7 @@ class SectionedConfig(StageConfig):
         }
         derived = cls.derived_settings(top)
         given_sections = {
-            section: cls.section_defaults.get(section, {}) | data.get(section, {})
-            for section in sections
-            if isinstance(data.get(section, {}), dict)
+            section: cls.section_defaults.get(section, {}) | _as_mapping(data.get(section, {})) for section in sections
         }
         for section, values in cls.derived_from_sections(given_sections).items():
             derived[section] = derived.get(section, {}) | values
@@ -142,6 +140,13 @@ class SectionedConfig(StageConfig):
                 raise ValueError(f"{names} cannot be set: {cls.__name__} fills it from its own settings")
             completed[section] = cls.section_defaults.get(section, {}) | given | derived.get(section, {})
         return completed
+
+
+def _as_mapping(section: Any) -> dict[str, Any]:
+    """A section's given settings: its mapping, or the fields of a complete stage config passed as it."""
+    if isinstance(section, BaseModel):
+        return section.model_dump()
+    return section if isinstance(section, dict) else {}
 
 
 def _is_list(annotation: Any) -> bool:

@@ -149,3 +149,10 @@ def test_run_identity_ignores_where_and_how_the_stages_run(tmp_path, llama_dir):
     assert run_identity(one) == run_identity(other)
     assert run_identity(one) != run_identity(_config(tmp_path, llama_dir, select={"ratio": 0.5}))
     assert run_identity(one) != run_identity(_config(tmp_path, llama_dir, train={"lr": 0.001}))
+
+
+def test_a_select_section_given_as_settings_reaches_the_score_section(tmp_path, llama_dir):
+    from pipeline.engine.select_settings import SelectSettings
+
+    config = _config(tmp_path, llama_dir, select=SelectSettings(method="random", ratio=0.2, seed=3))
+    assert (config.score.method, config.score.ratio, config.score.seed) == ("random", 0.2, 3)
