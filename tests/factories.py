@@ -123,3 +123,18 @@ def write_keep_masks(
     }
     write_manifest(folder, manifest)
     return folder
+
+
+def kill_on_commit(monkeypatch: Any, module: Any, number: int) -> list[str]:
+    """Make `module.commit_shard` raise KeyboardInterrupt ("killed") at its `number`-th call, as a kill
+    mid-run would; the calls' file names are recorded in the returned list (use a `pytest.MonkeyPatch.context()`)."""
+    commit, calls = module.commit_shard, []
+
+    def dies(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1])
+        if len(calls) == number:
+            raise KeyboardInterrupt("killed")
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(module, "commit_shard", dies)
+    return calls

@@ -20,7 +20,7 @@ from pipeline.stages.score import ScoreJobConfig, run_score_job
 from pipeline.stages.select import run_select
 from pipeline.stages.selection_shards import SAME_CHECKPOINT_NOTE, SelectError
 from tests import tiny
-from tests.factories import write_tokenized
+from tests.factories import kill_on_commit, write_tokenized
 
 SHARDS = [4, 6, 3]
 
@@ -214,25 +214,15 @@ def test_a_signal_the_scores_lack_is_refused_before_any_write(ray_local, corpus,
     assert _digests(attention.output) == before and (attention.output / "manifest.json").is_file()
 
 
-def test_a_killed_select_is_finished_by_selecting_again(scored, tmp_path, monkeypatch, no_model):
+def test_a_killed_select_is_finished_by_selecting_again(scored, tmp_path, no_model):
     from pipeline.stages import selection_shards
 
     expected = _copy(scored, tmp_path / "expected")
     run_select(SelectConfig(scores=expected, method="random", ratio=0.3))
     killed = _copy(scored, tmp_path / "killed")
-    commit = selection_shards.commit_shard
-    calls = []
-
-    def dies_on_the_second_shard(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return commit(*args, **kwargs)
-
-    monkeypatch.setattr(selection_shards, "commit_shard", dies_on_the_second_shard)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        kill_on_commit(patch, selection_shards, 2)
         run_select(SelectConfig(scores=killed, method="random", ratio=0.3))
-    monkeypatch.setattr(selection_shards, "commit_shard", commit)
     assert not (killed / "manifest.json").exists()  # incomplete, and says so
     summary = run_select(SelectConfig(scores=killed, method="random", ratio=0.3))
     assert summary.counts["shards_rewritten"] == len(SHARDS) - 1

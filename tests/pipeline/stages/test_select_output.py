@@ -23,7 +23,7 @@ from pipeline.stages.configs import SelectConfig
 from pipeline.stages.score import ScoreJobConfig, run_score_job
 from pipeline.stages.select import STARTED_FROM, run_select
 from pipeline.stages.selection_shards import SAME_CHECKPOINT_NOTE, SelectError
-from tests.factories import write_tokenized
+from tests.factories import kill_on_commit, write_tokenized
 
 SHARDS = [4, 6, 3]
 
@@ -112,23 +112,14 @@ def test_masks_apart_equal_the_selection_in_place_and_leave_the_scores_untouched
     assert _snapshot(scored) == before
 
 
-def test_a_killed_select_output_resumes_and_ends_as_an_uninterrupted_one(scored, tmp_path, monkeypatch):
+def test_a_killed_select_output_resumes_and_ends_as_an_uninterrupted_one(scored, tmp_path):
     expected = tmp_path / "expected"
     run_select(SelectConfig(scores=scored, output=expected, method="attn", ratio=0.5))
     before = _snapshot(scored)
-    commit, calls = selection_shards.commit_shard, []
-
-    def dies_on_the_second_shard(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return commit(*args, **kwargs)
-
-    monkeypatch.setattr(selection_shards, "commit_shard", dies_on_the_second_shard)
     killed = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        kill_on_commit(patch, selection_shards, 2)
         run_select(SelectConfig(scores=scored, output=killed, method="attn", ratio=0.5))
-    monkeypatch.setattr(selection_shards, "commit_shard", commit)
     assert not (killed / "manifest.json").exists()  # incomplete, and says so
     summary = run_select(SelectConfig(scores=scored, output=killed, method="attn", ratio=0.5))
     assert summary.counts["shards_written"] == len(SHARDS) - 1
