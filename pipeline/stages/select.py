@@ -92,8 +92,8 @@ def _tokenized_entry(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
     return entries[0]
 
 
-def _tokenized_folder(manifest: dict[str, Any], folder: Path) -> Path:
-    """The tokenized input the scores were made from, checked to be the same data."""
+def _tokenized_input(manifest: dict[str, Any], folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The tokenized input the scores were made from and its manifest, checked to hold the same shards."""
     data = Path(_tokenized_entry(manifest, folder)["path"])
     try:
         tokenized = read_manifest(data, kind="tokenized")
@@ -103,7 +103,7 @@ def _tokenized_folder(manifest: dict[str, Any], folder: Path) -> Path:
     listed = sorted(s["file"] for s in tokenized["shards"])
     if listed != sorted(s["file"] for s in manifest["shards"]):
         raise SelectError(f"{data} holds other shards than {folder} was scored from; rerun `sstoken score`")
-    return data
+    return data, tokenized
 
 
 def _shards_key(manifest: dict[str, Any]) -> str:
@@ -111,11 +111,9 @@ def _shards_key(manifest: dict[str, Any]) -> str:
     return sha256_json([[s["file"], s["sha256"]] for s in manifest["shards"]])
 
 
-def _refuse_changed_tokenized(manifest: dict[str, Any], folder: Path, data: Path) -> None:
+def _refuse_changed_tokenized(manifest: dict[str, Any], folder: Path, data: Path, tokenized: dict[str, Any]) -> None:
     """Masks apart copy the scored data's fingerprint for the trainer: the tokenized folder must still hold that data."""
-    scored = _tokenized_entry(manifest, folder).get("data_fingerprint")
-    now = _shards_key(read_manifest(data, kind="tokenized"))
-    if scored != now:
+    if _tokenized_entry(manifest, folder).get("data_fingerprint") != _shards_key(tokenized):
         raise SelectError(
             f"{data} no longer holds the tokenized data {folder} was scored from (its shards changed since); "
             "rerun `sstoken score` on it, then select"
@@ -175,7 +173,7 @@ def masks_manifest(
 
 def _select_in_place(config: SelectConfig, folder: Path) -> tuple[dict[str, Any], SelectionOutcome]:
     manifest = _scores_manifest(folder)
-    data = _tokenized_folder(manifest, folder)
+    data, _ = _tokenized_input(manifest, folder)
     excess_refusal(config, stored_excess(manifest), str(folder))
     shards = [SelectShard(s["file"], str(folder.resolve()), str((data / s["file"]).resolve())) for s in manifest["shards"]]
     with StageOutput(folder, "scores", inputs=[data]) as out:
@@ -194,8 +192,8 @@ def _select_apart(config: SelectConfig, folder: Path, output: Path) -> tuple[dic
     if output.exists() and not output.is_dir():
         raise SelectError(f"--output {output} is a file; pass a folder (new or empty) for the masks")
     manifest = _finished_scores_manifest(folder)
-    data = _tokenized_folder(manifest, folder)
-    _refuse_changed_tokenized(manifest, folder, data)
+    data, tokenized = _tokenized_input(manifest, folder)
+    _refuse_changed_tokenized(manifest, folder, data, tokenized)
     excess_refusal(config, stored_excess(manifest), str(folder))
     identity = {"scores": _shards_key(manifest), "selection": config.selection_key()}
     shards = [

@@ -182,7 +182,14 @@ def test_output_needs_a_finished_unchanged_scores_folder(scored, tmp_path):
     shutil.copy(changed / "part-00001.parquet", changed / "part-00000.parquet")
     with pytest.raises(ArtifactError, match="part-00000.parquet does not match the checksum"):
         run_select(SelectConfig(scores=changed, output=tmp_path / "m3"))
-    assert not any((tmp_path / name).exists() for name in ("m0", "m1", "m2", "m3"))
+    # Scored from other tokenized data than the folder now holds (re-prepared since): the copied fingerprint would lie.
+    stale = shutil.copytree(scored, tmp_path / "stale")
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["inputs"][0]["data_fingerprint"] = "0" * 64
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SelectError, match="no longer holds the tokenized data .*stale was scored from"):
+        run_select(SelectConfig(scores=stale, output=tmp_path / "m4"))
+    assert not any((tmp_path / name).exists() for name in ("m0", "m1", "m2", "m3", "m4"))
 
 
 def test_rho1_keeps_the_highest_raw_current_minus_reference_losses(rho1_scored, tmp_path):
