@@ -39,7 +39,7 @@ class DemoConfig(RunConfig):
     model: str = Field("smollm2-135m", description="Known model name (see `sstoken models list`) or a model folder.")
     round_unit: RoundUnit = Field("epoch", description="The demo's rounds are epochs over the same subset (see `sstoken run`).")
     epochs: int = Field(2, ge=1, description="Rounds (passes over the subset).")
-    samples: int | None = Field(96, ge=1, description="Samples of the bundled corpus the demo trains on (a seeded subset).")
+    samples: int | None = Field(64, ge=1, description="Samples of the bundled corpus the demo trains on (a seeded subset).")
 
 
 @dataclass(frozen=True)

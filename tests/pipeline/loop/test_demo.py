@@ -28,7 +28,7 @@ def test_demo_defaults_two_epoch_rounds_over_a_subset_of_the_bundled_corpus(tmp_
     monkeypatch.setenv("SSTOKEN_CACHE", str(tmp_path))
     config = DemoConfig()
     model = tmp_path / "models" / "smollm2-135m"
-    assert (config.round_unit, config.epochs, config.samples, config.rounds) == ("epoch", 2, 96, 2)
+    assert (config.round_unit, config.epochs, config.samples, config.rounds) == ("epoch", 2, 64, 2)
     assert config.prepare == PrepareConfig(
         input=[BUNDLED_CORPUS], tokenizer=str(model), output=Path("runs/demo/tokenized"), max_length=512, rows_per_shard=64
     )
