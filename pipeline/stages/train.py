@@ -33,11 +33,11 @@ from typing import Any
 
 from pipeline.artifacts.files import ArtifactError, base_manifest
 from pipeline.artifacts.stage_output import StageOutput, StageSummary, read_record
-from pipeline.artifacts.training_data import DataPlan, TrainingDataError, build_index, open_training_data
+from pipeline.artifacts.training_data import DataPlan, build_index, open_training_data
 from pipeline.core.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import sha256_json, tokenizer_fingerprints
-from pipeline.core.ray_runtime import node_cpus, ray_session, task_error_cause
+from pipeline.core.ray_runtime import RayRuntime, node_cpus, ray_session, task_error_cause
 from pipeline.engine.train_settings import accumulation_steps
 from pipeline.stages.configs import TrainConfig
 from pipeline.stages.train_worker import FINAL, RankJob, ray_train_loop, schedule_of
@@ -79,11 +79,22 @@ def _plan(config: TrainConfig, samples: int) -> DataPlan:
     return plan
 
 
-def _cpus_per_worker(config: TrainConfig, cluster_cpus: float) -> float:
-    if config.cpus_per_worker is not None:
-        return config.cpus_per_worker
-    largest = max(node_cpus(), default=1.0)
-    return max(1.0, min(largest, float(int(cluster_cpus // config.workers))))
+def _cpus_per_worker(config: TrainConfig, runtime: RayRuntime) -> float:
+    """CPUs each worker reserves; refuses what an embedded Ray can never hold (Ray would wait forever)."""
+    cpus = config.cpus_per_worker
+    if cpus is None:
+        largest = max(node_cpus(), default=1.0)
+        cpus = max(1.0, min(largest, float(int(runtime.cpus // config.workers))))
+    if runtime.embedded and config.workers * cpus > runtime.cpus:
+        raise TrainError(
+            f"--workers {config.workers} x {cpus:g} CPUs exceed the embedded Ray's {runtime.cpus:g} CPUs; lower "
+            "--workers or --cpus-per-worker, raise --num-cpus, or run on a cluster (--address)"
+        )
+    if config.use_gpu and runtime.gpus < config.workers:
+        raise TrainError(
+            f"--use-gpu with --workers {config.workers} needs {config.workers} GPUs; the Ray cluster has {runtime.gpus:g}"
+        )
+    return cpus
 
 
 class _MetricsProgress:
@@ -128,13 +139,11 @@ class _MetricsProgress:
             self.bar.update(self.task, completed=last["step"], figures=figures)
 
 
-def _fit(config: TrainConfig, job: RankJob, work: Path, run_name: str, cluster_cpus: float) -> None:
+def _fit(config: TrainConfig, job: RankJob, cpus: float, work: Path, run_name: str) -> None:
     """Run the Ray Train v2 TorchTrainer to its end (resuming the run's last checkpoint); raise the workers' error."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cpus = _cpus_per_worker(config, cluster_cpus)
-    job = RankJob(**(job.as_dict() | {"threads": max(1, int(cpus))}))
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config=job.as_dict(),
@@ -245,26 +254,29 @@ def run_train(config: TrainConfig) -> StageSummary:
         if finished is not None:
             return _summary(config, output, finished, reused=True)
         _refuse_foreign_entries(output, entries)
-        out.begin()
-        _claim_entries(out, output)
         work = output / WORK
-        timings = {"checks_s": time.monotonic() - started}
-        final_fp = _completed_checkpoint(output, out.identity)
-        if final_fp is None:
-            job = RankJob(
-                data=str(Path(config.data).resolve()), masks=str(Path(config.masks).resolve()),
-                model=str(Path(config.model).resolve()), metrics=str((output / METRICS).resolve()),
-                work=str(work.resolve()), settings=config.train_settings().model_dump(), workers=config.workers,
-                use_gpu=config.use_gpu, trust_remote_code=config.trust_remote_code,
-            )
-            work.mkdir(exist_ok=True)
-            fit_started = time.monotonic()
-            object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
-            with ray_session(config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s) as runtime:
+        timings: dict[str, float] = {}
+        object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
+        with ray_session(config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s) as runtime:
+            # Nothing in the output is touched before the cluster answered and the settings fit it.
+            cpus = _cpus_per_worker(config, runtime)
+            out.begin()
+            _claim_entries(out, output)
+            timings["checks_s"] = time.monotonic() - started
+            final_fp = _completed_checkpoint(output, out.identity)
+            if final_fp is None:
+                job = RankJob(
+                    data=str(Path(config.data).resolve()), masks=str(Path(config.masks).resolve()),
+                    model=str(Path(config.model).resolve()), metrics=str((output / METRICS).resolve()),
+                    work=str(work.resolve()), settings=config.train_settings().model_dump(), workers=config.workers,
+                    threads=max(1, int(cpus)), use_gpu=config.use_gpu, trust_remote_code=config.trust_remote_code,
+                )
+                work.mkdir(exist_ok=True)
+                fit_started = time.monotonic()
                 with _MetricsProgress(config.progress, output / METRICS, plan.steps):
-                    _fit(config, job, work, f"run-{out.identity[:16]}", runtime.cpus)
-            timings["fit_s"] = time.monotonic() - fit_started
-            final_fp = _install_final(out, output, work / FINAL)
+                    _fit(config, job, cpus, work, f"run-{out.identity[:16]}")
+                timings["fit_s"] = time.monotonic() - fit_started
+                final_fp = _install_final(out, output, work / FINAL)
         shutil.rmtree(work, ignore_errors=True)  # resumable state is no longer needed
         timings["total_s"] = time.monotonic() - started
         manifest = _manifest(config, source, index, plan, model_fp, final_fp, output, timings)

@@ -191,3 +191,15 @@ def test_a_killed_train_resumes_to_the_tensors_of_an_uninterrupted_run(ray_local
     for name in expected:
         torch.testing.assert_close(found[name], expected[name], rtol=0, atol=0, msg=name)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_workers_an_embedded_ray_cannot_hold_are_refused(inputs, llama_dir, tmp_path):
+    from pipeline.core.ray_runtime import RayRuntime
+    from pipeline.stages.train import _cpus_per_worker
+
+    embedded = RayRuntime(embedded=True, owned=True, address="", cpus=2.0, gpus=0.0, nodes=1)
+    assert _cpus_per_worker(_config(inputs, llama_dir, tmp_path, workers=2, cpus_per_worker=1.0), embedded) == 1.0
+    with pytest.raises(TrainError, match="--workers 3 x 1 CPUs exceed the embedded Ray's 2 CPUs"):
+        _cpus_per_worker(_config(inputs, llama_dir, tmp_path, workers=3, cpus_per_worker=1.0), embedded)
+    with pytest.raises(TrainError, match="--use-gpu with --workers 1 needs 1 GPUs; the Ray cluster has 0"):
+        _cpus_per_worker(_config(inputs, llama_dir, tmp_path, use_gpu=True, cpus_per_worker=1.0), embedded)
