@@ -20,9 +20,12 @@ from safetensors.torch import load_file
 from pipeline.artifacts.files import read_manifest
 from pipeline.core.fingerprint import sha256_file
 from tests.pipeline.loop.test_rounds import run_settings, write_corpus
-from tests.pipeline.stages.test_score_recovery import RAY_BIN, ROOT, _environment, _free_port, _kill_tree, _wait_for
+from tests.pipeline.stages.test_score_recovery import (
+    RAY_BIN, ROOT, _environment, _free_port, _kill_tree, _wait_for, count_alive_nodes,
+)
 
-pytestmark = pytest.mark.slow
+# A two-round run takes 3-5 minutes on 2 busy cores; the kill test runs five of them.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def _config_file(folder: Path, output: Path, corpus: Path, model: Path) -> Path:
@@ -120,12 +123,7 @@ def test_two_node_loopback_cluster_with_two_training_workers(reference, llama_di
         ))
 
     def alive_nodes() -> int:
-        result = subprocess.run(
-            [sys.executable, "-c", "import ray; ray.init(address='127.0.0.1:%d', logging_level='ERROR');"
-             "print(sum(n['Alive'] for n in ray.nodes()))" % port],
-            env=environment, capture_output=True, text=True, timeout=60,
-        )
-        return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
+        return count_alive_nodes(port, environment)
 
     output = tmp_path / "run"
     address = f"127.0.0.1:{port}"

@@ -151,6 +151,16 @@ def _wait_for(condition, timeout: float, what: str, interval: float = 0.5) -> No
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def count_alive_nodes(port: int, environment: dict[str, str]) -> int:
+    """Alive nodes of the loopback cluster whose head listens on `port` (0 while it does not answer)."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import ray; ray.init(address='127.0.0.1:%d', logging_level='ERROR');"
+         "print(sum(n['Alive'] for n in ray.nodes()))" % port],
+        env=environment, capture_output=True, text=True, timeout=60,
+    )
+    return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
+
+
 # One CPU per actor (one actor per node) and small micro-batches, so the tiny model takes long
 # enough for the node to die mid-run. The reference run uses the same flags (batching is part of
 # what the bytes depend on).
@@ -174,12 +184,7 @@ def test_worker_node_killed_mid_run_loses_nothing(corpus, llama_dir, llama_histo
         return process
 
     def alive_nodes() -> int:
-        result = subprocess.run(
-            [sys.executable, "-c", "import ray; ray.init(address='127.0.0.1:%d', logging_level='ERROR');"
-             "print(sum(n['Alive'] for n in ray.nodes()))" % port],
-            env=environment, capture_output=True, text=True, timeout=60,
-        )
-        return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
+        return count_alive_nodes(port, environment)
 
     def job(*arguments: str) -> subprocess.CompletedProcess:
         """`ray job ...`; its stdout holds stdout and stderr (the CLI logs status lines to either)."""
