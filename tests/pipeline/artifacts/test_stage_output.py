@@ -129,3 +129,21 @@ def test_summary_is_json_ready(tmp_path):
 
 def test_refusals_are_user_errors():
     assert issubclass(ArtifactError, UserError)
+
+
+def test_claimed_entries_are_owned_and_kept_by_finish(tmp_path):
+    def run() -> None:
+        with StageOutput(tmp_path, "tokenized", entries=("checkpoint", "log.txt")) as out:
+            out.begin()
+            out.claim("checkpoint", {"note": 1})
+            (tmp_path / "checkpoint").mkdir(exist_ok=True)
+            (tmp_path / "checkpoint" / "weights").write_text("w")
+            out.finish(base_manifest("tokenized", {}) | {"shards": [], "counts": {}})
+
+    run()
+    run()  # a rerun: the claimed folder is ours, not a foreign file
+    assert (tmp_path / "checkpoint" / "weights").read_text() == "w"  # finish never removes an entry
+    assert json.loads(record_path(tmp_path, "checkpoint").read_text()) == {"file": "checkpoint", "note": 1}
+    with StageOutput(tmp_path, "tokenized", entries=("checkpoint",)) as out:
+        with pytest.raises(ValueError, match="other is not one of this output's entries"):
+            out.claim("other")
