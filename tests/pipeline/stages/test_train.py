@@ -203,3 +203,18 @@ def test_workers_an_embedded_ray_cannot_hold_are_refused(inputs, llama_dir, tmp_
         _cpus_per_worker(_config(inputs, llama_dir, tmp_path, workers=3, cpus_per_worker=1.0), embedded)
     with pytest.raises(TrainError, match="--use-gpu with --workers 1 needs 1 GPUs; the Ray cluster has 0"):
         _cpus_per_worker(_config(inputs, llama_dir, tmp_path, use_gpu=True, cpus_per_worker=1.0), embedded)
+
+
+def test_the_progress_bar_follows_the_metrics_rank_0_writes(tmp_path):
+    from pipeline.stages.train import _MetricsProgress
+
+    path = tmp_path / "metrics.jsonl"
+    with _MetricsProgress(True, path, total=4) as progress:
+        progress._update()  # nothing written yet
+        path.write_text(json.dumps({"step": 3, "loss": 1.5, "tokens_per_s": 1234.0, "lr": 1e-4}) + "\n" + '{"step": 4, "lo')
+        progress._update()  # a half-written line: the last complete one counts on the next poll
+        path.write_text(json.dumps({"step": 3, "loss": 1.5, "tokens_per_s": 1234.0, "lr": 1e-4}) + "\n")
+        progress._update()
+        task = progress.bar.tasks[0]
+        assert task.completed == 3 and task.total == 4
+        assert task.fields["figures"] == "loss 1.500  1,234 tokens/s  lr 1.00e-04"
