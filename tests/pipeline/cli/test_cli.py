@@ -40,7 +40,7 @@ def stderr_lines(capsys) -> list[str]:
 
 def test_every_command_runs_a_function_that_exists():
     for path in ["pipeline.stages.prepare:run_prepare", "pipeline.stages.score:run_score_job",
-                 "pipeline.stages.select:run_select", "pipeline.loop.demo:run_demo"]:
+                 "pipeline.stages.select:run_select", "pipeline.stages.train:run_train", "pipeline.loop.demo:run_demo"]:
         assert callable(run_function(path))
 
 
@@ -171,7 +171,7 @@ def test_summary_table_rows_come_from_counts_details_and_timings():
 
 def test_help_and_models_list_import_no_torch_transformers_or_ray(tmp_path):
     commands = [["--help"], ["models", "list", "--cache-dir", str(tmp_path)], *[[c, "--help"] for c in
-                ("prepare", "score", "select", "demo", "models")]]
+                ("prepare", "score", "select", "train", "demo", "models")]]
     script = (
         "import sys, contextlib, io\n"
         "from pipeline.cli import main\n"
