@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -21,18 +22,19 @@ def _figure(value: Any, digits: str = ".4g") -> str:
 
 
 def rounds_table(record: dict[str, Any], root: Path) -> Table:
-    """One row per round: its data, selection, kept ratio, train loss, and the stages' seconds."""
-    table = Table(title=f"run → {root}", caption="kept: share of trainable tokens kept; loss: mean train loss of the round's steps")
-    for column in ("round", "samples", "selection", "kept", "loss", "score s", "select s", "train s", "score/train"):
+    """One row per round: its samples, selection, kept ratio, train loss, and the seconds of scoring and training
+    (select's, a second or less, are in run.json). Narrow enough for an 80-column terminal."""
+    table = Table(title=f"run → {root}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, caption="kept: share of trainable tokens kept; "
+                  "loss: mean train loss of the round's optimizer steps; seconds of each stage in run.json")
+    for column in ("round", "samples", "selection", "kept", "loss", "score s", "train s", "score/train"):
         table.add_column(column, justify="left" if column == "selection" else "right", no_wrap=True)
     for entry in record["rounds"]:
         summary = entry.get("summary", {})
         selection = entry.get("selection", {}).get("method", "?") + (" warm-up" if entry.get("warmup") else "")
         table.add_row(
             f"r{entry['round']:03d}", f"{entry['samples']:,}", selection, _figure(summary.get("kept_ratio"), ".3f"),
-            _figure(summary.get("train_loss")), _figure(summary.get("score_s"), ".1f"),
-            _figure(summary.get("select_s"), ".1f"), _figure(summary.get("train_s"), ".1f"),
-            _figure(summary.get("rescore_to_train"), ".2f"),
+            _figure(summary.get("train_loss"), ".3f"), _figure(summary.get("score_s"), ".1f"),
+            _figure(summary.get("train_s"), ".1f"), _figure(summary.get("rescore_to_train"), ".2f"),
         )
     return table
 
