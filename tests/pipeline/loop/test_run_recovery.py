@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from pipeline.artifacts.files import read_manifest
 from pipeline.core.fingerprint import sha256_file
+from pipeline.loop.compare import mask_agreement
 from tests.pipeline.loop.test_rounds import run_settings, write_corpus
 from tests.pipeline.stages.test_score_recovery import (
     RAY_BIN, ROOT, _environment, _free_port, _kill_tree, _wait_for, count_alive_nodes,
@@ -140,10 +141,14 @@ def test_two_node_loopback_cluster_with_two_training_workers(reference, llama_di
     digests, tensors = _artifacts(output)
     expected_digests, expected_tensors = _artifacts(expected_run)
     # Round 0 is scored by the base on either cluster: the same bytes. Two workers with the same global
-    # batch give the same update within float tolerance, so round 1 starts from (nearly) the same model.
+    # batch give the same gradients within float tolerance; AdamW moves a weight by up to about lr per
+    # step whatever the gradient's size, so where a gradient is near 0 its summation order can flip the
+    # step: weights agree within 2 x lr x steps (4 steps, lr 1e-4), and round 1's masks nearly agree.
     first = {name: digest for name, digest in digests.items() if name.startswith("r000/")}
     assert first == {name: digest for name, digest in expected_digests.items() if name.startswith("r000/")}
-    assert all(torch.allclose(tensors[name], expected_tensors[name], atol=1e-4) for name in tensors)
+    assert all(torch.allclose(tensors[name], expected_tensors[name], rtol=0, atol=8e-4) for name in tensors)
+    agreement = mask_agreement(output / "rounds" / "r001" / "masks", expected_run / "rounds" / "r001" / "masks")
+    assert agreement["samples"] == 8 and agreement["same_decision"] > 0.9
     record = json.loads((output / "run.json").read_text())
     assert record["config"]["train"]["workers"] == 2 and record["status"] == "done"
 
