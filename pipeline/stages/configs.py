@@ -81,6 +81,11 @@ class ScoreJobConfig(ScoreSettings, SelectSettings):
         None, description="History NLL cache root; default: $SSTOKEN_CACHE/history or ~/.cache/sstoken/history.",
         run_key=False,
     )
+    cache_current_nll: bool = setting(
+        False, description="Also store the current checkpoint's NLLs in the history cache, so a later run that takes "
+        "this checkpoint as its history model over the same data skips its history pass (`sstoken run` turns it on).",
+        run_key=False,
+    )
     address: str | None = setting(
         None, description="Ray cluster to run on (HOST:PORT, auto, ray://...); default: RAY_ADDRESS, else embedded.",
         run_key=False,

@@ -354,6 +354,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
             run_key=sha256_json(identity | {"file": shard["file"], "input_sha256": shard["sha256"]}),
             data_key=data_key,
             history_cache=str(history_cache.resolve()),
+            cache_current=config.cache_current_nll,
         )
         for shard in tokenized["shards"]
     ]

@@ -49,6 +49,7 @@ class ShardTask:
     run_key: str
     data_key: str  # digest of the tokenized shards' verified checksums: keys the history cache
     history_cache: str
+    cache_current: bool = False  # also store the current checkpoint's NLLs in the history cache
 
     @property
     def output_path(self) -> str:
@@ -112,6 +113,13 @@ def fill_history_cache(scorer: Any, task: ShardTask) -> dict[str, Any]:
     return {"file": task.file, "tokens": tokens, "seconds": time.monotonic() - started, "computed": True}
 
 
+def store_current_nll(scores: pa.Table, folder: Path, shard_file: str) -> None:
+    """Store a scores table's nll_cur column as the history_nll table of its checkpoint, unless already cached."""
+    if load_cached_history(folder, shard_file) is None:
+        nll = scores.select(["sample_id", "nll_cur"]).rename_columns(["sample_id", "nll"])
+        store_history(folder, shard_file, nll.cast(arrow_schema("history_nll")))
+
+
 def score_one_shard(
     scorer: Any, task: ShardTask, selection: SelectSettings, history_fingerprint: str | None
 ) -> dict[str, Any]:
@@ -142,6 +150,11 @@ def score_one_shard(
     validate_table(scores, "scores", source=f"scores of {task.input_path}")
     if not scores.column("sample_id").equals(tokenized.column("sample_id")):
         raise ScoreJobError(f"scores of {task.input_path} do not list its samples in order; this is a bug")
+    if task.cache_current:
+        # The current pass's NLLs are this checkpoint's history NLLs (same batches, same kernels): a later
+        # run that takes this checkpoint as its history model finds them cached. Stored before the commit,
+        # so a committed shard has them unless the cache file was damaged since (then phase 1 redoes it).
+        store_current_nll(scores, history_folder(task, scorer.fingerprint, scorer.dtype_name), task.file)
     record = {
         "run_key": task.run_key,
         "selection": selection_record(selection.model_copy(update={"granularity": "sample"})),

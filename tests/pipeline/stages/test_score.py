@@ -145,6 +145,29 @@ def test_history_phase_first_one_model_per_actor_and_resumable(sample_run, tmp_p
     assert _digests(tmp_path / "partial") == _digests(config.output)
 
 
+def test_cached_current_nll_serves_a_later_run_as_its_history(sample_run, tmp_path):
+    """With cache_current_nll, a run stores its current model's NLLs as that checkpoint's history NLLs,
+    byte-identical to what a history pass computes, so a later run taking it as history skips phase 1."""
+    config, _ = sample_run
+    cache = tmp_path / "cache"
+    first = run_score_job(config.model_copy(update={
+        "current": config.history, "output": tmp_path / "round0", "history_cache": cache, "cache_current_nll": True,
+    }))
+    assert first.counts["history_computed"] == 0  # one checkpoint: no history pass
+    stored = sorted(cache.glob("history_nll/*/*/float32/part-*.parquet"))
+    computed = sorted(Path(config.history_cache).glob("history_nll/*/*/float32/part-*.parquet"))
+    assert [p.relative_to(cache) for p in stored] == [p.relative_to(config.history_cache) for p in computed]
+    for mine, theirs in zip(stored, computed):  # bit for bit (NaN off the targets)
+        a, b = pq.read_table(mine), pq.read_table(theirs)
+        assert a.column("sample_id").equals(b.column("sample_id"))
+        bits = [t.column("nll").combine_chunks().values.to_numpy(zero_copy_only=False).view(np.uint32) for t in (a, b)]
+        assert np.array_equal(*bits)
+
+    later = run_score_job(config.model_copy(update={"output": tmp_path / "round1", "history_cache": cache}))
+    assert (later.counts["history_computed"], later.counts["history_reused"]) == (0, len(SHARDS))
+    assert _digests(tmp_path / "round1") == _digests(config.output)
+
+
 def test_global_selection_is_the_exact_corpus_top_k(ray_local, sample_run, corpus, tmp_path):
     config, _ = sample_run
     output = tmp_path / "global"
