@@ -54,7 +54,7 @@ class RunConfig(SectionedConfig):
 
     derived_fields: ClassVar[dict[str, tuple[str, ...]]] = {
         "prepare": ("input", "tokenizer", "output"),
-        "score": ("data", "current", "history", "output", "history_cache", "excess", *SELECTION_FIELDS),
+        "score": ("data", "current", "history", "output", "history_cache", "cache_current_nll", "excess", *SELECTION_FIELDS),
         "train": ("data", "masks", "model", "output", "schedule_start_step", "schedule_total_steps"),
     }
 
@@ -110,6 +110,9 @@ class RunConfig(SectionedConfig):
                 "history": model,
                 "output": first / "scores",
                 "history_cache": run / "history_cache",
+                # A round's current model is a later round's history (the base of round 0 in round 1, the
+                # previous policy's model): its NLLs over the same data are cached, so that history pass is skipped.
+                "cache_current_nll": True,
             },
             "train": {
                 "data": run / "tokenized",

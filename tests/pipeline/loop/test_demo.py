@@ -102,10 +102,13 @@ def test_demo_runs_the_loop_end_to_end_with_a_tiny_model(tmp_path, llama_dir, ra
                               for i in range(12)))
     argv = ["demo", "--output", str(tmp_path / "run"), "--corpus", str(corpus), "--model", str(llama_dir),
             "--samples", "8", "--score.workers", "1", "--no-score.progress", "--no-train.progress",
-            "--train.lora-r", "4"]
+            "--train.lora-r", "4", "--train.batch-size", "4", "--train.micro-batch-size", "2"]  # 2 steps a round
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "r000" in printed and "r001" in printed and "same keep/drop decision over" not in printed
     assert "agreement between r000's and r001's masks over the same 8 samples" in printed
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [r["data"] for r in record["rounds"]] == ["subset", "subset"]
+    # Round 1 scores round 0's checkpoint against the base, whose NLLs over the same subset round 0 cached.
+    assert record["rounds"][1]["current"]["fingerprint"] != record["rounds"][1]["history"]["fingerprint"]
+    assert record["rounds"][1]["summary"]["history_computed"] == 0 and record["rounds"][1]["summary"]["history_reused"] >= 1
