@@ -197,7 +197,8 @@ def test_help_spells_out_none_and_sections(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = capsys.readouterr().out
-    assert "--score.ratio" in text and "--prepare.max-length" in text and "--prepare.output" not in text
+    assert "--select.ratio" in text and "--train.lr" in text and "--prepare.max-length" in text
+    assert "--prepare.output" not in text and "--score.ratio" not in text  # derived: the select: section sets it
 
 
 def test_max_length_none_from_the_command_line(prepare_args, capsys):
