@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -93,22 +92,3 @@ def test_the_report_prints_each_round_the_agreement_a_sample_and_where_things_ar
     assert "87.5% same keep/drop decision" in text and "75.0% of the tokens either round kept" in text
     assert f"last checkpoint: {run.root / 'rounds/r001/train/checkpoint'}" in text
     assert "kept)" in text  # the sample view: its targets and kept tokens
-
-
-@pytest.mark.slow
-def test_demo_runs_the_loop_end_to_end_with_a_tiny_model(tmp_path, llama_dir, ray_local, capsys):
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": f"Answer number {i} is here."}) + "\n"
-                              for i in range(12)))
-    argv = ["demo", "--output", str(tmp_path / "run"), "--corpus", str(corpus), "--model", str(llama_dir),
-            "--samples", "8", "--score.workers", "1", "--no-score.progress", "--no-train.progress",
-            "--train.lora-r", "4", "--train.batch-size", "4", "--train.micro-batch-size", "2"]  # 2 steps a round
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "r000" in printed and "r001" in printed and "same keep/drop decision over" not in printed
-    assert "agreement between r000's and r001's masks over the same 8 samples" in printed
-    record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert [r["data"] for r in record["rounds"]] == ["subset", "subset"]
-    # Round 1 scores round 0's checkpoint against the base, whose NLLs over the same subset round 0 cached.
-    assert record["rounds"][1]["current"]["fingerprint"] != record["rounds"][1]["history"]["fingerprint"]
-    assert record["rounds"][1]["summary"]["history_computed"] == 0 and record["rounds"][1]["summary"]["history_reused"] >= 1

@@ -153,22 +153,6 @@ def test_two_node_loopback_cluster_with_two_training_workers(reference, llama_di
     assert record["config"]["train"]["workers"] == 2 and record["status"] == "done"
 
 
-def test_ema_history_is_built_per_round_and_scores_round_two(llama_dir, tmp_path, ray_local):
-    from pipeline.core.checkpoints import checkpoint_fingerprint
-    from pipeline.loop.rounds import run_loop
-    from pipeline.loop.run_config import RunConfig
-
-    settings = run_settings(tmp_path / "run", write_corpus(tmp_path / "c.jsonl", 16), llama_dir)
-    record = run_loop(RunConfig(**settings | {"history": "ema", "ema_alpha": 0.75})).record
-    history = tmp_path / "run" / "rounds" / "r001" / "history"
-    base, first = load_file(llama_dir / "model.safetensors"), load_file(history.parent.parent / "r000" / "train" / "checkpoint" / "model.safetensors")
-    averaged = load_file(history / "model.safetensors")
-    assert all(torch.allclose(averaged[n], 0.75 * base[n] + 0.25 * first[n], atol=1e-6) for n in averaged)
-    second = record["rounds"][1]
-    assert second["history"] == {"path": str(history), "fingerprint": checkpoint_fingerprint(history), "policy": "ema"}
-    assert read_manifest(tmp_path / "run" / "rounds" / "r001" / "scores")["checkpoints"]["history"]["path"] == str(history)
-
-
 def test_rho1_trains_its_reference_first_and_scores_current_minus_reference(llama_dir, tmp_path, ray_local):
     from pipeline.loop.rounds import run_loop
     from pipeline.loop.run_config import RunConfig

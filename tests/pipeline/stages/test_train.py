@@ -1,18 +1,14 @@
 """`sstoken train` on a shared local Ray: output layout, a checkpoint the scorer loads, reruns, refusals, the CLI.
 
-One Ray Train fit in the fast suite (a module fixture); two workers against one and a killed run
-resumed are slow tests.
+One Ray Train fit in the fast suite (a module fixture). Two workers against one, and a run killed
+mid-training then resumed, are covered through `sstoken run` (tests/pipeline/loop/test_run_recovery.py:
+a two-node cluster with 2 training workers; SIGKILL during round 2's training); resuming from any
+checkpoint to the same tensors in-process by test_train_worker.py; two ranks by test_train_step.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
-import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -149,48 +145,6 @@ def test_cli_help_and_a_missing_input_in_one_line(inputs, llama_dir, tmp_path, c
 
 def _weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(Path(output) / "checkpoint" / "model.safetensors")
-
-
-@pytest.mark.slow
-def test_two_workers_give_the_tensors_of_one_worker(ray_local, inputs, llama_dir, tmp_path):
-    settings = dict(finetune="full", batch_size=4, micro_batch_size=2, epochs=2.0)
-    one = run_train(_config(inputs, llama_dir, tmp_path / "one", **settings))
-    two = run_train(_config(inputs, llama_dir, tmp_path / "two", workers=2, **settings))
-    assert one.counts["kept_tokens"] == two.counts["kept_tokens"]
-    expected, found = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for name in expected:
-        torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.slow
-def test_a_killed_train_resumes_to_the_tensors_of_an_uninterrupted_run(ray_local, tokenizer, llama_dir, tmp_path):
-    data = write_tokenized(tmp_path / "tokenized", tokenizer, [20, 20], seed=12)
-    inputs = (data, write_keep_masks(tmp_path / "masks", data, ratio=0.5, seed=4))
-    settings = dict(epochs=3.0, lora_dropout=0.1)
-    run_train(_config(inputs, llama_dir, tmp_path / "uninterrupted", **settings))
-
-    output = tmp_path / "killed"
-    command = [sys.executable, "-m", "pipeline", "train", "--data", str(data), "--masks", str(inputs[1]),
-               "--model", str(llama_dir), "--output", str(output), "--num-cpus", "2", "--no-progress",
-               *[f"--{k.replace('_', '-')}={v}" for k, v in (SETTINGS | settings).items() if k != "progress"]]
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not list((output / "train").glob("run-*/checkpoint_*")) and time.monotonic() < deadline:
-            assert process.poll() is None, process.stderr.read().decode()
-            time.sleep(0.2)
-        time.sleep(random.uniform(0, 3))
-        assert process.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert not (output / "manifest.json").exists()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    expected, found = _weights(tmp_path / "uninterrupted"), _weights(output)
-    for name in expected:
-        torch.testing.assert_close(found[name], expected[name], rtol=0, atol=0, msg=name)
-    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_workers_an_embedded_ray_cannot_hold_are_refused(inputs, llama_dir, tmp_path):
