@@ -151,19 +151,3 @@ def test_two_node_loopback_cluster_with_two_training_workers(reference, llama_di
     assert agreement["samples"] == 8 and agreement["same_decision"] > 0.9
     record = json.loads((output / "run.json").read_text())
     assert record["config"]["train"]["workers"] == 2 and record["status"] == "done"
-
-
-def test_rho1_trains_its_reference_first_and_scores_current_minus_reference(llama_dir, tmp_path, ray_local):
-    from pipeline.loop.rounds import run_loop
-    from pipeline.loop.run_config import RunConfig
-
-    corpus, clean = write_corpus(tmp_path / "c.jsonl", 16), write_corpus(tmp_path / "clean.jsonl", 8, seed=5)
-    settings = run_settings(tmp_path / "run", corpus, llama_dir) | {"select": {"method": "rho1"}, "reference_corpus": [clean]}
-    record = run_loop(RunConfig(**settings)).record
-    reference = tmp_path / "run" / "reference" / "train" / "checkpoint"
-    assert record["models"]["reference"]["path"] == str(reference) and record["models"]["reference"]["trained_by_run"]
-    first = record["rounds"][0]
-    assert (first["current"]["path"], first["history"]["path"], first["warmup"]) == (str(llama_dir), str(reference), None)
-    scores = read_manifest(tmp_path / "run" / "rounds" / "r000" / "scores")
-    assert scores["selection"]["excess"] == "current_minus_history" and first["selection"]["method"] == "rho1"
-    assert read_manifest(tmp_path / "run" / "reference" / "scores")["selection"]["method"] == "full"

@@ -208,8 +208,9 @@ def test_worker_node_killed_mid_run_loses_nothing(corpus, llama_dir, llama_histo
         job_id = f"score-node-loss-{port}"
         submit = ("submit", "--no-wait", "--submission-id", job_id, "--", *entrypoint)
         submitted = job(*submit)
-        deadline = time.monotonic() + 120
-        # The head's job agent comes up some seconds after the node reports alive (later on a busy machine).
+        deadline = time.monotonic() + 300
+        # The head's job agent comes up some seconds after the node reports alive (minutes later on a busy
+        # machine, e.g. while agents of an earlier test's killed drivers are still exiting).
         while submitted.returncode != 0 and "No available agent" in submitted.stdout and time.monotonic() < deadline:
             time.sleep(3)
             submitted = job(*submit)
