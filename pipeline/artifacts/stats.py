@@ -1,0 +1,225 @@
+"""The reader that joins tokens, scores and masks by sample_id: polars LazyFrames for notebooks, reports and `inspect`.
+
+    stats = open_masks_folder("runs/r/rounds/r000/scores")    # or pipeline.loop.run_stats.open_stats(any folder)
+    stats.tokens()    # one row per token: sample_id, source, round, position, token_id, trainable, keep,
+                      #   nll_cur, nll_hist, rel, attn, score, response_position
+    stats.samples()   # one row per sample and round: targets, kept, kept_ratio, mean signals
+    stats.sources()   # one row per source and round
+    stats.rounds()    # one row per round
+
+A round is one selection: its keep masks and score (a scores or masks folder), the signals they were
+ranked from (the scores folder) and the tokenized data they belong to. Opening a folder checks what
+the trainer checks (same tokenizer, masks made from these tokenized shards, every listed shard's
+checksum), so a frame never pairs tokens with another corpus's masks. Nothing is read until a frame
+is collected; filters on sample_id or round are pushed down to the Parquet scan.
+
+`response_position` is a target's place among its sample's targets, (k + 0.5) / n_targets in (0, 1):
+0 is the start of the response, 1 its end (all assistant turns of a sample count as one response).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.artifacts.files import MANIFEST, ArtifactError, read_manifest, verify_shards
+from pipeline.artifacts.keep_masks import keep_masks_source
+from pipeline.artifacts.training_data import open_training_data
+
+SIGNALS = ("nll_cur", "nll_hist", "rel", "attn")
+TOKEN_COLUMNS = ("sample_id", "source", "round", "position", "token_id", "trainable", "keep", *SIGNALS, "score",
+                 "response_position")
+
+
+@dataclass(frozen=True)
+class RoundArtifacts:
+    """The folders of one selection, checked to belong together."""
+
+    round: int
+    masks: Path  # keep and score: a scores folder or a masks folder
+    signals: Path | None  # the scores folder holding nll_cur, nll_hist, rel, attn (None: not found)
+    tokenized: Path
+    masks_manifest: dict[str, Any] = field(repr=False)
+    tokenized_manifest: dict[str, Any] = field(repr=False)
+    signals_manifest: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def selection(self) -> dict[str, Any]:
+        return self.masks_manifest.get("selection", {})
+
+
+def _scan(folder: Path, manifest: dict[str, Any]) -> pl.LazyFrame:
+    """Every shard a manifest lists, in its order."""
+    return pl.scan_parquet([str(folder / entry["file"]) for entry in manifest["shards"]])
+
+
+def _signals_folder(masks: Path, manifest: dict[str, Any]) -> Path | None:
+    """The folder with the signals: the scores folder itself, or the one a masks folder was selected from."""
+    if manifest["kind"] == "scores":
+        return masks
+    for entry in manifest.get("inputs", []):
+        path = Path(entry.get("path", ""))
+        if entry.get("kind") == "scores" and (path / MANIFEST).is_file():
+            return path
+    return None
+
+
+def round_artifacts(masks: Path, round: int = 0, tokenized: Path | None = None, signals: Path | None = None) -> RoundArtifacts:
+    """Check one round's folders: `masks` (scores or masks folder), its tokenized data (default: the folder its
+    manifest names) and its signals (default: the scores folder it names); raises one clear ArtifactError."""
+    masks = Path(masks)
+    if not masks.is_dir():
+        raise ArtifactError(f"{masks} does not exist; pass a run folder, a scores folder or a masks folder")
+    source = keep_masks_source(masks)
+    if tokenized is None:
+        tokenized = source.tokenized_path
+        if not tokenized.is_dir():
+            raise ArtifactError(
+                f"{masks}'s manifest names tokenized data {tokenized}, which does not exist (moved?); pass --data FOLDER"
+            )
+    checked = open_training_data(tokenized, masks)  # same tokenizer, made from these shards, tokenized checksums
+    verify_shards(masks, source.manifest)
+    signals = Path(signals) if signals is not None else _signals_folder(masks, source.manifest)
+    signals_manifest = source.manifest if signals == masks else None
+    if signals is not None and signals != masks:
+        open_training_data(tokenized, signals)
+        signals_manifest = read_manifest(signals, kind="scores")
+        verify_shards(signals, signals_manifest)
+    return RoundArtifacts(round, masks, signals, Path(tokenized), source.manifest, checked.tokenized_manifest, signals_manifest)
+
+
+def _round_tokens(part: RoundArtifacts) -> pl.LazyFrame:
+    tokens = _scan(part.tokenized, part.tokenized_manifest).select(
+        "sample_id", "source", pl.col("input_ids").alias("token_id"), "trainable")
+    masks = _scan(part.masks, part.masks_manifest).select("sample_id", "score", "keep")
+    frame = tokens.join(masks, on="sample_id", how="inner")
+    lists = ["token_id", "trainable", "score", "keep"]
+    if part.signals_manifest is not None:
+        signals = _scan(part.signals, part.signals_manifest).select("sample_id", *SIGNALS)
+        frame = frame.join(signals, on="sample_id", how="inner")
+        lists += list(SIGNALS)
+    frame = frame.with_columns(
+        pl.int_ranges(0, pl.col("token_id").list.len(), dtype=pl.Int32).alias("position"),
+        (pl.col("trainable").list.eval(pl.element().cast(pl.Int32).cum_sum()) - 1).alias("response_index"),
+        pl.col("trainable").list.sum().alias("n_targets"),
+    ).explode([*lists, "position", "response_index"])
+    if part.signals_manifest is None:
+        frame = frame.with_columns(*(pl.lit(None, pl.Float32).alias(name) for name in SIGNALS))
+    return frame.with_columns(
+        pl.lit(part.round, pl.Int32).alias("round"),
+        pl.when(pl.col("trainable"))
+        .then(((pl.col("response_index") + 0.5) / pl.col("n_targets")).cast(pl.Float32))
+        .alias("response_position"),
+    ).select(TOKEN_COLUMNS)
+
+
+def _mean_over_targets(name: str) -> pl.Expr:
+    """The mean of a per-token list over its targets (NaN exactly off the targets), from the list itself."""
+    return pl.col(name).list.eval(pl.element().fill_nan(None)).list.mean().alias(f"mean_{name}")
+
+
+def _round_samples(part: RoundArtifacts) -> pl.LazyFrame:
+    """Per-sample figures from the shards' count columns and lists, no per-token frame built."""
+    tokens = _scan(part.tokenized, part.tokenized_manifest).select("sample_id", "source", "n_tokens")
+    masks = _scan(part.masks, part.masks_manifest).select(
+        "sample_id", "n_trainable", "n_kept", _mean_over_targets("score"))
+    frame = tokens.join(masks, on="sample_id", how="inner")
+    if part.signals_manifest is not None:
+        signals = _scan(part.signals, part.signals_manifest).select(
+            "sample_id", *(_mean_over_targets(name) for name in SIGNALS))
+        frame = frame.join(signals, on="sample_id", how="inner")
+    else:
+        frame = frame.with_columns(*(pl.lit(None, pl.Float64).alias(f"mean_{name}") for name in SIGNALS))
+    return frame.select(
+        pl.lit(part.round, pl.Int32).alias("round"), "sample_id", "source",
+        *(pl.col(name).cast(pl.Int64) for name in ("n_tokens", "n_trainable", "n_kept")),
+        (pl.col("n_kept") / pl.col("n_trainable")).alias("kept_ratio"),
+        *(f"mean_{name}" for name in (*SIGNALS, "score")),
+    )
+
+
+@dataclass(frozen=True)
+class Stats:
+    """LazyFrames over one or more rounds of selections; `record` is the run's run.json when opened from a run."""
+
+    parts: tuple[RoundArtifacts, ...]
+    record: dict[str, Any] | None = None
+    root: Path | None = None
+
+    def part(self, round: int) -> RoundArtifacts:
+        for part in self.parts:
+            if part.round == round:
+                return part
+        known = ", ".join(str(p.round) for p in self.parts)
+        raise ArtifactError(f"round {round} is not in {self.root or self.parts[0].masks} (rounds: {known})")
+
+    @property
+    def last_round(self) -> int:
+        return self.parts[-1].round
+
+    def tokens(self) -> pl.LazyFrame:
+        """One row per token of every sample and round (context tokens included, their signals NaN)."""
+        return pl.concat([_round_tokens(part) for part in self.parts], how="vertical")
+
+    def samples(self) -> pl.LazyFrame:
+        """One row per sample and round: tokens, targets, kept, kept_ratio and the mean signals over its targets."""
+        return pl.concat([_round_samples(part) for part in self.parts], how="vertical").sort("round", "sample_id")
+
+    def sources(self) -> pl.LazyFrame:
+        """One row per source and round: samples, targets, kept and the kept ratio over its targets."""
+        return _totals(self.samples(), ["round", "source"])
+
+    def rounds(self) -> pl.LazyFrame:
+        """One row per round: samples, tokens, targets, kept and the kept ratio."""
+        return _totals(self.samples(), ["round"])
+
+
+def _totals(samples: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
+    return (
+        samples.group_by(keys)
+        .agg(
+            pl.len().alias("samples"),
+            pl.col("n_tokens").sum().alias("tokens"),
+            pl.col("n_trainable").sum().alias("trainable"),
+            pl.col("n_kept").sum().alias("kept"),
+            ((pl.col("mean_score") * pl.col("n_trainable")).sum() / pl.col("n_trainable").sum()).alias("mean_score"),
+        )
+        .with_columns((pl.col("kept") / pl.col("trainable")).alias("kept_ratio"))
+        .sort(keys)
+    )
+
+
+def open_masks_folder(folder: Path, tokenized: Path | None = None) -> Stats:
+    """Stats over one scores or masks folder (as round 0)."""
+    part = round_artifacts(Path(folder), tokenized=tokenized)
+    return Stats(parts=(part,), root=Path(folder))
+
+
+def pick_samples(
+    samples: pl.DataFrame, *, ids: list[str] = (), top: int = 0, bottom: int = 0, middle: int = 0, random: int = 0,
+    seed: int = 0,
+) -> list[tuple[str, str]]:
+    """(why, sample_id) of one round's samples: the given ids, then the highest, lowest and middle by mean score
+    (ties by sample id), then `random` others drawn with `seed`; each sample once, the first reason wins."""
+    known = set(samples["sample_id"].to_list())
+    missing = [sample_id for sample_id in ids if sample_id not in known]
+    if missing:
+        example = ", ".join(repr(s) for s in sorted(known)[:3])
+        raise ArtifactError(f"sample id {missing[0]!r} is not among the {len(known):,} samples (e.g. {example})")
+    ranked = samples.filter(pl.col("mean_score").is_not_nan() & pl.col("mean_score").is_not_null()).sort(
+        ["mean_score", "sample_id"], descending=[True, False])["sample_id"].to_list()
+    start = max(0, (len(ranked) - middle) // 2)
+    chosen: dict[str, str] = {sample_id: "asked for" for sample_id in ids}
+    for why, group in (("highest score", ranked[:top]), ("lowest score", ranked[::-1][:bottom]),
+                       ("middle score", ranked[start:start + middle])):
+        for sample_id in group:
+            chosen.setdefault(sample_id, why)
+    others = samples.filter(~pl.col("sample_id").is_in(list(chosen))).sort("sample_id")
+    if random and others.height:
+        drawn = others.sample(n=min(random, others.height), seed=seed)["sample_id"].to_list()
+        for sample_id in sorted(drawn):
+            chosen.setdefault(sample_id, "random")
+    return [(why, sample_id) for sample_id, why in chosen.items()]
