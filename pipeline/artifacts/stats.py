@@ -28,6 +28,7 @@ import polars as pl
 from pipeline.artifacts.files import MANIFEST, ArtifactError, read_manifest, verify_shards
 from pipeline.artifacts.keep_masks import keep_masks_source
 from pipeline.artifacts.training_data import open_training_data
+from pipeline.core.token_text import TokenText
 
 SIGNALS = ("nll_cur", "nll_hist", "rel", "attn")
 TOKEN_COLUMNS = ("sample_id", "source", "round", "position", "token_id", "trainable", "keep", *SIGNALS, "score",
@@ -160,6 +161,17 @@ class Stats:
     def last_round(self) -> int:
         return self.parts[-1].round
 
+    def tokenizer_folders(self) -> list[str]:
+        """Where a tokenizer of these samples may be: the one prepare used, then the scoring checkpoints, the run's base."""
+        folders = []
+        for part in self.parts:
+            folders.append(part.tokenized_manifest.get("tokenizer", {}).get("name_or_path"))
+            for role in ("current", "history"):
+                folders.append(part.masks_manifest.get("checkpoints", {}).get(role, {}).get("path"))
+        if self.record is not None:
+            folders.append(self.record.get("models", {}).get("base", {}).get("path"))
+        return [folder for folder in dict.fromkeys(folders) if folder]
+
     def tokens(self) -> pl.LazyFrame:
         """One row per token of every sample and round (context tokens included, their signals NaN)."""
         return pl.concat([_round_tokens(part) for part in self.parts], how="vertical")
@@ -167,6 +179,21 @@ class Stats:
     def samples(self) -> pl.LazyFrame:
         """One row per sample and round: tokens, targets, kept, kept_ratio and the mean signals over its targets."""
         return pl.concat([_round_samples(part) for part in self.parts], how="vertical").sort("round", "sample_id")
+
+    def flips(self, first: int, second: int) -> pl.LazyFrame:
+        """The tokens whose keep differs between two rounds, over the samples both selected from:
+        sample_id, position, token_id, kept_before (in `first`), kept_after (in `second`)."""
+        before, after = self.part(first), self.part(second)
+        tokens = _scan(before.tokenized, before.tokenized_manifest).select("sample_id", pl.col("input_ids").alias("token_id"))
+        kept_before = _scan(before.masks, before.masks_manifest).select("sample_id", pl.col("keep").alias("kept_before"))
+        kept_after = _scan(after.masks, after.masks_manifest).select("sample_id", pl.col("keep").alias("kept_after"))
+        return (
+            tokens.join(kept_before, on="sample_id").join(kept_after, on="sample_id")
+            .with_columns(pl.int_ranges(0, pl.col("token_id").list.len(), dtype=pl.Int32).alias("position"))
+            .explode(["token_id", "kept_before", "kept_after", "position"])
+            .filter(pl.col("kept_before") != pl.col("kept_after"))
+            .select("sample_id", "position", "token_id", "kept_before", "kept_after")
+        )
 
     def sources(self) -> pl.LazyFrame:
         """One row per source and round: samples, targets, kept and the kept ratio over its targets."""
@@ -223,3 +250,37 @@ def pick_samples(
         for sample_id in sorted(drawn):
             chosen.setdefault(sample_id, "random")
     return [(why, sample_id) for sample_id, why in chosen.items()]
+
+
+@dataclass(frozen=True)
+class SampleView:
+    """One sample of one round, token by token, with the text of each token: what `inspect` and the report show."""
+
+    why: str
+    round: int
+    sample_id: str
+    source: str
+    tokens: pl.DataFrame  # position, token_id, trainable, keep, nll_cur, nll_hist, rel, attn, score
+    pieces: list[str]
+
+    @property
+    def kept(self) -> int:
+        return int(self.tokens["keep"].sum())
+
+    @property
+    def targets(self) -> int:
+        return int(self.tokens["trainable"].sum())
+
+
+def sample_views(stats: Stats, round: int, chosen: list[tuple[str, str]], token_text: TokenText) -> list[SampleView]:
+    """The tokens of the chosen (why, sample_id) of one round, read in one scan, in the order given."""
+    ids = [sample_id for _, sample_id in chosen]
+    tokens = (stats.tokens().filter((pl.col("round") == round) & pl.col("sample_id").is_in(ids))
+              .sort("sample_id", "position").collect())
+    by_id = {key[0]: frame for key, frame in tokens.partition_by("sample_id", as_dict=True).items()} if tokens.height else {}
+    views = []
+    for why, sample_id in chosen:
+        frame = by_id[sample_id]
+        views.append(SampleView(why, round, sample_id, frame["source"][0], frame.drop("sample_id", "source", "round"),
+                                token_text.texts(frame["token_id"].to_list())))
+    return views
