@@ -92,8 +92,11 @@ def round_artifacts(masks: Path, round: int = 0, tokenized: Path | None = None, 
     return RoundArtifacts(round, masks, signals, Path(tokenized), source.manifest, checked.tokenized_manifest, signals_manifest)
 
 
-def _round_tokens(part: RoundArtifacts) -> pl.LazyFrame:
-    tokens = _scan(part.tokenized, part.tokenized_manifest).select(
+def _round_tokens(part: RoundArtifacts, sample_ids: list[str] | None = None) -> pl.LazyFrame:
+    tokens = _scan(part.tokenized, part.tokenized_manifest)
+    if sample_ids is not None:  # before the join and the explode: a few samples of a large corpus read fast
+        tokens = tokens.filter(pl.col("sample_id").is_in(sample_ids))
+    tokens = tokens.select(
         "sample_id", "source", pl.col("input_ids").alias("token_id"), "trainable")
     masks = _scan(part.masks, part.masks_manifest).select("sample_id", "score", "keep")
     frame = tokens.join(masks, on="sample_id", how="inner")
@@ -172,9 +175,10 @@ class Stats:
             folders.append(self.record.get("models", {}).get("base", {}).get("path"))
         return [folder for folder in dict.fromkeys(folders) if folder]
 
-    def tokens(self) -> pl.LazyFrame:
-        """One row per token of every sample and round (context tokens included, their signals NaN)."""
-        return pl.concat([_round_tokens(part) for part in self.parts], how="vertical")
+    def tokens(self, sample_ids: list[str] | None = None) -> pl.LazyFrame:
+        """One row per token of every sample and round (context tokens included, their signals NaN); only the
+        samples `sample_ids` names, when given."""
+        return pl.concat([_round_tokens(part, sample_ids) for part in self.parts], how="vertical")
 
     def samples(self) -> pl.LazyFrame:
         """One row per sample and round: tokens, targets, kept, kept_ratio and the mean signals over its targets."""
@@ -197,14 +201,15 @@ class Stats:
 
     def sources(self) -> pl.LazyFrame:
         """One row per source and round: samples, targets, kept and the kept ratio over its targets."""
-        return _totals(self.samples(), ["round", "source"])
+        return totals(self.samples(), ["round", "source"])
 
     def rounds(self) -> pl.LazyFrame:
         """One row per round: samples, tokens, targets, kept and the kept ratio."""
-        return _totals(self.samples(), ["round"])
+        return totals(self.samples(), ["round"])
 
 
-def _totals(samples: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
+def totals(samples: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
+    """Samples, tokens, targets, kept, the kept ratio and the target-weighted mean score of a samples frame, by `keys`."""
     return (
         samples.group_by(keys)
         .agg(
@@ -275,7 +280,7 @@ class SampleView:
 def sample_views(stats: Stats, round: int, chosen: list[tuple[str, str]], token_text: TokenText) -> list[SampleView]:
     """The tokens of the chosen (why, sample_id) of one round, read in one scan, in the order given."""
     ids = [sample_id for _, sample_id in chosen]
-    tokens = (stats.tokens().filter((pl.col("round") == round) & pl.col("sample_id").is_in(ids))
+    tokens = (stats.tokens(ids).filter(pl.col("round") == round)
               .sort("sample_id", "position").collect())
     by_id = {key[0]: frame for key, frame in tokens.partition_by("sample_id", as_dict=True).items()} if tokens.height else {}
     views = []

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.artifacts.stats import Stats
+from pipeline.artifacts.stats import Stats, totals
 from pipeline.core.token_text import TokenText
 
 POSITION_BINS = 20
@@ -80,7 +80,7 @@ def round_figures(stats: Stats, round: int, token_text: TokenText) -> dict[str, 
     """Everything the page shows about one round, over all of its samples."""
     targets = round_targets(stats, round)
     samples = stats.samples().filter(pl.col("round") == round).collect()
-    sources = stats.sources().filter(pl.col("round") == round).collect()
+    sources = totals(samples.lazy(), ["round", "source"]).collect()
     scores = _finite(targets["score"])
     return {
         "round": round,
