@@ -92,32 +92,37 @@ def round_artifacts(masks: Path, round: int = 0, tokenized: Path | None = None, 
     return RoundArtifacts(round, masks, signals, Path(tokenized), source.manifest, checked.tokenized_manifest, signals_manifest)
 
 
-def _round_tokens(part: RoundArtifacts, sample_ids: list[str] | None = None) -> pl.LazyFrame:
+def _round_tokens(part: RoundArtifacts, sample_ids: list[str] | None, columns: tuple[str, ...]) -> pl.LazyFrame:
+    """One round's tokens, exploding only the per-token lists `columns` needs (trainable always)."""
     tokens = _scan(part.tokenized, part.tokenized_manifest)
     if sample_ids is not None:  # before the join and the explode: a few samples of a large corpus read fast
         tokens = tokens.filter(pl.col("sample_id").is_in(sample_ids))
-    tokens = tokens.select(
-        "sample_id", "source", pl.col("input_ids").alias("token_id"), "trainable")
-    masks = _scan(part.masks, part.masks_manifest).select("sample_id", "score", "keep")
-    frame = tokens.join(masks, on="sample_id", how="inner")
-    lists = ["token_id", "trainable", "score", "keep"]
-    if part.signals_manifest is not None:
-        signals = _scan(part.signals, part.signals_manifest).select("sample_id", *SIGNALS)
-        frame = frame.join(signals, on="sample_id", how="inner")
-        lists += list(SIGNALS)
-    frame = frame.with_columns(
-        pl.int_ranges(0, pl.col("token_id").list.len(), dtype=pl.Int32).alias("position"),
-        (pl.col("trainable").list.eval(pl.element().cast(pl.Int32).cum_sum()) - 1).alias("response_index"),
-        pl.col("trainable").list.sum().alias("n_targets"),
-    ).explode([*lists, "position", "response_index"])
-    if part.signals_manifest is None:
-        frame = frame.with_columns(*(pl.lit(None, pl.Float32).alias(name) for name in SIGNALS))
-    return frame.with_columns(
-        pl.lit(part.round, pl.Int32).alias("round"),
-        pl.when(pl.col("trainable"))
-        .then(((pl.col("response_index") + 0.5) / pl.col("n_targets")).cast(pl.Float32))
-        .alias("response_position"),
-    ).select(TOKEN_COLUMNS)
+    tokens = tokens.select("sample_id", "source", pl.col("input_ids").alias("token_id"), "trainable")
+    from_masks = [name for name in ("score", "keep") if name in columns]
+    signals = [name for name in SIGNALS if name in columns and part.signals_manifest is not None]
+    if part.signals == part.masks:  # a scores folder: keep, score and signals in one scan
+        from_masks, signals = from_masks + signals, []
+    frame = tokens.join(_scan(part.masks, part.masks_manifest).select("sample_id", *from_masks), on="sample_id", how="inner")
+    if signals:
+        frame = frame.join(_scan(part.signals, part.signals_manifest).select("sample_id", *signals), on="sample_id", how="inner")
+    lists = ["trainable", *(name for name in ("token_id", "score", "keep", *SIGNALS) if name in columns and name in
+                            frame.collect_schema().names())]
+    extra, exploded = [], list(lists)
+    if "position" in columns:
+        extra.append(pl.int_ranges(0, pl.col("token_id").list.len(), dtype=pl.Int32).alias("position"))
+        exploded.append("position")
+    if "response_position" in columns:
+        extra += [(pl.col("trainable").list.eval(pl.element().cast(pl.Int32).cum_sum()) - 1).alias("response_index"),
+                  pl.col("trainable").list.sum().alias("n_targets")]
+        exploded.append("response_index")
+    frame = frame.with_columns(*extra).explode(exploded)
+    missing = [name for name in SIGNALS if name in columns and name not in frame.collect_schema().names()]
+    frame = frame.with_columns(*(pl.lit(None, pl.Float32).alias(name) for name in missing), pl.lit(part.round, pl.Int32).alias("round"))
+    if "response_position" in columns:
+        frame = frame.with_columns(pl.when(pl.col("trainable"))
+                                   .then(((pl.col("response_index") + 0.5) / pl.col("n_targets")).cast(pl.Float32))
+                                   .alias("response_position"))
+    return frame.select(columns)
 
 
 def _mean_over_targets(name: str) -> pl.Expr:
@@ -175,10 +180,13 @@ class Stats:
             folders.append(self.record.get("models", {}).get("base", {}).get("path"))
         return [folder for folder in dict.fromkeys(folders) if folder]
 
-    def tokens(self, sample_ids: list[str] | None = None) -> pl.LazyFrame:
+    def tokens(self, sample_ids: list[str] | None = None, columns: tuple[str, ...] = TOKEN_COLUMNS) -> pl.LazyFrame:
         """One row per token of every sample and round (context tokens included, their signals NaN); only the
-        samples `sample_ids` names, when given."""
-        return pl.concat([_round_tokens(part, sample_ids) for part in self.parts], how="vertical")
+        samples `sample_ids` names, when given, and only `columns` (fewer columns: less to read and explode)."""
+        unknown = sorted(set(columns) - set(TOKEN_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown token columns {unknown}; known: {', '.join(TOKEN_COLUMNS)}")
+        return pl.concat([_round_tokens(part, sample_ids, tuple(columns)) for part in self.parts], how="vertical")
 
     def samples(self) -> pl.LazyFrame:
         """One row per sample and round: tokens, targets, kept, kept_ratio and the mean signals over its targets."""

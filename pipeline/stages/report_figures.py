@@ -7,6 +7,7 @@ come from the shards' count columns, so a 100k-sample corpus is read about once.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,19 @@ def _finite(values: pl.Series) -> np.ndarray:
     return array[np.isfinite(array)]
 
 
+def percentiles(array: np.ndarray, levels: list[float], most: int = 1_000_000) -> list[float]:
+    """Percentiles of at most `most` of the values (drawn with a fixed seed): a scale, not a statistic to report."""
+    if len(array) > most:
+        array = array[np.random.default_rng(0).integers(0, len(array), most)]
+    return [float(v) for v in np.percentile(array, levels)]
+
+
 def histogram(values: pl.Series, bins: int = HISTOGRAM_BINS) -> dict[str, list[float]]:
-    """Counts over `bins` equal bins between the 0.5th and 99.5th percentiles (outliers in the end bins)."""
+    """Counts of every value over `bins` equal bins between the 0.5th and 99.5th percentiles (outliers in the end bins)."""
     array = _finite(values)
     if not len(array):
         return {"edges": [], "counts": []}
-    low, high = np.percentile(array, [0.5, 99.5])
+    low, high = percentiles(array, [0.5, 99.5])
     if high <= low:
         low, high = float(array.min()) - 0.5, float(array.max()) + 0.5
     counts, edges = np.histogram(np.clip(array, low, high), bins=bins, range=(low, high))
@@ -40,7 +48,9 @@ def histogram(values: pl.Series, bins: int = HISTOGRAM_BINS) -> dict[str, list[f
 
 def round_targets(stats: Stats, round: int) -> pl.DataFrame:
     """Every target of one round, the columns the figures need."""
-    return (stats.tokens().filter((pl.col("round") == round) & pl.col("trainable"))
+    columns = ("round", "token_id", "trainable", "keep", "rel", "attn", "score", "response_position")
+    one_round = replace(stats, parts=(stats.part(round),))
+    return (one_round.tokens(columns=columns).filter(pl.col("trainable"))
             .select("token_id", "keep", "rel", "attn", "score", "response_position").collect())
 
 
@@ -79,7 +89,7 @@ def rejected_rows(tokenized: Path, limit: int = 20) -> dict[str, Any]:
 def round_figures(stats: Stats, round: int, token_text: TokenText) -> dict[str, Any]:
     """Everything the page shows about one round, over all of its samples."""
     targets = round_targets(stats, round)
-    samples = stats.samples().filter(pl.col("round") == round).collect()
+    samples = replace(stats, parts=(stats.part(round),)).samples().collect()
     sources = totals(samples.lazy(), ["round", "source"]).collect()
     scores = _finite(targets["score"])
     return {
@@ -92,7 +102,7 @@ def round_figures(stats: Stats, round: int, token_text: TokenText) -> dict[str, 
         "kept_ratio_per_sample": histogram(samples["kept_ratio"], bins=20),
         "position": position_curve(targets),
         "tokens": token_counts(targets, token_text),
-        "score_scale": [float(np.percentile(scores, 2)), float(np.percentile(scores, 98))] if len(scores) else [0.0, 1.0],
+        "score_scale": percentiles(scores, [2, 98]) if len(scores) else [0.0, 1.0],
         "totals": {"samples": samples.height, "tokens": int(samples["n_tokens"].sum()),
                    "trainable": int(samples["n_trainable"].sum()), "kept": int(samples["n_kept"].sum())},
     }
