@@ -1,5 +1,6 @@
 """`sstoken report` on a 100k-sample synthetic scores folder: seconds and page size (goal: under 60 s on 2 cores, page
-under 20 MB).
+under 20 MB), and its time against a named baseline measured in the same process: reading every column of the
+tokenized and scores shards into memory with polars (the least any report over every token has to do).
 
     python tests/benchmarks/bench_report.py [--samples 100000] [--mean-tokens 200] [--folder /tmp/sstoken-bench-report]
 
@@ -37,6 +38,12 @@ def main() -> None:
                                               mean_tokens=arguments.mean_tokens)
         write_synthetic_scores(scores, tokenized)
         print(f"built {arguments.samples:,} samples in {time.monotonic() - started:.1f} s (not timed)")
+    import polars as pl
+
+    started = time.monotonic()
+    frames = [pl.read_parquet(sorted(str(p) for p in (folder / name).glob("part-*.parquet"))) for name in ("tokenized", "scores")]
+    baseline = time.monotonic() - started
+    del frames
     output = folder / "report.html"
     started = time.monotonic()
     summary = run_report(ReportConfig(folder=scores, output=output, overwrite=True))
@@ -46,6 +53,7 @@ def main() -> None:
     print(f"report: {summary.counts['samples']:,} samples, {summary.counts['targets']:,} targets, "
           f"{summary.counts['samples_embedded']} samples embedded")
     print(f"seconds: {seconds:.1f} on {cores} cores (goal < 60); page: {size / 1e6:.2f} MB (goal < 20)")
+    print(f"baseline (read every column of the shards): {baseline:.1f} s; report / baseline: {seconds / baseline:.1f}x")
 
 
 if __name__ == "__main__":
