@@ -130,8 +130,10 @@ def test_the_page_in_headless_chromium(run_page, tmp_path):
         if os.environ.get("SSTOKEN_REQUIRE_BROWSER") == "1":
             pytest.fail("SSTOKEN_REQUIRE_BROWSER=1 but no chromium found (apt-get install chromium)")
         pytest.skip("no chromium found")
-    sync_api = pytest.importorskip("playwright.sync_api") if os.environ.get("SSTOKEN_REQUIRE_BROWSER") != "1" else \
-        __import__("playwright.sync_api", fromlist=["sync_playwright"])
+    if os.environ.get("SSTOKEN_REQUIRE_BROWSER") == "1":
+        from playwright import sync_api
+    else:
+        sync_api = pytest.importorskip("playwright.sync_api")
     errors: list[str] = []
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=executable)
