@@ -16,13 +16,14 @@ import polars as pl
 
 from pipeline.artifacts.files import ArtifactError
 from pipeline.artifacts.stage_output import StageSummary
-from pipeline.artifacts.stats import pick_samples, sample_views
+from pipeline.artifacts.stats import Stats, pick_samples, sample_views
 from pipeline.core.token_text import TokenText
 from pipeline.loop.compare import mask_agreement
+from pipeline.loop.run_folder import RunFolder
 from pipeline.loop.run_stats import EVAL_RECORD, open_stats, train_curves
 from pipeline.stages.configs import ReportConfig
 from pipeline.stages.report import MAX_TOKENS_PER_SAMPLE, ReportInputs, render_eval, render_report
-from pipeline.stages.report_figures import flipped_tokens, round_figures
+from pipeline.stages.report_figures import REJECTED, flipped_tokens, round_figures
 from pipeline.stages.report_page import GENERATOR, write_page
 
 HIGHLIGHTED = 5  # samples per group: highest, lowest and middle score
@@ -59,6 +60,18 @@ def _embedded(samples: pl.DataFrame, budget: int, seed: int) -> list[tuple[str, 
     return picked
 
 
+def prepared_corpus(stats: Stats) -> Path:
+    """The folder `sstoken prepare` wrote (with rejected.parquet): a run's tokenized/, else the last round's data or,
+    for a slice or subset of a corpus, the corpus its manifest names."""
+    if stats.root is not None and stats.record is not None:
+        return RunFolder(stats.root).tokenized
+    part = stats.parts[-1]
+    for entry in part.tokenized_manifest.get("inputs", []):
+        if entry.get("kind") == "tokenized" and (Path(entry.get("path", "")) / REJECTED).is_file():
+            return Path(entry["path"])
+    return part.tokenized
+
+
 def run_report(config: ReportConfig) -> StageSummary:
     started = time.monotonic()
     folder, output = Path(config.folder), Path(config.output)
@@ -76,7 +89,7 @@ def run_report(config: ReportConfig) -> StageSummary:
     agreements = [{"first": a.round, "second": b.round} | mask_agreement(a.masks, b.masks) for a, b in pairs]
     flipped = [{"first": a.round, "second": b.round} | flipped_tokens(stats, a.round, b.round, token_text) for a, b in pairs]
     inputs = ReportInputs(stats, folder, figures, views, train_curves(stats).to_dicts(), agreements, flipped,
-                          token_text.source)
+                          token_text.source, prepared_corpus(stats))
     size = write_page(output, render_report(inputs))
     notes = [] if token_text.source else ["no tokenizer folder found in the manifests: tokens are shown as ids"]
     return StageSummary(

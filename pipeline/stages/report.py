@@ -37,6 +37,7 @@ class ReportInputs:
     agreements: list[dict[str, Any]] = field(default_factory=list)  # first, second + compare.mask_agreement figures
     flipped: list[dict[str, Any]] = field(default_factory=list)  # first, second + report_figures.flipped_tokens
     token_source: Path | None = None
+    corpus: Path | None = None  # the prepared corpus whose rejected.parquet to show (default: the last round's data)
 
 
 def _totals(inputs: ReportInputs) -> str:
@@ -49,14 +50,15 @@ def _totals(inputs: ReportInputs) -> str:
                      figure(totals["kept"] / totals["trainable"] if totals["trainable"] else None),
                      selection.get("method", "sstoken"), figure(selection.get("ratio")), selection.get("granularity", "-")])
     header = ["round", "samples", "tokens", "targets", "kept", "kept ratio", "method", "ratio", "granularity"]
-    rejected = rejected_rows(inputs.stats.parts[-1].tokenized)
+    corpus = inputs.corpus or inputs.stats.parts[-1].tokenized
+    rejected = rejected_rows(corpus)
     reasons = (table(["reason", "rows"], [[reason, figure(count)] for reason, count in rejected["by_reason"].items()])
                if rejected["total"] else "<p class=\"muted\">no rejected rows</p>")
     examples = (table(["input", "where", "sample id", "reason", "detail"],
                       [[r["input_file"], r["locator"], r["sample_id"] or "-", r["reason"], r["detail"]] for r in rejected["examples"]])
                 if rejected["examples"] else "")
     return (f"<h2 id=\"totals\">Totals</h2>{table(header, rows)}<h3>Rejected rows ({figure(rejected['total'])}, when the "
-            f"corpus was prepared)</h3>{reasons}<details><summary>first rejected rows</summary>{examples}</details>"
+            f"corpus was prepared: {escape(corpus)})</h3>{reasons}<details><summary>first rejected rows</summary>{examples}</details>"
             f"{_provenance(inputs)}")
 
 

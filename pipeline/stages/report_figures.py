@@ -20,6 +20,7 @@ from pipeline.core.token_text import TokenText
 POSITION_BINS = 20
 TOP_TOKENS = 20
 HISTOGRAM_BINS = 50
+REJECTED = "rejected.parquet"  # what `sstoken prepare` sets aside, beside its shards
 
 
 def _finite(values: pl.Series) -> np.ndarray:
@@ -77,7 +78,7 @@ def token_counts(targets: pl.DataFrame, token_text: TokenText, top: int = TOP_TO
 
 def rejected_rows(tokenized: Path, limit: int = 20) -> dict[str, Any]:
     """rejected.parquet of a tokenized folder: rows per reason, and the first `limit` rows."""
-    path = Path(tokenized) / "rejected.parquet"
+    path = Path(tokenized) / REJECTED
     if not path.is_file():
         return {"by_reason": {}, "examples": [], "total": 0}
     frame = pl.read_parquet(path)

@@ -76,6 +76,18 @@ def test_the_token_budget_bounds_the_page(tmp_path, tokenizer_dir):
     assert sum(len(s["pieces"]) for s in data["samples"]) <= 1000 + 4096 and len(data["index"]["ids"]) == 200
 
 
+def test_a_slice_of_a_corpus_shows_the_rows_the_corpus_rejected(tmp_path, tokenizer_dir):
+    from pipeline.artifacts.files import read_manifest, write_manifest
+    from tests.score_factories import write_synthetic_scores, write_synthetic_tokenized
+
+    corpus = write_synthetic_tokenized(tmp_path / "corpus", tokenizer_dir, samples=4, mean_tokens=10)
+    part = write_synthetic_tokenized(tmp_path / "slice", tokenizer_dir, samples=4, mean_tokens=10, rejected=False)
+    write_manifest(part, read_manifest(part) | {"inputs": [{"kind": "tokenized", "path": str(corpus)}]})
+    scores = write_synthetic_scores(tmp_path / "scores", part)
+    assert main(["report", str(scores), "--output", str(tmp_path / "page.html")]) == 0
+    assert f"Rejected rows (3, when the corpus was prepared: {corpus})" in (tmp_path / "page.html").read_text()
+
+
 def test_an_eval_folder_renders_its_tables_and_plot(tmp_path):
     folder = tmp_path / "eval"
     folder.mkdir()
