@@ -19,6 +19,7 @@ is collected; filters on sample_id or round are pushed down to the Parquet scan.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,7 @@ def open_masks_folder(folder: Path, tokenized: Path | None = None) -> Stats:
 
 
 def pick_samples(
-    samples: pl.DataFrame, *, ids: list[str] = (), top: int = 0, bottom: int = 0, middle: int = 0, random: int = 0,
+    samples: pl.DataFrame, *, ids: Sequence[str] = (), top: int = 0, bottom: int = 0, middle: int = 0, random: int = 0,
     seed: int = 0,
 ) -> list[tuple[str, str]]:
     """(why, sample_id) of one round's samples: the given ids, then the highest, lowest and middle by mean score
