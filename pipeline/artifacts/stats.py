@@ -6,12 +6,13 @@
     stats.samples()   # one row per sample and round: targets, kept, kept_ratio, mean signals
     stats.sources()   # one row per source and round
     stats.rounds()    # one row per round
+    stats.flips(0, 1) # tokens whose keep changed between two rounds
 
 A round is one selection: its keep masks and score (a scores or masks folder), the signals they were
 ranked from (the scores folder) and the tokenized data they belong to. Opening a folder checks what
 the trainer checks (same tokenizer, masks made from these tokenized shards, every listed shard's
 checksum), so a frame never pairs tokens with another corpus's masks. Nothing is read until a frame
-is collected; filters on sample_id or round are pushed down to the Parquet scan.
+is collected; `tokens(sample_ids=..., columns=...)` reads and explodes only those samples and lists.
 
 `response_position` is a target's place among its sample's targets, (k + 0.5) / n_targets in (0, 1):
 0 is the start of the response, 1 its end (all assistant turns of a sample count as one response).
