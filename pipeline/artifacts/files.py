@@ -63,14 +63,19 @@ def write_parquet_atomic(table: pa.Table, path: Path, before_rename: Callable[[s
     return digest
 
 
-def write_json_atomic(value: Any, path: Path) -> None:
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write `text` (UTF-8) to `path` via a temporary name and rename: a reader sees the old file or the new one."""
     path = Path(path)
     temporary = _temporary_sibling(path)
     try:
-        temporary.write_text(json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+        temporary.write_text(text, encoding="utf-8")
         _fsync_and_replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json_atomic(value: Any, path: Path) -> None:
+    write_text_atomic(json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False) + "\n", path)
 
 
 # `.{name}.tmp-{pid}-{hex}`: the temporary names `_temporary_sibling` gives, and only those.

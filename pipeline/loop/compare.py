@@ -20,18 +20,21 @@ def mask_agreement(first: Path, second: Path) -> dict[str, Any]:
     """Keep masks of two scores or masks folders, joined by sample_id.
 
     same_decision: share of the common samples' trainable tokens that both keep or both drop;
-    kept_overlap: tokens both keep / tokens either keeps (Jaccard). Context tokens, never kept,
-    count in neither.
+    kept_overlap: tokens both keep / tokens either keeps (Jaccard); kept_to_dropped and
+    dropped_to_kept: tokens the first round keeps and the second drops, and the other way round.
+    Context tokens, never kept, count in none.
     """
     joined = _keep_frame(first).join(_keep_frame(second), on="sample_id", how="inner", suffix="_second")
-    both = either = 0
-    for keep, other in zip(joined["keep"].to_list(), joined["keep_second"].to_list()):
-        both += sum(a and b for a, b in zip(keep, other))
-        either += sum(a or b for a, b in zip(keep, other))
+    tokens = joined.select("keep", "keep_second").explode(["keep", "keep_second"])
+    first_keeps, second_keeps = tokens["keep"], tokens["keep_second"]
+    both = int((first_keeps & second_keeps).sum())
+    either = int((first_keeps | second_keeps).sum())
     trainable = int(joined["n_trainable"].sum() or 0)
     return {
         "samples": joined.height,
         "trainable": trainable,
         "same_decision": 1 - (either - both) / trainable if trainable else None,
         "kept_overlap": both / either if either else None,
+        "kept_to_dropped": int((first_keeps & ~second_keeps).sum()),
+        "dropped_to_kept": int((~first_keeps & second_keeps).sum()),
     }

@@ -16,7 +16,6 @@ One Ray session serves every stage of the run.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from pipeline.loop.ema import ema_checkpoint
 from pipeline.loop.roles import RoundRoles, round_roles
 from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RUN_RECORD_VERSION, RunFolder, read_run_record, write_run_record
+from pipeline.loop.run_stats import train_curve
 from pipeline.loop.slices import corpus_ids, materialise_slice, sample_order, slice_bounds
 from pipeline.stages.configs import SelectConfig
 
@@ -223,15 +223,8 @@ def _reference(run: _Run) -> Path | None:
 
 def read_train_loss(train_output: Path) -> float | None:
     """Mean loss over the optimizer steps of a train stage's metrics.jsonl (the last line of a step wins)."""
-    path = Path(train_output) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    losses: dict[int, float] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            metric = json.loads(line)
-            losses[int(metric["step"])] = float(metric["loss"])
-    return sum(losses.values()) / len(losses) if losses else None
+    losses = [float(metric["loss"]) for metric in train_curve(train_output)]
+    return sum(losses) / len(losses) if losses else None
 
 
 def _round_summary(entry: dict[str, Any], train_output: Path) -> dict[str, Any]:

@@ -193,3 +193,48 @@ class TrainConfig(TrainSettings):
         False, description="Write into an output folder holding other files or a model trained from other inputs or "
         "settings (files of other names are left as they are).", run_key=False,
     )
+
+
+class ReportConfig(StageConfig):
+    """`sstoken report`: one self-contained HTML page about a run, a scores or masks folder, or an eval folder."""
+
+    folder: Path = setting(
+        description="Run folder, scores folder, masks folder, or eval folder (holding eval.json) to report on.",
+        run_key=False,
+    )
+    output: Path = setting(Path("report.html"), description="HTML file to write (one file, opens offline).", run_key=False)
+    data: Path | None = setting(
+        None, description="Tokenized folder of a scores or masks folder; default: the one its manifest names.",
+        run_key=False,
+    )
+    embed_tokens: int = setting(
+        100_000, ge=1_000, description="Most tokens the page embeds as heatmaps (the highest-, lowest- and "
+        "middle-scoring samples, then random ones); the totals and plots always cover every sample.", run_key=False,
+    )
+    seed: int = setting(0, ge=0, description="Seed of the random samples shown.", run_key=False)
+    overwrite: bool = setting(
+        False, description="Replace an existing file at --output that is not an sstoken report.", run_key=False
+    )
+
+
+class InspectConfig(StageConfig):
+    """`sstoken inspect`: samples' tokens coloured by score in the terminal, with their numbers."""
+
+    folder: Path = setting(description="Run folder, scores folder or masks folder.", run_key=False)
+    sample: list[str] = setting([], description="Sample ids to show.", run_key=False)
+    top: int | None = setting(None, ge=1, description="Show the N samples of highest mean score.", run_key=False)
+    bottom: int | None = setting(None, ge=1, description="Show the N samples of lowest mean score.", run_key=False)
+    random: int | None = setting(None, ge=1, description="Show N samples drawn at random (--seed).", run_key=False)
+    seed: int = setting(0, ge=0, description="Seed of --random.", run_key=False)
+    round: int | None = setting(None, ge=0, description="Round of a run folder to show; default: its last.", run_key=False)
+    data: Path | None = setting(
+        None, description="Tokenized folder of a scores or masks folder; default: the one its manifest names.",
+        run_key=False,
+    )
+    numbers: bool = setting(True, description="Print each target's numbers in a table under the tokens.", run_key=False)
+
+    @model_validator(mode="after")
+    def _something_to_show(self) -> InspectConfig:
+        if not (self.sample or self.top or self.bottom or self.random):
+            raise ValueError("say which samples to show: --sample ID, --top N, --bottom N or --random N")
+        return self

@@ -28,10 +28,13 @@ def test_agreement_over_the_common_samples_trainable_tokens(tmp_path):
     second = _masks(tmp_path / "r1", {"b": [False, False, True], "a": [False, True, False, True, False]}, trainable)
     agreement = mask_agreement(first, second)
     # a: kept {1,2} vs {1,3}: both 1, either 3; b: {1} vs {2}: both 0, either 2; c only in the first round.
-    assert agreement == {"samples": 2, "trainable": 6, "same_decision": 1 - 4 / 6, "kept_overlap": 1 / 5}
+    # Flips: a drops 2 and keeps 3, b drops 1 and keeps 2.
+    assert agreement == {"samples": 2, "trainable": 6, "same_decision": 1 - 4 / 6, "kept_overlap": 1 / 5,
+                         "kept_to_dropped": 2, "dropped_to_kept": 2}
 
 
 def test_identical_masks_agree_fully(tmp_path):
     rows = {"a": [False, True, False, True]}
     first, second = _masks(tmp_path / "r0", rows, {"a": 3}), _masks(tmp_path / "r1", rows, {"a": 3})
-    assert mask_agreement(first, second) == {"samples": 1, "trainable": 3, "same_decision": 1.0, "kept_overlap": 1.0}
+    assert mask_agreement(first, second) == {"samples": 1, "trainable": 3, "same_decision": 1.0, "kept_overlap": 1.0,
+                                             "kept_to_dropped": 0, "dropped_to_kept": 0}
