@@ -167,6 +167,24 @@ def file_rows(path: Path) -> int:
         raise ArtifactError(f"{path} is not a readable {kind} file: {error}") from error
 
 
+def read_data_file(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A data file as a table, by its kind (see `file_rows`); JSON Lines take the types pyarrow infers."""
+    path = Path(path)
+    try:
+        if path.suffix == ".jsonl":
+            import pyarrow.json as pa_json
+
+            table = pa_json.read_json(path)
+        elif path.suffix == ".arrow":
+            with pa.memory_map(str(path)) as source:
+                table = pa.ipc.open_stream(source).read_all()
+        else:
+            return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        raise ArtifactError(f"{path} is not a readable data file: {error}") from error
+    return table.select(columns) if columns is not None else table
+
+
 def shard_is_valid(path: Path, expected_sha256: str | None = None, expected_rows: int | None = None) -> bool:
     """True when the shard exists, reads as its kind of file and matches the recorded checksum and row count."""
     path = Path(path)
@@ -217,8 +235,8 @@ def refuse_repeated_sample_ids(folder: Path, manifest: dict[str, Any]) -> None:
     for entry in manifest["shards"]:
         path = Path(folder) / entry["file"]
         try:
-            ids = pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
-        except (pa.ArrowException, OSError) as error:
+            ids = read_data_file(path, columns=["sample_id"]).column("sample_id").to_pylist()
+        except (ArtifactError, KeyError) as error:
             raise ArtifactError(f"{path} has no readable sample_id column: {error}") from error
         for sample_id in ids:
             if sample_id in seen:

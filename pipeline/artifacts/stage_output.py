@@ -120,7 +120,7 @@ def _refuse_output_in_inputs(output: Path, inputs: Sequence[Path]) -> None:
         raise ArtifactError(f"{problem}; choose an output folder outside the inputs")
 
 
-def _listed_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def listed_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Every file entry a manifest lists: its shards and single files such as `rejected`."""
     singles = [v for v in manifest.values() if isinstance(v, dict) and {"file", "sha256", "rows"} <= set(v)]
     return [*manifest["shards"], *singles]
@@ -213,7 +213,7 @@ class StageOutput:
         """Names of the files this stage wrote here: named by its manifest or its progress records."""
         names = {p.name.removesuffix(".json") for p in (self.folder / PROGRESS).glob("*.json")}
         if self.previous.manifest is not None:
-            names |= {entry["file"] for entry in _listed_entries(self.previous.manifest)}
+            names |= {entry["file"] for entry in listed_entries(self.previous.manifest)}
         return names
 
     def foreign_files(self) -> list[str]:
@@ -229,7 +229,7 @@ class StageOutput:
         if manifest is None or self.identity is None or manifest.get("run_identity") != self.identity:
             return None
         try:
-            for entry in _listed_entries(manifest):
+            for entry in listed_entries(manifest):
                 verify_listed_shard(self.folder, entry)
         except ArtifactError:
             return None
@@ -264,7 +264,7 @@ class StageOutput:
         then write the manifest (validated, with the run identity), last. Returns what was written."""
         if self.identity is not None:
             manifest = manifest | {"run_identity": self.identity}
-        entries = _listed_entries(manifest)
+        entries = listed_entries(manifest)
         for entry in entries:
             record = read_record(self.folder, entry["file"])
             if record is None or (record.get("sha256"), record.get("rows")) != (entry["sha256"], entry["rows"]):

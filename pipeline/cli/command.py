@@ -94,8 +94,10 @@ def stage_command(
     help: str,
     description: str,
     report: Report = print_summary,
+    positional: tuple[str, ...] = (),
 ) -> Callable[[argparse._SubParsersAction], None]:
-    """A `register(commands)` that adds subcommand `name`: flags from `config_class`, then `run`, then `report`."""
+    """A `register(commands)` that adds subcommand `name`: flags from `config_class` (the fields in
+    `positional` as positional arguments), then `run`, then `report`."""
 
     def handle(arguments: argparse.Namespace) -> int:
         config = config_from_arguments(config_class, arguments)
@@ -112,7 +114,7 @@ def stage_command(
 
     def register(commands: argparse._SubParsersAction) -> None:
         parser = commands.add_parser(name, help=help, description=description)
-        add_config_arguments(parser, config_class)
+        add_config_arguments(parser, config_class, positional)
         parser.set_defaults(handler=handle)
 
     return register

@@ -221,3 +221,12 @@ class ExportConfig(StageConfig):
         False, description="Write into an output folder holding other files or an export of other inputs or settings "
         "(files of other names are left as they are).", run_key=False,
     )
+
+
+class ValidateConfig(StageConfig):
+    """`sstoken validate`: check an artifact folder (or every one under a run folder) against its schema and manifest."""
+
+    folder: Path = setting(
+        description="An artifact folder (tokenized, scores, masks, export, train output, a history cache folder) or a "
+        "folder holding several (a run folder): each is checked.", run_key=False,
+    )

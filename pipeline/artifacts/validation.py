@@ -1,0 +1,472 @@
+"""Check an artifact folder against its schema and manifest, and the contracts every stage keeps.
+
+    report = validate_folder(folder)     # one FolderReport: a Finding per check, problems named
+    folders = find_artifacts(root)       # a run folder (or any tree): every artifact folder in it
+
+Checks, by name (each reports every problem it finds, not only the first):
+- manifest: manifest.json is readable and matches manifest.v1.schema.json;
+- files: every file it lists exists with its checksum and row count;
+- fingerprint: its data_fingerprint is the digest of the shards it lists;
+- schema: every shard has its schema's columns and types (`schemas/KIND.v1.json`);
+- counts: the manifest's counts are the shards' (rows, tokens, trainable, kept, labels) and add up
+  (rows read = written + rejected; samples in = exported + skipped);
+- alignment: every per-token list is len(input_ids) long, position 0 is never a target, keep only
+  where trainable, NaN exactly off the targets (a signal not computed is NaN everywhere), counts per
+  row match their lists; exports: labels -100 or the token, -100 at position 0;
+- unique ids: no sample id twice;
+- join: scores and masks join the tokenized data they name (same tokenizer, same data, every id on
+  both sides, same lengths); exports and train outputs: their inputs still hold what they were
+  made from, an export's labels are its masks', a train output's checkpoint is the one it names.
+
+A history cache folder (no manifest: files named as the tokenized shards) gets schema, unique ids
+and position 0. The functions raise nothing for a bad artifact: every problem becomes a finding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.artifacts.files import MANIFEST, read_data_file, read_manifest, refuse_repeated_sample_ids, verify_listed_shard
+from pipeline.artifacts.schemas import arrow_schema, validate_table
+from pipeline.artifacts.stage_output import PROGRESS, listed_entries
+from pipeline.artifacts.training_data import join_samples, open_training_data, shards_key
+from pipeline.core.errors import UserError
+
+IGNORE_INDEX = -100
+# Per-token list columns of each kind; the float ones hold NaN off the targets.
+LIST_COLUMNS = {
+    "tokenized": ("input_ids", "trainable"),
+    "scores": ("nll_cur", "nll_hist", "rel", "attn", "score", "keep"),
+    "masks": ("score", "keep"),
+    "export": ("input_ids", "attention_mask", "labels"),
+    "history_nll": ("nll",),
+}
+FLOAT_COLUMNS = {"scores": ("nll_cur", "nll_hist", "rel", "attn", "score"), "masks": ("score",), "history_nll": ("nll",)}
+# manifest count -> what it counts in the shards ("rows", or the column it sums)
+COUNTED = {
+    "rows_written": "rows", "samples": "rows", "exported": "rows",
+    "tokens": "n_tokens", "trainable_tokens": "n_trainable", "trainable": "n_trainable", "kept": "n_kept", "labels": "n_kept",
+}
+HISTORY_CACHE = "history_nll"
+SKIP_DIRS = {PROGRESS, "checkpoint", ".git"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    problems: tuple[str, ...]
+    detail: str = ""  # what was checked, when it passed; why it was skipped
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class FolderReport:
+    folder: Path
+    kind: str
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{f.check}: {p}" for f in self.findings for p in f.problems]
+
+
+@dataclass
+class _Shard:
+    file: str
+    table: pa.Table
+
+
+def _example(ids: list[str], count: int, where: str) -> str:
+    return f"{count} sample{'s' if count != 1 else ''} of {where} (e.g. {ids[0]!r})"
+
+
+def _lists(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat values, offsets) of a list column."""
+    array = table.column(name).combine_chunks()
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy(zero_copy_only=False)
+    return values[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def _rows_where(table: pa.Table, offsets: np.ndarray, flat_bad: np.ndarray) -> list[str]:
+    """Sample ids of the rows holding at least one flagged element."""
+    rows = np.unique(np.searchsorted(offsets, np.flatnonzero(flat_bad), side="right") - 1)
+    ids = table.column("sample_id").to_pylist()
+    return [ids[r] for r in rows]
+
+
+# -- the checks of one shard, given its targets ---------------------------------------------------
+
+
+def _alignment_problems(kind: str, shard: _Shard, trainable: pa.ChunkedArray | None) -> list[str]:
+    """Lengths, position 0, keep within the targets, NaN off the targets, per-row counts of one shard."""
+    table, where = shard.table, shard.file
+    problems: list[str] = []
+    ids = table.column("sample_id").to_pylist()
+    n_tokens = table.column("n_tokens").to_numpy() if "n_tokens" in table.column_names else None
+    for name in LIST_COLUMNS[kind]:
+        lengths = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+        expected = n_tokens if n_tokens is not None else lengths
+        bad = np.flatnonzero(lengths != expected)
+        if trainable is not None and not len(bad):
+            bad = np.flatnonzero(lengths != pc.list_value_length(trainable).to_numpy(zero_copy_only=False))
+        if len(bad):
+            problems.append(f"length: '{name}' is not len(input_ids) long in {_example([ids[i] for i in bad], len(bad), where)}")
+    if problems:
+        return problems  # the element checks below assume aligned lists
+    starts = None
+    if kind == "tokenized":
+        values, offsets = _lists(table, "trainable")
+        problems += _position_zero(table, offsets, values.astype(bool), "trainable", where)
+        problems += _row_count(table, offsets, values.astype(bool), "n_trainable", "trainable", where)
+        return problems
+    if kind == "export":
+        return problems + _export_problems(table, where)
+    target = None
+    if trainable is not None:
+        target, starts = _lists(pa.table({"t": trainable}), "t")
+        target = target.astype(bool)
+    if "keep" in LIST_COLUMNS[kind]:
+        keep, offsets = _lists(table, "keep")
+        keep = keep.astype(bool)
+        problems += _position_zero(table, offsets, keep, "keep", where)
+        problems += _row_count(table, offsets, keep, "n_kept", "keep", where)
+        if target is not None:
+            off = keep & ~target
+            if off.any():
+                problems.append(f"keep off the targets: keep is true where trainable is false in "
+                                f"{_example(_rows_where(table, offsets, off), len(_rows_where(table, offsets, off)), where)}")
+            if "n_trainable" in table.column_names:
+                problems += _row_count(table, starts, target, "n_trainable", "the tokenized trainable", where)
+    for name in FLOAT_COLUMNS.get(kind, ()):
+        values, offsets = _lists(table, name)
+        nan = np.isnan(values.astype(np.float64))
+        if target is None:
+            problems += _position_zero_nan(table, offsets, nan, name, where)
+            continue
+        bad = ~nan & ~target
+        if bad.any():
+            rows = _rows_where(table, offsets, bad)
+            problems.append(f"NaN off targets: '{name}' holds a number off the targets in {_example(rows, len(rows), where)}")
+        at_targets = nan & target
+        if at_targets.any() and not (nan | ~target).all():
+            rows = _rows_where(table, offsets, at_targets)
+            problems.append(f"NaN at targets: '{name}' is NaN at {int(at_targets.sum())} targets (a signal is computed at "
+                            f"every target or at none) in {_example(rows, len(rows), where)}")
+    return problems
+
+
+def _position_zero(table: pa.Table, offsets: np.ndarray, flags: np.ndarray, name: str, where: str) -> list[str]:
+    starts = offsets[:-1][offsets[:-1] < offsets[1:]]
+    bad = np.flatnonzero(flags[starts])
+    if not len(bad):
+        return []
+    ids = table.column("sample_id").to_pylist()
+    nonempty = np.flatnonzero(offsets[:-1] < offsets[1:])
+    return [f"position 0: '{name}' is true at position 0 (never a target) in "
+            f"{_example([ids[nonempty[i]] for i in bad], len(bad), where)}"]
+
+
+def _position_zero_nan(table: pa.Table, offsets: np.ndarray, nan: np.ndarray, name: str, where: str) -> list[str]:
+    starts = offsets[:-1][offsets[:-1] < offsets[1:]]
+    return _position_zero(table, offsets, ~nan, name, where) if len(starts) and (~nan[starts]).any() else []
+
+
+def _row_count(table: pa.Table, offsets: np.ndarray, flags: np.ndarray, column: str, of: str, where: str) -> list[str]:
+    if column not in table.column_names:
+        return []
+    sums = np.add.reduceat(flags.astype(np.int64), offsets[:-1]) if len(flags) else np.zeros(len(offsets) - 1, np.int64)
+    sums = np.where(offsets[:-1] < offsets[1:], sums, 0)  # reduceat gives an empty row the next element
+    bad = np.flatnonzero(sums != table.column(column).to_numpy())
+    if not len(bad):
+        return []
+    ids = table.column("sample_id").to_pylist()
+    return [f"row counts: '{column}' is not the number of true entries of {of} in {_example([ids[i] for i in bad], len(bad), where)}"]
+
+
+def _export_problems(table: pa.Table, where: str) -> list[str]:
+    ids, offsets = _lists(table, "input_ids")
+    labels, _ = _lists(table, "labels")
+    mask, _ = _lists(table, "attention_mask")
+    problems = []
+    labelled = labels != IGNORE_INDEX
+    problems += _position_zero(table, offsets, labelled, "labels", where)
+    wrong = labelled & (labels != ids)
+    if wrong.any():
+        rows = _rows_where(table, offsets, wrong)
+        problems.append(f"labels: a label is neither -100 nor its token in {_example(rows, len(rows), where)}")
+    if (mask != 1).any():
+        rows = _rows_where(table, offsets, mask != 1)
+        problems.append(f"attention mask: not 1 at every token in {_example(rows, len(rows), where)}")
+    return problems + _row_count(table, offsets, labelled, "n_kept", "labels != -100", where)
+
+
+# -- folder-level checks ---------------------------------------------------------------------------
+
+
+def _check(report: FolderReport, name: str, run: Callable[[], list[str] | str]) -> None:
+    """Run one check; a list is its problems, a string what it checked (passed); a UserError is a problem."""
+    try:
+        outcome = run()
+    except UserError as error:
+        outcome = [str(error)]
+    if isinstance(outcome, str):
+        report.findings.append(Finding(name, (), outcome))
+    else:
+        report.findings.append(Finding(name, tuple(outcome)))
+
+
+def _skip(report: FolderReport, name: str, why: str) -> None:
+    report.findings.append(Finding(name, (), f"skipped: {why}"))
+
+
+def _files(folder: Path, manifest: dict[str, Any]) -> list[str] | str:
+    problems = []
+    for entry in listed_entries(manifest):
+        try:
+            verify_listed_shard(folder, entry)
+        except UserError as error:
+            problems.append(str(error))
+    return problems or f"{len(listed_entries(manifest))} files: checksums and row counts as listed"
+
+
+def _fingerprint(manifest: dict[str, Any]) -> list[str] | str:
+    if "data_fingerprint" not in manifest:
+        return "no data_fingerprint recorded"
+    if manifest["data_fingerprint"] != shards_key(manifest):
+        return [f"data_fingerprint {manifest['data_fingerprint'][:12]} is not the digest of the listed shards "
+                f"({shards_key(manifest)[:12]}); the manifest was edited"]
+    return "data_fingerprint is the digest of the listed shards"
+
+
+def _read_shards(folder: Path, manifest: dict[str, Any]) -> tuple[list[_Shard], list[str]]:
+    shards, problems = [], []
+    for entry in manifest["shards"]:
+        try:
+            shards.append(_Shard(entry["file"], read_data_file(folder / entry["file"])))
+        except UserError as error:
+            problems.append(str(error))
+    return shards, problems
+
+
+def _schema(kind: str, shards: list[_Shard]) -> list[str] | str:
+    problems = []
+    for shard in shards:
+        try:
+            table = shard.table
+            if shard.file.endswith(".jsonl"):  # JSON has no int widths: the values must fit the schema's
+                table = table.select(arrow_schema(kind).names).cast(arrow_schema(kind))
+            validate_table(table, kind, source=shard.file)
+        except (UserError, pa.ArrowException, KeyError) as error:
+            problems.append(f"{shard.file}: {error}")
+    return problems or f"{len(shards)} shards match {kind}.v1"
+
+
+def _counts(manifest: dict[str, Any], shards: list[_Shard]) -> list[str] | str:
+    counts, problems = manifest["counts"], []
+    for name, what in COUNTED.items():
+        if name not in counts or (what != "rows" and not all(what in s.table.column_names for s in shards)):
+            continue
+        found = sum(s.table.num_rows if what == "rows" else int(pc.sum(s.table.column(what)).as_py() or 0) for s in shards)
+        if counts[name] != found:
+            problems.append(f"the manifest counts {name} = {counts[name]}, the shards hold {found}")
+    for total, parts in (("rows_read", ("rows_written", "rows_rejected")), ("samples_in", ("exported", "skipped_without_kept"))):
+        if all(k in counts for k in (total, *parts)) and counts[total] != sum(counts[k] for k in parts):
+            problems.append(f"{total} = {counts[total]} is not {' + '.join(parts)} = {sum(counts[k] for k in parts)}")
+    return problems or "manifest counts match the shards"
+
+
+def _unique_ids(folder: Path, manifest: dict[str, Any]) -> list[str] | str:
+    refuse_repeated_sample_ids(folder, manifest)
+    return "every sample id once"
+
+
+def _trainable_by_id(tokenized: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """sample_id -> trainable list (arrow scalars) of a tokenized folder."""
+    table = pa.concat_tables([read_data_file(tokenized / s["file"], ["sample_id", "trainable"]) for s in manifest["shards"]])
+    return dict(zip(table.column("sample_id").to_pylist(), table.column("trainable")))
+
+
+def _targets_of(shard: _Shard, trainable: dict[str, Any] | None) -> pa.ChunkedArray | None:
+    if trainable is None:
+        return None
+    ids = shard.table.column("sample_id").to_pylist()
+    if not all(i in trainable for i in ids):
+        return None
+    return pa.chunked_array([pa.array([trainable[i].as_py() for i in ids], type=pa.list_(pa.bool_()))])
+
+
+def _tokenized_input(manifest: dict[str, Any]) -> Path | None:
+    entries = [i for i in manifest.get("inputs", []) if i.get("kind") == "tokenized" and "path" in i]
+    return Path(entries[0]["path"]) if entries else None
+
+
+def _join(folder: Path, manifest: dict[str, Any]) -> list[str] | str:
+    tokenized = _tokenized_input(manifest)
+    if tokenized is None:
+        return [f"{folder / MANIFEST} names no tokenized input"]
+    source = open_training_data(tokenized, folder)
+    joined = join_samples(source)
+    return f"joins {tokenized} by sample id ({len(joined)} samples, same tokenizer and data, same lengths)"
+
+
+def _inputs_unchanged(manifest: dict[str, Any]) -> list[str] | str:
+    """Each recorded input that still exists holds the data (shards) it was made from."""
+    problems, checked = [], []
+    for entry in manifest.get("inputs", []):
+        path = Path(entry.get("path", ""))
+        if "data_fingerprint" not in entry or not (path / MANIFEST).is_file():
+            continue
+        found = shards_key(read_manifest(path))
+        if found != entry["data_fingerprint"]:
+            problems.append(f"input {path} ({entry.get('kind')}) no longer holds the data this was made from "
+                            f"(data fingerprint {found[:12]}, recorded {entry['data_fingerprint'][:12]})")
+        checked.append(str(path))
+    return problems or (f"inputs unchanged: {', '.join(checked)}" if checked else "skipped: no recorded input exists here")
+
+
+def _export_labels_match_masks(folder: Path, manifest: dict[str, Any], shards: list[_Shard]) -> list[str] | str:
+    paths = {i.get("kind"): Path(i["path"]) for i in manifest.get("inputs", []) if "path" in i}
+    masks_path = paths.get("scores", paths.get("masks"))
+    if paths.get("tokenized") is None or masks_path is None or not (masks_path / MANIFEST).is_file():
+        return "skipped: the masks it was made from are not here"
+    source = open_training_data(paths["tokenized"], masks_path)
+    keep = {}
+    for entry in source.masks_manifest["shards"]:
+        table = read_data_file(masks_path / entry["file"], ["sample_id", "keep"])
+        keep.update(zip(table.column("sample_id").to_pylist(), table.column("keep").to_pylist()))
+    differ = []
+    for shard in shards:
+        for sample_id, labels in zip(shard.table.column("sample_id").to_pylist(), shard.table.column("labels").to_pylist()):
+            mask = keep.get(sample_id)
+            if mask is None or [label != IGNORE_INDEX for label in labels[1:]] != [bool(k) for k in mask[1:len(labels)]] \
+                    or len(mask) != len(labels):
+                differ.append(sample_id)
+    if differ:
+        return [f"labels are not the keep masks of {masks_path} in {_example(differ, len(differ), str(folder))}"]
+    return f"labels are the keep masks of {masks_path}"
+
+
+def _train_checkpoint(folder: Path, manifest: dict[str, Any]) -> list[str] | str:
+    from pipeline.core.checkpoints import checkpoint_fingerprint
+
+    final = manifest.get("checkpoints", {}).get("final")
+    if final is None:
+        return [f"{folder / MANIFEST} names no final checkpoint"]
+    found = checkpoint_fingerprint(folder / "checkpoint")
+    if found != final["fingerprint"]:
+        return [f"{folder / 'checkpoint'} is not the checkpoint the manifest names (fingerprint {found[:12]}, "
+                f"recorded {final['fingerprint'][:12]}); it changed after training"]
+    return "checkpoint/ is the final checkpoint the manifest names"
+
+
+def _validate_manifest_folder(folder: Path) -> FolderReport:
+    report = FolderReport(folder, "?")
+    try:
+        manifest = read_manifest(folder)
+    except UserError as error:
+        report.findings.append(Finding("manifest", (str(error),)))
+        return report
+    kind = report.kind = manifest["kind"]
+    report.findings.append(Finding("manifest", (), f"kind {kind}, matches manifest.v1"))
+    _check(report, "files", lambda: _files(folder, manifest))
+    _check(report, "fingerprint", lambda: _fingerprint(manifest))
+    if kind == "train":
+        _check(report, "join", lambda: _inputs_unchanged(manifest))
+        _check(report, "checkpoint", lambda: _train_checkpoint(folder, manifest))
+        return report
+    shards, unreadable = _read_shards(folder, manifest)
+    if unreadable:
+        report.findings.append(Finding("schema", tuple(unreadable)))
+        return report
+    _check(report, "schema", lambda: _schema(kind, shards))
+    if not report.findings[-1].ok:
+        return report  # the checks below read the schema's columns
+    _check(report, "counts", lambda: _counts(manifest, shards))
+    _check(report, "unique ids", lambda: _unique_ids(folder, manifest))
+    trainable = None
+    if kind in ("scores", "masks"):
+        _check(report, "join", lambda: _join(folder, manifest))
+        tokenized = _tokenized_input(manifest)
+        if report.findings[-1].ok and tokenized is not None:
+            trainable = _trainable_by_id(tokenized, read_manifest(tokenized))
+    if kind == "export":
+        _check(report, "join", lambda: _inputs_unchanged(manifest))
+        _check(report, "labels", lambda: _export_labels_match_masks(folder, manifest, shards))
+    _check(report, "alignment", lambda: _alignment(kind, shards, trainable))
+    return report
+
+
+def _alignment(kind: str, shards: list[_Shard], trainable: dict[str, Any] | None) -> list[str] | str:
+    problems = [p for s in shards for p in _alignment_problems(kind, s, _targets_of(s, trainable))]
+    if problems:
+        return problems
+    scope = "against the tokenized targets" if trainable is not None or kind in ("tokenized", "export") else "without targets"
+    return f"lengths, position 0, keep and NaN {scope}"
+
+
+def _is_history_cache(folder: Path) -> bool:
+    return HISTORY_CACHE in folder.parts and not (folder / MANIFEST).exists() and any(folder.glob("*.parquet"))
+
+
+def _validate_history_cache(folder: Path) -> FolderReport:
+    report = FolderReport(folder, "history_nll")
+    shards, unreadable = [], []
+    for path in sorted(folder.glob("*.parquet")):
+        try:
+            shards.append(_Shard(path.name, read_data_file(path)))
+        except UserError as error:
+            unreadable.append(str(error))
+    if unreadable:
+        report.findings.append(Finding("schema", tuple(unreadable)))
+        return report
+    _check(report, "schema", lambda: _schema("history_nll", shards))
+    if report.findings[-1].ok:
+        listing = {"shards": [{"file": s.file} for s in shards]}
+        _check(report, "unique ids", lambda: _unique_ids(folder, listing))
+        _check(report, "alignment", lambda: _alignment("history_nll", shards, None))
+    return report
+
+
+def validate_folder(folder: Path) -> FolderReport:
+    """Every check of one artifact folder (a manifest folder, or a history cache folder)."""
+    folder = Path(folder)
+    if _is_history_cache(folder):
+        return _validate_history_cache(folder)
+    return _validate_manifest_folder(folder)
+
+
+def _walk(folder: Path, depth: int) -> Iterator[Path]:
+    if (folder / MANIFEST).exists() or _is_history_cache(folder):
+        yield folder
+        return
+    if depth == 0:
+        return
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in SKIP_DIRS and not p.name.startswith(".")):
+        yield from _walk(child, depth - 1)
+
+
+def find_artifacts(root: Path, depth: int = 6) -> list[Path]:
+    """`root` when it is an artifact folder, else every artifact folder under it (a run folder's tokenized/,
+    rounds/rNNN/scores/, masks/, train/ ...; a history cache's leaves)."""
+    root = Path(root)
+    if (root / MANIFEST).exists() or _is_history_cache(root):
+        return [root]
+    return list(_walk(root, depth))
+
+
+def report_as_dict(report: FolderReport) -> dict[str, Any]:
+    return {"folder": str(report.folder), "kind": report.kind,
+            "checks": [{"check": f.check, "ok": f.ok, "problems": list(f.problems), "detail": f.detail} for f in report.findings]}
+
+
