@@ -411,8 +411,13 @@ def _alignment(kind: str, shards: list[_Shard], trainable: dict[str, Any] | None
     problems = [p for s in shards for p in _alignment_problems(kind, s, _targets_of(s, trainable))]
     if problems:
         return problems
-    scope = "against the tokenized targets" if trainable is not None or kind in ("tokenized", "export") else "without targets"
-    return f"lengths, position 0, keep and NaN {scope}"
+    if kind == "tokenized":
+        return "lengths, position 0 never trainable, n_trainable per row"
+    if kind == "export":
+        return "lengths, labels -100 or their token (-100 at position 0), attention mask 1, n_kept per row"
+    if trainable is not None:
+        return "lengths, position 0, keep only where trainable, NaN exactly off the targets, counts per row"
+    return "lengths, position 0 never a target (no tokenized data here to take the targets from)"
 
 
 def _is_history_cache(folder: Path) -> bool:

@@ -53,7 +53,7 @@ def test_real_artifacts_pass_every_check(artifacts):
     checks = {c["check"] for f in summary.details["folders"] for c in f["checks"]}
     assert {"manifest", "files", "fingerprint", "schema", "counts", "unique ids", "join", "alignment", "labels"} <= checks
     scores = next(f for f in summary.details["folders"] if f["kind"] == "scores")
-    assert "against the tokenized targets" in next(c["detail"] for c in scores["checks"] if c["check"] == "alignment")
+    assert "keep only where trainable, NaN exactly off the targets" in next(c["detail"] for c in scores["checks"] if c["check"] == "alignment")
 
 
 # -- corruptions: each makes a copy of the artifacts, breaks one property, and expects its message ------
