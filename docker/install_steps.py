@@ -110,14 +110,17 @@ def install_script(instructions: list[Instruction]) -> list[tuple[str, str]]:
             if i.keyword in ("ENV", "WORKDIR", "COPY", "RUN")]
 
 
-def run_steps(dockerfile: Path, sandbox: Path, repo: Path = REPO) -> list[tuple[str, float]]:
-    """Replay the install steps in `sandbox`; returns each RUN line with its seconds. Raises on a failing step."""
+def run_steps(dockerfile: Path, sandbox: Path, repo: Path = REPO, quiet: bool = True) -> list[tuple[str, float]]:
+    """Replay the install steps in `sandbox`; returns each RUN line with its seconds. Raises on a failing step.
+    `quiet`: pip prints warnings and errors only."""
     steps = install_script(parse_dockerfile(dockerfile.read_text()))
     venv = _throwaway_venv(sandbox)
     env = dict(os.environ)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
     env["VIRTUAL_ENV"] = str(venv)
     env.pop("PYTHONPATH", None)  # the image has none: the installed package must be the one that runs
+    if quiet:
+        env.setdefault("PIP_QUIET", "1")
     workdir = sandbox
     timings: list[tuple[str, float]] = []
     for keyword, arguments in steps:
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dockerfile", type=Path, nargs="+")
     parser.add_argument("--print", action="store_true", help="Show the steps instead of running them.")
+    parser.add_argument("--verbose", action="store_true", help="Show pip's output.")
     arguments = parser.parse_args(argv)
     for dockerfile in arguments.dockerfile:
         if arguments.print:
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{keyword} {step}")
             continue
         with tempfile.TemporaryDirectory(prefix="sstoken-image-") as sandbox:
-            for step, seconds in run_steps(dockerfile, Path(sandbox)):
+            for step, seconds in run_steps(dockerfile, Path(sandbox), quiet=not arguments.verbose):
                 print(f"{dockerfile.name}: {seconds:6.1f} s  RUN {step}", flush=True)
     return 0
 
