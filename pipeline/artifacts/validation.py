@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import polars as pl
 import pyarrow.compute as pc
 
 from pipeline.artifacts.files import MANIFEST, read_data_file, read_manifest, refuse_repeated_sample_ids, verify_listed_shard
@@ -131,7 +132,7 @@ def _alignment_problems(kind: str, shard: _Shard, trainable: pa.ChunkedArray | N
         problems += _row_count(table, offsets, values.astype(bool), "n_trainable", "trainable", where)
         return problems
     if kind == "export":
-        return problems + _export_problems(table, where)
+        return problems + _export_problems(table, where, trainable)
     target = None
     if trainable is not None:
         target, starts = _lists(pa.table({"t": trainable}), "t")
@@ -194,13 +195,19 @@ def _row_count(table: pa.Table, offsets: np.ndarray, flags: np.ndarray, column: 
     return [f"row counts: '{column}' is not the number of true entries of {of} in {_example([ids[i] for i in bad], len(bad), where)}"]
 
 
-def _export_problems(table: pa.Table, where: str) -> list[str]:
+def _export_problems(table: pa.Table, where: str, trainable: pa.ChunkedArray | None) -> list[str]:
     ids, offsets = _lists(table, "input_ids")
     labels, _ = _lists(table, "labels")
     mask, _ = _lists(table, "attention_mask")
     problems = []
     labelled = labels != IGNORE_INDEX
     problems += _position_zero(table, offsets, labelled, "labels", where)
+    if trainable is not None:
+        target, _ = _lists(pa.table({"t": trainable}), "t")
+        off = labelled & ~target.astype(bool)
+        if off.any():
+            rows = _rows_where(table, offsets, off)
+            problems.append(f"labels off the targets: a label where trainable is false in {_example(rows, len(rows), where)}")
     wrong = labelled & (labels != ids)
     if wrong.any():
         rows = _rows_where(table, offsets, wrong)
@@ -291,19 +298,27 @@ def _unique_ids(folder: Path, manifest: dict[str, Any]) -> list[str] | str:
     return "every sample id once"
 
 
-def _trainable_by_id(tokenized: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """sample_id -> trainable list (arrow scalars) of a tokenized folder."""
-    table = pa.concat_tables([read_data_file(tokenized / s["file"], ["sample_id", "trainable"]) for s in manifest["shards"]])
-    return dict(zip(table.column("sample_id").to_pylist(), table.column("trainable")))
+def _column_by_id(folder: Path, manifest: dict[str, Any], column: str) -> pl.DataFrame:
+    """sample_id and one per-token column of every shard a manifest lists."""
+    return pl.concat([pl.from_arrow(read_data_file(folder / s["file"], ["sample_id", column])) for s in manifest["shards"]])
 
 
-def _targets_of(shard: _Shard, trainable: dict[str, Any] | None) -> pa.ChunkedArray | None:
-    if trainable is None:
+def _trainable_by_id(tokenized: Path, manifest: dict[str, Any]) -> pl.DataFrame:
+    """sample_id, trainable of a tokenized folder."""
+    return _column_by_id(tokenized, manifest, "trainable")
+
+
+def _aligned(shard: _Shard, by_id: pl.DataFrame, column: str) -> pa.ChunkedArray | None:
+    """`column` of `by_id` in the shard's row order; None when a sample of the shard has no row there."""
+    ids = pl.DataFrame({"sample_id": shard.table.column("sample_id").to_pylist()}, schema={"sample_id": pl.String})
+    joined = ids.join(by_id.unique("sample_id", keep="first"), on="sample_id", how="left", maintain_order="left")
+    if joined[column].null_count():
         return None
-    ids = shard.table.column("sample_id").to_pylist()
-    if not all(i in trainable for i in ids):
-        return None
-    return pa.chunked_array([pa.array([trainable[i].as_py() for i in ids], type=pa.list_(pa.bool_()))])
+    return joined[column].to_arrow()
+
+
+def _targets_of(shard: _Shard, trainable: pl.DataFrame | None) -> pa.ChunkedArray | None:
+    return None if trainable is None else _aligned(shard, trainable, "trainable")
 
 
 def _tokenized_input(manifest: dict[str, Any]) -> Path | None:
@@ -336,22 +351,25 @@ def _inputs_unchanged(manifest: dict[str, Any]) -> list[str] | str:
 
 
 def _export_labels_match_masks(folder: Path, manifest: dict[str, Any], shards: list[_Shard]) -> list[str] | str:
+    """Every row's labels are where its masks keep (position 0 aside), when the masks it names are here."""
     paths = {i.get("kind"): Path(i["path"]) for i in manifest.get("inputs", []) if "path" in i}
     masks_path = paths.get("scores", paths.get("masks"))
     if paths.get("tokenized") is None or masks_path is None or not (masks_path / MANIFEST).is_file():
         return "skipped: the masks it was made from are not here"
     source = open_training_data(paths["tokenized"], masks_path)
-    keep = {}
-    for entry in source.masks_manifest["shards"]:
-        table = read_data_file(masks_path / entry["file"], ["sample_id", "keep"])
-        keep.update(zip(table.column("sample_id").to_pylist(), table.column("keep").to_pylist()))
-    differ = []
+    keep_by_id = _column_by_id(masks_path, source.masks_manifest, "keep")
+    differ: list[str] = []
     for shard in shards:
-        for sample_id, labels in zip(shard.table.column("sample_id").to_pylist(), shard.table.column("labels").to_pylist()):
-            mask = keep.get(sample_id)
-            if mask is None or [label != IGNORE_INDEX for label in labels[1:]] != [bool(k) for k in mask[1:len(labels)]] \
-                    or len(mask) != len(labels):
-                differ.append(sample_id)
+        keep = _aligned(shard, keep_by_id, "keep")
+        if keep is None or not np.array_equal(pc.list_value_length(keep).to_numpy(zero_copy_only=False),
+                                               pc.list_value_length(shard.table.column("labels")).to_numpy(zero_copy_only=False)):
+            differ += shard.table.column("sample_id").to_pylist()
+            continue
+        labels, offsets = _lists(shard.table, "labels")
+        expected, _ = _lists(pa.table({"keep": keep}), "keep")
+        expected = expected.astype(bool)
+        expected[offsets[:-1][offsets[:-1] < offsets[1:]]] = False  # position 0 is never a label
+        differ += _rows_where(shard.table, offsets, (labels != IGNORE_INDEX) != expected)
     if differ:
         return [f"labels are not the keep masks of {masks_path} in {_example(differ, len(differ), str(folder))}"]
     return f"labels are the keep masks of {masks_path}"
@@ -402,19 +420,23 @@ def _validate_manifest_folder(folder: Path) -> FolderReport:
             trainable = _trainable_by_id(tokenized, read_manifest(tokenized))
     if kind == "export":
         _check(report, "join", lambda: _inputs_unchanged(manifest))
+        tokenized = _tokenized_input(manifest)
+        if report.findings[-1].ok and tokenized is not None and (tokenized / MANIFEST).is_file():
+            trainable = _trainable_by_id(tokenized, read_manifest(tokenized))
         _check(report, "labels", lambda: _export_labels_match_masks(folder, manifest, shards))
     _check(report, "alignment", lambda: _alignment(kind, shards, trainable))
     return report
 
 
-def _alignment(kind: str, shards: list[_Shard], trainable: dict[str, Any] | None) -> list[str] | str:
+def _alignment(kind: str, shards: list[_Shard], trainable: pl.DataFrame | None) -> list[str] | str:
     problems = [p for s in shards for p in _alignment_problems(kind, s, _targets_of(s, trainable))]
     if problems:
         return problems
     if kind == "tokenized":
         return "lengths, position 0 never trainable, n_trainable per row"
     if kind == "export":
-        return "lengths, labels -100 or their token (-100 at position 0), attention mask 1, n_kept per row"
+        where = " and only where trainable" if trainable is not None else ""
+        return f"lengths, labels -100 or their token{where} (-100 at position 0), attention mask 1, n_kept per row"
     if trainable is not None:
         return "lengths, position 0, keep only where trainable, NaN exactly off the targets, counts per row"
     return "lengths, position 0 never a target (no tokenized data here to take the targets from)"

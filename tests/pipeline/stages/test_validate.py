@@ -151,7 +151,11 @@ CORRUPTIONS = {
         f, lambda m: m["inputs"][1].update(data_fingerprint="1" * 64)), "was made from other tokenized data"),
     "wrong tokenizer fingerprint": ("scores", lambda f: _edit_manifest(
         f, lambda m: m["tokenizer"].update(fingerprint="2" * 64)), "was made with another tokenizer"),
-    "export label not its token": ("export", None, "labels: a label is neither -100 nor its token"),
+    "export label not its token": ("export", lambda f: _corrupt_export_label(f, "other token"),
+                                   "labels: a label is neither -100 nor its token"),
+    "export label off trainable": ("export", lambda f: _corrupt_export_label(f, "context"),
+                                   "labels off the targets: a label where trainable is false"),
+    "export labels not its masks": ("export", lambda f: _corrupt_export_label(f, "dropped"), "labels are not the keep masks"),
 }
 
 
@@ -162,10 +166,7 @@ def test_each_corruption_is_caught_and_named(artifacts, tmp_path, name):
     shutil.copytree(artifacts, copy, ignore=shutil.ignore_patterns("cache"))
     _repoint(copy, artifacts)
     assert _problems(_validate(copy / folder_name)) == []  # the copy itself is sound
-    if corrupt is None:
-        _corrupt_export_label(copy / folder_name)
-    else:
-        corrupt(copy / folder_name)
+    corrupt(copy / folder_name)
     problems = _problems(_validate(copy / folder_name))
     assert any(expected in problem for problem in problems), problems
 
@@ -177,11 +178,24 @@ def _repoint(copy: Path, original: Path) -> None:
         manifest_path.write_text(text)
 
 
-def _corrupt_export_label(folder: Path) -> None:
+def _corrupt_export_label(folder: Path, how: str) -> None:
+    """One label of the first row: another token's id, a label on a context token, or a kept token's label dropped."""
     path = folder / "part-00000.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    position = next(i for i, label in enumerate(rows[0]["labels"]) if label != -100)
-    rows[0]["labels"][position] += 1
+    row = rows[0]
+    if how == "other token":
+        position = next(i for i, label in enumerate(row["labels"]) if label != -100)
+        row["labels"][position] += 1
+    elif how == "context":
+        trainable = pq.read_table(folder.parent / "tokenized" / "part-00000.parquet").to_pylist()[0]["trainable"]
+        position = trainable.index(False, 1)
+        row["labels"][position] = row["input_ids"][position]
+        row["n_kept"] += 1
+    else:
+        position = next(i for i, label in enumerate(row["labels"]) if label != -100)
+        row["labels"][position] = -100
+        row["n_kept"] -= 1
+    _edit_manifest(folder, lambda m: m["counts"].update(labels=m["counts"]["labels"] + (how == "context") - (how == "dropped")))
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _edit_manifest(folder, lambda m: m["shards"][0].update(sha256=sha256_file(path)))
     _edit_manifest(folder, lambda m: m.update(data_fingerprint=_key(m)))
@@ -222,3 +236,24 @@ def test_an_unreadable_manifest_is_a_problem_not_a_crash(tmp_path):
     (tmp_path / "broken" / "manifest.json").write_text(json.dumps({"kind": "scores"}))
     assert any("manifest.v1.schema.json" in p for p in _problems(_validate(tmp_path / "broken")))
     assert read_manifest  # the reader the check reuses
+
+
+def test_a_train_output_whose_checkpoint_changed_is_caught(artifacts, llama_dir, tmp_path):
+    """A folder shaped as `sstoken train` leaves it (the manifest fields validate reads, a checkpoint/ folder)."""
+    from pipeline.artifacts.files import base_manifest, write_manifest
+    from pipeline.artifacts.training_data import open_training_data
+    from pipeline.core.checkpoints import checkpoint_fingerprint
+
+    output = tmp_path / "train"
+    shutil.copytree(llama_dir, output / "checkpoint")
+    source = open_training_data(artifacts / "tokenized", artifacts / "masks")
+    write_manifest(output, base_manifest("train", {}) | {
+        "inputs": [{"kind": "tokenized", "path": str(artifacts / "tokenized"), "data_fingerprint": source.data_key},
+                   {"kind": "masks", "path": str(artifacts / "masks"), "data_fingerprint": source.masks_key}],
+        "checkpoints": {"final": {"path": str(output / "checkpoint"), "fingerprint": checkpoint_fingerprint(output / "checkpoint")}},
+        "shards": [], "counts": {"samples": 1},
+    })
+    assert _problems(_validate(output)) == []
+    weights = next((output / "checkpoint").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    assert any("is not the checkpoint the manifest names" in p for p in _problems(_validate(output)))
