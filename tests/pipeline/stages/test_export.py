@@ -161,3 +161,15 @@ def test_masks_that_keep_nothing_are_refused_unless_kept(tokenized, tmp_path):
     summary = run_export(ExportConfig(data=tokenized, masks=empty, format="parquet", output=tmp_path / "out",
                                       without_kept="keep"))
     assert summary.counts["exported"] == sum(SHARDS) and summary.counts["labels"] == 0
+
+
+def test_an_hf_export_is_reused_and_a_killed_one_is_written_again(tokenized, masks, tmp_path):
+    config = ExportConfig(data=tokenized, masks=masks, format="hf", output=tmp_path / "out")
+    first = run_export(config)
+    rows = _exported_rows(tmp_path / "out", "hf")
+    assert run_export(config).reused
+    (tmp_path / "out" / "manifest.json").unlink()  # killed after datasets wrote its files: they are ours
+    (tmp_path / "out" / "data-00001-of-00002.arrow").write_bytes(b"half a file")
+    again = run_export(config)
+    assert not again.reused and again.counts["files_written"] == first.counts["files_written"] == len(SHARDS)
+    assert _exported_rows(tmp_path / "out", "hf") == rows
