@@ -10,9 +10,8 @@ Checks, by name (each reports every problem it finds, not only the first):
 - schema: every shard has its schema's columns and types (`schemas/KIND.v1.json`);
 - counts: the manifest's counts are the shards' (rows, tokens, trainable, kept, labels) and add up
   (rows read = written + rejected; samples in = exported + skipped);
-- alignment: every per-token list is len(input_ids) long, position 0 is never a target, keep only
-  where trainable, NaN exactly off the targets (a signal not computed is NaN everywhere), counts per
-  row match their lists; exports: labels -100 or the token, -100 at position 0;
+- alignment: the contract row by row (`alignment_checks`): lengths equal, position 0 never a target,
+  keep only where trainable, NaN exactly off the targets, per-row counts; exports' labels;
 - unique ids: no sample id twice;
 - join: scores and masks join the tokenized data they name (same tokenizer, same data, every id on
   both sides, same lengths); exports and train outputs: their inputs still hold what they were
@@ -34,23 +33,13 @@ import pyarrow as pa
 import polars as pl
 import pyarrow.compute as pc
 
+from pipeline.artifacts.alignment_checks import IGNORE_INDEX, alignment_problems, example, flat_lists, rows_where
 from pipeline.artifacts.files import MANIFEST, read_data_file, read_manifest, refuse_repeated_sample_ids, verify_listed_shard
 from pipeline.artifacts.schemas import arrow_schema, validate_table
 from pipeline.artifacts.stage_output import PROGRESS, listed_entries
 from pipeline.artifacts.training_data import join_samples, open_training_data, shards_key
 from pipeline.core.errors import UserError
 
-IGNORE_INDEX = -100
-# Per-token list columns of each kind; the float ones hold NaN off the targets.
-LIST_COLUMNS = {
-    "tokenized": ("input_ids", "trainable"),
-    "scores": ("nll_cur", "nll_hist", "rel", "attn", "score", "keep"),
-    "masks": ("score", "keep"),
-    "export": ("input_ids", "attention_mask", "labels"),
-    "history_nll": ("nll",),
-}
-FLOAT_COLUMNS = {"scores": ("nll_cur", "nll_hist", "rel", "attn", "score"), "masks": ("score",), "history_nll": ("nll",)}
-# manifest count -> what it counts in the shards ("rows", or the column it sums)
 COUNTED = {
     "rows_written": "rows", "samples": "rows", "exported": "rows",
     "tokens": "n_tokens", "trainable_tokens": "n_trainable", "trainable": "n_trainable", "kept": "n_kept", "labels": "n_kept",
@@ -87,137 +76,6 @@ class _Shard:
     table: pa.Table
 
 
-def _example(ids: list[str], count: int, where: str) -> str:
-    return f"{count} sample{'s' if count != 1 else ''} of {where} (e.g. {ids[0]!r})"
-
-
-def _lists(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, offsets) of a list column."""
-    array = table.column(name).combine_chunks()
-    offsets = array.offsets.to_numpy()
-    values = array.values.to_numpy(zero_copy_only=False)
-    return values[offsets[0]:offsets[-1]], offsets - offsets[0]
-
-
-def _rows_where(table: pa.Table, offsets: np.ndarray, flat_bad: np.ndarray) -> list[str]:
-    """Sample ids of the rows holding at least one flagged element."""
-    rows = np.unique(np.searchsorted(offsets, np.flatnonzero(flat_bad), side="right") - 1)
-    ids = table.column("sample_id").to_pylist()
-    return [ids[r] for r in rows]
-
-
-# -- the checks of one shard, given its targets ---------------------------------------------------
-
-
-def _alignment_problems(kind: str, shard: _Shard, trainable: pa.ChunkedArray | None) -> list[str]:
-    """Lengths, position 0, keep within the targets, NaN off the targets, per-row counts of one shard."""
-    table, where = shard.table, shard.file
-    problems: list[str] = []
-    ids = table.column("sample_id").to_pylist()
-    n_tokens = table.column("n_tokens").to_numpy() if "n_tokens" in table.column_names else None
-    for name in LIST_COLUMNS[kind]:
-        lengths = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
-        expected = n_tokens if n_tokens is not None else lengths
-        bad = np.flatnonzero(lengths != expected)
-        if trainable is not None and not len(bad):
-            bad = np.flatnonzero(lengths != pc.list_value_length(trainable).to_numpy(zero_copy_only=False))
-        if len(bad):
-            problems.append(f"length: '{name}' is not len(input_ids) long in {_example([ids[i] for i in bad], len(bad), where)}")
-    if problems:
-        return problems  # the element checks below assume aligned lists
-    starts = None
-    if kind == "tokenized":
-        values, offsets = _lists(table, "trainable")
-        problems += _position_zero(table, offsets, values.astype(bool), "trainable", where)
-        problems += _row_count(table, offsets, values.astype(bool), "n_trainable", "trainable", where)
-        return problems
-    if kind == "export":
-        return problems + _export_problems(table, where, trainable)
-    target = None
-    if trainable is not None:
-        target, starts = _lists(pa.table({"t": trainable}), "t")
-        target = target.astype(bool)
-    if "keep" in LIST_COLUMNS[kind]:
-        keep, offsets = _lists(table, "keep")
-        keep = keep.astype(bool)
-        problems += _position_zero(table, offsets, keep, "keep", where)
-        problems += _row_count(table, offsets, keep, "n_kept", "keep", where)
-        if target is not None:
-            off = keep & ~target
-            if off.any():
-                problems.append(f"keep off the targets: keep is true where trainable is false in "
-                                f"{_example(_rows_where(table, offsets, off), len(_rows_where(table, offsets, off)), where)}")
-            if "n_trainable" in table.column_names:
-                problems += _row_count(table, starts, target, "n_trainable", "the tokenized trainable", where)
-    for name in FLOAT_COLUMNS.get(kind, ()):
-        values, offsets = _lists(table, name)
-        nan = np.isnan(values.astype(np.float64))
-        if target is None:
-            problems += _position_zero_nan(table, offsets, nan, name, where)
-            continue
-        bad = ~nan & ~target
-        if bad.any():
-            rows = _rows_where(table, offsets, bad)
-            problems.append(f"NaN off targets: '{name}' holds a number off the targets in {_example(rows, len(rows), where)}")
-        at_targets = nan & target
-        if at_targets.any() and not (nan | ~target).all():
-            rows = _rows_where(table, offsets, at_targets)
-            problems.append(f"NaN at targets: '{name}' is NaN at {int(at_targets.sum())} targets (a signal is computed at "
-                            f"every target or at none) in {_example(rows, len(rows), where)}")
-    return problems
-
-
-def _position_zero(table: pa.Table, offsets: np.ndarray, flags: np.ndarray, name: str, where: str) -> list[str]:
-    starts = offsets[:-1][offsets[:-1] < offsets[1:]]
-    bad = np.flatnonzero(flags[starts])
-    if not len(bad):
-        return []
-    ids = table.column("sample_id").to_pylist()
-    nonempty = np.flatnonzero(offsets[:-1] < offsets[1:])
-    return [f"position 0: '{name}' is true at position 0 (never a target) in "
-            f"{_example([ids[nonempty[i]] for i in bad], len(bad), where)}"]
-
-
-def _position_zero_nan(table: pa.Table, offsets: np.ndarray, nan: np.ndarray, name: str, where: str) -> list[str]:
-    starts = offsets[:-1][offsets[:-1] < offsets[1:]]
-    return _position_zero(table, offsets, ~nan, name, where) if len(starts) and (~nan[starts]).any() else []
-
-
-def _row_count(table: pa.Table, offsets: np.ndarray, flags: np.ndarray, column: str, of: str, where: str) -> list[str]:
-    if column not in table.column_names:
-        return []
-    sums = np.add.reduceat(flags.astype(np.int64), offsets[:-1]) if len(flags) else np.zeros(len(offsets) - 1, np.int64)
-    sums = np.where(offsets[:-1] < offsets[1:], sums, 0)  # reduceat gives an empty row the next element
-    bad = np.flatnonzero(sums != table.column(column).to_numpy())
-    if not len(bad):
-        return []
-    ids = table.column("sample_id").to_pylist()
-    return [f"row counts: '{column}' is not the number of true entries of {of} in {_example([ids[i] for i in bad], len(bad), where)}"]
-
-
-def _export_problems(table: pa.Table, where: str, trainable: pa.ChunkedArray | None) -> list[str]:
-    ids, offsets = _lists(table, "input_ids")
-    labels, _ = _lists(table, "labels")
-    mask, _ = _lists(table, "attention_mask")
-    problems = []
-    labelled = labels != IGNORE_INDEX
-    problems += _position_zero(table, offsets, labelled, "labels", where)
-    if trainable is not None:
-        target, _ = _lists(pa.table({"t": trainable}), "t")
-        off = labelled & ~target.astype(bool)
-        if off.any():
-            rows = _rows_where(table, offsets, off)
-            problems.append(f"labels off the targets: a label where trainable is false in {_example(rows, len(rows), where)}")
-    wrong = labelled & (labels != ids)
-    if wrong.any():
-        rows = _rows_where(table, offsets, wrong)
-        problems.append(f"labels: a label is neither -100 nor its token in {_example(rows, len(rows), where)}")
-    if (mask != 1).any():
-        rows = _rows_where(table, offsets, mask != 1)
-        problems.append(f"attention mask: not 1 at every token in {_example(rows, len(rows), where)}")
-    return problems + _row_count(table, offsets, labelled, "n_kept", "labels != -100", where)
-
-
 # -- folder-level checks ---------------------------------------------------------------------------
 
 
@@ -231,10 +89,6 @@ def _check(report: FolderReport, name: str, run: Callable[[], list[str] | str]) 
         report.findings.append(Finding(name, (), outcome))
     else:
         report.findings.append(Finding(name, tuple(outcome)))
-
-
-def _skip(report: FolderReport, name: str, why: str) -> None:
-    report.findings.append(Finding(name, (), f"skipped: {why}"))
 
 
 def _files(folder: Path, manifest: dict[str, Any]) -> list[str] | str:
@@ -365,13 +219,13 @@ def _export_labels_match_masks(folder: Path, manifest: dict[str, Any], shards: l
                                                pc.list_value_length(shard.table.column("labels")).to_numpy(zero_copy_only=False)):
             differ += shard.table.column("sample_id").to_pylist()
             continue
-        labels, offsets = _lists(shard.table, "labels")
-        expected, _ = _lists(pa.table({"keep": keep}), "keep")
+        labels, offsets = flat_lists(shard.table, "labels")
+        expected, _ = flat_lists(pa.table({"keep": keep}), "keep")
         expected = expected.astype(bool)
         expected[offsets[:-1][offsets[:-1] < offsets[1:]]] = False  # position 0 is never a label
-        differ += _rows_where(shard.table, offsets, (labels != IGNORE_INDEX) != expected)
+        differ += rows_where(shard.table, offsets, (labels != IGNORE_INDEX) != expected)
     if differ:
-        return [f"labels are not the keep masks of {masks_path} in {_example(differ, len(differ), str(folder))}"]
+        return [f"labels are not the keep masks of {masks_path} in {example(differ, len(differ), str(folder))}"]
     return f"labels are the keep masks of {masks_path}"
 
 
@@ -429,7 +283,7 @@ def _validate_manifest_folder(folder: Path) -> FolderReport:
 
 
 def _alignment(kind: str, shards: list[_Shard], trainable: pl.DataFrame | None) -> list[str] | str:
-    problems = [p for s in shards for p in _alignment_problems(kind, s, _targets_of(s, trainable))]
+    problems = [p for s in shards for p in alignment_problems(kind, s.table, s.file, _targets_of(s, trainable))]
     if problems:
         return problems
     if kind == "tokenized":
