@@ -23,6 +23,7 @@ and position 0. The functions raise nothing for a bad artifact: every problem be
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,20 @@ def _files(folder: Path, manifest: dict[str, Any]) -> list[str] | str:
         except UserError as error:
             problems.append(str(error))
     return problems or f"{len(listed_entries(manifest))} files: checksums and row counts as listed"
+
+
+def _datasets_state(folder: Path, manifest: dict[str, Any]) -> list[str] | str:
+    """An hf export: datasets' state.json names exactly the Arrow files the manifest lists."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        named = [entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return [f"{folder / 'state.json'} is missing or not a datasets state file ({error}); datasets.load_from_disk "
+                "cannot open the folder: export it again"]
+    listed = [entry["file"] for entry in manifest["shards"]]
+    if named != listed:
+        return [f"{folder / 'state.json'} names {named}, the manifest lists {listed}: export it again"]
+    return "state.json names the listed Arrow files"
 
 
 def _fingerprint(manifest: dict[str, Any]) -> list[str] | str:
@@ -253,6 +268,8 @@ def _validate_manifest_folder(folder: Path) -> FolderReport:
     report.findings.append(Finding("manifest", (), f"kind {kind}, matches manifest.v1"))
     _check(report, "files", lambda: _files(folder, manifest))
     _check(report, "fingerprint", lambda: _fingerprint(manifest))
+    if kind == "export" and manifest.get("format") == "hf":
+        _check(report, "datasets", lambda: _datasets_state(folder, manifest))
     if kind == "train":
         _check(report, "join", lambda: _inputs_unchanged(manifest))
         _check(report, "checkpoint", lambda: _train_checkpoint(folder, manifest))

@@ -154,6 +154,8 @@ def run_export(config: ExportConfig) -> StageSummary:
     with StageOutput(config.output, "export", identity=identity, overwrite=config.overwrite, inputs=inputs,
                      entries=entries) as out:
         manifest = out.up_to_date()
+        if manifest is not None and not all((out.folder / name).is_file() for name in entries):
+            manifest = None  # a datasets folder without its state.json or dataset_info.json is written again
         reused, written = manifest is not None, 0
         if not reused:
             out.begin()

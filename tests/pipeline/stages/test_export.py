@@ -173,3 +173,5 @@ def test_an_hf_export_is_reused_and_a_killed_one_is_written_again(tokenized, mas
     again = run_export(config)
     assert not again.reused and again.counts["files_written"] == first.counts["files_written"] == len(SHARDS)
     assert _exported_rows(tmp_path / "out", "hf") == rows
+    (tmp_path / "out" / "state.json").unlink()  # the folder no longer opens: not reused, written again
+    assert not run_export(config).reused and _exported_rows(tmp_path / "out", "hf") == rows

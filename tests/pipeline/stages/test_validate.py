@@ -256,3 +256,11 @@ def test_a_train_output_whose_checkpoint_changed_is_caught(artifacts, llama_dir,
     weights = next((output / "checkpoint").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
     assert any("is not the checkpoint the manifest names" in p for p in _problems(_validate(output)))
+
+
+def test_an_hf_export_whose_datasets_state_is_gone_is_caught(artifacts, tmp_path):
+    out = tmp_path / "hf"
+    run_export(ExportConfig(data=artifacts / "tokenized", masks=artifacts / "masks", format="hf", output=out))
+    assert _problems(_validate(out)) == []
+    (out / "state.json").unlink()
+    assert any("state.json is missing or not a datasets state file" in p for p in _problems(_validate(out)))
