@@ -95,8 +95,7 @@ def _export_hf(out: StageOutput, source: TrainingSource, rows_of: Callable[[str]
         path = out.folder / name
         record = {"file": name, "sha256": sha256_file(path), "rows": file_rows(path)}
         out.claim(name, record | {"run_identity": out.identity})
-        records.append(record | {"without_kept": 0})
-    records[0]["without_kept"] = sum(t.without_kept for t in tables)
+        records.append(record)
     return records, shards
 
 
