@@ -94,10 +94,12 @@ def stage_command(
     help: str,
     description: str,
     report: Report = print_summary,
-    positional: tuple[str, ...] = (),
+    positional: str | None = None,
 ) -> Callable[[argparse._SubParsersAction], None]:
-    """A `register(commands)` that adds subcommand `name`: flags from `config_class` (the fields in
-    `positional` as positional arguments), then `run`, then `report`."""
+    """A `register(commands)` that adds subcommand `name`: flags from `config_class`, then `run`, then `report`.
+
+    `positional` names a field that may also be given as the command's one positional argument
+    (`sstoken report RUN` as `sstoken report --folder RUN`)."""
 
     def handle(arguments: argparse.Namespace) -> int:
         config = config_from_arguments(config_class, arguments)
@@ -114,7 +116,11 @@ def stage_command(
 
     def register(commands: argparse._SubParsersAction) -> None:
         parser = commands.add_parser(name, help=help, description=description)
-        add_config_arguments(parser, config_class, positional)
+        add_config_arguments(parser, config_class)
+        if positional is not None:
+            field = config_class.model_fields[positional]
+            parser.add_argument(positional, nargs="?", default=argparse.SUPPRESS, metavar=positional.upper(),
+                                help=f"{field.description} (as --{positional.replace('_', '-')})")
         parser.set_defaults(handler=handle)
 
     return register

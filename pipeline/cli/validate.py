@@ -55,5 +55,5 @@ register = stage_command(
     f"Prints a table per folder. Exit status: 0 all checks pass, {EXIT_PROBLEMS_FOUND} a problem was found, 2 FOLDER "
     "is no artifact folder.",
     report=print_validation,
-    positional=("folder",),
+    positional="folder",
 )

@@ -211,18 +211,12 @@ def _add_field_flag(
     parser.add_argument("--" + prefix + name.replace("_", "-"), **kwargs)
 
 
-def add_config_arguments(
-    parser: argparse.ArgumentParser, config_class: type[StageConfig], positional: tuple[str, ...] = ()
-) -> None:
-    """Add one flag per config field (plus `--config FILE`); a section's fields become `--SECTION.FLAG`;
-    the fields named in `positional` are positional arguments instead (`sstoken validate DIR`)."""
-    for name in positional:
-        field = config_class.model_fields[name]
-        parser.add_argument(name, metavar=name.upper(), help=_help_text(field))
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[StageConfig]) -> None:
+    """Add one flag per config field (plus `--config FILE`); a section's fields become `--SECTION.FLAG`."""
     parser.add_argument("--config", type=Path, help="YAML file with any of the settings below; flags override it.")
     sections = config_class.sections() if issubclass(config_class, SectionedConfig) else {}
     for name, field in config_class.model_fields.items():
-        if name not in sections and name not in positional:
+        if name not in sections:
             _add_field_flag(parser, name, field)
     for section, section_class in sections.items():
         assert issubclass(config_class, SectionedConfig)
