@@ -43,6 +43,16 @@ def _fsync_and_replace(temporary: Path, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """The one way our shards are written: zstd Parquet."""
+    pq.write_table(table, path, compression="zstd")
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, before_rename: Callable[[str], None] | None = None) -> str:
+    """Write `table` to `path` as Parquet, atomically (see `write_file_atomic`); returns its sha256."""
+    return write_file_atomic(lambda temporary: write_parquet(table, temporary), path, before_rename)
+
+
 def write_file_atomic(write: Callable[[Path], None], path: Path, before_rename: Callable[[str], None] | None = None) -> str:
     """`write(temporary)` makes the whole file under a temporary name, then it is renamed to `path`;
     returns the file's sha256.
@@ -62,16 +72,6 @@ def write_file_atomic(write: Callable[[Path], None], path: Path, before_rename: 
     finally:
         temporary.unlink(missing_ok=True)
     return digest
-
-
-def write_parquet(table: pa.Table, path: Path) -> None:
-    """The one way our shards are written: zstd Parquet."""
-    pq.write_table(table, path, compression="zstd")
-
-
-def write_parquet_atomic(table: pa.Table, path: Path, before_rename: Callable[[str], None] | None = None) -> str:
-    """Write `table` to `path` as Parquet, atomically (see `write_file_atomic`); returns its sha256."""
-    return write_file_atomic(lambda temporary: write_parquet(table, temporary), path, before_rename)
 
 
 def write_json_atomic(value: Any, path: Path) -> None:
