@@ -230,4 +230,3 @@ class TrainConfig(TrainSettings):
         False, description="Write into an output folder holding other files or a model trained from other inputs or "
         "settings (files of other names are left as they are).", run_key=False,
     )
-
