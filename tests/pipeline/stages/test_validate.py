@@ -25,12 +25,13 @@ SHARDS = [4, 3]
 
 
 @pytest.fixture(scope="module")
-def artifacts(ray_local, tmp_path_factory, tokenizer, llama_dir, llama_history_dir) -> Path:
-    """A folder of real artifacts: tokenized/, scores/ (with the history cache), masks/ and export/."""
+def artifacts(ray_local, tmp_path_factory, tokenizer, llama_dir) -> Path:
+    """A folder of real artifacts: tokenized/, scores/, a history cache (the model's NLLs, kept for a later
+    round), masks/ and export/. One checkpoint (round 0): one actor pool, the test's main cost."""
     root = tmp_path_factory.mktemp("artifacts")
     write_tokenized(root / "tokenized", tokenizer, SHARDS, seed=11)
-    run_score_job(ScoreJobConfig(data=root / "tokenized", current=llama_dir, history=llama_history_dir,
-                                 output=root / "scores", history_cache=root / "cache", ratio=0.5, workers=1,
+    run_score_job(ScoreJobConfig(data=root / "tokenized", current=llama_dir, output=root / "scores",
+                                 history_cache=root / "cache", cache_current_nll=True, ratio=0.5, workers=1,
                                  progress=False))
     run_select(SelectConfig(scores=root / "scores", output=root / "masks", method="random", ratio=0.3))
     run_export(ExportConfig(data=root / "tokenized", masks=root / "masks", format="jsonl", output=root / "export"))
