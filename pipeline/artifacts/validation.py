@@ -145,7 +145,7 @@ def _schema(kind: str, shards: list[_Shard]) -> list[str] | str:
             validate_table(table, kind, source=shard.file)
         except (UserError, pa.ArrowException, KeyError) as error:
             problems.append(f"{shard.file}: {error}")
-    return problems or f"{len(shards)} shards match {kind}.v1"
+    return problems or f"{len(shards)} file{'s' if len(shards) != 1 else ''} match{'es' if len(shards) == 1 else ''} {kind}.v1"
 
 
 def _counts(manifest: dict[str, Any], shards: list[_Shard]) -> list[str] | str:
@@ -156,6 +156,10 @@ def _counts(manifest: dict[str, Any], shards: list[_Shard]) -> list[str] | str:
         found = sum(s.table.num_rows if what == "rows" else int(pc.sum(s.table.column(what)).as_py() or 0) for s in shards)
         if counts[name] != found:
             problems.append(f"the manifest counts {name} = {counts[name]}, the shards hold {found}")
+    rejected = manifest.get("rejected")
+    if isinstance(rejected, dict) and "rows_rejected" in counts and rejected.get("rows") != counts["rows_rejected"]:
+        problems.append(f"the manifest counts rows_rejected = {counts['rows_rejected']}, {rejected.get('file')} holds "
+                        f"{rejected.get('rows')}")
     for total, parts in (("rows_read", ("rows_written", "rows_rejected")), ("samples_in", ("exported", "skipped_without_kept"))):
         if all(k in counts for k in (total, *parts)) and counts[total] != sum(counts[k] for k in parts):
             problems.append(f"{total} = {counts[total]} is not {' + '.join(parts)} = {sum(counts[k] for k in parts)}")
@@ -279,7 +283,10 @@ def _validate_manifest_folder(folder: Path) -> FolderReport:
         report.findings.append(Finding("schema", tuple(unreadable)))
         return report
     _check(report, "schema", lambda: _schema(kind, shards))
-    if not report.findings[-1].ok:
+    rejected = manifest.get("rejected")
+    if kind == "tokenized" and isinstance(rejected, dict) and (folder / rejected["file"]).is_file():
+        _check(report, "rejected", lambda: _schema("rejected", [_Shard(rejected["file"], read_data_file(folder / rejected["file"]))]))
+    if not all(f.ok for f in report.findings if f.check == "schema"):
         return report  # the checks below read the schema's columns
     _check(report, "counts", lambda: _counts(manifest, shards))
     _check(report, "unique ids", lambda: _unique_ids(folder, manifest))

@@ -265,3 +265,19 @@ def test_an_hf_export_whose_datasets_state_is_gone_is_caught(artifacts, tmp_path
     assert _problems(_validate(out)) == []
     (out / "state.json").unlink()
     assert any("state.json is missing or not a datasets state file" in p for p in _problems(_validate(out)))
+
+
+def test_a_prepared_corpus_with_rejected_rows_passes_and_its_rejected_count_is_checked(tokenizer_dir, tmp_path):
+    from pipeline.stages.prepare import PrepareConfig, run_prepare
+
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(5)] + [{"prompt": "no answer"}]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows) + "{broken\n")
+    run_prepare(PrepareConfig(input=[corpus], tokenizer=str(tokenizer_dir), output=tmp_path / "tokenized", rows_per_shard=2))
+    summary = _validate(tmp_path / "tokenized")
+    assert _problems(summary) == []
+    assert any(c["check"] == "rejected" and c["ok"] for c in summary.details["folders"][0]["checks"])
+    _edit_manifest(tmp_path / "tokenized", lambda m: m["counts"].update(rows_rejected=1))
+    problems = _problems(_validate(tmp_path / "tokenized"))
+    assert any("the manifest counts rows_rejected = 1, rejected.parquet holds 2" in p for p in problems), problems
+    assert any("rows_read = 7 is not rows_written + rows_rejected = 6" in p for p in problems), problems
