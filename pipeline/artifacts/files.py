@@ -43,8 +43,19 @@ def _fsync_and_replace(temporary: Path, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """The one way our shards are written: zstd Parquet."""
+    pq.write_table(table, path, compression="zstd")
+
+
 def write_parquet_atomic(table: pa.Table, path: Path, before_rename: Callable[[str], None] | None = None) -> str:
-    """Write `table` to `path` via a temporary name and rename; returns the file's sha256.
+    """Write `table` to `path` as Parquet, atomically (see `write_file_atomic`); returns its sha256."""
+    return write_file_atomic(lambda temporary: write_parquet(table, temporary), path, before_rename)
+
+
+def write_file_atomic(write: Callable[[Path], None], path: Path, before_rename: Callable[[str], None] | None = None) -> str:
+    """`write(temporary)` makes the whole file under a temporary name, then it is renamed to `path`;
+    returns the file's sha256.
 
     `before_rename(sha256)` runs once the complete file exists under its temporary name and before
     it takes `path`: a stage records that it owns `path` there, so no killed write ever leaves a
@@ -53,7 +64,7 @@ def write_parquet_atomic(table: pa.Table, path: Path, before_rename: Callable[[s
     path = Path(path)
     temporary = _temporary_sibling(path)
     try:
-        pq.write_table(table, temporary, compression="zstd")
+        write(temporary)
         digest = sha256_file(temporary)
         if before_rename is not None:
             before_rename(digest)
@@ -144,16 +155,51 @@ def _refuse_repeated_shards(manifest: dict[str, Any], path: Path) -> None:
         raise ArtifactError(f"{path} lists {', '.join(repeated)} more than once; the manifest was edited or is corrupt")
 
 
+def file_rows(path: Path) -> int:
+    """Rows of a data file, by its kind: Parquet (its metadata), JSON Lines (its lines) or an Arrow
+    stream (a `datasets` save_to_disk file). Raises ArtifactError when the file cannot be read as one."""
+    path = Path(path)
+    try:
+        if path.suffix == ".jsonl":
+            with open(path, "rb") as handle:
+                return sum(1 for line in handle if line.strip())
+        if path.suffix == ".arrow":
+            with pa.memory_map(str(path)) as source:
+                return pa.ipc.open_stream(source).read_all().num_rows
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError) as error:
+        kind = {".jsonl": "JSON Lines", ".arrow": "Arrow stream"}.get(path.suffix, "Parquet")
+        raise ArtifactError(f"{path} is not a readable {kind} file: {error}") from error
+
+
+def read_data_file(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A data file as a table, by its kind (see `file_rows`); JSON Lines take the types pyarrow infers."""
+    path = Path(path)
+    try:
+        if path.suffix == ".jsonl":
+            import pyarrow.json as pa_json
+
+            table = pa_json.read_json(path)
+        elif path.suffix == ".arrow":
+            with pa.memory_map(str(path)) as source:
+                table = pa.ipc.open_stream(source).read_all()
+        else:
+            return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as error:
+        raise ArtifactError(f"{path} is not a readable data file: {error}") from error
+    return table.select(columns) if columns is not None else table
+
+
 def shard_is_valid(path: Path, expected_sha256: str | None = None, expected_rows: int | None = None) -> bool:
-    """True when the shard exists, reads as Parquet and matches the recorded checksum and row count."""
+    """True when the shard exists, reads as its kind of file and matches the recorded checksum and row count."""
     path = Path(path)
     if not path.is_file():
         return False
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
         return False
     try:
-        rows = pq.ParquetFile(path).metadata.num_rows
-    except (pa.ArrowException, OSError):
+        rows = file_rows(path)
+    except ArtifactError:
         return False
     return expected_rows is None or rows == expected_rows
 
@@ -179,10 +225,7 @@ def verify_listed_shard(folder: Path, entry: dict[str, Any]) -> None:
         raise ArtifactError(
             f"{path} does not match the checksum in {manifest}; it changed or is corrupt: rerun the stage that made it"
         )
-    try:
-        rows = pq.ParquetFile(path).metadata.num_rows
-    except (pa.ArrowException, OSError) as error:
-        raise ArtifactError(f"{path} is not a readable Parquet file: {error}") from error
+    rows = file_rows(path)
     if rows != entry["rows"]:
         raise ArtifactError(
             f"{manifest} says {entry['file']} has {entry['rows']} rows, the file has {rows}; "
@@ -197,8 +240,8 @@ def refuse_repeated_sample_ids(folder: Path, manifest: dict[str, Any]) -> None:
     for entry in manifest["shards"]:
         path = Path(folder) / entry["file"]
         try:
-            ids = pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
-        except (pa.ArrowException, OSError) as error:
+            ids = read_data_file(path, columns=["sample_id"]).column("sample_id").to_pylist()
+        except (ArtifactError, KeyError) as error:
             raise ArtifactError(f"{path} has no readable sample_id column: {error}") from error
         for sample_id in ids:
             if sample_id in seen:

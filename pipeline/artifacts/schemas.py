@@ -17,6 +17,7 @@ SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 _SCALARS = {
     "string": pa.string(),
     "bool": pa.bool_(),
+    "int8": pa.int8(),
     "int32": pa.int32(),
     "int64": pa.int64(),
     "float32": pa.float32(),

@@ -28,7 +28,7 @@ themselves while the driver holds the lock.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +45,10 @@ from pipeline.artifacts.files import (
     remove_stale_temporaries,
     shard_is_valid,
     verify_listed_shard,
+    write_file_atomic,
     write_json_atomic,
     write_manifest,
-    write_parquet_atomic,
+    write_parquet,
 )
 from pipeline.artifacts.schemas import SchemaError
 from pipeline.core.fingerprint import sha256_json
@@ -81,18 +82,25 @@ def completed_record(folder: Path, name: str, run_key: str) -> dict[str, Any] | 
     return record if shard_is_valid(Path(folder) / name, record["sha256"], record["rows"]) else None
 
 
-def commit_shard(folder: Path, name: str, table: pa.Table, record: dict[str, Any]) -> dict[str, Any]:
-    """Write `table` as `folder/name` atomically with its record (which should carry a `run_key`);
-    the record gains file, sha256 and rows and is written before the rename. Returns the record."""
+def commit_file(
+    folder: Path, name: str, write: Callable[[Path], None], rows: int, record: dict[str, Any]
+) -> dict[str, Any]:
+    """Make `folder/name` atomically with `write(temporary)` (a file of `rows` rows) and its record (which
+    should carry a `run_key`); the record gains file, sha256 and rows and is written before the rename."""
     folder = Path(folder)
     complete: dict[str, Any] = {}
 
     def write_record(digest: str) -> None:
-        complete.update(record | {"file": name, "sha256": digest, "rows": table.num_rows})
+        complete.update(record | {"file": name, "sha256": digest, "rows": rows})
         write_json_atomic(complete, record_path(folder, name))
 
-    write_parquet_atomic(table, folder / name, before_rename=write_record)
+    write_file_atomic(write, folder / name, before_rename=write_record)
     return complete
+
+
+def commit_shard(folder: Path, name: str, table: pa.Table, record: dict[str, Any]) -> dict[str, Any]:
+    """Write `table` as the Parquet shard `folder/name` atomically with its record; see `commit_file`."""
+    return commit_file(folder, name, lambda temporary: write_parquet(table, temporary), table.num_rows, record)
 
 
 # -- the output folder: held by one driver ---------------------------------------------------------
@@ -112,7 +120,7 @@ def _refuse_output_in_inputs(output: Path, inputs: Sequence[Path]) -> None:
         raise ArtifactError(f"{problem}; choose an output folder outside the inputs")
 
 
-def _listed_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def listed_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Every file entry a manifest lists: its shards and single files such as `rejected`."""
     singles = [v for v in manifest.values() if isinstance(v, dict) and {"file", "sha256", "rows"} <= set(v)]
     return [*manifest["shards"], *singles]
@@ -205,7 +213,7 @@ class StageOutput:
         """Names of the files this stage wrote here: named by its manifest or its progress records."""
         names = {p.name.removesuffix(".json") for p in (self.folder / PROGRESS).glob("*.json")}
         if self.previous.manifest is not None:
-            names |= {entry["file"] for entry in _listed_entries(self.previous.manifest)}
+            names |= {entry["file"] for entry in listed_entries(self.previous.manifest)}
         return names
 
     def foreign_files(self) -> list[str]:
@@ -221,7 +229,7 @@ class StageOutput:
         if manifest is None or self.identity is None or manifest.get("run_identity") != self.identity:
             return None
         try:
-            for entry in _listed_entries(manifest):
+            for entry in listed_entries(manifest):
                 verify_listed_shard(self.folder, entry)
         except ArtifactError:
             return None
@@ -256,7 +264,7 @@ class StageOutput:
         then write the manifest (validated, with the run identity), last. Returns what was written."""
         if self.identity is not None:
             manifest = manifest | {"run_identity": self.identity}
-        entries = _listed_entries(manifest)
+        entries = listed_entries(manifest)
         for entry in entries:
             record = read_record(self.folder, entry["file"])
             if record is None or (record.get("sha256"), record.get("rows")) != (entry["sha256"], entry["rows"]):

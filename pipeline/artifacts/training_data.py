@@ -156,8 +156,9 @@ def _refuse_unmatched(source: TrainingSource, joined: pl.DataFrame, tokens: pl.D
     )
 
 
-def build_index(source: TrainingSource) -> SampleIndex:
-    """Join tokens and masks by sample_id; refuse ids on one side only and lengths that disagree."""
+def join_samples(source: TrainingSource) -> pl.DataFrame:
+    """Every sample, in the tokenized shards' order: sample_id, n_tokens, kept, and its place in both folders
+    (file, row; file_mask, row_mask). Refuses ids on one side only and lengths that disagree."""
     tokens, masks = _tokens_frame(source), _masks_frame(source)
     joined = tokens.join(masks, on="sample_id", how="inner", suffix="_mask", maintain_order="left")
     _refuse_unmatched(source, joined, tokens, masks)
@@ -169,6 +170,12 @@ def build_index(source: TrainingSource) -> SampleIndex:
             f"{first['n_tokens']} tokens in {source.tokenized / first['file']}, {first['mask_length']} mask entries in "
             f"{source.masks / first['file_mask']}; the masks were made from other data: score and select it again"
         )
+    return joined
+
+
+def build_index(source: TrainingSource) -> SampleIndex:
+    """The samples with at least one kept token (`join_samples`); refuses masks that keep none."""
+    joined = join_samples(source)
     eligible = joined.filter(pl.col("kept") > 0)
     if not len(eligible):
         raise TrainingDataError(

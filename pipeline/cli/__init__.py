@@ -1,7 +1,8 @@
 """The `sstoken` command: one console script, one module per subcommand.
 
 Exit status: 0 done; 2 a user error (bad input, setting or environment: one line on stderr);
-3 prepare wrote the corpus but some input gave no valid row; 1 a bug, with its traceback.
+3 prepare wrote the corpus but some input gave no valid row; 4 validate found a problem;
+1 a bug, with its traceback.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import demo, inspect, models, prepare, report, run, score, select, train
+from pipeline.cli import demo, export, inspect, models, prepare, report, run, score, select, train, validate
 from pipeline.core.errors import UserError, refusal_from_os_error
 
-SUBCOMMANDS = (prepare, score, select, train, run, models, demo, report, inspect)
+SUBCOMMANDS = (prepare, score, select, train, run, models, demo, report, inspect, export, validate)
 
 
 def build_parser() -> argparse.ArgumentParser:

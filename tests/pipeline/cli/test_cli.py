@@ -171,7 +171,7 @@ def test_summary_table_rows_come_from_counts_details_and_timings():
 
 def test_help_and_models_list_import_no_torch_transformers_or_ray(tmp_path):
     commands = [["--help"], ["models", "list", "--cache-dir", str(tmp_path)], *[[c, "--help"] for c in
-                ("prepare", "score", "select", "train", "demo", "models", "report", "inspect")]]
+                ("prepare", "score", "select", "train", "demo", "models", "report", "inspect", "export", "validate")]]
     script = (
         "import sys, contextlib, io\n"
         "from pipeline.cli import main\n"
