@@ -266,29 +266,57 @@ def host_syncs_per_micro_batch(scorer: Scorer, ids, masks, device: torch.device)
 
 
 def keep_agreement(fast, exact, masks) -> dict[str, float]:
+    """Share of targets with the same keep decision; max |REL| and |attention| differences; and what the
+    flips cost, in float32 scores: `regret` = 1 - (float32 score mass of the tokens bf16 keeps) / (that of
+    the tokens float32 keeps), `gap` = the largest float32 score distance of a flipped token from its
+    sample's float32 threshold (the lowest kept score)."""
     same = total = 0
-    rel_diff = attn_diff = 0.0
+    rel_diff = attn_diff = gap = 0.0
+    kept_by_fast = kept_by_exact = 0.0
     for f, e, m in zip(fast, exact, masks):
         same += int((f.keep[m] == e.keep[m]).sum())
         total += int(m.sum())
         rel_diff = max(rel_diff, float(np.nanmax(np.abs(f.rel[m] - e.rel[m]))))
         attn_diff = max(attn_diff, float(np.nanmax(np.abs(f.attn[m] - e.attn[m]))))
-    return {"keep": same / total, "rel": rel_diff, "attn": attn_diff, "targets": total}
+        kept_by_fast += float(e.score[f.keep].sum())
+        kept_by_exact += float(e.score[e.keep].sum())
+        flipped = m & (f.keep != e.keep)
+        if flipped.any():
+            gap = max(gap, float(np.abs(e.score[flipped] - e.score[e.keep].min()).max()))
+    return {"keep": same / total, "rel": rel_diff, "attn": attn_diff, "targets": total,
+            "regret": 1 - kept_by_fast / kept_by_exact, "gap": gap}
 
 
-def agreement_run(current: Path, history: Path, ids, masks, device, dtypes=("bfloat16-full",)) -> dict[str, dict]:
-    """Ours cold in float32 and in each of `dtypes`, compared target by target."""
+def agreement_run(current: Path, history: Path, ids, masks, device, dtypes=(FULL,)) -> dict[str, dict]:
+    """Ours cold in float32 and in each of `dtypes`, compared target by target; `tok_s`: tokens per second
+    of the two passes (model loading excluded, one run: a rough figure beside the agreement)."""
+    names = [str(i) for i in range(len(ids))]
+
     def cold(dtype: str):
-        hist = ours_history(history, ids, masks, device, dtype)
+        seconds = 0.0
+        history_scorer = Scorer(history, ours_settings(device, dtype), importance=False)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            hist = [s.nll for s in history_scorer.token_signals(names, ids, masks)]
+            seconds += time.perf_counter() - started
+        del history_scorer
+        release(device)
         scorer = Scorer(current, ours_settings(device, dtype), importance=True)
         with torch.inference_mode():
+            started = time.perf_counter()
             out = ours_current(scorer, ids, masks, hist)
+            sync(device)
+            seconds += time.perf_counter() - started
         del scorer
         release(device)
-        return out
+        return out, sum(len(x) for x in ids) / seconds
 
-    exact = cold("float32")
-    return {dtype: keep_agreement(cold(dtype), exact, masks) for dtype in dtypes}
+    exact, exact_rate = cold("float32")
+    results = {"float32": {"tok_s": exact_rate}}
+    for dtype in dtypes:
+        scores, rate = cold(dtype)
+        results[dtype] = keep_agreement(scores, exact, masks) | {"tok_s": rate}
+    return results
 
 
 # -- one shape ------------------------------------------------------------------------------------
@@ -421,7 +449,7 @@ def markdown(rows: list[dict], machine: str, gemm: float, command: str) -> str:
         f"`{command}` on {machine}; bf16 GEMM {gemm / 1e12:.1f} TFLOP/s measured in this run.",
         "",
         "| shape | lean tok/s (MFU, peak) | naive | ours cold (× lean, MFU, peak) | ours warm (× lean, MFU) "
-        "| importance share of warm | keep agreement vs fp32 (max abs REL diff) |",
+        "| importance share of warm | keep agreement vs fp32 (max abs REL diff, score regret) |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -439,7 +467,7 @@ def markdown(rows: list[dict], machine: str, gemm: float, command: str) -> str:
             versus("cold"),
             versus("warm"),
             f"{row['importance_share']:.0%}",
-            f"{row['agreement']['keep']:.2%} ({row['agreement']['rel']:.3f})",
+            f"{row['agreement']['keep']:.2%} ({row['agreement']['rel']:.3f}, {row['agreement']['regret']:.1e})",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -531,12 +559,14 @@ def real_model_agreement(args, device: torch.device, command: str) -> str:
         f"`{command}` on {machine_name(device)}: {len(ids)} conversations of ~{args.tokens} tokens, "
         f"{results[FULL]['targets']} targets, {time.perf_counter() - started:.0f} s.",
         "",
-        "| precision vs float32 | same keep decision | max abs REL diff (nats) | max abs attention diff |",
-        "|---|---|---|---|",
+        "| precision vs float32 | same keep decision | max abs REL diff (nats) | max abs attention diff "
+        "| score regret | largest flipped-token gap | cold tok/s (float32: "
+        f"{results['float32']['tok_s']:.0f}) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for dtype, label in (("bfloat16", "bfloat16 (mixed)"), (FULL, "bfloat16-full (auto on CUDA)")):
         r = results[dtype]
-        lines.append(f"| {label} | {r['keep']:.2%} | {r['rel']:.3f} | {r['attn']:.4f} |")
+        lines.append(f"| {label} | {r['keep']:.2%} | {r['rel']:.3f} | {r['attn']:.4f} | {r['regret']:.2e} | {r['gap']:.4f} | {r['tok_s']:.0f} |")
     return "\n".join(lines)
 
 
