@@ -521,7 +521,8 @@ def main() -> None:
         return
     if args.tiny:
         args.shapes, args.tokens, args.samples, args.agreement_samples = ["tiny"], 256, 4, 4
-        args.train_shape, args.train_batch, args.repeats = "tiny", 2, min(args.repeats, 2)
+        args.train_batch, args.repeats = 2, min(args.repeats, 2)
+        args.train_shape = "tiny" if args.train_shape != "none" else "none"
     gemm = gemm_rate(device, torch.bfloat16, 8192 if device.type == "cuda" else 1024)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
