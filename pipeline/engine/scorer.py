@@ -134,7 +134,7 @@ class Scorer:
         # QK^T of the importance recompute on tensor cores in the full-bf16 mode; float32 otherwise.
         self._score_matmul_dtype = torch.bfloat16 if self.dtype_name == FULL_BFLOAT16 else torch.float32
         # Measured once the model is resident: on CUDA the budget follows from the memory left free.
-        element_bytes = 4 if self.dtype_name == "float32" else 2
+        element_bytes = 2 if self.dtype_name == FULL_BFLOAT16 else 4  # the mixed mode's residual stream is fp32
         self.budget = device_budget(
             self.device, self.model.config, settings.max_batch_tokens, settings.gpu_batch_tokens, element_bytes
         )
