@@ -448,7 +448,7 @@ def markdown(rows: list[dict], machine: str, gemm: float, command: str) -> str:
     lines = [
         f"`{command}` on {machine}; bf16 GEMM {gemm / 1e12:.1f} TFLOP/s measured in this run.",
         "",
-        "| shape | lean tok/s (MFU, peak) | naive | ours cold (× lean, MFU, peak) | ours warm (× lean, MFU) "
+        "| shape | lean tok/s (MFU, peak) | naive | ours cold (× lean, MFU, peak) | ours warm (× lean, MFU, peak) "
         "| importance share of warm | keep agreement vs fp32 (max abs REL diff, score regret) |",
         "|---|---|---|---|---|---|---|",
     ]
