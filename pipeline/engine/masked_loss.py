@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from pipeline.engine.nll import output_head, target_nll
+from pipeline.engine.device_budget import GPU_MAX_CHUNK_ELEMENTS
+from pipeline.engine.nll import LOGIT_CHUNK_ELEMENTS, output_head, target_nll
 
 IGNORE_INDEX = -100
 
@@ -45,11 +46,14 @@ def masked_nll_sum(
 ) -> tuple[torch.Tensor, int]:
     """(sum of -log P(x_i | x_<i) over the targets of `labels`, number of targets) for one micro-batch.
 
-    The LM head runs on the hidden states that predict a target only (`pipeline.engine.nll`), in
-    float32: no [B, T, V] logits, no head FLOPs on tokens that are not kept.
+    The LM head runs on the hidden states that predict a target only (`pipeline.engine.nll`), with a
+    float32 log-softmax: no [B, T, V] logits, no head FLOPs on tokens that are not kept. Autograd keeps
+    every chunk's logits for the backward whatever the chunk size, so on CUDA the chunks are large
+    (few, tensor-core-sized GEMMs); on CPU they stay at 64 MiB.
     """
     targets = labels != IGNORE_INDEX
     hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     head, softcap = output_head(model)
-    nll = target_nll(hidden, input_ids, targets, head, softcap)
+    chunk = GPU_MAX_CHUNK_ELEMENTS if hidden.device.type == "cuda" else LOGIT_CHUNK_ELEMENTS
+    nll = target_nll(hidden, input_ids, targets, head, softcap, chunk)
     return nll.sum(), int(targets.sum())

@@ -36,11 +36,13 @@ from pipeline.artifacts.schemas import arrow_schema
 from pipeline.core.checkpoints import checkpoint_fingerprint, load_model
 from pipeline.core.errors import UserError
 from pipeline.engine.attention import REQUEST_KWARG, ImportanceRequest, register_importance_attention
-from pipeline.engine.batching import length_sorted_batches, right_padded
+from pipeline.engine.batching import length_sorted_batches
+from pipeline.engine.device_budget import device_budget
 from pipeline.engine.keep_tables import CorpusSelection, row_arrays, selected_table
 from pipeline.engine.methods import sample_keep, sample_score
-from pipeline.engine.nll import output_head, target_nll
-from pipeline.engine.precision import MIXED_BFLOAT16, compute_precision, load_dtype, precision_name, to_mixed_precision
+from pipeline.engine.nll import gathered_nll, output_head
+from pipeline.engine.precision import FULL_BFLOAT16, apply_precision, compute_precision, load_dtype, precision_name
+from pipeline.engine.scoring_batch import plan_scoring_batch, split_counts, upload
 from pipeline.engine.select_settings import SelectSettings
 from pipeline.engine.settings import ScoreSettings, SignalSet
 
@@ -105,21 +107,21 @@ def _full_length(mask: np.ndarray, values: np.ndarray | None) -> np.ndarray:
 class Scorer:
     """Holds one checkpoint and gives per-token NLLs (and importance, when built with importance=True).
 
-    Attributes a driver uses: `fingerprint`, `dtype_name` (part of the history cache key),
-    `device`, `forward_count` (micro-batch forwards run so far), `model_loads` (always 1).
+    Attributes a driver uses: `fingerprint`, `dtype_name` (the resolved precision mode, part of the
+    history cache key), `device`, `budget` (micro-batch tokens and chunk sizes on that device),
+    `forward_count` (micro-batch forwards run so far), `model_loads` (always 1).
     """
 
     def __init__(self, checkpoint: Path | str, settings: ScoreSettings, importance: bool):
         self.settings = settings
         self.importance = importance
         self.device = resolve_device(settings.device)
-        self.dtype_name = precision_name(settings.dtype)
+        self.dtype_name = precision_name(settings.dtype, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(settings.threads or _available_cpus())
         self.fingerprint = checkpoint_fingerprint(checkpoint)
         model = load_model(checkpoint, load_dtype(self.dtype_name), "cpu", trust_remote_code=settings.trust_remote_code)
-        if self.dtype_name == MIXED_BFLOAT16:
-            to_mixed_precision(model)
+        apply_precision(model, self.dtype_name)
         self.model = model.to(self.device)
         self.model_loads = 1
         self.forward_count = 0
@@ -129,6 +131,13 @@ class Scorer:
         if importance:
             self.model.set_attn_implementation(register_importance_attention())
         self._vocab_limit = self.model.get_input_embeddings().num_embeddings
+        # QK^T of the importance recompute on tensor cores in the full-bf16 mode; float32 otherwise.
+        self._score_matmul_dtype = torch.bfloat16 if self.dtype_name == FULL_BFLOAT16 else torch.float32
+        # Measured once the model is resident: on CUDA the budget follows from the memory left free.
+        element_bytes = 2 if self.dtype_name == FULL_BFLOAT16 else 4  # the mixed mode's residual stream is fp32
+        self.budget = device_budget(
+            self.device, self.model.config, settings.max_batch_tokens, settings.gpu_batch_tokens, element_bytes
+        )
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -165,33 +174,42 @@ class Scorer:
 
     def forward(self, ids: list[np.ndarray], masks: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """One right-padded micro-batch: target NLLs (fp32, n_trainable per sample) and, when this
-        Scorer computes importance, the target importances (same shape); else None."""
-        request = ImportanceRequest.for_batch(self.layer_idx, masks, self.device) if self.importance else None
-        input_ids, attention_mask = right_padded(ids)
-        input_ids = input_ids.to(self.device)
-        padded = bool((attention_mask == 0).any())
+        Scorer computes importance, the target importances (same shape); else None.
+
+        Indices come from the host (`pipeline.engine.scoring_batch`), results go back in one copy:
+        nothing in between waits for the device."""
+        plan = plan_scoring_batch(ids, masks)
+        device = self.device
+        input_ids = upload(plan.input_ids, device)
         # No padding: pass no mask, so SDPA can take its is_causal path.
-        mask_arg = attention_mask.to(self.device) if padded else None
+        mask_arg = upload(plan.attention_mask, device) if plan.attention_mask is not None else None
+        request = None
+        if self.importance:
+            request = ImportanceRequest(
+                self.layer_idx, upload(plan.query_positions, device), upload(plan.context_end, device), plan.key_length,
+                block_elements=self.budget.score_block_elements, matmul_dtype=self._score_matmul_dtype,
+            )
         extra = {REQUEST_KWARG: request} if request is not None else {}
-        with compute_precision(self.dtype_name, self.device):
+        with compute_precision(self.dtype_name, device):
             hidden = _decoder(self.model)(
                 input_ids=input_ids, attention_mask=mask_arg, use_cache=False, **extra
             ).last_hidden_state
         self.forward_count += 1
-        targets = torch.zeros(input_ids.shape, dtype=torch.bool)
-        for row, mask in enumerate(masks):
-            targets[row, : len(mask)] = torch.as_tensor(mask)
         head, softcap = output_head(self.model)
-        nll = target_nll(hidden.float(), input_ids, targets.to(self.device), head, softcap).cpu().numpy()
-        nlls = np.split(nll, np.cumsum([int(m.sum()) for m in masks])[:-1])
+        nll = gathered_nll(
+            hidden, upload(plan.predicting, device), upload(plan.labels, device), head, softcap,
+            self.budget.logit_chunk_elements,
+        )
         if request is None:
-            return nlls, None
+            return split_counts(nll.cpu().numpy(), plan.counts), None
         if request.result is None:
             raise RuntimeError(
                 f"layer {self.layer_idx} never reached the importance attention function; "
                 f"{type(self.model).__name__} may not use transformers' attention interface"
             )
-        return nlls, [r.cpu().numpy() for r in request.result]
+        importance = request.result.reshape(-1)[upload(plan.importance_index, device)]
+        both = torch.stack([nll, importance]).cpu().numpy()  # the one copy back of this micro-batch
+        return split_counts(both[0], plan.counts), split_counts(both[1], plan.counts)
 
     # -- many samples ---------------------------------------------------------------------------
 
@@ -202,7 +220,7 @@ class Scorer:
         ids, masks = self._check_inputs(sample_ids, input_ids, trainable)
         results: list[TokenSignals | None] = [None] * len(ids)
         with torch.inference_mode():
-            for batch in length_sorted_batches([len(x) for x in ids], self.settings.max_batch_tokens):
+            for batch in length_sorted_batches([len(x) for x in ids], self.budget.batch_tokens):
                 nlls, importances = self.forward([ids[i] for i in batch], [masks[i] for i in batch])
                 for slot, index in enumerate(batch):
                     attn = _full_length(masks[index], importances[slot]) if importances is not None else None

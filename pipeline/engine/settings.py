@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -32,17 +32,27 @@ class ScoreSettings(StageConfig):
         "(history = base, current = the newer reference model: loss(base) - loss(reference)); current_minus_history "
         "for Rho-1 (current = the model being trained, history = the reference: loss(current) - loss(reference)).",
     )
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "bfloat16-full"] = Field(
         "auto",
-        description="Compute precision. auto = float32. bfloat16 = bf16 matmuls around a float32 residual stream, "
-        "norms and LM head (pipeline/engine/precision.py): 1.6-2x faster where the hardware has native bf16, but it "
-        "stays opt-in because its keep decisions can differ from float32 (see README, Performance).",
+        description="Compute precision (pipeline/engine/precision.py). auto = float32 on CPU, bfloat16-full on CUDA. "
+        "bfloat16 = mixed: bf16 matmuls around a float32 residual stream, norms and LM head; closest to float32 and "
+        "1.6-2x faster on a CPU with native bf16, but its float32 head is slow on a GPU. bfloat16-full = bf16 weights "
+        "and activations (tensor cores for every matmul and the LM head), float32 log-sum-exp, importance softmax and "
+        "accumulation. Both bf16 modes can flip borderline keep decisions (see README, Performance).",
     )
     device: Literal["auto", "cpu", "cuda"] = setting(
         "auto", description="Where the models run: auto = CUDA when present.", run_key=False
     )
     max_batch_tokens: int = Field(
-        16384, ge=1, description="Token budget of one micro-batch, counted with padding (samples x longest length)."
+        16384, ge=1,
+        description="Token budget of one micro-batch on CPU, counted with padding (samples x longest length); "
+        "on CUDA see gpu_batch_tokens.",
+    )
+    gpu_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = setting(
+        "auto",
+        description="Token budget of one micro-batch on a CUDA device, counted with padding: auto = chosen from the "
+        "device's free memory once the model is loaded (pipeline/engine/device_budget.py), at most 65536.",
+        run_key=False,
     )
     threads: int | None = setting(
         None, ge=1, description="CPU threads for torch; default: every core this process may use.", run_key=False

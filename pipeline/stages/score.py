@@ -378,7 +378,9 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
             phase = time.monotonic()
             history_todo: list[ShardTask] = []
             if todo and rel_history is not None:
-                dtype = precision_name(config.dtype)
+                # As the workers resolve it: actors given no GPU see none (Ray hides them), so `auto` is float32 there.
+                worker_device = "cuda" if config.gpus_per_worker > 0 and config.device != "cpu" else "cpu"
+                dtype = precision_name(config.dtype, worker_device)
                 missing = ordered_map(history_missing, [(t, history_fp, dtype) for t in todo])
                 history_todo = [t for t, m in zip(todo, missing) if m]
             if todo:

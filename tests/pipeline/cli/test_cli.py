@@ -212,7 +212,8 @@ def test_the_cluster_example_config_is_a_score_config():
 
     paths = {"data": "/d", "current": "/m", "history": "/h", "output": "/o"}
     config = load_config(ScoreJobConfig, REPO / "jobs" / "configs" / "cluster.example.yaml", paths)
-    assert (config.granularity, config.workers, config.gpus_per_worker, config.dtype) == ("global", 8, 1, "bfloat16")
+    assert (config.granularity, config.workers, config.gpus_per_worker, config.dtype) == ("global", 8, 1, "auto")
+    assert config.gpu_batch_tokens == "auto"
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import torch
 from pipeline.engine.attention import (
     REQUEST_KWARG,
     ImportanceRequest,
+    batched_context_attention_mass,
     context_attention_mass,
     register_importance_attention,
     turn_starts,
@@ -66,5 +67,30 @@ def test_wrapped_attention_leaves_model_outputs_unchanged(request, family_dir, p
     got = wrapped.model(input_ids=ids, attention_mask=arg, **{REQUEST_KWARG: req}).last_hidden_state
     valid = mask.bool()
     torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=0)
-    assert [len(r) for r in req.result] == [5, 3]
-    assert all(((r > 0) & (r < 1)).all() for r in req.result)
+    per_sample = req.per_sample([5, 3])
+    assert req.result.shape == (2, 5) and [len(r) for r in per_sample] == [5, 3]
+    assert all(((r > 0) & (r < 1)).all() for r in per_sample)
+    assert (req.result[1, 3:] == 0).all()  # padding entries: no context, no NaN
+
+
+@pytest.mark.parametrize("block_elements", [1, 300, 1 << 24])
+def test_batched_mass_equals_the_per_sample_mass_exactly(block_elements):
+    """One batched recompute over padded query slots gives each sample's per-sample result, and 0 in the
+    padding slots, to float32 rounding: the same products and masks, but a shorter sample's softmax sums
+    over more (zero) entries and the blocks hold other matmul shapes, which can reorder float32
+    additions by an ulp or two (measured: at most 1.2e-7)."""
+    torch.manual_seed(1)
+    query, key = torch.randn(3, 6, 16, 8) * 2, torch.randn(3, 2, 16, 8) * 2
+    masks = [np.zeros(16, bool) for _ in range(3)]
+    masks[0][[3, 4, 5, 9, 10, 11, 15]] = True
+    masks[1][[2, 3]] = True
+    masks[2][[7, 8, 9, 12]] = True
+    request = ImportanceRequest.for_batch(0, masks, torch.device("cpu"))
+    batched = batched_context_attention_mass(
+        query, key, 0.35, request.positions, request.context_end, request.key_length, block_elements
+    )
+    for b, mask in enumerate(masks):
+        n = int(mask.sum())
+        alone = context_attention_mass(query[b], key[b], 0.35, request.positions[b, :n], request.context_end[b, :n], block_elements)
+        torch.testing.assert_close(batched[b, :n], alone, rtol=1e-6, atol=0)
+        assert (batched[b, n:] == 0).all()
