@@ -23,8 +23,9 @@ import torch
 from pipeline.artifacts.files import read_manifest, read_shard, verify_shards
 from pipeline.core.chat import ChatRenderer, load_chat_template
 from pipeline.core.checkpoints import load_model, load_tokenizer
-from pipeline.core.conversation import normalise_messages
+from pipeline.core.conversation import RowError, normalise_messages
 from pipeline.core.errors import UserError
+from pipeline.core.fingerprint import tokenizer_fingerprints
 from pipeline.core.ground_truth import read_jsonl
 from pipeline.core.worked_problems import extract_answer
 from pipeline.engine.batching import length_sorted_batches
@@ -111,12 +112,25 @@ def _rows(heldout: Path | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _messages(row: dict[str, Any], index: int) -> list[dict[str, str]]:
+    try:
+        return normalise_messages(row)
+    except RowError as error:
+        raise MeasureError(f"held-out row {row.get('id', index)!r} is not a conversation: {error.detail}") from error
+
+
 def _heldout_tokens(model_dir: Path | str, heldout: Path | Sequence[dict[str, Any]], trust_remote_code: bool
                     ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     """(ids, input_ids, trainable) of the held-out conversations: a tokenized folder's, or rows rendered here."""
     if isinstance(heldout, (str, Path)) and Path(heldout).is_dir():
         manifest = read_manifest(Path(heldout), "tokenized")
         verify_shards(Path(heldout), manifest)
+        own = tokenizer_fingerprints(chat_tokenizer(model_dir, trust_remote_code))["tokenizer"]
+        if own != manifest["tokenizer"]["fingerprint"]:
+            raise MeasureError(
+                f"{heldout} was tokenized with another tokenizer than the one in {model_dir}; "
+                "give the heldout.jsonl instead, or prepare it with this model's tokenizer"
+            )
         ids, tokens, masks = [], [], []
         for entry in manifest["shards"]:
             shard = read_shard(Path(heldout) / entry["file"], "tokenized", columns=["sample_id", "input_ids", "trainable"])
@@ -126,7 +140,7 @@ def _heldout_tokens(model_dir: Path | str, heldout: Path | Sequence[dict[str, An
         return ids, tokens, masks
     renderer = ChatRenderer(chat_tokenizer(model_dir, trust_remote_code))
     rows = _rows(heldout)
-    rendered = [renderer.render(normalise_messages(row)) for row in rows]
+    rendered = [renderer.render(_messages(row, index)) for index, row in enumerate(rows)]
     return ([str(row.get("id", index)) for index, row in enumerate(rows)],
             [np.asarray(r.input_ids, dtype=np.int64) for r in rendered], [np.asarray(r.trainable) for r in rendered])
 
@@ -164,9 +178,9 @@ class Generation:
         return self.answer is not None and self.answer == " ".join(self.expected.split())
 
 
-def _prompt_ids(tokenizer: Any, row: dict[str, Any]) -> list[int]:
+def _prompt_ids(tokenizer: Any, row: dict[str, Any], index: int) -> list[int]:
     """The conversation up to its last assistant turn, with the template's generation prompt."""
-    messages = normalise_messages(row)
+    messages = _messages(row, index)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -192,7 +206,7 @@ def greedy_answers(model_dir: Path | str, heldout: Path | Sequence[dict[str, Any
     tokenizer = chat_tokenizer(model_dir, trust_remote_code)
     model = load_model(model_dir, torch.float32, "cpu", trust_remote_code=trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = [_prompt_ids(tokenizer, row) for row in rows]
+    prompts = [_prompt_ids(tokenizer, row, index) for index, row in enumerate(rows)]
     texts: list[str] = [""] * len(rows)
     lengths = [len(p) + max_new_tokens for p in prompts]
     with torch.inference_mode():

@@ -107,6 +107,17 @@ def test_heldout_nll_is_the_token_weighted_mean_over_response_tokens(llama_dir, 
     assert heldout_nll(llama_dir, tmp_path / "tok") == pytest.approx(expected, rel=1e-4)
     with pytest.raises(MeasureError, match="is empty"):
         heldout_nll(llama_dir, [])
+    with pytest.raises(MeasureError, match="row 'x' is not a conversation: .*no recognised row shape"):
+        heldout_nll(llama_dir, [{"id": "x", "text": "hello"}])
+
+
+def test_heldout_nll_refuses_a_folder_tokenized_with_another_tokenizer(llama_dir, heldout_task, tmp_path):
+    other = tiny.save_tokenizer(tmp_path / "other")
+    (tmp_path / "other" / "tokenizer.json").write_text(
+        tiny.build_tokenizer(vocab_size=300).backend_tokenizer.to_str())
+    run_prepare(PrepareConfig(input=[heldout_task.heldout], tokenizer=str(other), output=tmp_path / "tok"))
+    with pytest.raises(MeasureError, match="tokenized with another tokenizer"):
+        heldout_nll(llama_dir, tmp_path / "tok")
 
 
 # --- greedy generation and exact match -----------------------------------------------------
