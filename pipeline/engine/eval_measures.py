@@ -29,6 +29,7 @@ from pipeline.core.fingerprint import tokenizer_fingerprints
 from pipeline.core.ground_truth import read_jsonl
 from pipeline.core.worked_problems import extract_answer
 from pipeline.engine.batching import length_sorted_batches
+from pipeline.engine.precision import MIXED_BFLOAT16, compute_precision, load_dtype, precision_name, to_mixed_precision
 from pipeline.engine.scorer import Scorer
 from pipeline.engine.settings import ScoreSettings
 
@@ -187,13 +188,14 @@ def _prompt_ids(tokenizer: Any, row: dict[str, Any], index: int) -> list[int]:
 
 
 def greedy_answers(model_dir: Path | str, heldout: Path | Sequence[dict[str, Any]], *, max_new_tokens: int = 96,
-                   max_batch_tokens: int = 8192, threads: int | None = None, trust_remote_code: bool = False
-                   ) -> list[Generation]:
+                   max_batch_tokens: int = 8192, threads: int | None = None, dtype: str = "auto",
+                   trust_remote_code: bool = False) -> list[Generation]:
     """Greedy generations for held-out rows (each with an `answer`), in row order.
 
     Prompts are batched by length and left-padded (generation appends at the right end; position
     ids follow the attention mask); each stops at the tokenizer's end-of-turn (EOS) token or after
-    `max_new_tokens`. `max_batch_tokens` bounds prompt plus new tokens per batch.
+    `max_new_tokens`. `max_batch_tokens` bounds prompt plus new tokens per batch. `dtype` is the
+    scorer's setting: auto/float32, or bfloat16 (bf16 matmuls around a float32 residual stream).
     """
     rows = _rows(heldout)
     missing = [str(row.get("id", index)) for index, row in enumerate(rows) if not isinstance(row.get("answer"), str)]
@@ -204,12 +206,15 @@ def greedy_answers(model_dir: Path | str, heldout: Path | Sequence[dict[str, Any
     if threads:
         torch.set_num_threads(threads)
     tokenizer = chat_tokenizer(model_dir, trust_remote_code)
-    model = load_model(model_dir, torch.float32, "cpu", trust_remote_code=trust_remote_code)
+    precision = precision_name(dtype)
+    model = load_model(model_dir, load_dtype(precision), "cpu", trust_remote_code=trust_remote_code)
+    if precision == MIXED_BFLOAT16:
+        to_mixed_precision(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [_prompt_ids(tokenizer, row, index) for index, row in enumerate(rows)]
     texts: list[str] = [""] * len(rows)
     lengths = [len(p) + max_new_tokens for p in prompts]
-    with torch.inference_mode():
+    with torch.inference_mode(), compute_precision(precision, torch.device("cpu")):
         for batch in length_sorted_batches(lengths, max_batch_tokens):
             width = max(len(prompts[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

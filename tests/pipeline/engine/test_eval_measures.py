@@ -186,6 +186,7 @@ def test_exact_match_reads_the_answer_of_the_generation(answering_model):
     (generation,) = greedy_answers(folder, [right], max_new_tokens=12)
     assert generation.text == "So the answer is 5." and generation.answer == "5" and generation.correct
     assert exact_match(folder, [right, wrong, right], max_new_tokens=12) == pytest.approx(2 / 3)
+    assert exact_match(folder, [right, wrong], max_new_tokens=12, dtype="bfloat16") == 0.5  # bf16 matmuls keep the answer
 
 
 def test_generation_comparison_and_bad_held_out_rows(llama_dir):
