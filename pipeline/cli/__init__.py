@@ -11,10 +11,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import demo, models, prepare, run, score, select, train
+from pipeline.cli import demo, eval, models, prepare, run, score, select, train
 from pipeline.core.errors import UserError, refusal_from_os_error
 
-SUBCOMMANDS = (prepare, score, select, train, run, models, demo)
+SUBCOMMANDS = (prepare, score, select, train, run, eval, models, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,6 +93,11 @@ class ScoreJobConfig(ScoreSettings, SelectSettings):
     workers: int | None = setting(
         None, ge=1, description="Scoring actors; default: as many as the cluster's CPUs (or GPUs) hold.", run_key=False
     )
+    runner: Literal["ray", "process"] = setting(
+        "ray", description="ray: the models run in Ray actors (a cluster, several workers, GPUs); process: one model at "
+        "a time in this process, the shards one after another, without an actor's start-up (a new process importing "
+        "torch, seconds per phase on a small machine). The same shards either way.", run_key=False,
+    )
     cpus_per_worker: float | None = setting(
         None, gt=0, description="CPUs reserved by each actor (its torch threads); default: up to 4, one node's worth.",
         run_key=False,
