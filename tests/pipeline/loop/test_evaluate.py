@@ -129,3 +129,25 @@ def test_spread_is_the_mean_and_sample_std_of_the_figures_that_are_there():
     assert spread([1.0, 2.0, 4.0]) == {"mean": 7 / 3, "std": pytest.approx(1.5275252), "n": 3}
     assert spread([0.5, None, float("nan")]) == {"mean": 0.5, "std": 0.0, "n": 1}
     assert spread([None]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_a_natural_corpus_runs_the_methods_for_held_out_nll_only(tmp_path, llama_dir, ray_local):
+    corpus = tmp_path / "chats.jsonl"
+    corpus.write_text("".join(
+        f'{{"id": "c{i}", "prompt": "what is {i} plus {i}?", "response": "it is {2 * i} , the quick brown fox"}}\n'
+        for i in range(14)
+    ))
+    config = smoke_config(tmp_path / "out", llama_dir, corpus="natural", methods=["sstoken"],
+                          natural={"corpus": [corpus], "heldout": 4, "samples": 8})
+    report = run_eval(config).report
+    assert [m["key"] for m in report["measures"]] == ["heldout_nll", "score_s", "train_s", "kept_tokens"]
+    assert report["selection_by_round"] == []
+    rows = {r["method"]: r["values"] for r in report["table"]}
+    assert set(rows) == {"base", "sstoken"} and all(rows[m]["heldout_nll"]["n"] == 1 for m in rows)
+    assert rows["sstoken"]["heldout_nll"]["mean"] != rows["base"]["heldout_nll"]["mean"]
+    # The seed's split: held out first, disjoint from training; the reference slice is training rows.
+    data = tmp_path / "out" / "data" / "seed-0"
+    ids = {name: [json.loads(line)["id"] for line in (data / f"{name}.jsonl").read_text().splitlines()]
+           for name in ("train", "heldout", "reference")}
+    assert len(ids["heldout"]) == 4 and len(ids["train"]) == 8 and not set(ids["heldout"]) & set(ids["train"])
+    assert set(ids["reference"]) <= set(ids["train"]) and len(ids["reference"]) == 2
