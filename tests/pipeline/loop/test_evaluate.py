@@ -6,6 +6,9 @@ One eval shared by the tests here (a module fixture): every method, one seed, tw
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,22 @@ def test_a_natural_corpus_runs_the_methods_for_held_out_nll_only(tmp_path, llama
            for name in ("train", "heldout", "reference")}
     assert len(ids["heldout"]) == 4 and len(ids["train"]) == 8 and not set(ids["heldout"]) & set(ids["train"])
     assert set(ids["reference"]) <= set(ids["train"]) and len(ids["reference"]) == 2
+
+
+def test_eval_help_imports_no_torch_transformers_or_ray():
+    script = (
+        "import sys, contextlib, io\n"
+        "from pipeline.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try:\n"
+        "        main(['eval', '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert '--scale' in out.getvalue() and '--select.ratio' in out.getvalue()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'ray', 'pyarrow') if m in sys.modules))\n"
+    )
+    repo = SMOKE.parents[2]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=repo,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
