@@ -12,10 +12,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import demo, export, inspect, models, prepare, report, run, score, select, train, validate
+from pipeline.cli import demo, eval, export, inspect, models, prepare, report, run, score, select, train, validate
 from pipeline.core.errors import UserError, refusal_from_os_error
 
-SUBCOMMANDS = (prepare, score, select, train, run, models, demo, report, inspect, export, validate)
+SUBCOMMANDS = (prepare, score, select, train, run, eval, models, demo, report, inspect, export, validate)
 
 
 def build_parser() -> argparse.ArgumentParser:

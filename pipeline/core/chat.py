@@ -165,6 +165,17 @@ class ChatRenderer:
         return end + matched
 
     def render(self, messages: list[Message]) -> RenderedSample:
+        return self.render_marking(messages, [])[0]
+
+    def render_marking(
+        self, messages: list[Message], content_spans: list[tuple[int, int, int]]
+    ) -> tuple[RenderedSample, list[bool]]:
+        """`render(messages)` and, aligned with its tokens, which trainable tokens overlap `content_spans`.
+
+        Each span is (assistant turn, start, end): characters [start, end), start < end, of the content of the
+        turn-th assistant message (0-based, counting assistant messages only). The content is found
+        inside its turn's rendering, so this needs a template that renders contents verbatim.
+        """
         full_text = self._text(messages, generation_prompt=False)
         spans = self.assistant_spans(messages, full_text)
         encoding = self.tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
@@ -174,11 +185,34 @@ class ChatRenderer:
         for members in _tokens_in_spans(offsets, spans):
             for i in self._trim_after_end_of_turn(members, input_ids, offsets, full_text):
                 trainable[i] = True
+        marked = [False] * len(input_ids)
+        for members in _tokens_in_spans(offsets, self._in_full_text(messages, full_text, spans, content_spans)):
+            for i in members:
+                marked[i] = trainable[i]
         if self._bos_id is not None and input_ids[:1] != [self._bos_id]:
-            input_ids, trainable = [self._bos_id, *input_ids], [False, *trainable]
+            input_ids, trainable, marked = [self._bos_id, *input_ids], [False, *trainable], [False, *marked]
         if trainable:
-            trainable[0] = False  # position 0 is never a prediction target
-        return RenderedSample(input_ids, trainable)
+            trainable[0] = marked[0] = False  # position 0 is never a prediction target
+        return RenderedSample(input_ids, trainable), marked
+
+    @staticmethod
+    def _in_full_text(
+        messages: list[Message], full_text: str, turn_spans: list[tuple[int, int]], content_spans: list[tuple[int, int, int]]
+    ) -> list[tuple[int, int]]:
+        """Content character spans as spans of the whole rendering, in order."""
+        contents = [message["content"] for message in messages if message["role"] == "assistant"]
+        placed = []
+        for turn, start, end in content_spans:
+            if not 0 <= turn < len(contents) or not 0 <= start < end <= len(contents[turn]):
+                raise TemplateError(
+                    f"span {start}:{end} of assistant turn {turn} lies outside the conversation's assistant contents"
+                )
+            turn_start, turn_end = turn_spans[turn]
+            at = full_text.find(contents[turn], turn_start, turn_end)
+            if at < 0:
+                raise TemplateError(f"the chat template does not render assistant turn {turn}'s content verbatim")
+            placed.append((at + start, at + end))
+        return sorted(placed)
 
     def _trim_after_end_of_turn(
         self, members: list[int], input_ids: list[int], offsets: list[tuple[int, int]], text: str

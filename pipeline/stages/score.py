@@ -37,6 +37,7 @@ The summary's `phases` says, per phase, shards done, actors, model loads and for
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 import uuid
@@ -49,7 +50,7 @@ from pipeline.artifacts.files import base_manifest, read_manifest, refuse_repeat
 from pipeline.artifacts.stage_output import StageOutput, StageSummary
 from pipeline.core.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.core.fingerprint import sha256_json, tokenizer_fingerprints
-from pipeline.core.ray_runtime import node_cpus, ordered_map, ray_session, task_error_cause
+from pipeline.core.ray_runtime import machine_cpus, node_cpus, ordered_map, ray_session, task_error_cause
 from pipeline.stages.score_shards import (
     ScoreJobError,
     ShardTask,
@@ -207,6 +208,8 @@ def _run_actor_pool(
 ) -> list[dict[str, Any]]:
     """Hand shards to a pool of one phase's actors; replace actors that die and redo their shards.
     Every actor is killed on the way out, so the next phase starts with this phase's models gone."""
+    if config.runner == "process":
+        return _run_in_process(phase, tasks, config, progress, history_fingerprint)
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -268,6 +271,25 @@ def _run_actor_pool(
     finally:
         for actor in [*idle, *starting.values(), *(a for a, _ in running.values())]:
             ray.kill(actor)
+    return results
+
+
+def _run_in_process(
+    phase: Phase, tasks: list[ShardTask], config: ScoreJobConfig, progress: _Progress, history_fingerprint: str | None
+) -> list[dict[str, Any]]:
+    """runner process: the phase's one model here (the actor's class, without Ray), the shards in turn, then freed."""
+    settings = config.score_settings().model_copy(update={"threads": config.threads or machine_cpus()})
+    checkpoint = str(config.history if phase == "history" else config.current)
+    scorer = ShardScoringActor(checkpoint, settings, phase, config.select_settings(), history_fingerprint)
+    scorer.ready()
+    results: list[dict[str, Any]] = []
+    try:
+        for task in tasks:
+            results.append(scorer.run(task))
+            progress.shard_done(results[-1]["tokens"])
+    finally:
+        del scorer
+        gc.collect()
     return results
 
 

@@ -10,7 +10,8 @@ Output layout:
 
 The loss is the mean NLL over the kept tokens of each global batch (pipeline.engine.masked_loss),
 one optimizer step per global batch, on `workers` data-parallel ranks (`pipeline.stages.train_worker`)
-of a Ray Train v2 `TorchTrainer`: one embedded worker by default (`ray_session`, so a caller can
+of a Ray Train v2 `TorchTrainer` (or, with `runner: process`, one worker in this process:
+`pipeline.stages.train_in_process`): one embedded worker by default (`ray_session`, so a caller can
 run score and train in one Ray session), `--workers N [--use-gpu]` on a cluster. Each rank reads its
 own rows of the Parquet shards (Ray Data is not used: it stalls when the workers hold every CPU).
 
@@ -28,6 +29,7 @@ import os
 import shutil
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,10 @@ from pipeline.artifacts.training_data import DataPlan, build_index, open_trainin
 from pipeline.core.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.core.errors import UserError
 from pipeline.core.fingerprint import sha256_json, tokenizer_fingerprints
-from pipeline.core.ray_runtime import RayRuntime, node_cpus, ray_session, task_error_cause
+from pipeline.core.ray_runtime import RayRuntime, machine_cpus, node_cpus, ray_session, task_error_cause
 from pipeline.engine.train_settings import accumulation_steps
 from pipeline.stages.configs import TrainConfig
+from pipeline.stages.train_in_process import fit_in_process
 from pipeline.stages.train_worker import FINAL, RankJob, ray_train_loop, schedule_of
 
 __all__ = ["TrainConfig", "run_train"]
@@ -95,6 +98,11 @@ def _cpus_per_worker(config: TrainConfig, runtime: RayRuntime) -> float:
             f"--use-gpu with --workers {config.workers} needs {config.workers} GPUs; the Ray cluster has {runtime.gpus:g}"
         )
     return cpus
+
+
+def _process_cpus(config: TrainConfig) -> float:
+    """runner process: the torch threads of the one worker (its CPUs), at most this machine's."""
+    return min(float(machine_cpus()), config.cpus_per_worker or float(config.num_cpus or machine_cpus()))
 
 
 class _MetricsProgress:
@@ -257,9 +265,13 @@ def run_train(config: TrainConfig) -> StageSummary:
         work = output / WORK
         timings: dict[str, float] = {}
         object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
-        with ray_session(config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s) as runtime:
+        in_process = config.runner == "process"
+        session = nullcontext() if in_process else ray_session(
+            config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s
+        )
+        with session as runtime:
             # Nothing in the output is touched before the cluster answered and the settings fit it.
-            cpus = _cpus_per_worker(config, runtime)
+            cpus = _process_cpus(config) if in_process else _cpus_per_worker(config, runtime)
             out.begin()
             _claim_entries(out, output)
             timings["checks_s"] = time.monotonic() - started
@@ -274,7 +286,10 @@ def run_train(config: TrainConfig) -> StageSummary:
                 work.mkdir(exist_ok=True)
                 fit_started = time.monotonic()
                 with _MetricsProgress(config.progress, output / METRICS, plan.steps):
-                    _fit(config, job, cpus, work, f"run-{out.identity[:16]}")
+                    if in_process:
+                        fit_in_process(job, work)
+                    else:
+                        _fit(config, job, cpus, work, f"run-{out.identity[:16]}")
                 timings["fit_s"] = time.monotonic() - fit_started
                 final_fp = _install_final(out, output, work / FINAL)
         shutil.rmtree(work, ignore_errors=True)  # resumable state is no longer needed

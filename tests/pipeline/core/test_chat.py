@@ -231,3 +231,28 @@ def test_add_bos_without_a_bos_token_is_a_clear_error():
     tokenizer.bos_token = None
     with pytest.raises(TemplateError, match="has no BOS token"):
         ChatRenderer(tokenizer, add_bos=True)
+
+
+def test_render_marking_flags_the_trainable_tokens_over_content_spans(tokenizer):
+    messages = [{"role": "user", "content": "Paris?"}, {"role": "assistant", "content": "Paris is nice."},
+                {"role": "user", "content": "Paris is?"}, {"role": "assistant", "content": "The capital."}]
+    renderer = ChatRenderer(tokenizer)
+    sample, marked = renderer.render_marking(messages, [(1, 4, 11), (0, 0, 5)])
+    assert sample == renderer.render(messages)
+    assert [tokenizer.decode([i]) for i, flag in zip(sample.input_ids, marked) if flag] == ["Pa", "ris", " capital"]
+    assert all(sample.trainable[i] for i, flag in enumerate(marked) if flag)  # the user's "Paris" is not flagged
+
+
+def test_render_marking_finds_the_content_after_a_templates_own_markup():
+    tokenizer = tiny.build_tokenizer(chat_template=REASONING_TEMPLATE)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    sample, marked = ChatRenderer(tokenizer).render_marking(messages, [(1, 0, 5)])
+    assert "".join(tokenizer.decode([i]) for i, flag in zip(sample.input_ids, marked) if flag) == "Paris"
+
+
+def test_render_marking_refuses_a_span_outside_the_contents(tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Paris."}]
+    for span in [(1, 0, 2), (0, 2, 9), (0, 3, 3), (-1, 0, 1)]:
+        with pytest.raises(TemplateError, match="outside"):
+            ChatRenderer(tokenizer).render_marking(messages, [span])

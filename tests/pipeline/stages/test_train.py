@@ -172,3 +172,53 @@ def test_the_progress_bar_follows_the_metrics_rank_0_writes(tmp_path):
         task = progress.bar.tasks[0]
         assert task.completed == 3 and task.total == 4
         assert task.fields["figures"] == "loss 1.500  1,234 tokens/s  lr 1.00e-04"
+
+
+# -- runner process: one worker in this process, no Ray Train -------------------------------------
+
+
+def test_the_process_runner_ends_with_the_tensors_ray_train_ends_with(trained, inputs, llama_dir, tmp_path):
+    config, summary, ray_seconds = trained
+    started = time.monotonic()
+    local = run_train(_config(inputs, llama_dir, tmp_path / "out", runner="process"))
+    seconds = time.monotonic() - started
+    expected, found = _weights(config.output), _weights(tmp_path / "out")
+    assert found.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=0, atol=0, msg=name)
+    assert local.counts == summary.counts and not (tmp_path / "out" / "train").exists()
+    print(f"same fit: Ray Train {ray_seconds:.1f} s, runner process {seconds:.1f} s")
+
+
+def test_a_process_run_killed_mid_training_resumes_from_its_last_state(trained, inputs, llama_dir, tmp_path, monkeypatch):
+    from pipeline.stages import train_in_process
+
+    config, _, _ = trained
+    keep, states = train_in_process._keep, []
+
+    def killed_after_two(work, metrics, state):
+        keep(work, metrics, state)
+        states.append(metrics["step"])
+        if len(states) == 2:
+            raise KeyboardInterrupt("killed")
+
+    settings = _config(inputs, llama_dir, tmp_path / "out", runner="process")
+    with monkeypatch.context() as patch:
+        patch.setattr(train_in_process, "_keep", killed_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(settings)
+    assert [p.name for p in train_in_process.saved_states(tmp_path / "out" / "train")] == ["step-00000001", "step-00000002"]
+    resumed = run_train(settings)
+    assert not resumed.reused and states == [1, 2]
+    lines = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == list(range(1, resumed.counts["steps"] + 1))
+    expected, found = _weights(config.output), _weights(tmp_path / "out")
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_process_runner_is_one_local_worker(inputs, llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="runner process trains one worker in this process"):
+        _config(inputs, llama_dir, tmp_path, runner="process", workers=2)
+    with pytest.raises(ValueError, match="runner process trains one worker in this process"):
+        _config(inputs, llama_dir, tmp_path, runner="process", address="127.0.0.1:6379")
