@@ -23,6 +23,8 @@ from pipeline.core.fingerprint import sha256_file
 from pipeline.artifacts.schemas import validate_manifest, validate_table
 
 MANIFEST = "manifest.json"
+# What `sstoken prepare` sets aside beside its shards, one row per rejected input row with its reason.
+REJECTED = "rejected.parquet"
 
 
 class ArtifactError(UserError, RuntimeError):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.artifacts.files import ArtifactError
+from pipeline.artifacts.files import REJECTED, ArtifactError
 from pipeline.artifacts.stage_output import StageSummary
 from pipeline.artifacts.stats import Stats, pick_samples, sample_views
 from pipeline.core.token_text import TokenText
@@ -23,7 +23,7 @@ from pipeline.loop.run_folder import RunFolder
 from pipeline.loop.run_stats import EVAL_RECORD, open_stats, train_curves
 from pipeline.stages.configs import ReportConfig
 from pipeline.stages.report import MAX_TOKENS_PER_SAMPLE, ReportInputs, render_eval, render_report
-from pipeline.stages.report_figures import REJECTED, flipped_tokens, round_figures
+from pipeline.stages.report_figures import flipped_tokens, round_figures
 from pipeline.stages.report_page import GENERATOR, write_page
 
 HIGHLIGHTED = 5  # samples per group: highest, lowest and middle score

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts.files import base_manifest, code_version, shard_name
+from pipeline.artifacts.files import REJECTED, base_manifest, code_version, shard_name
 from pipeline.artifacts.stage_output import StageOutput, StageSummary
 from pipeline.core.chat import ChatRenderer, TemplateError, count_turns, load_chat_template
 from pipeline.core.checkpoints import load_tokenizer
@@ -27,8 +27,6 @@ from pipeline.artifacts.schemas import table_from_rows
 from pipeline.core.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-REJECTED = "rejected.parquet"
 
 
 class PrepareError(UserError, RuntimeError):

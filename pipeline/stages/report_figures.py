@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline.artifacts.files import REJECTED
 from pipeline.artifacts.stats import Stats, totals
 from pipeline.core.token_text import TokenText
 
 POSITION_BINS = 20
 TOP_TOKENS = 20
 HISTOGRAM_BINS = 50
-REJECTED = "rejected.parquet"  # what `sstoken prepare` sets aside, beside its shards
 
 
 def _finite(values: pl.Series) -> np.ndarray:
