@@ -35,9 +35,9 @@ from pipeline.loop.ema import ema_checkpoint
 from pipeline.loop.roles import RoundRoles, round_roles
 from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RUN_RECORD_VERSION, RunFolder, read_run_record, write_run_record
-from pipeline.loop.run_stats import train_curve
 from pipeline.loop.slices import corpus_ids, materialise_slice, sample_order, slice_bounds
 from pipeline.stages.configs import SelectConfig
+from pipeline.stages.train_metrics import train_curve
 
 
 @dataclass(frozen=True)

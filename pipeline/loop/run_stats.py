@@ -11,15 +11,14 @@ moved elsewhere still reads); rounds whose selection has not finished are left o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
 from pipeline.artifacts.files import MANIFEST, ArtifactError
 from pipeline.artifacts.stats import Stats, open_masks_folder, round_artifacts
 from pipeline.loop.run_folder import RUN_RECORD, RunFolder, read_run_record
+from pipeline.stages.train_metrics import train_curve
 
 EVAL_RECORD = "eval.json"
 
@@ -64,19 +63,6 @@ def open_stats(folder: Path, data: Path | None = None) -> Stats:
         f"{folder} is not an sstoken artifact folder (no {RUN_RECORD} or {MANIFEST}); pass a run folder, "
         "a scores folder or a masks folder"
     )
-
-
-def train_curve(train_output: Path) -> list[dict[str, Any]]:
-    """One train stage's metrics.jsonl as one entry per optimizer step (a resumed run's last line of a step wins)."""
-    path = Path(train_output) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    steps: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            metric = json.loads(line)
-            steps[int(metric["step"])] = metric
-    return [steps[step] for step in sorted(steps)]
 
 
 def train_curves(stats: Stats) -> pl.DataFrame:
