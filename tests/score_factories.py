@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts.files import base_manifest, shard_name, write_manifest, write_parquet_atomic
-from pipeline.artifacts.schemas import arrow_schema, table_from_rows
-from pipeline.core.fingerprint import sha256_json
+from pipeline.runtime.files import base_manifest, shard_name, write_manifest, write_parquet_atomic
+from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.schemas import arrow_schema, table_from_rows
 
 SOURCES = ("alpaca", "code", "math")
 REJECTED_ROWS = [
@@ -123,7 +123,7 @@ def write_synthetic_scores(folder: Path, tokenized: Path, seed: int = 0, ratio: 
     """A scores folder (or, `kind="masks"`, a masks folder) for `tokenized`, shard by shard as `sstoken score` names them."""
     import pyarrow.parquet as pq
 
-    from pipeline.artifacts.files import read_manifest
+    from pipeline.runtime.files import read_manifest
 
     folder, tokenized = Path(folder), Path(tokenized)
     folder.mkdir(parents=True, exist_ok=True)

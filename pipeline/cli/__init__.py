@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.cli import demo, eval, export, inspect, models, prepare, report, run, score, select, train, validate
-from pipeline.core.errors import UserError, refusal_from_os_error
+from pipeline.runtime.errors import UserError, refusal_from_os_error
 
 SUBCOMMANDS = (prepare, score, select, train, run, eval, models, demo, report, inspect, export, validate)
 

@@ -1,6 +1,6 @@
 """One helper that turns a stage into a subcommand, and the one way a stage's summary is printed.
 
-    register = stage_command("prepare", PrepareConfig, "pipeline.stages.prepare:run_prepare", help=..., description=...)
+    register = stage_command("prepare", PrepareConfig, "pipeline.data.prepare_stage:run_prepare", help=..., description=...)
 
 The flags come from the config class, the YAML file and flags fill it, the run function gets it,
 and what it returns (a `StageSummary`) is printed as a table. The run function is named as
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.core.config import StageConfig, add_config_arguments, config_from_arguments
-from pipeline.core.errors import UserError, refusal_from_os_error
+from pipeline.runtime.config import StageConfig, add_config_arguments, config_from_arguments
+from pipeline.runtime.errors import UserError, refusal_from_os_error
 
 if TYPE_CHECKING:
-    from pipeline.artifacts.stage_output import StageSummary
+    from pipeline.runtime.stage_output import StageSummary
 
 # Prints what a run returned and gives the exit status (0: all well).
 Report = Callable[[Any, Console], int]

@@ -19,8 +19,8 @@ def _show_sample(console: Console, masks_dir: Path, tokenized_dir: Path, model: 
     """One multi-turn sample, kept tokens highlighted: the masks are something to look at, not a number."""
     import pyarrow.parquet as pq
 
-    from pipeline.cli.token_view import keep_view, legend
-    from pipeline.core.checkpoints import load_tokenizer
+    from pipeline.runtime.checkpoints import load_tokenizer
+    from pipeline.views.token_view import keep_view, legend
 
     tokenized = pq.read_table(sorted(tokenized_dir.glob("part-*.parquet"))[0]).to_pylist()
     masks = {r["sample_id"]: r for p in sorted(masks_dir.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pipeline.cli.command import stage_command
-from pipeline.stages.configs import TrainConfig
+from pipeline.training.train_config import TrainConfig
 
 register = stage_command(
     "train",
     TrainConfig,
-    "pipeline.stages.train:run_train",
+    "pipeline.training.train_stage:run_train",
     help="Fine-tune a model (LoRA or full) on the kept tokens of a tokenized corpus; write a Hugging Face checkpoint.",
     description="Train --model on --data with the loss on the tokens --masks keeps (a scores folder or a masks "
     "folder): the mean NLL over the kept tokens of each global batch. Writes DIR/checkpoint/ (safetensors, LoRA "

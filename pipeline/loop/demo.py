@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 import pipeline
-from pipeline.core.config import ConfigError
 from pipeline.loop.run_config import RoundUnit, RunConfig
+from pipeline.runtime.config import ConfigError
 
 BUNDLED_CORPUS = Path(pipeline.__file__).resolve().parent.parent / "examples" / "corpus"
 
@@ -52,8 +52,8 @@ class DemoRun:
 
 def run_demo(config: DemoConfig) -> DemoRun:
     """Run the loop; then compare round 0's masks with round 1's."""
-    from pipeline.loop.compare import mask_agreement
     from pipeline.loop.rounds import run_loop
+    from pipeline.selection.compare import mask_agreement
 
     missing = [str(p) for p in config.corpus if not Path(p).exists()]
     if missing:

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pipeline.artifacts.files import is_temporary
-from pipeline.core.checkpoints import CheckpointError, checkpoint_files
+from pipeline.runtime.checkpoints import CheckpointError, checkpoint_files
+from pipeline.runtime.files import is_temporary
 
 # safetensors dtype names of the torch dtypes a checkpoint holds.
 _DTYPE_NAMES = {

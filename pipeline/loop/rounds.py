@@ -23,21 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts.files import MANIFEST, exclusive_output, utc_now
-from pipeline.artifacts.stage_output import StageSummary
-from pipeline.artifacts.training_data import DataPlan
-from pipeline.core.checkpoints import checkpoint_fingerprint
-from pipeline.core.config import ConfigError
-from pipeline.core.fingerprint import sha256_json
-from pipeline.core.model_zoo import ensure_model
-from pipeline.core.ray_runtime import ray_session
 from pipeline.loop.ema import ema_checkpoint
 from pipeline.loop.roles import RoundRoles, round_roles
 from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RUN_RECORD_VERSION, RunFolder, read_run_record, write_run_record
 from pipeline.loop.slices import corpus_ids, materialise_slice, sample_order, slice_bounds
-from pipeline.stages.configs import SelectConfig
-from pipeline.stages.train_metrics import train_curve
+from pipeline.runtime.checkpoints import checkpoint_fingerprint
+from pipeline.runtime.config import ConfigError
+from pipeline.runtime.files import MANIFEST, exclusive_output, utc_now
+from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.model_zoo import ensure_model
+from pipeline.runtime.ray_session import ray_session
+from pipeline.runtime.stage_output import StageSummary
+from pipeline.selection.select_config import SelectConfig
+from pipeline.training.train_metrics import train_curve
+from pipeline.training.training_data import DataPlan
 
 
 @dataclass(frozen=True)
@@ -190,9 +190,9 @@ def _round_data(run: _Run, spec: RoundSpec, order: list[str]) -> Path:
 
 def _trained_reference(run: _Run) -> Path:
     """rho1 / tokencleaning with reference_corpus: the base trained on it with every trainable token."""
-    from pipeline.stages.prepare import run_prepare
-    from pipeline.stages.score import run_score_job
-    from pipeline.stages.train import run_train
+    from pipeline.data.prepare_stage import run_prepare
+    from pipeline.scoring.score_stage import run_score_job
+    from pipeline.training.train_stage import run_train
 
     config, folder, base = run.config, run.folder, run.base
     assert config.reference_corpus is not None
@@ -256,9 +256,9 @@ def _roles_entry(run: _Run, roles: RoundRoles) -> dict[str, Any]:
 
 
 def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | None, schedule: tuple[int, int]) -> None:
-    from pipeline.stages.score import run_score_job
-    from pipeline.stages.select import run_select
-    from pipeline.stages.train import run_train
+    from pipeline.scoring.score_stage import run_score_job
+    from pipeline.selection.select_stage import run_select
+    from pipeline.training.train_stage import run_train
 
     config, folder, index = run.config, run.folder, spec.index
     entry = run.round_entry(spec)
@@ -302,7 +302,7 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
 
 def run_loop(config: RunConfig) -> RunResult:
     """Prepare (if needed), then every round; a killed run resumes where it stopped. Returns the run's record."""
-    from pipeline.stages.prepare import run_prepare
+    from pipeline.data.prepare_stage import run_prepare
 
     folder = RunFolder(Path(config.output))
     base = Path(config.model) if Path(config.model).is_dir() else ensure_model(config.model)

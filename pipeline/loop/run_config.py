@@ -23,10 +23,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.core.config import SectionedConfig
-from pipeline.core.model_zoo import model_dir
-from pipeline.engine.select_settings import SelectSettings
-from pipeline.stages.configs import PrepareConfig, ScoreJobConfig, TrainConfig
+from pipeline.data.prepare_config import PrepareConfig
+from pipeline.runtime.config import SectionedConfig
+from pipeline.runtime.model_zoo import model_dir
+from pipeline.scoring.score_config import ScoreJobConfig
+from pipeline.selection.select_settings import SelectSettings
+from pipeline.training.train_config import TrainConfig
 
 RoundUnit = Literal["slice", "epoch"]
 HistoryPolicy = Literal["base", "previous", "ema"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts.files import utc_now, write_json_atomic
+from pipeline.runtime.files import utc_now, write_json_atomic
 
 RUN_RECORD = "run.json"
 RUN_RECORD_VERSION = 1

@@ -23,10 +23,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.artifacts.files import base_manifest, read_manifest, read_shard, shard_name
-from pipeline.artifacts.stage_output import StageOutput
-from pipeline.core.errors import UserError
-from pipeline.core.fingerprint import sha256_json
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import base_manifest, read_manifest, read_shard, shard_name
+from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.stage_output import StageOutput
 
 
 class SliceError(UserError, ValueError):

@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.core.model_zoo import ensure_model  # noqa: E402
-from pipeline.core.ray_runtime import ray_session  # noqa: E402
-from pipeline.core.checkpoints import load_tokenizer  # noqa: E402
-from pipeline.stages.score import ScoreJobConfig, run_score_job  # noqa: E402
-from pipeline.stages.train import TrainConfig, run_train  # noqa: E402
+from pipeline.runtime.checkpoints import load_tokenizer  # noqa: E402
+from pipeline.runtime.model_zoo import ensure_model  # noqa: E402
+from pipeline.runtime.ray_session import ray_session  # noqa: E402
+from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job  # noqa: E402
+from pipeline.training.train_stage import TrainConfig, run_train  # noqa: E402
 from tests.factories import write_keep_masks, write_tokenized  # noqa: E402
 
 

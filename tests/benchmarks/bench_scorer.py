@@ -10,7 +10,7 @@ Not collected by pytest (the name does not start with test_). Prints, per length
   dtype, measured in this run;
 - keep-mask agreement of bfloat16 with float32.
 
-Variants: `naive` (tests/pipeline/engine/reference.py, the naive way the scoring issue defines: eager
+Variants: `naive` (tests/pipeline/scoring/reference.py, the naive way the scoring issue defines: eager
 attention, two model(..., output_attentions=True) calls with full logits, both outputs held, one
 sample at a time, both models loaded once, outside the timing), `naive-lean` (the same numbers with
 the history call asking for no attentions and each output dropped once used: a stronger baseline,
@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from pipeline.engine.precision import MIXED_BFLOAT16  # noqa: E402
+from pipeline.scoring.precision import MIXED_BFLOAT16  # noqa: E402
 
 transformers_logging.disable_progress_bar()  # the cold variant loads two models per run
 
@@ -128,22 +128,22 @@ class Naive:
     each output dropped once used (same numbers; shown so the ratios can be read against both)."""
 
     def __init__(self, name: str, current: Path, history: Path):
-        from tests.pipeline.engine.reference import load_eager
+        from tests.pipeline.scoring.reference import load_eager
 
         self.name, self.lean = name, name == "naive-lean"
         self.current, self.history = load_eager(current), load_eager(history)
 
     def run(self, ids, masks):
-        from tests.pipeline.engine.reference import naive_scores
+        from tests.pipeline.scoring.reference import naive_scores
 
         return [naive_scores(self.current, self.history, x, m, lean=self.lean) for x, m in zip(ids, masks)]
 
 
 class Fast:
     def __init__(self, current: Path, history: Path, dtype: str, warm: bool, max_batch_tokens: int):
-        from pipeline.engine.scorer import Scorer
-        from pipeline.engine.select_settings import SelectSettings
-        from pipeline.engine.settings import ScoreSettings
+        from pipeline.scoring.score_settings import ScoreSettings
+        from pipeline.scoring.scorer import Scorer
+        from pipeline.selection.select_settings import SelectSettings
 
         self.name = f"fast-{dtype}-{'warm' if warm else 'cold'}"
         self.current, self.history = current, history
@@ -160,7 +160,7 @@ class Fast:
         """Phase 1: the history model alone computes its NLLs, then is released."""
         import gc
 
-        from pipeline.engine.scorer import Scorer
+        from pipeline.scoring.scorer import Scorer
 
         started = time.perf_counter()
         scorer = Scorer(self.history, self.settings, importance=False)
@@ -179,7 +179,7 @@ class Fast:
             self.run(ids, masks)
 
     def run(self, ids, masks):
-        from pipeline.engine.scorer import Scorer, score_samples
+        from pipeline.scoring.scorer import Scorer, score_samples
 
         sample_ids = [str(i) for i in range(len(ids))]
         if self.warm:
@@ -258,7 +258,7 @@ def child(arguments: argparse.Namespace) -> None:
     """Load one variant, score the samples once, print peak RSS in MiB as JSON."""
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     current, history = Path(arguments.model), Path(arguments.history)
-    from pipeline.core.checkpoints import load_tokenizer
+    from pipeline.runtime.checkpoints import load_tokenizer
 
     ids, masks = make_samples(load_tokenizer(current), arguments.child_length, arguments.child_count, seed=1)
     variant = build_variant(arguments.child, current, history, arguments.max_batch_tokens)
@@ -298,7 +298,7 @@ def keep_agreement(a, b, masks) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: pipeline.core.model_zoo smollm2-135m)")
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: pipeline.runtime.model_zoo smollm2-135m)")
     parser.add_argument("--history", type=Path, default=None, help="history folder (default: the model plus noise)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--tokens-per-length", type=int, default=2048, help="samples per length = this / length")
@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--child-count", type=int, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.model is None:
-        from pipeline.core.model_zoo import ensure_model
+        from pipeline.runtime.model_zoo import ensure_model
 
         arguments.model = ensure_model("smollm2-135m")
     if arguments.history is None:
@@ -328,7 +328,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {arguments.model}")
     gemm_samples: dict[str, list[float]] = {"float32": [], "bfloat16": []}
 
-    from pipeline.core.checkpoints import load_tokenizer
+    from pipeline.runtime.checkpoints import load_tokenizer
 
     tokenizer = load_tokenizer(arguments.model)
     variants = [build_variant(v, arguments.model, arguments.history, arguments.max_batch_tokens) for v in arguments.variants]

@@ -12,12 +12,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.artifacts.files as files
-import pipeline.stages.prepare as prepare_stage
-from pipeline.artifacts.files import read_manifest
+import pipeline.runtime.files as files
+import pipeline.data.prepare_stage as prepare_stage
 from pipeline.cli import main
 from pipeline.cli.command import run_function, summary_table
-from pipeline.stages.prepare import PrepareError
+from pipeline.data.prepare_stage import PrepareError
+from pipeline.runtime.files import read_manifest
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -39,8 +39,8 @@ def stderr_lines(capsys) -> list[str]:
 
 
 def test_every_command_runs_a_function_that_exists():
-    for path in ["pipeline.stages.prepare:run_prepare", "pipeline.stages.score:run_score_job",
-                 "pipeline.stages.select:run_select", "pipeline.stages.train:run_train", "pipeline.loop.demo:run_demo"]:
+    for path in ["pipeline.data.prepare_stage:run_prepare", "pipeline.scoring.score_stage:run_score_job",
+                 "pipeline.selection.select_stage:run_select", "pipeline.training.train_stage:run_train", "pipeline.loop.demo:run_demo"]:
         assert callable(run_function(path))
 
 
@@ -70,7 +70,7 @@ def test_a_bug_keeps_its_traceback(prepare_args, monkeypatch):
 
 def test_a_bug_exits_1_with_a_traceback_from_the_console_script(tmp_path, tokenizer_dir):
     script = (
-        "import sys, pipeline.stages.prepare as p\n"
+        "import sys, pipeline.data.prepare_stage as p\n"
         "p.run_prepare = lambda config: {}['missing']\n"
         "from pipeline.cli import main\n"
         "raise SystemExit(main(sys.argv[1:]))\n"
@@ -155,7 +155,7 @@ def test_summary_is_printed_as_one_table(prepare_args, capsys):
 def test_summary_table_rows_come_from_counts_details_and_timings():
     from rich.console import Console
 
-    from pipeline.artifacts.stage_output import StageSummary
+    from pipeline.runtime.stage_output import StageSummary
 
     summary = StageSummary(
         stage="select", output=Path("/s"), counts={"kept": 1234, "kept_ratio": 0.6},
@@ -207,8 +207,8 @@ def test_max_length_none_from_the_command_line(prepare_args, capsys):
 
 
 def test_the_cluster_example_config_is_a_score_config():
-    from pipeline.core.config import load_config
-    from pipeline.stages.configs import ScoreJobConfig
+    from pipeline.runtime.config import load_config
+    from pipeline.scoring.score_config import ScoreJobConfig
 
     paths = {"data": "/d", "current": "/m", "history": "/h", "output": "/o"}
     config = load_config(ScoreJobConfig, REPO / "jobs" / "configs" / "cluster.example.yaml", paths)

@@ -11,12 +11,12 @@ from rich.console import Console
 
 from pipeline.cli import main
 from pipeline.cli.demo import report
-from pipeline.core.config import ConfigError, load_config
-from pipeline.engine.select_settings import SelectSettings
+from pipeline.data.prepare_config import PrepareConfig
 from pipeline.loop.demo import BUNDLED_CORPUS, DemoConfig, DemoRun
 from pipeline.loop.rounds import RunResult
 from pipeline.loop.run_folder import RunFolder
-from pipeline.stages.configs import PrepareConfig
+from pipeline.runtime.config import ConfigError, load_config
+from pipeline.selection.select_settings import SelectSettings
 from tests.factories import write_tokenized
 
 ROOT = Path(__file__).resolve().parents[3]

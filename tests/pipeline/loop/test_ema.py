@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import pipeline.loop.ema as ema
-from pipeline.core.checkpoints import CheckpointError, load_model
 from pipeline.loop.ema import ema_checkpoint
+from pipeline.runtime.checkpoints import CheckpointError, load_model
 
 
 def _folder(path, files: dict[str, dict[str, torch.Tensor]]):

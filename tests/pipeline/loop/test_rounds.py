@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.artifacts.files import read_manifest
 from pipeline.cli import main
-from pipeline.core.checkpoints import checkpoint_fingerprint
-from pipeline.core.config import ConfigError
 from pipeline.loop.rounds import read_train_loss, run_loop
 from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RunFolder
+from pipeline.runtime.checkpoints import checkpoint_fingerprint
+from pipeline.runtime.config import ConfigError
+from pipeline.runtime.files import read_manifest
 
 WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris tokens are selected".split()
 

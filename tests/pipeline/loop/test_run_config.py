@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser
-from pipeline.core.config import ConfigError, config_from_arguments, load_config
 from pipeline.loop.roles import round_roles
 from pipeline.loop.rounds import plan_rounds, planned_steps, run_identity
 from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RunFolder, read_run_record, write_run_record
+from pipeline.runtime.config import ConfigError, config_from_arguments, load_config
 
 
 def _config(tmp_path: Path, model: Path, **settings) -> RunConfig:
@@ -152,7 +152,7 @@ def test_run_identity_ignores_where_and_how_the_stages_run(tmp_path, llama_dir):
 
 
 def test_a_select_section_given_as_settings_reaches_the_score_section(tmp_path, llama_dir):
-    from pipeline.engine.select_settings import SelectSettings
+    from pipeline.selection.select_settings import SelectSettings
 
     config = _config(tmp_path, llama_dir, select=SelectSettings(method="random", ratio=0.2, seed=3))
     assert (config.score.method, config.score.ratio, config.score.seed) == ("random", 0.2, 3)

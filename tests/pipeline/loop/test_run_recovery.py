@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.artifacts.files import read_manifest
-from pipeline.core.fingerprint import sha256_file
-from pipeline.loop.compare import mask_agreement
+from pipeline.runtime.files import read_manifest
+from pipeline.runtime.fingerprint import sha256_file
+from pipeline.selection.compare import mask_agreement
 from tests.pipeline.loop.test_rounds import run_settings, write_corpus
-from tests.pipeline.stages.test_score_recovery import (
+from tests.pipeline.scoring.test_score_recovery import (
     RAY_BIN, ROOT, _environment, _free_port, _kill_tree, _wait_for, count_alive_nodes,
 )
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.artifacts.files import read_manifest, verify_shards
-from pipeline.core.fingerprint import sha256_json
 from pipeline.loop.slices import SliceError, corpus_ids, materialise_slice, sample_order, slice_bounds
+from pipeline.runtime.files import read_manifest, verify_shards
+from pipeline.runtime.fingerprint import sha256_json
 from tests.factories import write_tokenized
 
 

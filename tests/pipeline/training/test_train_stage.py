@@ -1,0 +1,224 @@
+"""`sstoken train` on a shared local Ray: output layout, a checkpoint the scorer loads, reruns, refusals, the CLI.
+
+One Ray Train fit in the fast suite (a module fixture). Two workers against one, and a run killed
+mid-training then resumed, are covered through `sstoken run` (tests/pipeline/loop/test_run_recovery.py:
+a two-node cluster with 2 training workers; SIGKILL during round 2's training); resuming from any
+checkpoint to the same tensors in-process by test_train_worker.py; two ranks by test_train_step.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.cli import main
+from pipeline.runtime.checkpoints import CheckpointError, checkpoint_fingerprint, load_model
+from pipeline.runtime.files import ArtifactError, read_manifest
+from pipeline.scoring.score_settings import ScoreSettings
+from pipeline.scoring.scorer import Scorer
+from pipeline.training.train_stage import TrainConfig, TrainError, run_train
+from tests import tiny
+from tests.factories import write_keep_masks, write_tokenized
+
+SETTINGS = dict(batch_size=4, micro_batch_size=2, lora_r=4, lr=1e-2, checkpoint_every=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    data = write_tokenized(tmp_path_factory.mktemp("tokenized"), tokenizer, [6, 5], seed=11)
+    return data, write_keep_masks(tmp_path_factory.mktemp("masks"), data, ratio=0.5, seed=3)
+
+
+def _config(inputs, model: Path, output: Path, **overrides) -> TrainConfig:
+    data, masks = inputs
+    return TrainConfig(data=data, masks=masks, model=model, output=output, **(SETTINGS | overrides))
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, inputs, llama_dir, tmp_path_factory):
+    config = _config(inputs, llama_dir, tmp_path_factory.mktemp("train") / "out")
+    started = time.monotonic()
+    summary = run_train(config)
+    return config, summary, time.monotonic() - started
+
+
+def test_output_layout_manifest_and_metrics(trained, inputs, llama_dir):
+    config, summary, seconds = trained
+    output = Path(config.output)
+    assert sorted(p.name for p in output.iterdir()) == [".lock", "_progress", "checkpoint", "manifest.json", "metrics.jsonl"]
+    manifest = read_manifest(output, kind="train")
+    steps = summary.counts["steps"]
+    assert steps == manifest["counts"]["steps"] >= 2
+    assert manifest["checkpoints"]["start"]["fingerprint"] == checkpoint_fingerprint(llama_dir)
+    assert manifest["checkpoints"]["final"]["fingerprint"] == checkpoint_fingerprint(output / "checkpoint")
+    assert [i["kind"] for i in manifest["inputs"]] == ["tokenized", "scores"]
+    assert manifest["schedule"] == {"start_step": 0, "total_steps": steps, "warmup_steps": 1}
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, steps + 1))
+    assert {"loss", "kept_tokens", "tokens_per_s", "lr"} <= set(lines[0])
+    assert summary.counts["kept_tokens"] == sum(m["kept_tokens"] for m in lines)
+    assert summary.details["tokens_per_s"] > 0 and not summary.reused
+    print(f"one Ray Train fit (1 worker, {steps} steps, tiny LoRA): {seconds:.1f} s")
+
+
+def test_the_merged_lora_checkpoint_is_what_the_scorer_loads(trained, llama_dir):
+    config, _, _ = trained
+    checkpoint = Path(config.output) / "checkpoint"
+    assert (checkpoint / "tokenizer.json").is_file() and (checkpoint / "model.safetensors").is_file()
+    weights = load_file(checkpoint / "model.safetensors")
+    assert not any("lora" in name for name in weights)
+    base = load_model(llama_dir).state_dict()
+    moved = [name for name in weights if not torch.equal(weights[name], base[name])]
+    assert any("q_proj" in name for name in moved) and not any("norm" in name for name in moved)
+    assert Scorer(checkpoint, ScoreSettings(device="cpu"), importance=False).fingerprint == checkpoint_fingerprint(checkpoint)
+
+
+def test_a_rerun_of_a_finished_output_returns_at_once(trained):
+    config, summary, _ = trained
+    started = time.monotonic()
+    again = run_train(config.model_copy(update={"workers": 1, "checkpoint_every": 5}))  # not part of the run key
+    assert again.reused and again.counts == summary.counts
+    assert time.monotonic() - started < 10
+
+
+def test_other_settings_into_a_finished_output_are_refused_without_overwrite(trained):
+    config, _, _ = trained
+    with pytest.raises(ArtifactError, match="already holds a train artifact made from other inputs or settings"):
+        run_train(config.model_copy(update={"lr": 5e-3}))
+
+
+def test_a_batch_that_does_not_divide_is_refused(inputs, llama_dir, tmp_path):
+    with pytest.raises(TrainError, match="batch_size 6 is not a multiple of micro_batch_size 2 x workers 2 = 4"):
+        run_train(_config(inputs, llama_dir, tmp_path / "out", batch_size=6, workers=2))
+    with pytest.raises(TrainError, match="batch_size 64 is more than the .* samples with kept tokens"):
+        run_train(_config(inputs, llama_dir, tmp_path / "out", batch_size=64))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_folder_that_is_not_a_hugging_face_checkpoint_is_refused(inputs, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="has no config.json; is it a Hugging Face model folder"):
+        run_train(_config(inputs, folder, tmp_path / "out"))
+
+
+def test_a_model_with_another_tokenizer_is_refused(inputs, tmp_path):
+    model = tmp_path / "model"
+    tiny.build_tokenizer(vocab_size=300).save_pretrained(model)
+    tiny.save_model(model, "llama", 300)
+    with pytest.raises(TrainError, match="was tokenized with another tokenizer .* than the model in"):
+        run_train(_config(inputs, model, tmp_path / "out"))
+
+
+def test_an_output_folder_holding_someone_elses_checkpoint_folder_is_refused(inputs, llama_dir, tmp_path):
+    (tmp_path / "out" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(ArtifactError, match="holds files this stage did not write: checkpoint"):
+        run_train(_config(inputs, llama_dir, tmp_path / "out"))
+    with pytest.raises(ArtifactError, match="checkpoint exists and was not written by sstoken train"):
+        run_train(_config(inputs, llama_dir, tmp_path / "out", overwrite=True))
+    assert (tmp_path / "out" / "checkpoint").is_dir()  # never deleted
+
+
+def test_cli_help_and_a_missing_input_in_one_line(inputs, llama_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--masks" in help_text and "--finetune {lora,full}" in help_text and "--schedule-start-step" in help_text
+    _, masks = inputs
+    status = main(["train", "--data", str(tmp_path / "nope"), "--masks", str(masks), "--model", str(llama_dir),
+                   "--output", str(tmp_path / "out")])
+    assert status == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sstoken train: error: tokenized data folder {tmp_path / 'nope'} does not exist; run `sstoken prepare` first"
+    )
+
+
+# -- slow: several fits --------------------------------------------------------------------------
+
+
+def _weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(output) / "checkpoint" / "model.safetensors")
+
+
+def test_workers_an_embedded_ray_cannot_hold_are_refused(inputs, llama_dir, tmp_path):
+    from pipeline.runtime.ray_session import RayRuntime
+    from pipeline.training.train_stage import _cpus_per_worker
+
+    embedded = RayRuntime(embedded=True, owned=True, address="", cpus=2.0, gpus=0.0, nodes=1)
+    assert _cpus_per_worker(_config(inputs, llama_dir, tmp_path, workers=2, cpus_per_worker=1.0), embedded) == 1.0
+    with pytest.raises(TrainError, match="--workers 3 x 1 CPUs exceed the embedded Ray's 2 CPUs"):
+        _cpus_per_worker(_config(inputs, llama_dir, tmp_path, workers=3, cpus_per_worker=1.0), embedded)
+    with pytest.raises(TrainError, match="--use-gpu with --workers 1 needs 1 GPUs; the Ray cluster has 0"):
+        _cpus_per_worker(_config(inputs, llama_dir, tmp_path, use_gpu=True, cpus_per_worker=1.0), embedded)
+
+
+def test_the_progress_bar_follows_the_metrics_rank_0_writes(tmp_path):
+    from pipeline.training.train_stage import _MetricsProgress
+
+    path = tmp_path / "metrics.jsonl"
+    with _MetricsProgress(True, path, total=4) as progress:
+        progress._update()  # nothing written yet
+        path.write_text(json.dumps({"step": 3, "loss": 1.5, "tokens_per_s": 1234.0, "lr": 1e-4}) + "\n" + '{"step": 4, "lo')
+        progress._update()  # a half-written line: the last complete one counts on the next poll
+        path.write_text(json.dumps({"step": 3, "loss": 1.5, "tokens_per_s": 1234.0, "lr": 1e-4}) + "\n")
+        progress._update()
+        task = progress.bar.tasks[0]
+        assert task.completed == 3 and task.total == 4
+        assert task.fields["figures"] == "loss 1.500  1,234 tokens/s  lr 1.00e-04"
+
+
+# -- runner process: one worker in this process, no Ray Train -------------------------------------
+
+
+def test_the_process_runner_ends_with_the_tensors_ray_train_ends_with(trained, inputs, llama_dir, tmp_path):
+    config, summary, ray_seconds = trained
+    started = time.monotonic()
+    local = run_train(_config(inputs, llama_dir, tmp_path / "out", runner="process"))
+    seconds = time.monotonic() - started
+    expected, found = _weights(config.output), _weights(tmp_path / "out")
+    assert found.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=0, atol=0, msg=name)
+    assert local.counts == summary.counts and not (tmp_path / "out" / "train").exists()
+    print(f"same fit: Ray Train {ray_seconds:.1f} s, runner process {seconds:.1f} s")
+
+
+def test_a_process_run_killed_mid_training_resumes_from_its_last_state(trained, inputs, llama_dir, tmp_path, monkeypatch):
+    from pipeline.training import train_in_process
+
+    config, _, _ = trained
+    keep, states = train_in_process._keep, []
+
+    def killed_after_two(work, metrics, state):
+        keep(work, metrics, state)
+        states.append(metrics["step"])
+        if len(states) == 2:
+            raise KeyboardInterrupt("killed")
+
+    settings = _config(inputs, llama_dir, tmp_path / "out", runner="process")
+    with monkeypatch.context() as patch:
+        patch.setattr(train_in_process, "_keep", killed_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(settings)
+    assert [p.name for p in train_in_process.saved_states(tmp_path / "out" / "train")] == ["step-00000001", "step-00000002"]
+    resumed = run_train(settings)
+    assert not resumed.reused and states == [1, 2]
+    lines = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == list(range(1, resumed.counts["steps"] + 1))
+    expected, found = _weights(config.output), _weights(tmp_path / "out")
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_process_runner_is_one_local_worker(inputs, llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="runner process trains one worker in this process"):
+        _config(inputs, llama_dir, tmp_path, runner="process", workers=2)
+    with pytest.raises(ValueError, match="runner process trains one worker in this process"):
+        _config(inputs, llama_dir, tmp_path, runner="process", address="127.0.0.1:6379")
