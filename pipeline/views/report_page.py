@@ -10,6 +10,7 @@ wrote, and nothing else.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -29,7 +30,7 @@ h1{font-size:22px;margin:18px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-b
 h3{font-size:15px;margin:18px 0 6px}.muted{color:#68758a}
 table{border-collapse:collapse;margin:6px 0 10px}td,th{padding:3px 10px;border-bottom:1px solid #eef1f4;text-align:right}
 td:first-child,th:first-child{text-align:left}th{background:#f5f7fa}
-.plots{display:flex;flex-wrap:wrap;gap:8px}.plot svg{max-width:100%;height:auto}
+.plots{display:flex;flex-wrap:wrap;gap:8px}.plot svg,.plot img{max-width:100%;height:auto}
 .sample{border:1px solid #dde3ea;border-radius:6px;padding:8px 10px;margin:10px 0}
 .sample .head{font-size:12px;color:#445066;margin-bottom:4px}
 .tokens{font:13px/1.9 ui-monospace,monospace;white-space:pre-wrap;word-break:break-word}
@@ -126,10 +127,28 @@ def sample_json(view: SampleView, mean_score: float | None, max_tokens: int) -> 
             "cut": view.tokens.height > max_tokens}
 
 
+# Inside a <script> element the HTML parser still looks for "</script", and "<!--" followed by "<script"
+# switches it to a state where the next "</script>" no longer ends the element (it would swallow the page's
+# own script). JSON may spell these characters as escapes, so none of them reaches the parser.
+_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
+def embedded_json(data: Any) -> str:
+    """JSON to put inside a <script> element: `<`, `>` and `&` as \\u escapes, so no sample id, source or token
+    text can end the element or change how the parser reads it."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).translate(_SCRIPT_SAFE)
+
+
 def data_script(data: dict[str, Any]) -> str:
-    """The page's data as a JSON script element ("</" escaped, so no token text can end the element)."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-    return f'<script type="application/json" id="report-data">{text}</script>'
+    """The page's data as a JSON script element (see `embedded_json`)."""
+    return f'<script type="application/json" id="report-data">{embedded_json(data)}</script>'
+
+
+def svg_image(svg: bytes, alt: str) -> str:
+    """An SVG file shown as an image: a data: URL in <img>, which browsers render without running its scripts or
+    event handlers and without loading anything it references, so a file from a folder cannot script the page."""
+    encoded = base64.b64encode(svg).decode("ascii")
+    return f'<img alt="{escape(alt)}" src="data:image/svg+xml;base64,{encoded}">'
 
 
 def legend(scale: list[float]) -> str:

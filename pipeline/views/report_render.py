@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.runtime.files import ArtifactError
 from pipeline.views import report_plots as plots
 from pipeline.views.report_figures import rejected_rows
-from pipeline.views.report_page import escape, figure, legend, number, page, sample_json, table
+from pipeline.views.report_page import escape, figure, legend, number, page, sample_json, svg_image, table
 from pipeline.views.score_colours import RAMP
 from pipeline.views.stats import SampleView, Stats
 
@@ -186,14 +186,14 @@ def render_eval(folder: Path) -> str:
                   _measure_cell(entry.get("clean_dropped")), _measure_cell(entry.get("auroc"))]
                  for entry in record.get("selection_by_round", [])]
     svg_path = Path(folder) / "eval.svg"
-    svg = svg_path.read_text() if svg_path.is_file() else ""
-    svg = svg[svg.index("<svg"):] if "<svg" in svg else ""
+    # The folder's file, not ours: shown as an image, which cannot script the page or fetch anything.
+    plot = svg_image(svg_path.read_bytes(), "eval.svg: the measures by method") if svg_path.is_file() else ""
     sections = [
         f"<h1>sstoken eval</h1><p class=\"muted\">{escape(folder)} · methods: {escape(', '.join(record.get('methods', [])))}</p>",
         "<h2>Measures (mean ± std over seeds)</h2>" + table(header, rows),
         "<h2>Selection by round</h2>" + (table(["method", "round", "corrupted dropped", "clean dropped", "AUROC"], selection)
                                          if selection else "<p class=\"muted\">none recorded</p>"),
-        f"<h2>Plot</h2><div class=\"plot\">{svg}</div>" if svg else "<p class=\"muted\">no eval.svg</p>",
+        f"<h2>Plot</h2><div class=\"plot\">{plot}</div>" if plot else "<p class=\"muted\">no eval.svg</p>",
         f"<details><summary>config</summary><pre>{escape(json.dumps(record.get('config', {}), indent=2))}</pre></details>",
     ]
     return page(f"sstoken eval: {folder}", sections)

@@ -5,6 +5,7 @@ The browser test skips when no chromium is found, and fails instead when SSTOKEN
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -96,7 +97,52 @@ def test_an_eval_folder_renders_its_tables_and_plot(tmp_path):
     assert main(["report", str(folder), "--output", str(tmp_path / "eval.html")]) == 0
     text = (tmp_path / "eval.html").read_text()
     assert "held-out NLL (↓)" in text and "1.234 ± 0.05" in text and "1.111 ± 0.02" in text
-    assert "0.81 ± 0.01" in text and "0.77 ± 0.03" in text and "<text>plot</text>" in text and "<?xml" not in text
+    assert "0.81 ± 0.01" in text and "0.77 ± 0.03" in text
+    assert b"<text>plot</text>" in shown_svg(text)
+
+
+def shown_svg(page: str) -> bytes:
+    """The one SVG the page shows as an image (a data: URL), decoded."""
+    (encoded,) = re.findall(r'<img alt="[^"]*" src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)">', page)
+    return base64.b64decode(encoded)
+
+
+HOSTILE_SVG = b"""<?xml version="1.0"?>
+<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" onload="alert('svg')">
+<script>alert('script')</script>
+<foreignObject><body xmlns="http://www.w3.org/1999/xhtml"><iframe src="https://example.com/frame"></iframe></body></foreignObject>
+<image href="https://example.com/track.png" xlink:href="//example.com/other.png"/>
+<a href="javascript:alert(1)"><text onclick="alert('text')">plot</text></a></svg>"""
+
+
+def test_an_eval_svg_cannot_script_the_page_or_fetch_anything(tmp_path):
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "eval.json").write_text(json.dumps(EVAL))
+    (folder / "eval.svg").write_bytes(HOSTILE_SVG)
+    assert main(["report", str(folder), "--output", str(tmp_path / "eval.html")]) == 0
+    text = (tmp_path / "eval.html").read_text()
+    # The file is shown as an <img> (which browsers never script and which loads nothing it references), as it is.
+    assert shown_svg(text) == HOSTILE_SVG
+    outside = re.sub(r'src="data:image/svg\+xml;base64,[^"]*"', "", text).lower()
+    for marker in ("<script", "onload", "onclick", "foreignobject", "javascript:", "<iframe", "example.com"):
+        assert marker not in outside, marker
+    assert not re.search(r'(src|href)="(https?:)?//', text)
+
+
+def test_ids_and_sources_cannot_break_the_embedded_json(tmp_path):
+    hostile = ("<!--<script>", "x</script><script>alert(1)</script>&amp;")
+    _, scores = literal_folders(tmp_path, ids=hostile, source="<!--<script ")
+    assert main(["report", str(scores), "--output", str(tmp_path / "page.html")]) == 0
+    text = (tmp_path / "page.html").read_text()
+    raw = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S).group(1)
+    # No "<" (nor ">" or "&") inside the element: the HTML parser cannot leave it early or enter its
+    # double-escaped state, so the page's own script element after it stays a script.
+    assert not set("<>&") & set(raw)
+    data = json.loads(raw)
+    assert sorted(data["index"]["ids"]) == sorted(hostile)
+    assert {s["source"] for s in data["samples"]} == {"<!--<script " + i for i in hostile}
+    assert text.count("<script") == 2 and text.endswith("})();\n</script></body></html>")
 
 
 @pytest.mark.parametrize("case, message", [

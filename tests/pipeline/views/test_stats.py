@@ -20,14 +20,16 @@ from tests.score_factories import write_synthetic_run, write_synthetic_scores, w
 NAN = float("nan")
 
 
-def literal_folders(tmp_path):
-    """Two samples with literal tokens: a (5 tokens, targets 2..4) and b (4 tokens, targets 1 and 3)."""
+def literal_folders(tmp_path, ids: tuple[str, str] = ("a", "b"), source: str = "src-"):
+    """Two samples with literal tokens: a (5 tokens, targets 2..4) and b (4 tokens, targets 1 and 3); `ids` and
+    `source` (a prefix of each id) name them otherwise."""
     tokenized, scores = tmp_path / "tokenized", tmp_path / "scores"
     tokenized.mkdir()
     scores.mkdir()
-    rows = {"a": ([10, 11, 12, 13, 14], [False, False, True, True, True]), "b": ([20, 21, 22, 23], [False, True, False, True])}
+    first, second = ids
+    rows = {first: ([10, 11, 12, 13, 14], [False, False, True, True, True]), second: ([20, 21, 22, 23], [False, True, False, True])}
     table = pa.Table.from_pylist([
-        {"sample_id": sid, "source": "src-" + sid, "input_ids": ids, "trainable": t, "n_tokens": len(ids),
+        {"sample_id": sid, "source": source + sid, "input_ids": ids, "trainable": t, "n_tokens": len(ids),
          "n_trainable": sum(t), "n_turns": 1, "truncated": False} for sid, (ids, t) in rows.items()
     ], schema=arrow_schema("tokenized"))
     digest = write_parquet_atomic(table, tokenized / "part-00000.parquet")
@@ -35,9 +37,9 @@ def literal_folders(tmp_path):
     tokenizer = {"name_or_path": str(tmp_path / "no-tokenizer"), "fingerprint": "t", "chat_template_fingerprint": "c"}
     write_manifest(tokenized, base_manifest("tokenized", {}) | {"tokenizer": tokenizer, "shards": shards, "counts": {},
                                                                  "data_fingerprint": sha256_json([["part-00000.parquet", digest]])})
-    score = {"a": [NAN, NAN, 0.9, 0.1, 0.5], "b": [NAN, 0.2, NAN, 0.8]}
-    keep = {"a": [False, False, True, False, True], "b": [False, False, False, True]}
-    rel = {"a": [NAN, NAN, 1.0, -1.0, 0.0], "b": [NAN, 0.5, NAN, 2.0]}
+    score = {first: [NAN, NAN, 0.9, 0.1, 0.5], second: [NAN, 0.2, NAN, 0.8]}
+    keep = {first: [False, False, True, False, True], second: [False, False, False, True]}
+    rel = {first: [NAN, NAN, 1.0, -1.0, 0.0], second: [NAN, 0.5, NAN, 2.0]}
     signal_rows = []
     for sid, (ids, trainable) in rows.items():
         signal_rows.append({"sample_id": sid, "nll_cur": [v if math.isnan(v) else 1.0 for v in score[sid]],
