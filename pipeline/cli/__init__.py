@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from pipeline.cli import demo, eval, export, inspect, models, prepare, report, run, score, select, train, validate
 from pipeline.runtime.errors import UserError, refusal_from_os_error
+from pipeline.views.token_view import printable
 
 SUBCOMMANDS = (prepare, score, select, train, run, eval, models, demo, report, inspect, export, validate)
 
@@ -51,5 +52,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_error(arguments: argparse.Namespace, error: UserError) -> int:
     if arguments.verbose:
         raise error
-    print(f"sstoken {arguments.command}: error: {one_line(str(error))}", file=sys.stderr)
+    # A message may quote an id or a file's text: its control characters are printed escaped.
+    print(f"sstoken {arguments.command}: error: {printable(one_line(str(error)))}", file=sys.stderr)
     return error.exit_code

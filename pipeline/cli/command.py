@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.runtime.config import StageConfig, add_config_arguments, config_from_arguments
 from pipeline.runtime.errors import UserError, refusal_from_os_error
+from pipeline.views.token_view import printable
 
 if TYPE_CHECKING:
     from pipeline.runtime.stage_output import StageSummary
@@ -67,14 +69,14 @@ def _timing_label(name: str) -> str:
 def summary_table(summary: StageSummary) -> Table:
     """Counts, details and timings of one stage run, one row each."""
     title = f"{summary.stage} → {summary.output}" + (" (up to date, reused)" if summary.reused else "")
-    table = Table(title=title)
+    table = Table(title=Text(printable(title)))
     table.add_column("")
     table.add_column("value", justify="right")
     rows = [(_label(name), _number(value)) for name, value in summary.counts.items()]
     rows += _detail_rows(summary.details)
     rows += [(_timing_label(name), f"{seconds:,.1f}") for name, seconds in summary.timings.items()]
-    for name, value in rows:
-        table.add_row(name, value)
+    for name, value in rows:  # as Text: a path or name holding "[bold]" is not markup
+        table.add_row(Text(printable(name)), Text(printable(value)))
     return table
 
 
@@ -82,7 +84,7 @@ def print_summary(summary: StageSummary, console: Console) -> int:
     """The table, then the notes the user should read (on stderr); exit status 0."""
     console.print(summary_table(summary))
     for note in summary.notes:  # plain lines on stderr: never wrapped, never mixed into the table
-        print(f"note: {note}", file=sys.stderr)
+        print(f"note: {printable(note)}", file=sys.stderr)
     return 0
 
 

@@ -9,20 +9,23 @@ from rich.text import Text
 
 from pipeline.cli.command import stage_command
 from pipeline.views.inspect_config import InspectConfig
-from pipeline.views.token_view import numbers_table, plain_legend, score_legend, score_scale, score_view
+from pipeline.views.token_view import numbers_table, plain_legend, printable, score_legend, score_scale, score_view
 
 if TYPE_CHECKING:
     from pipeline.views.inspect import Inspection
 
 
 def show(inspection: Inspection, console: Console) -> int:
-    """Each sample: a header line, its tokens (coloured on a terminal, marked in plain text), then its numbers."""
+    """Each sample: a header line, its tokens (coloured on a terminal, marked in plain text), then its numbers.
+
+    Ids, sources and token texts are the corpus's: control characters in them are printed escaped and
+    everything goes out as rich `Text`, never as markup."""
     plain = not console.is_terminal
     for view in inspection.samples:
         rows = view.tokens.to_dicts()
         scale = score_scale([row["score"] for row in rows if row["trainable"]])
-        header = (f"round {view.round} · sample {view.sample_id} · {view.source} · {view.why} · "
-                  f"{view.targets} targets, {view.kept} kept")
+        header = printable(f"round {view.round} · sample {view.sample_id} · {view.source} · {view.why} · "
+                           f"{view.targets} targets, {view.kept} kept")
         if plain:
             console.print(Text(f"== {header}"), soft_wrap=True)
         else:

@@ -10,6 +10,7 @@ from rich.text import Text
 
 from pipeline.cli.command import stage_command
 from pipeline.validation.validate_config import ValidateConfig
+from pipeline.views.token_view import printable
 
 if TYPE_CHECKING:
     from pipeline.runtime.stage_output import StageSummary
@@ -20,15 +21,15 @@ EXIT_PROBLEMS_FOUND = 4
 
 def validation_table(folder: dict) -> Table:
     """One folder's checks, one row each: ok or PROBLEM, and what was checked or what is wrong."""
-    table = Table(title=f"{folder['kind']} · {folder['folder']}", title_justify="left")
+    table = Table(title=Text(printable(f"{folder['kind']} · {folder['folder']}")), title_justify="left")
     table.add_column("check")
     table.add_column("result")
     table.add_column("detail", overflow="fold")
-    for check in folder["checks"]:
+    for check in folder["checks"]:  # problems quote ids and values from the folder: Text, never markup
         if check["ok"]:
-            table.add_row(check["check"], Text("ok", style="green"), check["detail"])
+            table.add_row(check["check"], Text("ok", style="green"), Text(printable(check["detail"])))
         for problem in check["problems"]:
-            table.add_row(check["check"], Text("PROBLEM", style="bold red"), problem)
+            table.add_row(check["check"], Text("PROBLEM", style="bold red"), Text(printable(problem)))
     return table
 
 

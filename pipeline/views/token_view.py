@@ -4,6 +4,7 @@ and (score_view) how each target scored, with its numbers in a table."""
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,13 +15,33 @@ from rich.text import Text
 from pipeline.views.score_colours import RAMP, score_colour
 
 STYLES = {"context": "dim", "kept": "bold green", "dropped": "red strike"}
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def printable(text: str, layout: bool = False) -> str:
+    """`text` with every control character (C0, DEL, C1) spelled as an escape (`\\x1b`, `\\n`), so nothing read
+    from a corpus or an artifact (ids, sources, token texts) can move the cursor, clear the screen or set the
+    terminal's title. `layout`: newlines and tabs stay as they are (a token text's line breaks).
+
+    Put the result in a rich `Text` (never a markup string), so `[bold]` in it stays text."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if layout and char in "\n\t":
+            out.append(char)
+        elif unicodedata.category(char) == "Cc":
+            out.append(_NAMED_ESCAPES.get(char, f"\\x{ord(char):02x}"))
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def keep_view(tokenizer: Any, input_ids: Sequence[int], trainable: Sequence[bool], keep: Sequence[bool]) -> Text:
     """Context tokens dim, kept targets bold green, dropped targets struck through in red."""
     text = Text()
     for token_id, target, kept in zip(input_ids, trainable, keep):
-        piece = tokenizer.decode([int(token_id)])
+        piece = printable(tokenizer.decode([int(token_id)]), layout=True)
         text.append(piece, style=STYLES["kept" if kept else "dropped" if target else "context"])
     return text
 
@@ -51,6 +72,7 @@ def score_view(
     `plain`, no colour: kept targets in [brackets], dropped ones in ~tildes~."""
     text = Text()
     for piece, target, kept, value in zip(pieces, trainable, keep, score):
+        piece = printable(piece, layout=True)
         role = token_role(target, kept)
         if plain:
             opening, closing = PLAIN_MARKS[role]
@@ -88,6 +110,7 @@ def numbers_table(pieces: Sequence[str], rows: Sequence[dict[str, Any]], title: 
         table.add_column(column, justify="left" if column in ("token", "keep") else "right", no_wrap=True)
     for piece, row in zip(pieces, rows):
         if row["trainable"]:
-            table.add_row(str(row["position"]), repr(piece)[1:-1], token_role(True, row["keep"]),
-                          *(_figure(row[name]) for name in ("nll_cur", "nll_hist", "rel", "attn", "score")))
+            cells = [str(row["position"]), printable(piece), token_role(True, row["keep"]),
+                     *(_figure(row[name]) for name in ("nll_cur", "nll_hist", "rel", "attn", "score"))]
+            table.add_row(*(Text(cell) for cell in cells))  # Text: a token's "[bold]" is not markup
     return table

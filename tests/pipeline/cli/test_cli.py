@@ -169,6 +169,27 @@ def test_summary_table_rows_come_from_counts_details_and_timings():
     assert "phases" not in text
 
 
+def test_errors_notes_and_summaries_print_data_as_text_not_terminal_control_or_markup(prepare_args, monkeypatch, capsys):
+    from rich.console import Console
+
+    from pipeline.cli.command import print_summary
+    from pipeline.runtime.stage_output import StageSummary
+
+    def refuse(config):
+        raise PrepareError("sample \x1b]0;title\x1b\\ has no valid row")
+
+    monkeypatch.setattr(prepare_stage, "run_prepare", refuse)
+    assert main(prepare_args) == 2
+    assert stderr_lines(capsys) == ["sstoken prepare: error: sample \\x1b]0;title\\x1b\\ has no valid row"]
+    summary = StageSummary(stage="prepare", output=Path("/out[bold]"), details={"source": "[red]x\x1b[2J"},
+                           notes=["input \x1b[2J.jsonl gave no valid row"])
+    console = Console(width=120, record=True, force_terminal=True)
+    print_summary(summary, console)
+    text = console.export_text()
+    assert "prepare → /out[bold]" in text and "[red]x\\x1b[2J" in text
+    assert capsys.readouterr().err == "note: input \\x1b[2J.jsonl gave no valid row\n"
+
+
 def test_help_and_models_list_import_no_torch_transformers_or_ray(tmp_path):
     commands = [["--help"], ["models", "list", "--cache-dir", str(tmp_path)], *[[c, "--help"] for c in
                 ("prepare", "score", "select", "train", "demo", "models", "report", "inspect", "export", "validate")]]

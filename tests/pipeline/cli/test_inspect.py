@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import re
+import unicodedata
+
 import pytest
 
 from pipeline.cli import main
@@ -61,3 +65,53 @@ def test_a_folder_that_is_not_an_artifact(tmp_path, capsys):
     assert "is not an sstoken artifact folder" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing"), "--top", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# Token texts of the literal samples (ids 10..14 and 20..23): a title set by OSC ended by ESC \, a screen clear,
+# a C1 CSI, a bell, rich markup, and a line break (layout, kept).
+HOSTILE_PIECES = {11: "\x1b]0;pwned\x1b\\", 12: "\x1b[2J", 13: "\x9b31m\x07", 14: "[bold red]loud[/bold red]", 21: "\n"}
+HOSTILE_ID = "a\x1b]0;title\x1b\\"
+SGR = re.compile(r"\x1b\[[0-9;]*m")  # colours and styles: the only escape sequences inspect itself writes
+
+
+def hostile_folders(tmp_path):
+    """The literal folders with an id and a source holding terminal controls, and a tokenizer whose tokens do."""
+    from tokenizers import Tokenizer, models
+
+    _, scores = literal_folders(tmp_path, ids=(HOSTILE_ID, "[bold]b[/bold]"), source="\x1b[2J")
+    vocab = {HOSTILE_PIECES.get(i, f"w{i}"): i for i in range(30)}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "no-tokenizer" / "tokenizer.json"))
+    return scores
+
+
+def _no_control(text: str) -> None:
+    assert not any(unicodedata.category(c) == "Cc" and c not in "\n" for c in text), repr(text)
+
+
+def test_inspect_piped_shows_control_characters_escaped_and_markup_as_text(tmp_path, capsys):
+    (tmp_path / "no-tokenizer").mkdir()
+    scores = hostile_folders(tmp_path)
+    assert main(["inspect", str(scores), "--sample", HOSTILE_ID, "[bold]b[/bold]"]) == 0
+    out = capsys.readouterr().out
+    _no_control(out)
+    assert "sample a\\x1b]0;title\\x1b\\ · \\x1b[2Ja\\x1b]0;title\\x1b\\ ·" in out
+    assert "[\\x1b[2J]~\\x9b31m\\x07~[[bold red]loud[/bold red]]" in out  # kept, dropped, kept: escaped, markup as text
+    assert "sample [bold]b[/bold] · \\x1b[2J[bold]b[/bold]" in out
+    assert "\\x1b[2J" in [line.split()[1] for line in out.splitlines() if line.strip().startswith("2 ")]
+
+
+def test_inspect_on_a_terminal_emits_no_control_sequence_of_the_data(tmp_path):
+    from rich.console import Console
+
+    from pipeline.cli.inspect import show
+    from pipeline.views.inspect import inspect_samples
+    from pipeline.views.inspect_config import InspectConfig
+
+    (tmp_path / "no-tokenizer").mkdir()
+    scores = hostile_folders(tmp_path)
+    inspection = inspect_samples(InspectConfig(folder=scores, sample=[HOSTILE_ID, "[bold]b[/bold]"]))
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor", width=200)
+    assert show(inspection, console) == 0
+    out = console.file.getvalue()
+    _no_control(SGR.sub("", out))
+    assert "\\x1b]0;pwned\\x1b\\" in SGR.sub("", out) and "[bold red]loud[/bold red]" in SGR.sub("", out)
