@@ -88,9 +88,13 @@ class EvalConfig(SectionedConfig):
     )
     methods: list[Method] = Field(default_factory=lambda: list(ALL_METHODS), description="Selection methods, one cell per seed each.")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Seeds (task, order, training); the table's spread is over them.")
-    scale: float = Field(1.0, gt=0, description="Multiplies the samples (and so the steps): 1 fits a 2-core machine.")
+    scale: float = Field(
+        1.0, gt=0, le=10_000, description="Multiplies the samples (and so the steps): 1 fits a 2-core machine (at most 10000)."
+    )
     rounds: int = Field(2, ge=1, description="Epoch rounds of every cell (round 0 selects with the base model).")
-    reference_epochs: float = Field(2.0, gt=0, description="rho1, tokencleaning: passes of the reference's training over its slice.")
+    reference_epochs: float = Field(
+        2.0, gt=0, le=10_000, description="rho1, tokencleaning: passes of the reference's training over its slice (at most 10000)."
+    )
     max_new_tokens: int = Field(48, ge=1, description="corpus task: greedy tokens generated per held-out problem (exact match).")
     task: TaskSettings = Field(default_factory=TaskSettings, description="corpus task: the generated task of every seed.")
     natural: NaturalSettings = Field(default_factory=NaturalSettings, description="corpus natural: the corpus and its split.")

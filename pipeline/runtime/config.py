@@ -58,9 +58,10 @@ def in_run_key(field: FieldInfo) -> bool:
 
 
 class StageConfig(BaseModel):
-    """Base of every stage config: unknown keys are errors, not silently ignored."""
+    """Base of every stage config: unknown keys are errors, not silently ignored, and every number is finite
+    (`inf` and `nan` are refused by name: `Field(gt=0)` alone lets infinity through)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def resolved(self) -> dict[str, Any]:
         """The config as plain JSON-ready data, as saved in manifests."""

@@ -21,7 +21,9 @@ class TrainSettings(StageConfig):
     warmup_ratio: float = Field(
         0.03, ge=0, le=1, description="Share of the schedule's steps spent warming the learning rate up linearly from 0."
     )
-    epochs: float = Field(1.0, gt=0, description="Passes over the samples that have kept tokens (fractions allowed).")
+    epochs: float = Field(
+        1.0, gt=0, le=10_000, description="Passes over the samples that have kept tokens (fractions allowed; at most 10000)."
+    )
     batch_size: int = Field(
         8, ge=1, description="Global batch in samples per optimizer step (all ranks and accumulation micro-batches)."
     )

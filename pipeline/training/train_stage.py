@@ -24,7 +24,6 @@ under train/ and renamed to checkpoint/ when complete; a rerun of a finished out
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -41,6 +40,7 @@ from pipeline.runtime.ray_session import RayRuntime, machine_cpus, node_cpus, ra
 from pipeline.runtime.stage_output import StageOutput, StageSummary, read_record
 from pipeline.training.train_config import TrainConfig
 from pipeline.training.train_in_process import fit_in_process
+from pipeline.training.train_metrics import METRICS, read_metrics, train_curve
 from pipeline.training.train_settings import accumulation_steps
 from pipeline.training.train_worker import FINAL, RankJob, ray_train_loop, schedule_of
 from pipeline.training.training_data import DataPlan, build_index, open_training_data
@@ -48,7 +48,6 @@ from pipeline.training.training_data import DataPlan, build_index, open_training
 __all__ = ["TrainConfig", "run_train"]
 
 CHECKPOINT = "checkpoint"
-METRICS = "metrics.jsonl"
 WORK = "train"
 
 
@@ -138,10 +137,10 @@ class _MetricsProgress:
 
     def _update(self) -> None:
         try:
-            lines = self.path.read_text().splitlines()
-            last = json.loads(lines[-1]) if lines else None
-        except (OSError, ValueError):
-            return  # not written yet, or a line half written: the next poll sees it
+            metrics = read_metrics(self.path)  # a line half written is left out: the next poll sees it
+        except (OSError, ArtifactError):
+            return
+        last = metrics[-1] if metrics else None
         if last is not None:
             figures = f"loss {last['loss']:.3f}  {last['tokens_per_s']:,.0f} tokens/s  lr {last['lr']:.2e}"
             self.bar.update(self.task, completed=last["step"], figures=figures)
@@ -237,10 +236,6 @@ def _install_final(out: StageOutput, output: Path, final: Path) -> str:
     return fingerprint
 
 
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def run_train(config: TrainConfig) -> StageSummary:
     """Fine-tune `config.model` on the kept tokens of `config.data`; returns the run's summary."""
     started = time.monotonic()
@@ -300,7 +295,7 @@ def run_train(config: TrainConfig) -> StageSummary:
 
 
 def _manifest(config, source, index, plan: DataPlan, model_fp: str, final_fp: str, output: Path, timings) -> dict[str, Any]:
-    metrics = _metrics(output / METRICS)
+    metrics = train_curve(output)
     total, warmup = schedule_of(config.train_settings(), plan.steps)
     return base_manifest("train", config.resolved()) | {
         "tokenizer": source.tokenized_manifest["tokenizer"],

@@ -14,6 +14,7 @@ step (LoRA dropout), and a checkpoint holds the trainable weights, the AdamW mom
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -25,11 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.runtime.errors import UserError
 from pipeline.scoring.batching import right_padded
 from pipeline.training.finetune import FineTuned
 from pipeline.training.masked_loss import masked_labels
+from pipeline.training.train_metrics import rewind_metrics
 from pipeline.training.train_settings import TrainSettings, learning_rate, warmup_steps
-from pipeline.training.train_step import MicroBatch, autocast_precision, step_seed, train_step
+from pipeline.training.train_step import MicroBatch, StepResult, autocast_precision, step_seed, train_step
 from pipeline.training.training_data import DataPlan, SampleIndex, build_index, load_samples, open_training_data
 
 # The rank-0 folder the final Hugging Face checkpoint is written to (renamed from FINAL_PARTIAL when complete).
@@ -37,6 +40,32 @@ FINAL = "final"
 FINAL_PARTIAL = "final-partial"
 
 Report = Callable[[dict[str, Any], "Path | None"], None]
+
+
+class TrainingDiverged(UserError, ArithmeticError):
+    """A step whose loss or gradient norm is not finite (NaN or infinite): the run stops before that step is logged
+    or any checkpoint of it is kept."""
+
+
+def refuse_non_finite(step: int, result: StepResult, lr: float) -> None:
+    """Stop at the first step whose loss or gradient norm is NaN or infinite, naming it."""
+    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+        return
+    raise TrainingDiverged(
+        f"training diverged at step {step}: loss {result.loss}, gradient norm {result.grad_norm} (learning rate "
+        f"{lr:.3g}); lower --lr, or check the starting model's weights for NaN or infinite values; nothing of this "
+        "step was kept"
+    )
+
+
+def _refuse_non_finite_weights(tuned: FineTuned, step: int) -> None:
+    """The trained weights are finite before they are saved (a last step can overflow them with a finite loss)."""
+    for name, parameter in tuned.model.named_parameters():
+        if parameter.requires_grad and not bool(torch.isfinite(parameter).all()):
+            raise TrainingDiverged(
+                f"training diverged: after step {step} the weights {name} hold NaN or infinite values; lower --lr; "
+                "no checkpoint was written"
+            )
 
 
 @dataclass(frozen=True)
@@ -74,16 +103,6 @@ def micro_batch(rows: dict[int, tuple[np.ndarray, np.ndarray]], positions: np.nd
     return MicroBatch(input_ids, attention_mask, masked_labels(input_ids, keep_mask.bool()))
 
 
-def _rewind_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines of steps up to `step` (a resumed run logs the later ones again)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    temporary = path.with_name(path.name + ".rewind")
-    temporary.write_text("".join(line + "\n" for line in kept))
-    temporary.replace(path)
-
-
 def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: Report, device: torch.device) -> None:
     """Train from `resume` (or the start) to the plan's last step; rank 0 writes metrics and the final folder."""
     if job.threads and device.type == "cpu":
@@ -98,7 +117,7 @@ def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: R
     step = tuned.load_state(resume, optimizer) if resume is not None else 0
     metrics_path = Path(job.metrics)
     if rank == 0:
-        _rewind_metrics(metrics_path, step)
+        rewind_metrics(metrics_path, step)  # a resumed run logs the later steps again; a torn tail goes
     rows = _rank_rows(source, index, plan, rank, step)
     precision = autocast_precision(settings.dtype, device)
     while step < plan.steps:
@@ -109,6 +128,7 @@ def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: R
         result = train_step(tuned.model, optimizer, batches, lr, settings.max_grad_norm, precision)
         seconds = time.monotonic() - started
         step += 1
+        refuse_non_finite(step, result, lr)
         metrics = {
             "step": step,
             "loss": result.loss,
@@ -121,8 +141,9 @@ def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: R
         }
         if rank == 0:
             with metrics_path.open("a") as log:
-                log.write(json.dumps(metrics) + "\n")
+                log.write(json.dumps(metrics, allow_nan=False) + "\n")
         if step % settings.checkpoint_every == 0 or step == plan.steps:
+            _refuse_non_finite_weights(tuned, step)
             _report_checkpoint(tuned, optimizer, step, rank, metrics, report)
     if rank == 0:
         _write_final(tuned, job)

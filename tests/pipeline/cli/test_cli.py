@@ -190,6 +190,28 @@ def test_errors_notes_and_summaries_print_data_as_text_not_terminal_control_or_m
     assert capsys.readouterr().err == "note: input \\x1b[2J.jsonl gave no valid row\n"
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["train", "--lr", "inf"], "lr: Input should be a finite number"),
+    (["train", "--lr", "nan"], "lr: Input should be a finite number"),
+    (["train", "--epochs", "inf"], "epochs: Input should be a finite number"),
+    (["train", "--epochs", "1e308"], "epochs: Input should be less than or equal to 10000"),
+    (["run", "--train.warmup-ratio", "nan"], "train.warmup_ratio: Input should be a finite number"),
+    (["score", "--gamma", "nan"], "gamma: Input should be a finite number"),
+    (["eval", "--scale", "inf"], "scale: Input should be a finite number"),
+    (["eval", "--scale", "1e308"], "scale: Input should be less than or equal to 10000"),
+    (["eval", "--reference-epochs", "inf"], "reference_epochs: Input should be a finite number"),
+    (["eval", "--reference-epochs", "1e308"], "reference_epochs: Input should be less than or equal to 10000"),
+])
+def test_every_numeric_setting_is_finite_one_line_exit_2(tmp_path, capsys, arguments, message):
+    paths = {"train": ["--data", "d", "--masks", "m", "--model", "m", "--output", str(tmp_path / "o")],
+             "run": ["--corpus", "c", "--model", str(tmp_path), "--output", str(tmp_path / "o")],
+             "score": ["--data", "d", "--current", "c", "--output", str(tmp_path / "o")],
+             "eval": ["--output", str(tmp_path / "o")]}[arguments[0]]
+    assert main([*arguments, *paths]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_help_and_models_list_import_no_torch_transformers_or_ray(tmp_path):
     commands = [["--help"], ["models", "list", "--cache-dir", str(tmp_path)], *[[c, "--help"] for c in
                 ("prepare", "score", "select", "train", "demo", "models", "report", "inspect", "export", "validate")]]

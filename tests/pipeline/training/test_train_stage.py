@@ -9,6 +9,8 @@ checkpoint to the same tensors in-process by test_train_worker.py; two ranks by 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from pathlib import Path
 
@@ -215,6 +217,20 @@ def test_a_process_run_killed_mid_training_resumes_from_its_last_state(trained, 
     expected, found = _weights(config.output), _weights(tmp_path / "out")
     for name in expected:
         torch.testing.assert_close(found[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_diverging_run_stops_at_the_step_whose_loss_is_not_finite(inputs, llama_dir, tmp_path, capsys):
+    data, masks = inputs
+    arguments = ["train", "--data", str(data), "--masks", str(masks), "--model", str(llama_dir), "--output",
+                 str(tmp_path / "out"), "--runner", "process", "--batch-size", "4", "--micro-batch-size", "2",
+                 "--lora-r", "4", "--checkpoint-every", "1", "--no-progress", "--lr", "1e30", "--epochs", "2"]
+    assert main(arguments) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sstoken")]  # no traceback
+    assert re.match(r"sstoken train: error: training diverged (at step \d|: after step \d)", err)
+    assert not (tmp_path / "out" / "checkpoint").exists() and not (tmp_path / "out" / "manifest.json").exists()
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert all(math.isfinite(json.loads(line, parse_constant=float)["loss"]) for line in lines)  # no NaN, no Infinity
+    assert "NaN" not in "".join(lines) and "Infinity" not in "".join(lines)
 
 
 def test_the_process_runner_is_one_local_worker(inputs, llama_dir, tmp_path):
