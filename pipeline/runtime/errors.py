@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shutil
 
 # Exit status of a user error (a missing path, a bad setting, a refused output folder, ...).
 EXIT_USER_ERROR = 2
@@ -45,15 +47,35 @@ def refusal_from_os_error(error: OSError, where: str | os.PathLike[str] | None =
     The path is the one the error names; an error that names none (pyarrow's writers) is placed
     under `where`, the stage's output folder, when known.
     """
-    advice = _OS_ADVICE.get(error.errno) if error.errno is not None else None
+    number, filename = _errno_and_path(error)
+    advice = _OS_ADVICE.get(number) if number is not None else None
     if advice is None:
         return None
     happened, todo = advice
-    if error.filename is not None:
-        # A rename names its temporary source first: the destination is the path the user knows.
-        path = str(error.filename2 if error.filename2 is not None else error.filename)
+    if filename is not None:
+        path = str(filename)
     elif where is not None:
         path = f"a file under {where}"
     else:
         path = "a file"
     return SystemRefusal(f"{happened} {path}: {todo}")
+
+
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]")
+
+
+def _errno_and_path(error: OSError) -> tuple[int | None, str | None]:
+    """The errno and the path an OS error is about. Some carry no errno attribute, only its text: shutil.Error
+    (copytree's collected (source, destination, message) triples) and the OSErrors of some libraries."""
+    if error.errno is not None:
+        # A rename names its temporary source first: the destination is the path the user knows.
+        return error.errno, error.filename2 if error.filename2 is not None else error.filename
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list):
+        for entry in error.args[0]:
+            if isinstance(entry, tuple) and len(entry) == 3:
+                found = _ERRNO_IN_TEXT.search(str(entry[2]))
+                if found:
+                    return int(found.group(1)), str(entry[1])
+        return None, None
+    found = _ERRNO_IN_TEXT.search(str(error))
+    return (int(found.group(1)), error.filename) if found else (None, None)

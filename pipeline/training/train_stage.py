@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.runtime.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
-from pipeline.runtime.errors import UserError
+from pipeline.runtime.errors import UserError, refusal_from_os_error
 from pipeline.runtime.files import ArtifactError, base_manifest
 from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints
 from pipeline.runtime.ray_session import RayRuntime, machine_cpus, node_cpus, ray_session, task_error_cause
@@ -172,6 +172,11 @@ def _fit(config: TrainConfig, job: RankJob, cpus: float, work: Path, run_name: s
         user = next((f for f in failures if isinstance(f, UserError)), None)
         if user is not None:
             raise user from None
+        # A worker's disk full (or read-only, or denied) is the user's to fix: one line, as in every stage.
+        refusals = [refusal_from_os_error(f, where=config.output) for f in failures if isinstance(f, OSError)]
+        refusal = next((r for r in refusals if r is not None), None)
+        if refusal is not None:
+            raise refusal from error
         raise
 
 

@@ -8,6 +8,7 @@ checkpoint to the same tensors in-process by test_train_worker.py; two ranks by 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -231,6 +232,50 @@ def test_a_diverging_run_stops_at_the_step_whose_loss_is_not_finite(inputs, llam
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert all(math.isfinite(json.loads(line, parse_constant=float)["loss"]) for line in lines)  # no NaN, no Infinity
     assert "NaN" not in "".join(lines) and "Infinity" not in "".join(lines)
+
+
+def test_disk_full_while_the_process_runner_keeps_a_state_is_one_line_exit_2(inputs, llama_dir, tmp_path, monkeypatch, capsys):
+    """shutil.copytree reports a full disk as shutil.Error (its copies' messages, no errno attribute)."""
+    import shutil
+
+    real_copytree = shutil.copytree
+
+    def no_space(source, destination, *arguments, **keywords):
+        raise OSError(errno.ENOSPC, "No space left on device", str(destination))
+
+    monkeypatch.setattr(shutil, "copytree", lambda source, destination, **kw: real_copytree(source, destination, copy_function=no_space))
+    data, masks = inputs
+    arguments = ["train", "--data", str(data), "--masks", str(masks), "--model", str(llama_dir), "--output",
+                 str(tmp_path / "out"), "--runner", "process", "--batch-size", "4", "--micro-batch-size", "2",
+                 "--lora-r", "4", "--checkpoint-every", "1", "--no-progress"]
+    assert main(arguments) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sstoken")]  # no traceback
+    assert err.startswith(f"sstoken train: error: no space left on device writing {tmp_path / 'out' / 'train' / 'process'}")
+    assert err.endswith("free space and rerun; finished shards are kept")
+
+
+def test_disk_full_in_a_ray_train_worker_is_one_line(inputs, llama_dir, tmp_path, monkeypatch):
+    """Ray Train wraps a worker's OSError (errno 28) in a WorkerGroupError."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.runtime.errors import SystemRefusal
+    from pipeline.training.train_stage import _fit
+    from pipeline.training.train_worker import RankJob
+
+    class FullDiskTrainer:
+        def __init__(self, *arguments, **keywords):
+            pass
+
+        def fit(self):
+            full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "train" / "checkpoint_0"))
+            raise ray.train.WorkerGroupError("a worker failed", {0: full})
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FullDiskTrainer)
+    config = _config(inputs, llama_dir, tmp_path / "out")
+    job = RankJob(data="d", masks="m", model="m", metrics="x", work="w", settings={}, workers=1)
+    with pytest.raises(SystemRefusal, match="no space left on device writing .*checkpoint_0: free space and rerun"):
+        _fit(config, job, 1.0, tmp_path / "out" / "train", "run-x")
 
 
 def test_the_process_runner_is_one_local_worker(inputs, llama_dir, tmp_path):
