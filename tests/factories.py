@@ -87,10 +87,12 @@ def write_tokenized(
 
 
 def write_keep_masks(
-    folder: Path, tokenized: Path, ratio: float = 0.5, seed: int = 0, kind: str = "scores", shift_length: int = 0
+    folder: Path, tokenized: Path, ratio: float = 0.5, seed: int = 0, kind: str = "scores", shift_length: int = 0,
+    keep_off_targets: str | None = None,
 ) -> Path:
     """A minimal masks artifact (kind scores or masks) for `tokenized`: each trainable token kept with
-    probability `ratio` (seeded); `shift_length` adds that many entries to every mask (a broken artifact)."""
+    probability `ratio` (seeded); `shift_length` adds that many entries to every mask, and `keep_off_targets`
+    ("position 0" or "prompt") keeps that token of the first sample (broken artifacts, consistently sealed)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -104,6 +106,8 @@ def write_keep_masks(
     for entry in source["shards"]:
         rows = pq.read_table(tokenized / entry["file"], columns=["sample_id", "trainable"]).to_pylist()
         keep = [[t and rng.random() < ratio for t in row["trainable"]] + [False] * shift_length for row in rows]
+        if keep_off_targets is not None and not shards:
+            keep[0][0 if keep_off_targets == "position 0" else rows[0]["trainable"].index(False, 1)] = True
         table = pa.table({
             "sample_id": [row["sample_id"] for row in rows],
             "keep": pa.array(keep, type=pa.list_(pa.bool_())),

@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from pipeline.runtime.alignment import keep_problems
 from pipeline.runtime.files import ArtifactError, read_manifest, verify_shards
 from pipeline.runtime.fingerprint import sha256_json
 from pipeline.selection.keep_masks import KeepMasksSource, keep_masks_source, read_keep_mask_shard
@@ -156,9 +157,10 @@ def _refuse_unmatched(source: TrainingSource, joined: pl.DataFrame, tokens: pl.D
     )
 
 
-def join_samples(source: TrainingSource) -> pl.DataFrame:
+def join_samples(source: TrainingSource, check_keep: bool = True) -> pl.DataFrame:
     """Every sample, in the tokenized shards' order: sample_id, n_tokens, kept, and its place in both folders
-    (file, row; file_mask, row_mask). Refuses ids on one side only and lengths that disagree."""
+    (file, row; file_mask, row_mask). Refuses ids on one side only, lengths that disagree and (`check_keep`)
+    a keep mask that is true at position 0 or off the trainable tokens (validate reports that itself)."""
     tokens, masks = _tokens_frame(source), _masks_frame(source)
     joined = tokens.join(masks, on="sample_id", how="inner", suffix="_mask", maintain_order="left")
     _refuse_unmatched(source, joined, tokens, masks)
@@ -170,7 +172,24 @@ def join_samples(source: TrainingSource) -> pl.DataFrame:
             f"{first['n_tokens']} tokens in {source.tokenized / first['file']}, {first['mask_length']} mask entries in "
             f"{source.masks / first['file_mask']}; the masks were made from other data: score and select it again"
         )
+    if check_keep:
+        _refuse_keep_off_targets(source, joined)
     return joined
+
+
+def _refuse_keep_off_targets(source: TrainingSource, joined: pl.DataFrame) -> None:
+    """The alignment contract's keep rules (`pipeline.runtime.alignment.keep_problems`), pair of shards by pair:
+    a manifest re-sealed over edited masks passes the checksums, not this."""
+    problems: list[str] = []
+    for (file, file_mask), group in joined.group_by(["file", "file_mask"], maintain_order=True):
+        trainable = pq.read_table(source.tokenized / file, columns=["trainable"]).column("trainable")
+        keep = pq.read_table(source.masks / file_mask, columns=["sample_id", "keep"])
+        problems += keep_problems(keep.take(group["row_mask"].to_list()), file_mask, trainable.take(group["row"].to_list()))
+    if problems:
+        raise TrainingDataError(
+            f"{source.masks} keeps tokens that are no training targets of {source.tokenized}: {'; '.join(problems[:3])}; "
+            "the masks were edited: select them again (`sstoken select`) or rescore"
+        )
 
 
 def build_index(source: TrainingSource) -> SampleIndex:

@@ -10,7 +10,7 @@ Checks, by name (each reports every problem it finds, not only the first):
 - schema: every shard has its schema's columns and types (`schemas/KIND.v1.json`);
 - counts: the manifest's counts are the shards' (rows, tokens, trainable, kept, labels) and add up
   (rows read = written + rejected; samples in = exported + skipped);
-- alignment: the contract row by row (`alignment_checks`): lengths equal, position 0 never a target,
+- alignment: the contract row by row (`pipeline.runtime.alignment`): lengths equal, position 0 never a target,
   keep only where trainable, NaN exactly off the targets, per-row counts; exports' labels;
 - unique ids: no sample id twice;
 - join: scores and masks join the tokenized data they name (same tokenizer, same data, every id on
@@ -39,7 +39,7 @@ from pipeline.runtime.files import MANIFEST, read_data_file, read_manifest, refu
 from pipeline.runtime.schemas import arrow_schema, validate_table
 from pipeline.runtime.stage_output import PROGRESS, listed_entries
 from pipeline.training.training_data import join_samples, open_training_data, shards_key
-from pipeline.validation.alignment_checks import IGNORE_INDEX, alignment_problems, example, flat_lists, rows_where
+from pipeline.runtime.alignment import IGNORE_INDEX, alignment_problems, example, flat_lists, rows_where
 
 COUNTED = {
     "rows_written": "rows", "samples": "rows", "exported": "rows",
@@ -204,7 +204,7 @@ def _join(folder: Path, manifest: dict[str, Any]) -> list[str] | str:
     if tokenized is None:
         return [f"{folder / MANIFEST} names no tokenized input"]
     source = open_training_data(tokenized, folder)
-    joined = join_samples(source)
+    joined = join_samples(source, check_keep=False)  # keep is the alignment check's, which names more
     return f"joins {tokenized} by sample id ({len(joined)} samples, same tokenizer and data, same lengths)"
 
 

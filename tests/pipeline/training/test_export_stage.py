@@ -128,6 +128,20 @@ def test_masks_of_other_data_or_another_tokenizer_are_refused(tokenizer, tokeniz
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("where", ["position 0", "prompt"])
+def test_train_and_export_refuse_masks_keeping_a_token_that_is_no_target(tokenized, tmp_path, capsys, where, llama_dir):
+    from pipeline.cli import main
+
+    edited = write_keep_masks(tmp_path / "masks", tokenized, keep_off_targets=where)
+    for command in (["export", "--format", "jsonl"], ["train", "--model", str(llama_dir), "--runner", "process"]):
+        arguments = [*command, "--data", str(tokenized), "--masks", str(edited), "--output", str(tmp_path / command[0])]
+        assert main(arguments) == 2
+        (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sstoken")]
+        assert f"{edited} keeps tokens that are no training targets of {tokenized}" in err
+        assert not (tmp_path / command[0] / "manifest.json").exists()
+    # validate flags such folders too (test_validate_stage: "keep at position 0", "keep off trainable").
+
+
 def test_files_of_others_are_refused_and_never_removed(tokenized, masks, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -93,6 +93,17 @@ def test_sample_ids_without_masks_are_refused(tokenized, tmp_path):
         build_index(open_training_data(tokenized, folder))
 
 
+@pytest.mark.parametrize("where, message", [
+    ("position 0", r"position 0: 'keep' is true at position 0 \(never a target\) in 1 sample of part-00000.parquet \(e\.g\. 's00-0000'\)"),
+    ("prompt", r"keep off the targets: keep is true where trainable is false in 1 sample of part-00000.parquet \(e\.g\. 's00-0000'\)"),
+])
+def test_masks_keeping_a_token_that_is_no_target_are_refused(tokenized, tmp_path, where, message):
+    """The manifest is sealed over the edited masks (checksums match): the join checks keep against trainable."""
+    edited = write_keep_masks(tmp_path / "masks", tokenized, keep_off_targets=where)
+    with pytest.raises(TrainingDataError, match=f"keeps tokens that are no training targets of .*: {message}"):
+        build_index(open_training_data(tokenized, edited))
+
+
 def test_masks_keeping_no_token_are_refused(tokenized, tmp_path):
     empty = write_keep_masks(tmp_path / "masks", tokenized, ratio=0.0)
     with pytest.raises(TrainingDataError, match="no sample of .* keeps any token"):

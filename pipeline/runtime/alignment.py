@@ -1,6 +1,7 @@
 """The alignment contract, checked row by row on one shard's table (vectorised over its flattened lists).
 
     problems = alignment_problems("scores", table, "part-00000.parquet", trainable)   # [] when it holds
+    problems = keep_problems(masks_table, "part-00000.parquet", trainable)           # keep alone (the trainer's join)
 
 Every per-token list is len(input_ids) long; position 0 is never a target (trainable, keep false, a
 label -100, a float NaN); keep only where trainable; floats NaN exactly off the targets (a signal not
@@ -75,17 +76,9 @@ def alignment_problems(kind: str, table: pa.Table, where: str, trainable: pa.Chu
         target, starts = flat_lists(pa.table({"t": trainable}), "t")
         target = target.astype(bool)
     if "keep" in LIST_COLUMNS[kind]:
-        keep, offsets = flat_lists(table, "keep")
-        keep = keep.astype(bool)
-        problems += _position_zero(table, offsets, keep, "keep", where)
-        problems += _row_count(table, offsets, keep, "n_kept", "keep", where)
-        if target is not None:
-            off = keep & ~target
-            if off.any():
-                problems.append(f"keep off the targets: keep is true where trainable is false in "
-                                f"{example(rows_where(table, offsets, off), len(rows_where(table, offsets, off)), where)}")
-            if "n_trainable" in table.column_names:
-                problems += _row_count(table, starts, target, "n_trainable", "the tokenized trainable", where)
+        problems += keep_problems(table, where, trainable)
+        if target is not None and "n_trainable" in table.column_names:
+            problems += _row_count(table, starts, target, "n_trainable", "the tokenized trainable", where)
     for name in FLOAT_COLUMNS.get(kind, ()):
         values, offsets = flat_lists(table, name)
         nan = np.isnan(values.astype(np.float64))
@@ -101,6 +94,22 @@ def alignment_problems(kind: str, table: pa.Table, where: str, trainable: pa.Chu
             rows = rows_where(table, offsets, at_targets)
             problems.append(f"NaN at targets: '{name}' is NaN at {int(at_targets.sum())} targets (a signal is computed at "
                             f"every target or at none) in {example(rows, len(rows), where)}")
+    return problems
+
+
+def keep_problems(table: pa.Table, where: str, trainable: pa.ChunkedArray | None) -> list[str]:
+    """The keep column of one table (lists as long as `trainable`'s): false at position 0, true only where
+    trainable (when `trainable`, the rows' targets in row order, is given), counted by n_kept (when there)."""
+    keep, offsets = flat_lists(table, "keep")
+    keep = keep.astype(bool)
+    problems = _position_zero(table, offsets, keep, "keep", where)
+    problems += _row_count(table, offsets, keep, "n_kept", "keep", where)
+    if trainable is not None:
+        target, _ = flat_lists(pa.table({"t": trainable}), "t")
+        off = keep & ~target.astype(bool)
+        if off.any():
+            rows = rows_where(table, offsets, off)
+            problems.append(f"keep off the targets: keep is true where trainable is false in {example(rows, len(rows), where)}")
     return problems
 
 

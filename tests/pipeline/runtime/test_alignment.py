@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.runtime.schemas import table_from_rows
-from pipeline.validation.alignment_checks import alignment_problems
+from pipeline.runtime.alignment import alignment_problems
 
 NAN = math.nan
 # Tokens 0..4: 0 and 1 are context (1 is "assistant\n"), 2 3 4 are targets.
