@@ -58,3 +58,24 @@ def tokenizer_fingerprints(tokenizer: Any) -> dict[str, str]:
         "tokenizer": sha256_json({"vocabulary": sha256_text(vocabulary), "special": special}),
         "chat_template": sha256_text(template or ""),
     }
+
+
+NO_TEMPLATE = sha256_text("")  # the chat-template fingerprint of a tokenizer without one
+
+
+def tokenizer_mismatch(
+    recorded: dict[str, Any], found: dict[str, str], data: Any, model: Any, template: bool = True
+) -> str | None:
+    """Why a model cannot read tokenized data, or None: its tokenizer (`found`, `tokenizer_fingerprints`) differs
+    from the one the data's manifest records (`recorded`: fingerprint, chat_template_fingerprint), or, with
+    `template`, its chat template does (the data was rendered with another one, and a checkpoint trained on it
+    would ship the model's). A model without a template passes: the data was rendered with `--chat-template`."""
+    if found["tokenizer"] != recorded.get("fingerprint"):
+        return (f"{data} was tokenized with another tokenizer (fingerprint {str(recorded.get('fingerprint'))[:12]}) than "
+                f"the model in {model} ({found['tokenizer'][:12]}); rerun `sstoken prepare` with this model's tokenizer")
+    expected = recorded.get("chat_template_fingerprint")
+    if template and expected is not None and found["chat_template"] not in (expected, NO_TEMPLATE):
+        return (f"{data} was rendered with another chat template (fingerprint {str(expected)[:12]}) than the model in "
+                f"{model} carries ({found['chat_template'][:12]}); rerun `sstoken prepare` with this model's tokenizer "
+                "(and no --chat-template), or use a model folder whose tokenizer has the template the data was rendered with")
+    return None

@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from pipeline.runtime.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.runtime.files import base_manifest, read_manifest, refuse_repeated_sample_ids
-from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints
+from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints, tokenizer_mismatch
 from pipeline.runtime.ray_session import machine_cpus, node_cpus, ordered_map, ray_session, task_error_cause
 from pipeline.runtime.stage_output import StageOutput, StageSummary
 from pipeline.scoring.precision import precision_name
@@ -307,14 +307,13 @@ def _phase_summary(results: list[dict[str, Any]], seconds: float) -> dict[str, A
     }
 
 
-def _check_tokenizer(model: Path, expected: dict[str, Any], data: Path, trust_remote_code: bool) -> None:
-    """Refuse data tokenized with another tokenizer than the model's: its masks would be garbage."""
-    found = tokenizer_fingerprints(load_tokenizer(model, trust_remote_code=trust_remote_code))["tokenizer"]
-    if found != expected["fingerprint"]:
-        raise ScoreJobError(
-            f"{data} was tokenized with another tokenizer (fingerprint {expected['fingerprint'][:12]}) than the "
-            f"model in {model} ({found[:12]}); rerun `sstoken prepare` with this model's tokenizer"
-        )
+def _check_tokenizer(model: Path, expected: dict[str, Any], data: Path, trust_remote_code: bool, template: bool) -> None:
+    """Refuse data tokenized with another tokenizer than the model's (its masks would be garbage) or, for the
+    current model (`template`), rendered with another chat template than the model's."""
+    found = tokenizer_fingerprints(load_tokenizer(model, trust_remote_code=trust_remote_code))
+    problem = tokenizer_mismatch(expected, found, data, model, template=template)
+    if problem is not None:
+        raise ScoreJobError(problem)
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -343,9 +342,10 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
     checkpoint_files(config.current)  # a clear error for a missing or unusable model folder
     if config.history is not None:
         checkpoint_files(config.history)
-    _check_tokenizer(Path(config.current), tokenized["tokenizer"], data, config.trust_remote_code)
+    _check_tokenizer(Path(config.current), tokenized["tokenizer"], data, config.trust_remote_code, template=True)
     if config.history is not None and _has_tokenizer(Path(config.history)):
-        _check_tokenizer(Path(config.history), tokenized["tokenizer"], data, config.trust_remote_code)
+        # The history model only scores the same token ids: its tokenizer must match, its template need not.
+        _check_tokenizer(Path(config.history), tokenized["tokenizer"], data, config.trust_remote_code, template=False)
     current_fp = checkpoint_fingerprint(config.current)
     history_fp = checkpoint_fingerprint(config.history) if config.history is not None else current_fp
     data_key = verified_data_key(tokenized)

@@ -35,7 +35,7 @@ from typing import Any
 from pipeline.runtime.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.runtime.errors import UserError, refusal_from_os_error
 from pipeline.runtime.files import ArtifactError, base_manifest
-from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints
+from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints, tokenizer_mismatch
 from pipeline.runtime.ray_session import RayRuntime, machine_cpus, node_cpus, ray_session, task_error_cause
 from pipeline.runtime.stage_output import StageOutput, StageSummary, read_record
 from pipeline.training.train_config import TrainConfig
@@ -55,15 +55,14 @@ class TrainError(UserError, ValueError):
     """Settings or inputs the trainer cannot run with; the message names them and what to do."""
 
 
-def _check_model(config: TrainConfig, tokenizer_fingerprint: str) -> str:
-    """The starting model's fingerprint, after checking it is a Hugging Face folder with the data's tokenizer."""
+def _check_model(config: TrainConfig, recorded: dict[str, Any]) -> str:
+    """The starting model's fingerprint, after checking it is a Hugging Face folder with the data's tokenizer and
+    chat template (`recorded`: the tokenized manifest's tokenizer entry); the trained checkpoint ships them."""
     checkpoint_files(config.model)
-    found = tokenizer_fingerprints(load_tokenizer(config.model, trust_remote_code=config.trust_remote_code))["tokenizer"]
-    if found != tokenizer_fingerprint:
-        raise TrainError(
-            f"{config.data} was tokenized with another tokenizer (fingerprint {tokenizer_fingerprint[:12]}) than the "
-            f"model in {config.model} ({found[:12]}); rerun `sstoken prepare` with this model's tokenizer"
-        )
+    found = tokenizer_fingerprints(load_tokenizer(config.model, trust_remote_code=config.trust_remote_code))
+    problem = tokenizer_mismatch(recorded, found, config.data, config.model)
+    if problem is not None:
+        raise TrainError(problem)
     return checkpoint_fingerprint(config.model)
 
 
@@ -246,7 +245,7 @@ def run_train(config: TrainConfig) -> StageSummary:
     started = time.monotonic()
     output = Path(config.output)
     source = open_training_data(config.data, config.masks)
-    model_fp = _check_model(config, source.tokenizer_fingerprint)
+    model_fp = _check_model(config, source.tokenized_manifest["tokenizer"])
     index = build_index(source)
     plan = _plan(config, index.samples)
     identity = {

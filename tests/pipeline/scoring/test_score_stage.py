@@ -22,6 +22,7 @@ from pipeline.runtime.fingerprint import sha256_file
 from pipeline.runtime.stage_output import PROGRESS
 from pipeline.scoring.score_stage import ScoreJobConfig, ScoreJobError, plan_workers, run_score_job, workers_note
 from pipeline.scoring.scorer import Scorer, ScoringInputError, nll_table, score_shard
+from tests import tiny
 from tests.factories import write_tokenized
 
 SHARDS = [5, 7, 3, 6]
@@ -229,6 +230,37 @@ def test_other_tokenizer_is_refused(corpus, llama_dir, tmp_path):
     with pytest.raises(ScoreJobError, match="another tokenizer"):
         run_score_job(_config(data, tmp_path / "out", llama_dir, None))
     assert not (tmp_path / "out").exists()
+
+
+OTHER_TEMPLATE = tiny.CHATML_TEMPLATE + "{# another template #}"
+
+
+def model_with_template(llama_dir: Path, folder: Path, template: str | None) -> Path:
+    """A copy of the tiny model whose tokenizer carries another chat template (or none)."""
+    shutil.copytree(llama_dir, folder)
+    tiny.save_tokenizer(folder, chat_template=template)
+    return folder
+
+
+def test_a_model_with_another_chat_template_is_refused_naming_both(corpus, llama_dir, tmp_path, capsys):
+    from pipeline.runtime.fingerprint import tokenizer_fingerprints
+    from pipeline.scoring.score_stage import _check_tokenizer
+
+    model = model_with_template(llama_dir, tmp_path / "other", OTHER_TEMPLATE)
+    recorded = read_manifest(corpus)["tokenizer"]["chat_template_fingerprint"]
+    found = tokenizer_fingerprints(tiny.build_tokenizer(chat_template=OTHER_TEMPLATE))["chat_template"]
+    assert main(["score", "--data", str(corpus), "--current", str(model), "--output", str(tmp_path / "out"),
+                 "--runner", "process", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"sstoken score: error: {corpus} was rendered with another chat template (fingerprint {recorded[:12]}) "
+                   f"than the model in {model} carries ({found[:12]}); rerun `sstoken prepare` with this model's "
+                   "tokenizer (and no --chat-template), or use a model folder whose tokenizer has the template the data "
+                   "was rendered with")
+    assert not (tmp_path / "out").exists()
+    # A history model only scores the same ids; a model without a template (data rendered with --chat-template) passes.
+    _check_tokenizer(model, read_manifest(corpus)["tokenizer"], corpus, False, template=False)
+    bare = model_with_template(llama_dir, tmp_path / "bare", None)
+    _check_tokenizer(bare, read_manifest(corpus)["tokenizer"], corpus, False, template=True)
 
 
 def test_missing_inputs_give_clear_errors(corpus, llama_dir, tmp_path):

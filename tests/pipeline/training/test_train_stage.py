@@ -119,6 +119,18 @@ def test_a_model_with_another_tokenizer_is_refused(inputs, tmp_path):
         run_train(_config(inputs, model, tmp_path / "out"))
 
 
+def test_a_model_with_another_chat_template_is_refused(inputs, llama_dir, tmp_path, capsys):
+    from tests.pipeline.scoring.test_score_stage import OTHER_TEMPLATE, model_with_template
+
+    model = model_with_template(llama_dir, tmp_path / "other", OTHER_TEMPLATE)
+    data, masks = inputs
+    assert main(["train", "--data", str(data), "--masks", str(masks), "--model", str(model), "--output",
+                 str(tmp_path / "out"), "--runner", "process"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{data} was rendered with another chat template (fingerprint " in err
+    assert f"than the model in {model} carries (" in err and not (tmp_path / "out").exists()
+
+
 def test_an_output_folder_holding_someone_elses_checkpoint_folder_is_refused(inputs, llama_dir, tmp_path):
     (tmp_path / "out" / "checkpoint").mkdir(parents=True)
     with pytest.raises(ArtifactError, match="holds files this stage did not write: checkpoint"):
