@@ -36,6 +36,7 @@ from pipeline.eval.config import EvalConfig
 from pipeline.eval.data import SeedData, seed_data
 from pipeline.loop.run_config import REFERENCE_METHODS, RunConfig
 from pipeline.loop.run_folder import RunFolder
+from pipeline.runtime.checkpoints import checkpoint_fingerprint
 from pipeline.runtime.config import ConfigError
 from pipeline.runtime.files import read_manifest, read_shard
 from pipeline.runtime.fingerprint import sha256_json
@@ -251,7 +252,7 @@ def _reference_model(cells: _Cells, data: SeedData) -> tuple[dict[str, Any], Pat
 
 
 def _base_measures(cells: _Cells, data: SeedData, base: Path) -> dict[str, Any]:
-    identity = {"base": str(base), "measures": _measure_identity(cells.config, data)}
+    identity = {"base": checkpoint_fingerprint(base), "measures": _measure_identity(cells.config, data)}  # content, not path
     return cells.measured(data.seed, BASE, identity,
                           lambda: {"values": heldout_figures(cells.config, data, base), "selection_by_round": []})
 

@@ -18,26 +18,28 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.loop.ema import ema_checkpoint
 from pipeline.loop.roles import RoundRoles, round_roles
-from pipeline.loop.run_config import RunConfig
+from pipeline.loop.run_config import RunConfig, model_folder
 from pipeline.loop.run_folder import RUN_RECORD_VERSION, RunFolder, read_run_record, write_run_record
 from pipeline.loop.slices import corpus_ids, materialise_slice, sample_order, slice_bounds
 from pipeline.runtime.checkpoints import checkpoint_fingerprint
 from pipeline.runtime.config import ConfigError
-from pipeline.runtime.files import MANIFEST, exclusive_output, utc_now
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import MANIFEST, exclusive_output, read_manifest, utc_now
 from pipeline.runtime.fingerprint import sha256_json
 from pipeline.runtime.model_zoo import ensure_model
 from pipeline.runtime.ray_session import ray_session
 from pipeline.runtime.stage_output import StageSummary
 from pipeline.selection.select_config import SelectConfig
 from pipeline.training.train_metrics import train_curve
-from pipeline.training.training_data import DataPlan
+from pipeline.training.training_data import DataPlan, shards_key
 
 
 @dataclass(frozen=True)
@@ -94,14 +96,34 @@ def _refuse_stepless_rounds(config: RunConfig, specs: list[RoundSpec], steps: li
 
 
 def run_identity(config: RunConfig) -> dict[str, Any]:
-    """What the run's results depend on: a rerun with other values is another run (refused in the same folder)."""
-    top = {name: value for name, value in config.resolved().items() if name not in (*config.sections(), "output")}
-    return top | {
-        "prepare": config.prepare.run_key_settings(),
+    """What the run's results depend on: a rerun with other values is another run (refused in the same folder).
+
+    Models enter by content, never by path: `model` (and a given `reference`) is its checkpoint's fingerprint,
+    so other weights at the same path are another run. The base model must be in place (`ensure_model`)."""
+    paths = ("output", "model", "reference")
+    top = {name: value for name, value in config.resolved().items() if name not in (*config.sections(), *paths)}
+    models = {"model": checkpoint_fingerprint(model_folder(config.model))}
+    if config.reference is not None:
+        models["reference"] = checkpoint_fingerprint(config.reference)
+    # prepare's tokenizer is the base model's folder: its content is the model fingerprint above.
+    prepare = {name: value for name, value in config.prepare.run_key_settings().items() if name != "tokenizer"}
+    return top | models | {
+        "prepare": prepare,
         "score": config.score.run_key_settings(),
         "select": config.select.selection_key(),
         "train": config.train.train_settings().run_key_settings(),
     }
+
+
+@contextmanager
+def section_flags(section: str) -> Iterator[None]:
+    """A stage's error inside a run names the run's flag: its `--overwrite` is `--SECTION.overwrite` here."""
+    try:
+        yield
+    except UserError as error:
+        if error.args and isinstance(error.args[0], str) and "--overwrite" in error.args[0]:
+            error.args = (error.args[0].replace("--overwrite", f"--{section}.overwrite"), *error.args[1:])
+        raise
 
 
 def say(message: str) -> None:
@@ -118,7 +140,26 @@ class _Run:
 
     def __init__(self, config: RunConfig, folder: RunFolder, base: Path):
         self.config, self.folder, self.base = config, folder, base
+        self.data_fingerprint: str | None = None  # RUN/tokenized's, once prepared: what the rounds are cut from
         self.record = self._start_record()
+
+    def prepared(self, data_fingerprint: str) -> None:
+        """The corpus is prepared: refuse rounds recorded from another one, then stamp the record with it.
+
+        A round depends on the data it was cut from: with the corpus changed under the run (and re-prepared
+        with --prepare.overwrite), a finished round would be kept while tokenized/ holds other samples."""
+        stale = [entry["round"] for entry in self.record["rounds"]
+                 if entry.get("data_fingerprint") not in (None, data_fingerprint)]
+        if stale:
+            before = next(e["data_fingerprint"] for e in self.record["rounds"] if e["round"] == stale[0])
+            raise ConfigError(
+                f"{self.folder.tokenized} now holds another corpus (data fingerprint {data_fingerprint[:12]}) than the "
+                f"one round(s) {', '.join(f'r{i:03d}' for i in stale)} of this run were cut from ({before[:12]}); they "
+                "cannot be kept for it: choose another output folder for a run on this corpus, or restore the corpus "
+                "the run was started with"
+            )
+        self.data_fingerprint = data_fingerprint
+        self.record["data_fingerprint"] = data_fingerprint
 
     def _start_record(self) -> dict[str, Any]:
         identity = run_identity(self.config)
@@ -126,9 +167,15 @@ class _Run:
         if record is not None and record.get("identity") != sha256_json(identity):
             before = record.get("settings", {})
             changed = sorted(k for k in identity.keys() | before.keys() if identity.get(k) != before.get(k))
+            weights = [
+                f"{name} {path} now holds other weights (fingerprint {identity[name][:12]}, the run's: "
+                f"{str(before.get(name))[:12]})"
+                for name, path in (("model", self.base), ("reference", self.config.reference)) if name in changed
+            ]
             raise ConfigError(
-                f"{self.folder.root} holds a run made with other settings ({', '.join(changed) or 'code'} differ); "
-                "choose another output folder, or rerun with the settings it was started with"
+                f"{self.folder.root} holds a run made with other settings ({', '.join(changed) or 'code'} differ"
+                + "".join(f"; {line}" for line in weights)
+                + "); choose another output folder, or rerun with the settings and models it was started with"
             )
         if record is None:
             record = {
@@ -156,7 +203,7 @@ class _Run:
             if entry["round"] == spec.index:
                 return entry
         entry = {"round": spec.index, "epoch": spec.epoch, "slice": spec.part, "samples": spec.samples,
-                 "status": "running", "stages": {}}
+                 "data_fingerprint": self.data_fingerprint, "status": "running", "stages": {}}
         self.record["rounds"].append(entry)
         return entry
 
@@ -166,7 +213,8 @@ class _Run:
         if done is not None and (Path(output) / MANIFEST).is_file():
             return done
         started = time.monotonic()
-        summary = run()
+        with section_flags(name) if name in ("score", "train") else nullcontext():  # select has no overwrite here
+            summary = run()
         figures = {"seconds": round(time.monotonic() - started, 3), "counts": dict(summary.counts),
                    "notes": list(summary.notes)}
         entry["stages"][name] = figures
@@ -197,15 +245,18 @@ def _trained_reference(run: _Run) -> Path:
     config, folder, base = run.config, run.folder, run.base
     assert config.reference_corpus is not None
     say(f"reference: training {base} on every trainable token of {', '.join(map(str, config.reference_corpus))}")
-    run_prepare(config.prepare.model_copy(update={"input": config.reference_corpus, "output": folder.reference("tokenized")}))
-    run_score_job(config.score.model_copy(update={
-        "data": folder.reference("tokenized"), "current": base, "history": base, "output": folder.reference("scores"),
-        "method": "full", "signals": "needed", "excess": "history_minus_current",
-    }))
-    run_train(config.train.model_copy(update={
-        "data": folder.reference("tokenized"), "masks": folder.reference("scores"), "model": base,
-        "output": folder.reference("train"), "schedule_start_step": 0, "schedule_total_steps": None,
-    }))
+    with section_flags("prepare"):
+        run_prepare(config.prepare.model_copy(update={"input": config.reference_corpus, "output": folder.reference("tokenized")}))
+    with section_flags("score"):
+        run_score_job(config.score.model_copy(update={
+            "data": folder.reference("tokenized"), "current": base, "history": base, "output": folder.reference("scores"),
+            "method": "full", "signals": "needed", "excess": "history_minus_current",
+        }))
+    with section_flags("train"):
+        run_train(config.train.model_copy(update={
+            "data": folder.reference("tokenized"), "masks": folder.reference("scores"), "model": base,
+            "output": folder.reference("train"), "schedule_start_step": 0, "schedule_total_steps": None,
+        }))
     return folder.reference("train") / "checkpoint"
 
 
@@ -311,7 +362,9 @@ def run_loop(config: RunConfig) -> RunResult:
     with exclusive_output(folder.root):
         run = _Run(config, folder, base)
         with ray_session(score.address, score.num_cpus, object_store, connect_timeout_s=score.connect_timeout_s):
-            prepared = run_prepare(config.prepare)
+            with section_flags("prepare"):
+                prepared = run_prepare(config.prepare)
+            run.prepared(shards_key(read_manifest(folder.tokenized, kind="tokenized")))
             order = sample_order(corpus_ids(folder.tokenized), config.seed)[: config.samples]
             specs = plan_rounds(config, len(order))
             steps = [planned_steps(config, spec.samples) for spec in specs]

@@ -14,8 +14,8 @@ Checks, by name (each reports every problem it finds, not only the first):
   keep only where trainable, NaN exactly off the targets, per-row counts; exports' labels;
 - unique ids: no sample id twice;
 - join: scores and masks join the tokenized data they name (same tokenizer, same data, every id on
-  both sides, same lengths); exports and train outputs: their inputs still hold what they were
-  made from, an export's labels are its masks', a train output's checkpoint is the one it names.
+  both sides, same lengths); exports, train outputs and a run's slices: their inputs still hold what
+  they were made from, an export's labels are its masks', a train output's checkpoint is the one it names.
 
 A history cache folder (no manifest: files named as the tokenized shards) gets schema, unique ids
 and position 0. The functions raise nothing for a bad artifact: every problem becomes a finding.
@@ -290,6 +290,9 @@ def _validate_manifest_folder(folder: Path) -> FolderReport:
         return report  # the checks below read the schema's columns
     _check(report, "counts", lambda: _counts(manifest, shards))
     _check(report, "unique ids", lambda: _unique_ids(folder, manifest))
+    if kind == "tokenized" and _tokenized_input(manifest) is not None:
+        # A run's slice or subset: the corpus it was cut from still holds the data it names.
+        _check(report, "join", lambda: _inputs_unchanged(manifest))
     trainable = None
     if kind in ("scores", "masks"):
         _check(report, "join", lambda: _join(folder, manifest))

@@ -120,6 +120,30 @@ def test_bad_settings_are_refused_by_name(tmp_path, llama_dir, overrides, messag
         smoke_config(tmp_path / "out", llama_dir, **overrides)
 
 
+def test_cells_are_keyed_on_the_base_models_weights_not_its_path(tmp_path, llama_dir, llama_history_dir, monkeypatch):
+    """Other weights at the same path: the base is measured anew and every cell is another run (before: '2 done earlier')."""
+    import shutil
+
+    from pipeline.eval import evaluate
+    from pipeline.eval.data import seed_data
+    from pipeline.loop.rounds import run_identity
+
+    base = Path(shutil.copytree(llama_dir, tmp_path / "base"))
+    config = smoke_config(tmp_path / "out", base)
+    data = seed_data(config, 0)
+    monkeypatch.setattr(evaluate, "heldout_figures", lambda config, data, model: {"heldout_nll": 1.0})
+    cells = evaluate._Cells(config)
+    before = run_identity(evaluate.cell_run_config(config, data, "sstoken", None))
+    for _ in range(2):
+        evaluate._base_measures(cells, data, base)
+    assert (cells.run, cells.reused) == (1, 1)
+    shutil.copy(llama_history_dir / "model.safetensors", base / "model.safetensors")  # same path, other weights
+    evaluate._base_measures(cells, data, base)
+    assert (cells.run, cells.reused) == (2, 1)
+    after = run_identity(evaluate.cell_run_config(config, data, "sstoken", None))
+    assert {k for k in before if before[k] != after[k]} == {"model"}
+
+
 def test_a_missing_natural_corpus_is_one_line_before_any_model_runs(tmp_path, llama_dir, capsys):
     code = main(["eval", str(SMOKE), "--output", str(tmp_path / "out"), "--model", str(llama_dir), "--corpus", "natural",
                  "--natural.corpus", str(tmp_path / "nowhere.jsonl")])

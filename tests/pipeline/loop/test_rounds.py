@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.cli import main
-from pipeline.loop.rounds import read_train_loss, run_loop
+from pipeline.loop.rounds import read_train_loss, run_identity, run_loop
 from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RunFolder
 from pipeline.runtime.checkpoints import checkpoint_fingerprint
 from pipeline.runtime.config import ConfigError
 from pipeline.runtime.files import read_manifest
+from pipeline.training.training_data import shards_key as _key
 
 WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris tokens are selected".split()
 
@@ -105,6 +106,63 @@ def test_rerun_keeps_finished_rounds_and_other_settings_are_refused(finished, ca
     assert again["rounds"] == record["rounds"]
     with pytest.raises(ConfigError, match="other settings \\(select differ\\)"):
         run_loop(RunConfig(**settings | {"select": {"ratio": 0.3}}))
+
+
+def test_other_weights_at_the_base_models_path_are_another_run(tmp_path, llama_dir, llama_history_dir, capsys):
+    """A run keyed on the model's content: replacing the weights between attempts is refused by name (before: round 0
+    kept from the old base, round 1 scored against the new one, exit 0)."""
+    import shutil
+
+    from pipeline.loop.rounds import _Run
+
+    base = Path(shutil.copytree(llama_dir, tmp_path / "base"))
+    settings = run_settings(tmp_path / "run", write_corpus(tmp_path / "c.jsonl", 8), base)
+    config = RunConfig(**settings)
+    config.output.mkdir()
+    _Run(config, RunFolder(config.output), base)  # an attempt that started: run.json records the base's fingerprint
+    moved = Path(shutil.copytree(base, tmp_path / "moved"))  # the same weights elsewhere: the same run
+    assert run_identity(config)["model"] == run_identity(RunConfig(**settings | {"model": str(moved)}))["model"]
+    shutil.copy(llama_history_dir / "model.safetensors", base / "model.safetensors")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(settings, default=str))  # JSON is YAML
+    assert main(["run", str(config_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sstoken run: error: {config.output} holds a run made with other settings (model differ; "
+                          f"model {base} now holds other weights (fingerprint {checkpoint_fingerprint(base)[:12]}, the run's: "
+                          f"{checkpoint_fingerprint(llama_dir)[:12]})")
+    assert not (config.output / "tokenized").exists()
+
+
+def test_a_corpus_changed_between_attempts_is_refused_with_the_real_flag_and_validate_sees_it(
+    tmp_path, llama_dir, ray_local, capsys
+):
+    """Before: "pass --overwrite" (no such flag on run), and with --prepare.overwrite the finished round trained on
+    the old corpus was kept as done (exit 0) while tokenized/ held the new one; validate saw no problem."""
+    settings = run_settings(tmp_path / "run", write_corpus(tmp_path / "c.jsonl", 8), llama_dir)
+    settings |= {"slices": 1, "score": {"workers": 1, "progress": False, "runner": "process"}}
+    settings["train"] |= {"runner": "process"}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(settings, default=str))  # JSON is YAML
+    assert main(["run", str(config_file)]) == 0
+    write_corpus(tmp_path / "c.jsonl", 8, seed=1)  # the same file, other samples
+    capsys.readouterr()
+    assert main(["run", str(config_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pass --prepare.overwrite to replace it" in err and " --overwrite" not in err and len(err.splitlines()) == 1
+    assert main(["run", str(config_file), "--prepare.overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'run' / 'tokenized'} now holds another corpus (data fingerprint " in err
+    assert "than the one round(s) r000 of this run were cut from (" in err and len(err.splitlines()) == 1
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    now = _key(read_manifest(tmp_path / "run" / "tokenized"))
+    assert record["rounds"][0]["data_fingerprint"] == record["data_fingerprint"] != now  # the record is left as it was
+    assert main(["validate", str(tmp_path / "run")]) == 4
+    from pipeline.validation.validate_stage import ValidateConfig, run_validate
+
+    problems = [(f["folder"], p) for f in run_validate(ValidateConfig(folder=tmp_path / "run")).details["folders"]
+                for c in f["checks"] for p in c["problems"]]
+    assert problems == [(str(tmp_path / "run" / "rounds" / "r000" / "data"), next(p for _, p in problems))]
+    assert f"input {tmp_path / 'run' / 'tokenized'} (tokenized) no longer holds the data this was made from" in problems[0][1]
 
 
 def test_a_round_of_fewer_samples_than_a_batch_is_refused(tmp_path, llama_dir, ray_local):
