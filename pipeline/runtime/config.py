@@ -235,9 +235,16 @@ def _read_yaml(config_file: Path) -> dict[str, Any]:
     if not Path(config_file).is_file():
         raise ConfigError(f"config file {config_file} does not exist")
     try:
-        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        text = Path(config_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {config_file} is not text (UTF-8): byte {error.start} cannot be decoded; "
+                          "pass a YAML file") from None
+    try:
+        loaded = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {config_file} is not valid YAML: {error}") from error
+    except RecursionError:
+        raise ConfigError(f"config file {config_file} is nested too deeply to read; pass a YAML mapping of settings") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {config_file} must hold a mapping of settings")
     return loaded

@@ -141,6 +141,8 @@ def read_manifest(folder: Path, kind: str | None = None) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ArtifactError(f"{path} is not valid JSON: {error}") from error
+    except RecursionError:
+        raise ArtifactError(f"{path} is nested too deeply to be a manifest; the file was damaged or is not ours") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} is not a manifest: it holds a JSON {type(manifest).__name__}, not an object")
     validate_manifest(manifest, source=str(path))

@@ -238,6 +238,42 @@ def test_an_unreadable_manifest_is_a_problem_not_a_crash(tmp_path):
     assert any("manifest.v1.schema.json" in p for p in _problems(_validate(tmp_path / "broken")))
 
 
+@pytest.mark.parametrize("case, field", [
+    ("inputs path", "at inputs/0/path: 5 is not of type 'string'"),
+    ("rejected file", "at rejected/file: 5 is not of type 'string'"),
+    ("deeply nested", "is nested too deeply to be a manifest"),
+])
+def test_a_manifest_of_wrong_types_or_depth_is_one_problem_line_exit_4(tokenizer, tmp_path, capsys, case, field):
+    """Before: a TypeError (Path(5), folder / 5) or a RecursionError traceback."""
+    from pipeline.cli import main
+
+    tokenized = write_tokenized(tmp_path / "tokenized", tokenizer, [2], seed=1)
+    folder = write_keep_masks(tmp_path / "scores", tokenized)
+    if case == "inputs path":
+        _edit_manifest(folder, lambda m: m["inputs"][0].update(path=5))
+    elif case == "rejected file":
+        folder = tokenized
+        _edit_manifest(folder, lambda m: m.update(rejected={"file": 5, "rows": 0, "sha256": "0" * 64}))
+    else:
+        (folder / "manifest.json").write_text('{"config": ' * 50_000 + "{}" + "}" * 50_000)
+    assert main(["validate", str(folder)]) == 4
+    (problem,) = _problems(_validate(folder))
+    assert problem.startswith(f"manifest: {folder / 'manifest.json'} ") and field in problem
+
+
+def test_a_binary_config_file_is_one_line_naming_it(tmp_path, capsys):
+    from pipeline.cli import main
+
+    config = tmp_path / "settings.yaml"
+    config.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    assert main(["validate", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sstoken validate: error: config file {config} is not text (UTF-8): byte 0 cannot be decoded; pass a YAML file"
+    config.write_text("folder: " + "[" * 5000 + "]" * 5000)
+    assert main(["validate", "--config", str(config)]) == 2
+    assert f"config file {config} is nested too deeply to read" in capsys.readouterr().err
+
+
 def test_a_train_output_whose_checkpoint_changed_is_caught(artifacts, llama_dir, tmp_path):
     """A folder shaped as `sstoken train` leaves it (the manifest fields validate reads, a checkpoint/ folder)."""
     from pipeline.runtime.checkpoints import checkpoint_fingerprint
