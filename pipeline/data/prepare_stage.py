@@ -28,6 +28,10 @@ from pipeline.runtime.stage_output import StageOutput, StageSummary
 
 logger = logging.getLogger(__name__)
 
+# Past this many tokens a sample's scoring and training cost, which grows with the square of its length,
+# dwarfs a typical sample's: prepare's summary says so (with --max-length none, or one this large).
+LONG_SAMPLE_TOKENS = 32_768
+
 
 class PrepareError(UserError, RuntimeError):
     """The prepare stage cannot produce a corpus (no valid row, or an unusable output folder)."""
@@ -182,6 +186,8 @@ def _write_corpus(
                 written += 1
                 tally["tokens"] += sample.row["n_tokens"]
                 tally["trainable_tokens"] += sample.row["n_trainable"]
+                tally["longest_sample_tokens"] = max(tally["longest_sample_tokens"], sample.row["n_tokens"])
+                tally["long_samples"] += sample.row["n_tokens"] > LONG_SAMPLE_TOKENS
                 yield sample.row
             tally["rows_read"] += read
             inputs.append({"path": str(source.path), "format": source.format, "rows_read": read,
@@ -218,6 +224,8 @@ def _write_corpus(
             "duplicates": by_reason.get("duplicate", 0),
             "tokens": tally["tokens"],
             "trainable_tokens": tally["trainable_tokens"],
+            "longest_sample_tokens": tally["longest_sample_tokens"],
+            "long_samples": tally["long_samples"],
         },
     }
 
@@ -229,12 +237,21 @@ def _summary(manifest: dict[str, Any], output: Path, started: float, reused: boo
         for entry in manifest.get("inputs", [])
         if entry["rows_written"] == 0
     ]
+    notes = [f"input gave no valid row: {entry}" for entry in without_rows]
+    long_samples = manifest["counts"].get("long_samples", 0)
+    if long_samples:
+        longest = manifest["counts"]["longest_sample_tokens"]
+        notes.append(
+            f"{long_samples} sample(s) longer than {LONG_SAMPLE_TOKENS:,} tokens (the longest {longest:,}): scoring and "
+            f"training a sample cost time that grows with the square of its length, so the longest alone costs about "
+            f"{(longest / 2048) ** 2:,.0f} times a 2,048-token sample; cap them with --max-length (see README, Performance)"
+        )
     return StageSummary(
         stage="prepare",
         output=output,
         counts=dict(manifest["counts"]) | {"shards": len(manifest["shards"])},
         timings={"seconds": round(time.monotonic() - started, 3)},
-        notes=[f"input gave no valid row: {entry}" for entry in without_rows],
+        notes=notes,
         details={"rejected_by_reason": dict(manifest.get("rejected_by_reason", {})), "inputs_without_rows": without_rows},
         reused=reused,
     )

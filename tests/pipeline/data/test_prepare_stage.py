@@ -130,6 +130,23 @@ def test_truncate_keeps_the_head_and_rejects_samples_left_without_targets(tmp_pa
     assert reasons == ["no_trainable_after_truncation"]
 
 
+def test_a_sample_longer_than_32k_tokens_is_named_in_the_summary(tmp_path, tokenizer_dir, capsys):
+    """Scoring and training cost grows with the square of a sample's length: --max-length none says so."""
+    from pipeline.cli import main
+
+    corpus = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi?", "response": "Paris is nice. " * 9000},
+                                                   {"prompt": "Hi?", "response": "Short."}])
+    summary = prepare(corpus, tokenizer_dir, tmp_path / "out", max_length=None)
+    assert summary.counts["long_samples"] == 1 and summary.counts["longest_sample_tokens"] > 32_768
+    (note,) = summary.notes
+    assert note.startswith(f"1 sample(s) longer than 32,768 tokens (the longest {summary.counts['longest_sample_tokens']:,}): ")
+    assert "grows with the square of its length" in note and "cap them with --max-length" in note
+    assert main(["prepare", "--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--output", str(tmp_path / "out"),
+                 "--max-length", "none"]) == 0
+    assert "note: 1 sample(s) longer than 32,768 tokens" in capsys.readouterr().err  # also when reused
+    assert prepare(corpus, tokenizer_dir, tmp_path / "capped").notes == []  # default --max-length 2048
+
+
 def test_unique_id_column_becomes_sample_id_else_content_hash(tmp_path, tokenizer_dir):
     unique = write_jsonl(tmp_path / "u.jsonl", [{"id": "a", "prompt": "Q1", "response": "A"},
                                                 {"id": "b", "prompt": "Q2", "response": "A"}])
