@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.selection.methods import RelStats, sample_keep, sample_score
+from pipeline.selection.methods import RelStats, nan_at_targets, sample_keep, sample_score
 from pipeline.selection.select_settings import SelectSettings
 
 
@@ -52,9 +52,15 @@ class CorpusSelection:
         _check_joined(scores, trainable)
         ids = scores.column("sample_id").to_pylist()
         rel, attn = row_arrays(scores.column("rel"), np.float32), row_arrays(scores.column("attn"), np.float32)
+        # The NLLs only say why a needed signal is NaN; a reader of rel and attn alone (global passes) goes without.
+        nll_cur, nll_hist = (
+            row_arrays(scores.column(name), np.float32) if name in scores.column_names else [None] * len(ids)
+            for name in ("nll_cur", "nll_hist")
+        )
         masks = row_arrays(trainable, bool)
         return [
-            sample_score(ids[row], rel[row], attn[row], masks[row], self.settings, self.rel_is_noise)
+            sample_score(ids[row], rel[row], attn[row], masks[row], self.settings, self.rel_is_noise,
+                         nll_cur=nll_cur[row], nll_hist=nll_hist[row])
             for row in range(len(ids))
         ]
 
@@ -65,9 +71,19 @@ class CorpusSelection:
 
 
 def shard_rel_stats(scores: pa.Table, trainable: pa.ChunkedArray) -> RelStats:
-    """REL statistics over one table's targets (merged across shards for the corpus-wide guard)."""
+    """REL statistics over one table's targets (merged across shards for the corpus-wide guard), with what is NaN
+    where in the first sample missing REL at a target."""
     _check_joined(scores, trainable)
-    return RelStats.of(flat_values(scores.column("rel")), flat_values(trainable).astype(bool))
+    rel, targets = flat_values(scores.column("rel")), flat_values(trainable).astype(bool)
+    first_missing = ""
+    if np.isnan(rel[targets]).any():
+        masks, rels = row_arrays(trainable, bool), row_arrays(scores.column("rel"), np.float32)
+        row = next(r for r in range(len(masks)) if np.isnan(rels[r][masks[r]]).any())
+        nll_cur, nll_hist = (row_arrays(scores.column(name), np.float32)[row] if name in scores.column_names else None
+                             for name in ("nll_cur", "nll_hist"))
+        first_missing = nan_at_targets("rel", scores.column("sample_id")[row].as_py(), rels[row], masks[row],
+                                       nll_cur, nll_hist)
+    return RelStats.of(rel, targets, first_missing)
 
 
 def with_selection(scores: pa.Table, score: np.ndarray, keep: np.ndarray) -> pa.Table:

@@ -11,8 +11,9 @@ the select stage and the tests share one definition of every method:
     full           1 at every target                            (keeps them all)
     random         uniform [0, 1) per target, from (seed, sample_id)
 
-A score of NaN never reaches the ranking at a target: a signal a method needs but the scores do
-not hold (REL after a gamma-0 scoring, attention after a gamma-1 one) is refused by name, and so is
+A score of NaN never reaches the ranking at a target: a signal a method needs that is NaN at a target
+is refused, naming the column, the sample, the position and what it points to (`nan_at_targets`: not
+computed with `--signals needed`, a checkpoint that gives NaN losses, or a damaged shard), and so is
 a baseline over REL stored in the other direction (`excess_refusal`).
 """
 
@@ -40,20 +41,25 @@ class MethodError(UserError):
 
 @dataclass(frozen=True)
 class RelStats:
-    """What the guards need to know about REL over the corpus: targets, the largest |REL|, targets without REL."""
+    """What the guards need to know about REL over the corpus: targets, the largest |REL|, targets without REL
+    and, when some are, what is NaN where in the first sample that has one (`nan_at_targets`)."""
 
     targets: int = 0
     abs_max: float = 0.0
     missing: int = 0
+    first_missing: str = ""
 
     @classmethod
-    def of(cls, rel: np.ndarray, trainable: np.ndarray) -> RelStats:
+    def of(cls, rel: np.ndarray, trainable: np.ndarray, first_missing: str = "") -> RelStats:
         values = np.asarray(rel, dtype=np.float64)[np.asarray(trainable, dtype=bool)]
         finite = values[~np.isnan(values)]
-        return cls(int(len(values)), float(np.abs(finite).max()) if len(finite) else 0.0, int(len(values) - len(finite)))
+        missing = int(len(values) - len(finite))
+        return cls(int(len(values)), float(np.abs(finite).max()) if len(finite) else 0.0, missing,
+                   first_missing if missing else "")
 
     def merge(self, other: RelStats) -> RelStats:
-        return RelStats(self.targets + other.targets, max(self.abs_max, other.abs_max), self.missing + other.missing)
+        return RelStats(self.targets + other.targets, max(self.abs_max, other.abs_max), self.missing + other.missing,
+                        self.first_missing or other.first_missing)
 
     @property
     def is_noise(self) -> bool:
@@ -101,9 +107,12 @@ def rel_guard(settings: SelectSettings, stats: RelStats) -> list[str]:
     if not settings.uses_rel:
         return []
     if stats.missing:
+        found = stats.first_missing or (
+            "the scores hold no REL (made with --signals needed and a method without REL: rescore with --signals all), "
+            "or a checkpoint gives NaN losses"
+        )
         raise MethodError(
-            f"method {settings.method} needs REL, but {stats.missing} of {stats.targets} targets have none: these "
-            "scores were made with --signals needed and a method without REL; rescore with --signals all"
+            f"method {settings.method} needs REL, but {stats.missing} of {stats.targets} targets have none: {found}"
         )
     if not stats.is_noise:
         return []
@@ -125,17 +134,58 @@ def sample_seed(seed: int, sample_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
 
 
-def _needed(values: np.ndarray, trainable: np.ndarray, signal: str, sample_id: str, why: str) -> np.ndarray:
+def _nan_at(values: np.ndarray | None, position: int) -> bool | None:
+    return None if values is None else bool(np.isnan(values[position]))
+
+
+def nan_at_targets(
+    signal: str, sample_id: str, values: np.ndarray, trainable: np.ndarray,
+    nll_cur: np.ndarray | None = None, nll_hist: np.ndarray | None = None,
+) -> str:
+    """What is NaN where in one sample (the column, how many targets, the first position) and what that points to.
+
+    A signal the score stage did not compute (`--signals needed`) is NaN at every target while the model's
+    NLLs are there; a checkpoint that gives NaN losses leaves nll_cur (or nll_hist) NaN as well; a NaN among
+    finite neighbours was computed and then damaged. With the NLLs unknown, both first causes are named."""
+    trainable = np.asarray(trainable, dtype=bool)
+    bad = np.flatnonzero(trainable & np.isnan(np.asarray(values, dtype=np.float64)))
+    count, targets, first = len(bad), int(trainable.sum()), int(bad[0])
+    where = f"sample {sample_id!r}: {signal} is NaN at {count} of {targets} targets (first at position {first})"
+    every = count == targets
+    if _nan_at(nll_cur, first):
+        return (f"{where}; nll_cur is NaN there too: the current checkpoint gives NaN losses (NaN or infinite "
+                "weights?): check it, then score again")
+    if signal == "rel" and _nan_at(nll_hist, first):
+        if every and bool(np.isnan(np.asarray(nll_hist, dtype=np.float64)[trainable]).all()):
+            return (f"{where}; nll_hist is NaN at every target too: the scores hold no REL (made with --signals needed "
+                    "and a method without REL: rescore with --signals all), or the history checkpoint gives NaN losses")
+        return f"{where}; nll_hist is NaN there too: the history checkpoint gives NaN losses: check it, then score again"
+    computed = nll_cur is not None and (signal != "rel" or nll_hist is not None)
+    if computed and (signal == "rel" or not every):
+        return (f"{where}; the model's NLLs are finite there, so {signal} was computed: the shard was edited or "
+                "damaged: score again")
+    if every:
+        return (f"{where}; the scores hold no {signal} (made with --signals needed and a method without it: rescore with "
+                "--signals all)" + ("" if computed else ", or a checkpoint gives NaN losses"))
+    return (f"{where}; the other targets have it, so it was computed: the shard was edited or damaged, or the model "
+            "gave NaN there: score again")
+
+
+def _needed(
+    values: np.ndarray, trainable: np.ndarray, signal: str, sample_id: str,
+    nll_cur: np.ndarray | None = None, nll_hist: np.ndarray | None = None,
+) -> np.ndarray:
     if np.isnan(values[trainable]).any():
-        raise MethodError(f"sample {sample_id!r}: {signal} is NaN at a target, but the selection needs it; {why}")
+        found = nan_at_targets(signal, sample_id, values, trainable, nll_cur, nll_hist)
+        raise MethodError(f"the selection needs {signal} at every target: {found}")
     return values
 
 
-def _rel_term(rel: np.ndarray, trainable: np.ndarray, settings: SelectSettings, sample_id: str, noise: bool) -> np.ndarray:
-    rel = _needed(
-        np.asarray(rel, dtype=np.float32), trainable, "rel", sample_id,
-        "these scores were made with --signals needed and a method without REL: rescore with --signals all",
-    )
+def _rel_term(
+    rel: np.ndarray, trainable: np.ndarray, settings: SelectSettings, sample_id: str, noise: bool,
+    nll_cur: np.ndarray | None = None, nll_hist: np.ndarray | None = None,
+) -> np.ndarray:
+    rel = _needed(np.asarray(rel, dtype=np.float32), trainable, "rel", sample_id, nll_cur, nll_hist)
     if noise:
         rel = np.where(trainable, np.float32(0.0), np.float32(np.nan)).astype(np.float32)
     if settings.rel_normalisation == "none":
@@ -150,10 +200,13 @@ def sample_score(
     trainable: np.ndarray,
     settings: SelectSettings,
     rel_is_noise: bool = False,
+    nll_cur: np.ndarray | None = None,
+    nll_hist: np.ndarray | None = None,
 ) -> np.ndarray:
     """One sample's float32 score (NaN off the targets) under `settings.method`.
 
     `rel_is_noise` is the corpus-wide finding of `rel_guard`: REL then counts as 0 at every target.
+    `nll_cur`, `nll_hist`: the sample's NLLs, when at hand, only to say why a needed signal is NaN.
     """
     trainable = np.asarray(trainable, dtype=bool)
     method = settings.method
@@ -165,11 +218,9 @@ def sample_score(
         return out
     attention = None
     if settings.uses_attention:
-        attention = _needed(
-            np.asarray(attn, dtype=np.float32), trainable, "attn", sample_id,
-            "these scores were made with --signals needed and a method without attention: rescore with --signals all",
-        )
-    rel_term = _rel_term(rel, trainable, settings, sample_id, rel_is_noise) if settings.uses_rel else None
+        attention = _needed(np.asarray(attn, dtype=np.float32), trainable, "attn", sample_id, nll_cur, nll_hist)
+    rel_term = (_rel_term(rel, trainable, settings, sample_id, rel_is_noise, nll_cur, nll_hist)
+                if settings.uses_rel else None)
     if attention is None:
         return rel_term
     if rel_term is None:

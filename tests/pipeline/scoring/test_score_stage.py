@@ -263,6 +263,23 @@ def test_a_model_with_another_chat_template_is_refused_naming_both(corpus, llama
     _check_tokenizer(bare, read_manifest(corpus)["tokenizer"], corpus, False, template=True)
 
 
+def test_a_checkpoint_with_nan_weights_is_named_not_blamed_on_signals_needed(corpus, llama_dir, tmp_path, capsys):
+    """Scored with --signals all: the selection finds NaN and says the checkpoint gives NaN losses, where."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = Path(shutil.copytree(llama_dir, tmp_path / "nan-model"))
+    weights = load_file(model / "model.safetensors")
+    save_file({name: torch.full_like(value, float("nan")) for name, value in weights.items()}, model / "model.safetensors",
+              metadata={"format": "pt"})
+    assert main(["score", "--data", str(corpus), "--current", str(model), "--output", str(tmp_path / "out"),
+                 "--signals", "all", "--method", "attn", "--runner", "process", "--no-progress"]) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sstoken")]
+    assert re.search(r"attn is NaN at \d+ of \d+ targets \(first at position \d+\); nll_cur is NaN there too: the "
+                     r"current checkpoint gives NaN losses", err), err
+    assert "--signals" not in err
+
+
 def test_missing_inputs_give_clear_errors(corpus, llama_dir, tmp_path):
     with pytest.raises(ScoreJobError, match="does not exist; run `sstoken prepare`"):
         run_score_job(_config(tmp_path / "nowhere", tmp_path / "out", llama_dir, None))

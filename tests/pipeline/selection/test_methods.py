@@ -1,6 +1,7 @@
 """Selection methods on literal signals: each method's score, its keep count, and the REL guards."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -119,13 +120,36 @@ def test_random_keeps_the_ratio_count_reproducibly_per_sample_id():
 
 def test_missing_signal_is_refused_by_name():
     no_rel = np.full(len(REL), NAN, np.float32)
-    with pytest.raises(MethodError, match="sample 'x': rel is NaN at a target.*--signals needed"):
+    with pytest.raises(MethodError, match=r"sample 'x': rel is NaN at 4 of 4 targets \(first at position \d\).*--signals needed"):
         sample_score("x", no_rel, ATTN, TRAINABLE, SelectSettings(method="rel"))
-    with pytest.raises(MethodError, match="attn is NaN at a target.*without attention"):
+    with pytest.raises(MethodError, match="attn is NaN at 4 of 4 targets.*--signals needed and a method without it"):
         sample_score("x", REL, no_rel, TRAINABLE, SelectSettings(gamma=0.5))
     # A signal the method does not use may be missing.
     sample_score("x", REL, no_rel, TRAINABLE, SelectSettings(method="tokencleaning"))
     sample_score("x", no_rel, ATTN, TRAINABLE, SelectSettings(method="attn"))
+
+
+def test_a_nan_signal_says_what_is_nan_where_and_what_it_points_to():
+    """Before, every NaN was blamed on --signals needed, also in scores made with --signals all."""
+    first = int(np.flatnonzero(TRAINABLE)[0])
+    finite = np.where(TRAINABLE, np.float32(2.0), NAN).astype(np.float32)
+    one_nan = REL.copy()
+    one_nan[first] = NAN
+    with pytest.raises(MethodError) as caught:  # one NaN written into rel, the NLLs finite: damaged
+        sample_score("x", one_nan, ATTN, TRAINABLE, SelectSettings(), nll_cur=finite, nll_hist=finite)
+    message = str(caught.value)
+    assert f"sample 'x': rel is NaN at 1 of 4 targets (first at position {first})" in message
+    assert "so rel was computed: the shard was edited or damaged" in message and "--signals" not in message
+    nan_model = np.full(len(REL), NAN, np.float32)  # a NaN checkpoint: every NLL and signal NaN
+    with pytest.raises(MethodError, match="attn is NaN at 4 of 4 targets.*nll_cur is NaN there too: the current "
+                                          "checkpoint gives NaN losses") as caught:
+        sample_score("x", nan_model, nan_model, TRAINABLE, SelectSettings(), nll_cur=nan_model, nll_hist=nan_model)
+    assert "--signals" not in str(caught.value)
+    with pytest.raises(MethodError, match="nll_hist is NaN there too: the history checkpoint gives NaN losses"):
+        sample_score("x", one_nan, ATTN, TRAINABLE, SelectSettings(), nll_cur=finite, nll_hist=one_nan)
+    # Not computed (--signals needed, an attention-only method): REL and nll_hist NaN at every target, nll_cur there.
+    with pytest.raises(MethodError, match="nll_hist is NaN at every target too: the scores hold no REL .*--signals all"):
+        sample_score("x", nan_model, ATTN, TRAINABLE, SelectSettings(), nll_cur=finite, nll_hist=nan_model)
 
 
 @pytest.mark.parametrize(
@@ -166,8 +190,11 @@ def test_rel_below_the_floor_is_noise_treated_as_zero():
 def test_rel_missing_at_targets_is_refused_before_any_shard_is_written():
     stats = RelStats.of(np.where(TRAINABLE, np.nan, np.nan), TRAINABLE)
     assert stats.missing == 4
-    with pytest.raises(MethodError, match="needs REL, but 4 of 4 targets have none"):
+    with pytest.raises(MethodError, match="needs REL, but 4 of 4 targets have none: the scores hold no REL"):
         rel_guard(SelectSettings(gamma=0.5), stats)
+    where = "sample 's': rel is NaN at 1 of 4 targets (first at position 2); the model's NLLs are finite there"
+    with pytest.raises(MethodError, match=re.escape(f"needs REL, but 1 of 4 targets have none: {where}")):
+        rel_guard(SelectSettings(gamma=0.5), RelStats(4, 1.0, 1, where))
     assert rel_guard(SelectSettings(method="random"), stats) == []
 
 

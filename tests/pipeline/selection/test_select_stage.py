@@ -245,3 +245,31 @@ def test_select_refuses_a_scores_folder_whose_tokenized_input_is_gone(scored, co
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SelectError, match="tokenized input .*nowhere.* cannot be read"):
         run_select(SelectConfig(scores=folder))
+
+
+def test_one_nan_written_into_rel_of_scores_with_every_signal_is_named_not_blamed_on_signals_needed(
+    tmp_path, tokenizer_dir, capsys
+):
+    """Before: 'these scores were made with --signals needed ...' although every signal was stored."""
+    import pyarrow as pa
+
+    from pipeline.cli import main
+    from pipeline.runtime.files import write_manifest, write_parquet_atomic
+    from pipeline.runtime.fingerprint import sha256_json
+    from tests.score_factories import write_synthetic_scores, write_synthetic_tokenized
+
+    tokenized = write_synthetic_tokenized(tmp_path / "tokenized", tokenizer_dir, samples=6, mean_tokens=20)
+    scores = write_synthetic_scores(tmp_path / "scores", tokenized)
+    shard = scores / "part-00000.parquet"
+    rows = pq.read_table(shard).to_pylist()
+    position = next(i for i, value in enumerate(rows[2]["rel"]) if value == value) + 1  # a target after the first
+    rows[2]["rel"][position] = float("nan")
+    manifest = read_manifest(scores)
+    manifest["shards"][0]["sha256"] = write_parquet_atomic(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard)
+    manifest["data_fingerprint"] = sha256_json([[e["file"], e["sha256"]] for e in manifest["shards"]])
+    write_manifest(scores, manifest)  # re-sealed: the checksums hold, the value does not
+    assert main(["select", "--scores", str(scores), "--output", str(tmp_path / "masks"), "--method", "sstoken"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sstoken select: error: method sstoken needs REL, but 1 of ")
+    assert f"sample {rows[2]['sample_id']!r}: rel is NaN at 1 of " in err and f"(first at position {position})" in err
+    assert "so rel was computed: the shard was edited or damaged" in err and "--signals" not in err
