@@ -13,10 +13,9 @@ from typing import Any
 import torch
 
 from pipeline.runtime.checkpoints import CheckpointError
-from pipeline.scoring.device_budget import CPU_CHUNK_ELEMENTS
-
-# Elements of one logits chunk on CPU (64 MiB as fp32): bounds the head's transient memory for any vocabulary.
-LOGIT_CHUNK_ELEMENTS = CPU_CHUNK_ELEMENTS
+# Elements of one logits chunk (64 MiB as fp32) for callers that pass no device budget (the trainer's masked
+# loss); it bounds the head's transient memory for any vocabulary. The scorer passes its own (device_budget).
+LOGIT_CHUNK_ELEMENTS = 1 << 24
 
 
 def output_head(model: Any) -> tuple[torch.nn.Module, float | None]:

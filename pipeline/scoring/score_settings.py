@@ -43,10 +43,11 @@ class ScoreSettings(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = setting(
         "auto", description="Where the models run: auto = CUDA when present.", run_key=False
     )
-    max_batch_tokens: int = Field(
-        16384, ge=1,
-        description="Token budget of one micro-batch on CPU, counted with padding (samples x longest length); "
-        "on CUDA see gpu_batch_tokens.",
+    max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Token budget of one micro-batch on CPU, counted with padding (samples x longest length): auto = "
+        "as many tokens as keep one layer's largest activation within 8 MiB (1,365 for SmolLM2-135M in float32; "
+        "pipeline/scoring/device_budget.py says why larger CPU batches are slower). On CUDA see gpu_batch_tokens.",
     )
     gpu_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = setting(
         "auto",
