@@ -79,7 +79,7 @@ def reference_run_config(config: EvalConfig, data: SeedData) -> RunConfig:
     """The seed's reference: the base trained on the clean slice, every trainable token, reference_epochs passes."""
     sections = config.cell_sections()
     return RunConfig(
-        **_top_level(config, data.seed, REFERENCE, data.reference), epochs=1,
+        **_top_level(config, data.seed, REFERENCE, data.reference), epochs=1, ray=sections["ray"],
         prepare=sections["prepare"], score=sections["score"],
         select=sections["select"] | {"method": "full", "seed": data.seed},
         train=sections["train"] | {"seed": data.seed, "epochs": config.reference_epochs},
@@ -94,7 +94,7 @@ def cell_run_config(config: EvalConfig, data: SeedData, method: str, reference: 
         top["reference"] = reference
     epochs = config.select.ratio if method == "full" else 1.0
     return RunConfig(
-        **top, prepare=sections["prepare"], score=sections["score"],
+        **top, ray=sections["ray"], prepare=sections["prepare"], score=sections["score"],
         select=sections["select"] | {"method": method, "seed": data.seed},
         train=sections["train"] | {"seed": data.seed, "epochs": epochs},
     )
@@ -273,9 +273,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     base = Path(config.model) if Path(config.model).is_dir() else ensure_model(config.model)
     cells = _Cells(config)
     measures: list[dict[str, Any]] = []
-    score = config.score
-    object_store = score.object_store_mb * 1024**2 if score.object_store_mb else None
-    with ray_session(score.address, score.num_cpus, object_store, connect_timeout_s=score.connect_timeout_s):
+    with ray_session(config.ray):
         for seed in config.seeds:
             data = seed_data(config, seed)
             measures.append(_base_measures(cells, data, base))

@@ -35,7 +35,9 @@ from pipeline.runtime.fingerprint import sha256_json
 from pipeline.runtime.model_zoo import ensure_model
 from pipeline.runtime.ray_session import ray_session
 from pipeline.runtime.stage_output import StageSummary
+from pipeline.scoring.score_config import ScoreJobConfig
 from pipeline.selection.select_config import SelectConfig
+from pipeline.training.train_config import TrainConfig
 from pipeline.training.train_metrics import train_curve
 from pipeline.training.training_data import DataPlan
 
@@ -255,6 +257,33 @@ def _roles_entry(run: _Run, roles: RoundRoles) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class RoundStages:
+    """The stage configs of one round."""
+
+    score: ScoreJobConfig
+    select: SelectConfig
+    train: TrainConfig
+
+
+def round_stage_configs(
+    config: RunConfig, folder: RunFolder, index: int, data: Path, roles: RoundRoles, schedule: tuple[int, int]
+) -> RoundStages:
+    """Round `index`'s score, select and train configs: the run's sections with the round's data, models, paths,
+    selection and schedule filled in (everything else, the run's `ray:` section included, as the run gives it)."""
+    selection = roles.selection.model_dump()
+    return RoundStages(
+        score=config.score.model_copy(update={
+            "data": data, "current": roles.current, "history": roles.history, "output": folder.scores(index), **selection,
+        }),
+        select=SelectConfig(scores=folder.scores(index), output=folder.masks(index), **selection),
+        train=config.train.model_copy(update={
+            "data": data, "masks": folder.masks(index), "model": roles.train_from, "output": folder.train(index),
+            "schedule_start_step": schedule[0], "schedule_total_steps": schedule[1],
+        }),
+    )
+
+
 def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | None, schedule: tuple[int, int]) -> None:
     from pipeline.scoring.score_stage import run_score_job
     from pipeline.selection.select_stage import run_select
@@ -279,19 +308,12 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
     if roles.warmup is not None:
         say(roles.warmup)
     say(f"{label}: scoring {spec.samples} samples, current {roles.current}, history {roles.history}")
-    selection = roles.selection.model_dump()
-    run.stage(entry, "score", folder.scores(index), lambda: run_score_job(config.score.model_copy(update={
-        "data": data, "current": roles.current, "history": roles.history, "output": folder.scores(index), **selection,
-    })))
+    stages = round_stage_configs(config, folder, index, data, roles, schedule)
+    run.stage(entry, "score", folder.scores(index), lambda: run_score_job(stages.score))
     say(f"{label}: selecting ({roles.selection.method}) into {folder.relative(folder.masks(index))}")
-    run.stage(entry, "select", folder.masks(index), lambda: run_select(
-        SelectConfig(scores=folder.scores(index), output=folder.masks(index), **selection)
-    ))
+    run.stage(entry, "select", folder.masks(index), lambda: run_select(stages.select))
     say(f"{label}: training from {roles.train_from} (schedule steps from {schedule[0]} of {schedule[1]})")
-    run.stage(entry, "train", folder.train(index), lambda: run_train(config.train.model_copy(update={
-        "data": data, "masks": folder.masks(index), "model": roles.train_from, "output": folder.train(index),
-        "schedule_start_step": schedule[0], "schedule_total_steps": schedule[1],
-    })))
+    run.stage(entry, "train", folder.train(index), lambda: run_train(stages.train))
     entry["checkpoint_fingerprint"] = checkpoint_fingerprint(checkpoint)
     entry["summary"] = _round_summary(entry, folder.train(index))
     entry["status"] = "done"
@@ -306,11 +328,9 @@ def run_loop(config: RunConfig) -> RunResult:
 
     folder = RunFolder(Path(config.output))
     base = Path(config.model) if Path(config.model).is_dir() else ensure_model(config.model)
-    score = config.score
-    object_store = score.object_store_mb * 1024**2 if score.object_store_mb else None
     with exclusive_output(folder.root):
         run = _Run(config, folder, base)
-        with ray_session(score.address, score.num_cpus, object_store, connect_timeout_s=score.connect_timeout_s):
+        with ray_session(config.ray):
             prepared = run_prepare(config.prepare)
             order = sample_order(corpus_ids(folder.tokenized), config.seed)[: config.samples]
             specs = plan_rounds(config, len(order))

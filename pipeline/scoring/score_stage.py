@@ -208,7 +208,7 @@ def _run_actor_pool(
 ) -> list[dict[str, Any]]:
     """Hand shards to a pool of one phase's actors; replace actors that die and redo their shards.
     Every actor is killed on the way out, so the next phase starts with this phase's models gone."""
-    if config.runner == "process":
+    if config.ray.runner == "process":
         return _run_in_process(phase, tasks, config, progress, history_fingerprint)
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -384,10 +384,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
 
     notes: list[str] = []
     with StageOutput(output, "scores", identity=identity, overwrite=config.overwrite, inputs=[data]) as out:
-        object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
-        with ray_session(
-            config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s
-        ) as runtime:
+        with ray_session(config.ray) as runtime:
             # Nothing in the output is touched before the cluster answered and the inputs checked out.
             phase = time.monotonic()
             records = list(ordered_map(check_shard, [(t,) for t in tasks]))

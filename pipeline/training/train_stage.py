@@ -91,7 +91,7 @@ def _cpus_per_worker(config: TrainConfig, runtime: RayRuntime) -> float:
     if runtime.embedded and config.workers * cpus > runtime.cpus:
         raise TrainError(
             f"--workers {config.workers} x {cpus:g} CPUs exceed the embedded Ray's {runtime.cpus:g} CPUs; lower "
-            "--workers or --cpus-per-worker, raise --num-cpus, or run on a cluster (--address)"
+            "--workers or --cpus-per-worker, raise --ray.num-cpus, or run on a cluster (--ray.address)"
         )
     if config.use_gpu and runtime.gpus < config.workers:
         raise TrainError(
@@ -102,7 +102,7 @@ def _cpus_per_worker(config: TrainConfig, runtime: RayRuntime) -> float:
 
 def _process_cpus(config: TrainConfig) -> float:
     """runner process: the torch threads of the one worker (its CPUs), at most this machine's."""
-    return min(float(machine_cpus()), config.cpus_per_worker or float(config.num_cpus or machine_cpus()))
+    return min(float(machine_cpus()), config.cpus_per_worker or float(config.ray.num_cpus or machine_cpus()))
 
 
 class _MetricsProgress:
@@ -264,11 +264,8 @@ def run_train(config: TrainConfig) -> StageSummary:
         _refuse_foreign_entries(output, entries)
         work = output / WORK
         timings: dict[str, float] = {}
-        object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
-        in_process = config.runner == "process"
-        session = nullcontext() if in_process else ray_session(
-            config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s
-        )
+        in_process = config.ray.runner == "process"
+        session = nullcontext() if in_process else ray_session(config.ray)
         with session as runtime:
             # Nothing in the output is touched before the cluster answered and the settings fit it.
             cpus = _process_cpus(config) if in_process else _cpus_per_worker(config, runtime)

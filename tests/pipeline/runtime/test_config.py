@@ -71,8 +71,8 @@ def test_stage_run_keys_leave_out_paths_and_placement():
         "tokenizer", "max_length", "on_overflow", "rows_per_shard", "max_row_bytes", "add_bos", "chat_template",
         "trust_remote_code",
     ]
-    placement = {"data", "current", "history", "output", "history_cache", "address", "workers", "cpus_per_worker",
-                 "gpus_per_worker", "num_cpus", "object_store_mb", "progress", "device", "threads", "trust_remote_code"}
+    placement = {"data", "current", "history", "output", "history_cache", "ray", "workers", "cpus_per_worker",
+                 "gpus_per_worker", "progress", "device", "threads", "trust_remote_code"}
     assert not placement & set(ScoreJobConfig.run_key_fields())
     assert {"layer", "excess", "dtype", "max_batch_tokens"} <= set(ScoreJobConfig.run_key_fields())
 

@@ -398,7 +398,7 @@ def test_an_unreachable_cluster_fails_fast_and_touches_no_output(sample_run, tmp
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "score", "--data", str(config.data), "--current", str(config.current),
          "--history", str(config.history), "--history-cache", str(config.history_cache), "--output", str(output),
-         "--no-progress", "--address", "127.0.0.1:1", "--connect-timeout-s", "2"],
+         "--no-progress", "--ray.address", "127.0.0.1:1", "--ray.connect-timeout-s", "2"],
         cwd=Path(__file__).resolve().parents[3], env=environment, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr

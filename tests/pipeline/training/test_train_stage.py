@@ -180,7 +180,7 @@ def test_the_progress_bar_follows_the_metrics_rank_0_writes(tmp_path):
 def test_the_process_runner_ends_with_the_tensors_ray_train_ends_with(trained, inputs, llama_dir, tmp_path):
     config, summary, ray_seconds = trained
     started = time.monotonic()
-    local = run_train(_config(inputs, llama_dir, tmp_path / "out", runner="process"))
+    local = run_train(_config(inputs, llama_dir, tmp_path / "out", ray={"runner": "process"}))
     seconds = time.monotonic() - started
     expected, found = _weights(config.output), _weights(tmp_path / "out")
     assert found.keys() == expected.keys()
@@ -202,7 +202,7 @@ def test_a_process_run_killed_mid_training_resumes_from_its_last_state(trained, 
         if len(states) == 2:
             raise KeyboardInterrupt("killed")
 
-    settings = _config(inputs, llama_dir, tmp_path / "out", runner="process")
+    settings = _config(inputs, llama_dir, tmp_path / "out", ray={"runner": "process"})
     with monkeypatch.context() as patch:
         patch.setattr(train_in_process, "_keep", killed_after_two)
         with pytest.raises(KeyboardInterrupt):
@@ -218,7 +218,7 @@ def test_a_process_run_killed_mid_training_resumes_from_its_last_state(trained, 
 
 
 def test_the_process_runner_is_one_local_worker(inputs, llama_dir, tmp_path):
-    with pytest.raises(ValueError, match="runner process trains one worker in this process"):
-        _config(inputs, llama_dir, tmp_path, runner="process", workers=2)
-    with pytest.raises(ValueError, match="runner process trains one worker in this process"):
-        _config(inputs, llama_dir, tmp_path, runner="process", address="127.0.0.1:6379")
+    with pytest.raises(ValueError, match="ray.runner process trains one worker in this process"):
+        _config(inputs, llama_dir, tmp_path, ray={"runner": "process"}, workers=2)
+    with pytest.raises(ValueError, match="ray.runner process trains one worker in this process"):
+        _config(inputs, llama_dir, tmp_path, ray={"runner": "process", "address": "127.0.0.1:6379"})
