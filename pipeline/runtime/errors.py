@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 # Exit status of a user error (a missing path, a bad setting, a refused output folder, ...).
 EXIT_USER_ERROR = 2
@@ -36,6 +37,9 @@ _OS_ADVICE: dict[int, tuple[str, str]] = {
     errno.EACCES: ("permission denied on", "give this user access to it, or choose another path"),
     errno.EPERM: ("operation not permitted on", "give this user access to it, or choose another path"),
     errno.ENOENT: ("no such file or directory:", "check the path"),
+    # An output under a regular file (`--output somefile/out`), or a folder to create where a file is.
+    errno.ENOTDIR: ("a file stands where a folder must be:", "choose another path, or move that file away"),
+    errno.EEXIST: ("a file stands where a folder must be:", "choose another path, or move that file away"),
 }
 
 
@@ -52,8 +56,22 @@ def refusal_from_os_error(error: OSError, where: str | os.PathLike[str] | None =
     if error.filename is not None:
         # A rename names its temporary source first: the destination is the path the user knows.
         path = str(error.filename2 if error.filename2 is not None else error.filename)
+        if error.errno in (errno.ENOTDIR, errno.EEXIST):
+            blocker = _file_in_the_way(Path(path))
+            if blocker is None and error.errno == errno.EEXIST:
+                return None  # a folder that exists already: our code's to handle, not the user's
+            if blocker is not None and str(blocker) != path:
+                path = f"{blocker} (in {path})"
     elif where is not None:
         path = f"a file under {where}"
     else:
         path = "a file"
     return SystemRefusal(f"{happened} {path}: {todo}")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The path itself or the nearest folder above it that exists and is not a folder (None: there is none)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
