@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +35,9 @@ from pipeline.eval.data import SeedData, seed_data
 from pipeline.loop.run_config import REFERENCE_METHODS, RunConfig
 from pipeline.loop.run_folder import RunFolder
 from pipeline.runtime.config import ConfigError
-from pipeline.runtime.files import read_manifest, read_shard
+from pipeline.runtime.files import read_manifest, read_shard, write_json_atomic
 from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.log import say
 from pipeline.runtime.model_zoo import ensure_model
 from pipeline.runtime.ray_session import ray_session
 from pipeline.scoring.score_settings import ScoreSettings
@@ -56,10 +55,6 @@ class EvalResult:
     report: dict[str, Any]
     cells_run: int
     cells_reused: int
-
-
-def say(message: str) -> None:
-    print(f"sstoken eval: {message}", file=sys.stderr, flush=True)
 
 
 def cell_folder(config: EvalConfig, seed: int, name: str) -> Path:
@@ -119,13 +114,6 @@ def _read_done(path: Path, identity: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return done if done.get("identity") == identity else None
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
 
 
 def _finite(value: float) -> float | None:
@@ -207,15 +195,16 @@ class _Cells:
         done = _read_done(path, key)
         if done is not None:
             self.reused += 1
-            say(f"seed {seed} {name}: done earlier, kept ({path.name})")
+            say("eval", f"seed {seed} {name}: done earlier, kept ({path.name})")
             return done
         started = time.monotonic()
         measures = {"identity": key, "seed": seed, "method": name} | work()
         measures["wall_s"] = round(time.monotonic() - started, 3)
-        _write_json(path, measures)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(measures, path)
         self.run += 1
         shown = {k: v for k, v in measures["values"].items() if k in ("heldout_nll", "exact_match", "auroc")}
-        say(f"seed {seed} {name}: measured in {measures['wall_s']:.0f} s: "
+        say("eval", f"seed {seed} {name}: measured in {measures['wall_s']:.0f} s: "
             + ", ".join(f"{k} {v:.4g}" if v is not None else f"{k} -" for k, v in shown.items()))
         return measures
 
@@ -227,7 +216,7 @@ def _run_cell(cells: _Cells, data: SeedData, name: str, run_config: RunConfig) -
     identity = {"run": run_identity(run_config), "measures": _measure_identity(config, data)}
 
     def work() -> dict[str, Any]:
-        say(f"seed {data.seed} {name}: {config.rounds if name != REFERENCE else 1} round(s) in {run_config.output}")
+        say("eval", f"seed {data.seed} {name}: {config.rounds if name != REFERENCE else 1} round(s) in {run_config.output}")
         result = run_loop(run_config)
         return cell_measures(config, data, result.record, result.folder)
 
@@ -243,7 +232,7 @@ def _reference_model(cells: _Cells, data: SeedData) -> tuple[dict[str, Any], Pat
     identity = {"run": run_identity(run_config), "measures": _measure_identity(cells.config, data)}
 
     def work() -> dict[str, Any]:
-        say(f"seed {data.seed} reference: training the base on {data.reference}")
+        say("eval", f"seed {data.seed} reference: training the base on {data.reference}")
         record = run_loop(run_config).record
         return {"values": {"train_s": record["rounds"][0]["summary"]["train_s"]}, "selection_by_round": []}
 
@@ -284,5 +273,5 @@ def run_eval(config: EvalConfig) -> EvalResult:
             for method in config.methods:
                 measures.append(_run_cell(cells, data, method, cell_run_config(config, data, method, reference)))
     report = write_eval(config, measures, wall_s=time.monotonic() - started, cells_run=cells.run)
-    say(f"{cells.run} cell(s) run now, {cells.reused} done earlier; table in {Path(config.output) / 'eval.md'}")
+    say("eval", f"{cells.run} cell(s) run now, {cells.reused} done earlier; table in {Path(config.output) / 'eval.md'}")
     return EvalResult(Path(config.output), report, cells.run, cells.reused)

@@ -15,13 +15,12 @@ Beside the training rows it makes held-out clean problems with their answers (fo
 exact match) and the clean reference slice: the uncorrupted versions of a seeded
 `reference_fraction` (20%) of the training conversations, same ids, for the reference model of
 the rho1 and tokencleaning baselines (the paper fine-tunes its reference on a clean 20% slice of
-the same data). Everything comes from `seed` alone: the same seed writes the same bytes.
+the same data). Everything comes from `seed` alone: the same seed makes the same rows.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import string
 from collections import Counter
@@ -41,8 +40,6 @@ from pipeline.eval.worked_problems import (
 from pipeline.runtime.errors import UserError
 
 CORRUPTION_KINDS = ("wrong_result", "random_tokens", "shuffled", "filler", "prompt_copy")
-SCHEMA_VERSION = 1
-TRAIN, HELDOUT, CLEAN_REFERENCE, TASK = "train.jsonl", "heldout.jsonl", "clean_reference.jsonl", "task.json"
 
 _FILLER = (
     "The weather in spring is often mild and pleasant.",
@@ -76,15 +73,6 @@ class GroundTruthTask:
     clean_reference: list[dict[str, Any]]
     settings: dict[str, Any]
     counts: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TaskFiles:
-    folder: Path
-    train: Path
-    heldout: Path
-    clean_reference: Path
-    task: Path
 
 
 # --- corruptions: (problem, rng) -> (content, corrupted character spans) ---------------------
@@ -268,41 +256,6 @@ def _counts(train: list[dict[str, Any]], heldout: list[dict[str, Any]], referenc
         "corrupted_by_kind": dict(sorted(by_corruption.items())),
         "response_chars": response_chars, "corrupted_chars": corrupted_chars,
     }
-
-
-# --- files ------------------------------------------------------------------------------
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def write_task(task: GroundTruthTask, folder: Path) -> TaskFiles:
-    """Write train.jsonl, heldout.jsonl, clean_reference.jsonl and task.json into `folder`.
-
-    Each file is written whole under a temporary name and renamed into place; `task.json` goes
-    last, so a folder with a task.json holds a complete task.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = TaskFiles(folder, folder / TRAIN, folder / HELDOUT, folder / CLEAN_REFERENCE, folder / TASK)
-    for rows, path in ((task.train, files.train), (task.heldout, files.heldout), (task.clean_reference, files.clean_reference)):
-        _write_text_atomic(_jsonl(rows), path)
-    description = {
-        "kind": "ground_truth_task", "schema_version": SCHEMA_VERSION, "settings": task.settings,
-        "counts": task.counts, "files": {"train": TRAIN, "heldout": HELDOUT, "clean_reference": CLEAN_REFERENCE},
-        "answer_format": "the last sentence of every answer: 'So the answer is X.'",
-        "corruption_spans": "character spans [start, end) in the content of assistant turn `turn` (0-based, "
-                            "counting assistant messages only)",
-    }
-    _write_text_atomic(json.dumps(description, indent=2, ensure_ascii=False) + "\n", files.task)
-    return files
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -16,7 +16,6 @@ One Ray session serves every stage of the run.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pipeline.runtime.checkpoints import checkpoint_fingerprint
 from pipeline.runtime.config import ConfigError
 from pipeline.runtime.files import MANIFEST, exclusive_output, utc_now
 from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.log import say
 from pipeline.runtime.model_zoo import ensure_model
 from pipeline.runtime.ray_session import ray_session
 from pipeline.runtime.stage_output import StageSummary
@@ -104,11 +104,6 @@ def run_identity(config: RunConfig) -> dict[str, Any]:
         "select": config.select.selection_key(),
         "train": config.train.train_settings().run_key_settings(),
     }
-
-
-def say(message: str) -> None:
-    """One line of the run's log, on stderr (stdout carries the summary)."""
-    print(f"sstoken run: {message}", file=sys.stderr, flush=True)
 
 
 def _model_entry(path: Path) -> dict[str, str]:
@@ -198,7 +193,7 @@ def _trained_reference(run: _Run) -> Path:
 
     config, folder, base = run.config, run.folder, run.base
     assert config.reference_corpus is not None
-    say(f"reference: training {base} on every trainable token of {', '.join(map(str, config.reference_corpus))}")
+    say("run", f"reference: training {base} on every trainable token of {', '.join(map(str, config.reference_corpus))}")
     run_prepare(config.prepare.model_copy(update={"input": config.reference_corpus, "output": folder.reference("tokenized")}))
     run_score_job(config.score.model_copy(update={
         "data": folder.reference("tokenized"), "current": base, "history": base, "output": folder.reference("scores"),
@@ -293,7 +288,7 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
     entry = run.round_entry(spec)
     checkpoint = folder.checkpoint(index)
     if entry["status"] == "done" and (folder.train(index) / MANIFEST).is_file():
-        say(f"r{index:03d}: done earlier, kept ({folder.relative(checkpoint)})")
+        say("run", f"r{index:03d}: done earlier, kept ({folder.relative(checkpoint)})")
         return
     where = f", epoch {spec.epoch}" + (f", slice {spec.part}" if spec.part is not None else "")
     label = f"r{index:03d} (round {index + 1} of {config.rounds}{where})"
@@ -306,19 +301,19 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
               "checkpoint": folder.relative(checkpoint), "schedule": {"start_step": schedule[0], "total_steps": schedule[1]}}
     run.save()
     if roles.warmup is not None:
-        say(roles.warmup)
-    say(f"{label}: scoring {spec.samples} samples, current {roles.current}, history {roles.history}")
+        say("run", roles.warmup)
+    say("run", f"{label}: scoring {spec.samples} samples, current {roles.current}, history {roles.history}")
     stages = round_stage_configs(config, folder, index, data, roles, schedule)
     run.stage(entry, "score", folder.scores(index), lambda: run_score_job(stages.score))
-    say(f"{label}: selecting ({roles.selection.method}) into {folder.relative(folder.masks(index))}")
+    say("run", f"{label}: selecting ({roles.selection.method}) into {folder.relative(folder.masks(index))}")
     run.stage(entry, "select", folder.masks(index), lambda: run_select(stages.select))
-    say(f"{label}: training from {roles.train_from} (schedule steps from {schedule[0]} of {schedule[1]})")
+    say("run", f"{label}: training from {roles.train_from} (schedule steps from {schedule[0]} of {schedule[1]})")
     run.stage(entry, "train", folder.train(index), lambda: run_train(stages.train))
     entry["checkpoint_fingerprint"] = checkpoint_fingerprint(checkpoint)
     entry["summary"] = _round_summary(entry, folder.train(index))
     entry["status"] = "done"
     run.save()
-    say(f"{label}: done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in entry["summary"].items()
+    say("run", f"{label}: done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in entry["summary"].items()
                                        if k in ("train_loss", "kept_ratio") and v is not None))
 
 

@@ -22,7 +22,6 @@ Work skipped on purpose (the score stage stores every signal unless told `signal
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 
 from pipeline.runtime.checkpoints import checkpoint_fingerprint, load_model
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.ray_session import machine_cpus
 from pipeline.runtime.schemas import arrow_schema
 from pipeline.scoring.attention import REQUEST_KWARG, ImportanceRequest, register_importance_attention
 from pipeline.scoring.batching import length_sorted_batches
@@ -43,7 +43,6 @@ from pipeline.scoring.precision import FULL_BFLOAT16, apply_precision, compute_p
 from pipeline.scoring.score_settings import ScoreSettings, SignalSet
 from pipeline.scoring.scoring_batch import plan_scoring_batch, split_counts, upload
 from pipeline.selection.keep_tables import CorpusSelection, row_arrays, selected_table
-from pipeline.selection.methods import sample_keep, sample_score
 from pipeline.selection.select_settings import SelectSettings
 
 
@@ -66,13 +65,6 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
-
-
-def _available_cpus() -> int:
-    """Cores this process may run on (its affinity mask, which Ray and containers narrow)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _decoder(model: Any) -> torch.nn.Module:
@@ -118,7 +110,7 @@ class Scorer:
         self.device = resolve_device(settings.device)
         self.dtype_name = precision_name(settings.dtype, self.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(settings.threads or _available_cpus())
+            torch.set_num_threads(settings.threads or machine_cpus())
         self.fingerprint = checkpoint_fingerprint(checkpoint)
         model = load_model(checkpoint, load_dtype(self.dtype_name), "cpu", trust_remote_code=settings.trust_remote_code)
         apply_precision(model, self.dtype_name)
@@ -282,38 +274,6 @@ def combine_signals(
         rel = nll_hist - signals.nll if excess == "history_minus_current" else signals.nll - nll_hist
         attn = signals.attn if signals.attn is not None else nan
         out.append(SampleSignals(signals.sample_id, signals.nll, nll_hist, rel.astype(np.float32), attn))
-    return out
-
-
-@dataclass
-class SampleScores(SampleSignals):
-    """A sample's signals plus its per-sample selection: `score` and `keep` (full length)."""
-
-    score: np.ndarray
-    keep: np.ndarray
-
-
-def score_samples(
-    scorer: Scorer,
-    sample_ids: Sequence[str],
-    input_ids: Sequence[np.ndarray],
-    trainable: Sequence[np.ndarray],
-    selection: SelectSettings,
-    *,
-    history_nll: Sequence[np.ndarray] | None = None,
-    same_checkpoint: bool = False,
-) -> list[SampleScores]:
-    """The current pass over samples in memory (benchmarks, notebooks): signals, then the per-sample
-    selection, in input order. `history_nll`: the history pass's NLLs (full length), needed when the
-    selection uses REL and the checkpoints differ."""
-    signals = combine_signals(
-        scorer.token_signals(sample_ids, input_ids, trainable), history_nll, trainable,
-        same_checkpoint=same_checkpoint, uses_rel=selection.uses_rel, excess=scorer.settings.excess,
-    )
-    out = []
-    for s, mask in zip(signals, trainable):
-        score = sample_score(s.sample_id, s.rel, s.attn, mask, selection)
-        out.append(SampleScores(s.sample_id, s.nll_cur, s.nll_hist, s.rel, s.attn, score, sample_keep(score, mask, selection)))
     return out
 
 

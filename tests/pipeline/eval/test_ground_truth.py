@@ -7,9 +7,9 @@ from pipeline.eval.ground_truth import (
     TaskError,
     generate_task,
     read_jsonl,
-    write_task,
 )
 from pipeline.eval.worked_problems import extract_answer
+from tests.task_factories import write_task
 
 
 def _assistant(row, turn):

@@ -4,9 +4,10 @@ import pytest
 from pipeline.data.chat import ChatRenderer
 from pipeline.data.prepare_config import PrepareConfig
 from pipeline.data.prepare_stage import run_prepare
-from pipeline.eval.ground_truth import generate_task, read_jsonl, write_task
+from pipeline.eval.ground_truth import generate_task, read_jsonl
 from pipeline.eval.ground_truth_labels import LabelError, corrupted_flags, corrupted_token_mask
 from tests import tiny
+from tests.task_factories import write_task
 
 QUESTION = {"role": "user", "content": "What is 2 + 3?"}
 ANSWER = "First, 2 + 3 = 6. So the answer is 6."  # the two 6s (characters 14 and 34) are wrong

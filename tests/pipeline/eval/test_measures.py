@@ -6,7 +6,7 @@ import torch
 
 from pipeline.data.prepare_config import PrepareConfig
 from pipeline.data.prepare_stage import run_prepare
-from pipeline.eval.ground_truth import generate_task, write_task
+from pipeline.eval.ground_truth import generate_task
 from pipeline.eval.measures import (
     Generation,
     MeasureError,
@@ -17,6 +17,7 @@ from pipeline.eval.measures import (
     selection_quality,
 )
 from tests import tiny
+from tests.task_factories import write_task
 
 
 # --- AUROC and selection quality on literal tokens ---------------------------------------

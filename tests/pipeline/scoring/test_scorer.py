@@ -9,9 +9,10 @@ from pydantic import ValidationError
 from pipeline.runtime.schemas import arrow_schema, validate_table
 from pipeline.scoring.attention import ATTENTION_IMPLEMENTATION
 from pipeline.scoring.score_settings import ScoreSettings
-from pipeline.scoring.scorer import Scorer, combine_signals, nll_table, score_samples, score_shard
+from pipeline.scoring.scorer import Scorer, combine_signals, nll_table, score_shard
 from pipeline.selection.select_settings import SelectSettings
 from tests.pipeline.scoring.reference import load_eager, naive_forward, naive_scores
+from tests.sample_scores import score_samples
 
 FIELDS = ("nll_cur", "nll_hist", "rel", "attn", "score")
 FP32 = dict(dtype="float32", device="cpu")
