@@ -34,7 +34,7 @@ from pipeline.eval.config import EvalConfig
 from pipeline.eval.data import SeedData, seed_data
 from pipeline.loop.run_config import REFERENCE_METHODS, RunConfig
 from pipeline.loop.run_folder import RunFolder
-from pipeline.runtime.config import ConfigError
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import read_manifest, read_shard, write_json_atomic
 from pipeline.runtime.fingerprint import sha256_json
 from pipeline.runtime.log import say
@@ -250,7 +250,7 @@ def check_inputs(config: EvalConfig) -> None:
     if config.corpus == "natural":
         missing = [str(p) for p in config.natural.corpus if not Path(p).exists()]
         if missing:
-            raise ConfigError(f"natural.corpus: {', '.join(missing)} does not exist")
+            raise UserError(f"natural.corpus: {', '.join(missing)} does not exist")
 
 
 def run_eval(config: EvalConfig) -> EvalResult:

@@ -60,10 +60,6 @@ _NOISE_ALPHABET = string.ascii_lowercase + string.digits
 Span = tuple[int, int]
 
 
-class TaskError(UserError, ValueError):
-    """Settings that cannot make a task (a fraction outside [0, 1], an unknown kind, too few problems)."""
-
-
 @dataclass(frozen=True)
 class GroundTruthTask:
     """The rows of the three files and the settings and counts that `task.json` records."""
@@ -140,18 +136,18 @@ CORRUPTERS = {
 def _check(n_train: int, n_heldout: int, fractions: dict[str, float], kinds: tuple[str, ...],
            corruptions: tuple[str, ...]) -> None:
     if n_train < 1:
-        raise TaskError(f"n_train is {n_train}; a task needs at least 1 training conversation")
+        raise UserError(f"n_train is {n_train}; a task needs at least 1 training conversation")
     if n_heldout < 0:
-        raise TaskError(f"n_heldout is {n_heldout}; it must be 0 or more")
+        raise UserError(f"n_heldout is {n_heldout}; it must be 0 or more")
     for name, value in fractions.items():
         if not 0.0 <= value <= 1.0:
-            raise TaskError(f"{name} is {value}; it must lie in [0, 1]")
+            raise UserError(f"{name} is {value}; it must lie in [0, 1]")
     for what, chosen, known in (("problem kind", kinds, PROBLEM_KINDS), ("corruption kind", corruptions, CORRUPTION_KINDS)):
         if not chosen:
-            raise TaskError(f"no {what} chosen; pick from {', '.join(known)}")
+            raise UserError(f"no {what} chosen; pick from {', '.join(known)}")
         unknown = [k for k in chosen if k not in known]
         if unknown:
-            raise TaskError(f"unknown {what} {unknown[0]!r}; expected one of {', '.join(known)}")
+            raise UserError(f"unknown {what} {unknown[0]!r}; expected one of {', '.join(known)}")
 
 
 class _Problems:
@@ -166,7 +162,7 @@ class _Problems:
             if problem.prompt not in self.seen:
                 self.seen.add(problem.prompt)
                 return problem
-        raise TaskError(f"ran out of distinct {kind} problems after {len(self.seen)}; ask for fewer rows")
+        raise UserError(f"ran out of distinct {kind} problems after {len(self.seen)}; ask for fewer rows")
 
 
 def _rng(seed: int, purpose: str) -> random.Random:
@@ -262,7 +258,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a task file; a line that is not a JSON object is an error naming file and line."""
     path = Path(path)
     if not path.is_file():
-        raise TaskError(f"task file {path} does not exist; write the task first")
+        raise UserError(f"task file {path} does not exist; write the task first")
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -270,8 +266,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise TaskError(f"{path} line {number} is not JSON: {error.msg}") from error
+            raise UserError(f"{path} line {number} is not JSON: {error.msg}") from error
         if not isinstance(row, dict):
-            raise TaskError(f"{path} line {number} is {type(row).__name__}, expected an object")
+            raise UserError(f"{path} line {number} is {type(row).__name__}, expected an object")
         rows.append(row)
     return rows

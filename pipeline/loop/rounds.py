@@ -28,7 +28,7 @@ from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RUN_RECORD_VERSION, RunFolder, read_run_record, write_run_record
 from pipeline.loop.slices import corpus_ids, materialise_slice, sample_order, slice_bounds
 from pipeline.runtime.checkpoints import checkpoint_fingerprint
-from pipeline.runtime.config import ConfigError
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import MANIFEST, exclusive_output, utc_now
 from pipeline.runtime.fingerprint import sha256_json
 from pipeline.runtime.log import say
@@ -88,7 +88,7 @@ def _refuse_stepless_rounds(config: RunConfig, specs: list[RoundSpec], steps: li
     """A round too small for one global batch would train nothing; say which and what to change."""
     for spec, count in zip(specs, steps):
         if count == 0:
-            raise ConfigError(
+            raise UserError(
                 f"round {spec.index} has {spec.samples} samples, fewer than train.batch_size {config.train.batch_size} "
                 f"/ train.epochs {config.train.epochs}: it would take no optimizer step; lower train.batch_size, or use "
                 "fewer slices or more samples"
@@ -123,7 +123,7 @@ class _Run:
         if record is not None and record.get("identity") != sha256_json(identity):
             before = record.get("settings", {})
             changed = sorted(k for k in identity.keys() | before.keys() if identity.get(k) != before.get(k))
-            raise ConfigError(
+            raise UserError(
                 f"{self.folder.root} holds a run made with other settings ({', '.join(changed) or 'code'} differ); "
                 "choose another output folder, or rerun with the settings it was started with"
             )

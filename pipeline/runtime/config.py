@@ -39,10 +39,6 @@ NONE_SPELLING = "none"
 _RUN_KEY = "run_key"
 
 
-class ConfigError(UserError, ValueError):
-    """A config file or flag that cannot be used; the message names it."""
-
-
 def setting(default: Any = PydanticUndefined, *, description: str, run_key: bool = True, **constraints: Any) -> Any:
     """A config field with its help text; `run_key=False` keeps it out of the stage's run key.
 
@@ -279,13 +275,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[Sta
 
 def _read_yaml(config_file: Path) -> dict[str, Any]:
     if not Path(config_file).is_file():
-        raise ConfigError(f"config file {config_file} does not exist")
+        raise UserError(f"config file {config_file} does not exist")
     try:
         loaded = yaml.safe_load(Path(config_file).read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {config_file} is not valid YAML: {error}") from error
+        raise UserError(f"config file {config_file} is not valid YAML: {error}") from error
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {config_file} must hold a mapping of settings")
+        raise UserError(f"config file {config_file} must hold a mapping of settings")
     return loaded
 
 
@@ -323,7 +319,7 @@ def load_config(
     try:
         return config_class(**values)
     except ValidationError as error:
-        raise ConfigError(f"invalid {config_class.__name__} settings: {_problems(error)}") from error
+        raise UserError(f"invalid {config_class.__name__} settings: {_problems(error)}") from error
 
 
 def config_from_arguments(config_class: type[Config], arguments: argparse.Namespace) -> Config:

@@ -4,7 +4,7 @@ Embedded (no `ray.address`, no RAY_ADDRESS): Ray starts inside this process, siz
 every listener bound to 127.0.0.1, a bounded object store, quiet logs. With an address (or when
 launched by `ray job submit`, which sets RAY_ADDRESS), the same code joins that cluster, after
 waiting at most `connect_timeout_s` for it to answer: a cluster that is not there is one clear
-line (`ClusterUnreachable`), not minutes of Ray's retries. When Ray is already initialised in this
+line (`UserError`), not minutes of Ray's retries. When Ray is already initialised in this
 process (a test fixture, a notebook), it is reused and left running.
 """
 
@@ -31,10 +31,6 @@ _MIN_OBJECT_STORE = 256 * 1024**2
 _MAX_OBJECT_STORE = 2 * 1024**3
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-class ClusterUnreachable(UserError, RuntimeError):
-    """The Ray cluster named by ray.address or RAY_ADDRESS cannot be joined; the message says where and what to do."""
 
 
 @dataclass(frozen=True)
@@ -85,16 +81,16 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def _unreachable(address: str, reason: str) -> ClusterUnreachable:
+def _unreachable(address: str, reason: str) -> UserError:
     reason = _ANSI_ESCAPE.sub("", reason).strip().splitlines()[0].rstrip(".") if reason.strip() else "no answer"
-    return ClusterUnreachable(
+    return UserError(
         f"cannot reach the Ray cluster at {address}: {reason}; start it, fix ray.address (--ray.address) or "
         "RAY_ADDRESS, or leave both unset to run on an embedded local Ray (ray.connect_timeout_s sets how long to wait)"
     )
 
 
 def wait_for_cluster(address: str, timeout_s: float) -> None:
-    """Return once the cluster address accepts connections; raise `ClusterUnreachable` after `timeout_s`.
+    """Return once the cluster address accepts connections; raise `UserError` after `timeout_s`.
 
     Ray's own connect retries for minutes with a warning every few seconds, so the port is probed
     first, with a deadline. Addresses Ray resolves itself ("auto") are left to `ray.init`.
@@ -156,7 +152,7 @@ def ray_session(settings: RaySettings | None = None, log_to_driver: bool | None 
     address: a cluster to join ("auto", "HOST:PORT", "ray://..."); None = RAY_ADDRESS or embedded.
     num_cpus / object_store_mb: size of the embedded Ray (default: this machine's CPUs; 10% of
     its memory within [256 MiB, 2 GiB]); ignored when joining a cluster, which has its own.
-    connect_timeout_s: how long to wait for a cluster at `address` to answer (`ClusterUnreachable`).
+    connect_timeout_s: how long to wait for a cluster at `address` to answer (`UserError`).
     log_to_driver: forward worker output here; default off when embedded (quiet), on for a cluster
     (so `ray job logs` shows what the workers said). Worker exceptions reach the caller either way.
     """

@@ -46,10 +46,6 @@ from pipeline.selection.keep_tables import CorpusSelection, row_arrays, selected
 from pipeline.selection.select_settings import SelectSettings
 
 
-class ScoringInputError(UserError, ValueError):
-    """Data, cached NLLs or settings the model cannot score (another tokenizer, a layer it lacks, ...)."""
-
-
 @dataclass
 class TokenSignals:
     """One model's signals for one sample, full length: NLL, and importance (None when not asked)."""
@@ -61,7 +57,7 @@ class TokenSignals:
 
 def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ScoringInputError("device 'cuda' was requested but torch sees no CUDA device; use device 'cpu' or 'auto'")
+        raise UserError("device 'cuda' was requested but torch sees no CUDA device; use device 'cpu' or 'auto'")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
@@ -75,13 +71,13 @@ def _decoder(model: Any) -> torch.nn.Module:
 def _layer_index(model: Any, layer: int, folder: Path | str) -> int:
     count = int(model.config.num_hidden_layers)
     if not -count <= layer < count:
-        raise ScoringInputError(
+        raise UserError(
             f"layer {layer} is out of range: the model in {folder} has {count} layers ({-count}..{count - 1})"
         )
     index = layer % count
     layer_types = getattr(model.config, "layer_types", None)
     if layer_types and layer_types[index] != "full_attention":
-        raise ScoringInputError(
+        raise UserError(
             f"layer {layer} of the model in {folder} uses '{layer_types[index]}' attention; "
             "importance needs a full causal attention layer, choose another layer"
         )
@@ -154,7 +150,7 @@ class Scorer:
             if mask[0]:
                 raise ValueError(f"sample {sample_id!r}: trainable[0] is true, but position 0 is never a target")
             if ids.min() < 0 or ids.max() >= self._vocab_limit:
-                raise ScoringInputError(
+                raise UserError(
                     f"sample {sample_id!r}: token ids must lie in [0, {self._vocab_limit}) for this model, "
                     f"found {ids.min()}..{ids.max()}; was the data tokenized with another tokenizer?"
                 )
@@ -263,11 +259,11 @@ def combine_signals(
         else:
             nll_hist = np.asarray(history_nll[index], dtype=np.float32)  # type: ignore[index]
             if nll_hist.shape != mask.shape:
-                raise ScoringInputError(
+                raise UserError(
                     f"sample {signals.sample_id!r}: history_nll has {nll_hist.size} entries but input_ids has {len(mask)}"
                 )
             if np.isnan(nll_hist[mask]).any():
-                raise ScoringInputError(
+                raise UserError(
                     f"sample {signals.sample_id!r}: history_nll is NaN at a target; the cached NLLs do not match this data"
                 )
             nll_hist = np.where(mask, nll_hist, np.float32(np.nan)).astype(np.float32)
@@ -291,10 +287,10 @@ def _history_by_sample(history_nll: pa.Table, sample_ids: list[str]) -> list[np.
     known = history_nll.column("sample_id").to_pylist()
     row_of = {sample_id: row for row, sample_id in enumerate(known)}
     if len(row_of) != len(known):
-        raise ScoringInputError("history_nll table has duplicate sample_id values; it cannot be joined")
+        raise UserError("history_nll table has duplicate sample_id values; it cannot be joined")
     missing = [s for s in sample_ids if s not in row_of]
     if missing:
-        raise ScoringInputError(
+        raise UserError(
             f"history_nll table lacks {len(missing)} of this shard's samples (first: {missing[0]!r}); "
             "it was made from other data: delete it so it is recomputed"
         )
@@ -306,7 +302,7 @@ def _tokenized_columns(tokenized: pa.Table) -> tuple[list[str], list[np.ndarray]
     """(sample ids, input ids, trainable masks) of a tokenized.v1 table."""
     missing = [c for c in ("sample_id", "input_ids", "trainable") if c not in tokenized.column_names]
     if missing:
-        raise ScoringInputError(f"tokenized table lacks column(s) {', '.join(missing)}; expected a tokenized.v1 shard")
+        raise UserError(f"tokenized table lacks column(s) {', '.join(missing)}; expected a tokenized.v1 shard")
     sample_ids = tokenized.column("sample_id").to_pylist()
     return sample_ids, row_arrays(tokenized.column("input_ids"), np.int64), row_arrays(tokenized.column("trainable"), bool)
 

@@ -16,7 +16,7 @@ import pipeline.runtime.files as files
 import pipeline.data.prepare_stage as prepare_stage
 from pipeline.cli import main
 from pipeline.cli.command import run_function, summary_table
-from pipeline.data.prepare_stage import PrepareError
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import read_manifest
 
 REPO = Path(__file__).resolve().parents[3]
@@ -46,7 +46,7 @@ def test_every_command_runs_a_function_that_exists():
 
 def test_a_user_error_is_one_line_with_its_exit_status(prepare_args, monkeypatch, capsys):
     def refuse(config):
-        raise PrepareError("corpus X has no valid row\n(the second line of a long message)")
+        raise UserError("corpus X has no valid row\n(the second line of a long message)")
 
     monkeypatch.setattr(prepare_stage, "run_prepare", refuse)
     assert main(prepare_args) == 2
@@ -246,7 +246,7 @@ def test_single_stage_commands_take_their_ray_section_from_yaml_and_flags(tmp_pa
     import yaml
 
     from pipeline.cli import build_parser
-    from pipeline.runtime.config import ConfigError, config_from_arguments, load_config
+    from pipeline.runtime.config import config_from_arguments, load_config
     from pipeline.runtime.ray_settings import RaySettings
     from pipeline.scoring.score_config import ScoreJobConfig
     from pipeline.training.train_config import TrainConfig
@@ -265,5 +265,5 @@ def test_single_stage_commands_take_their_ray_section_from_yaml_and_flags(tmp_pa
     assert load_config(config_class, resolved) == config
     # The old top-level spelling is refused with the place the setting has now.
     config_file.write_text("address: 10.0.0.1:6379\n")
-    with pytest.raises(ConfigError, match=r"address is a setting of the ray: section: set ray.address \(--ray.address\)"):
+    with pytest.raises(UserError, match=r"address is a setting of the ray: section: set ray.address \(--ray.address\)"):
         config_from_arguments(config_class, build_parser().parse_args([command, *required, "--config", str(config_file)]))

@@ -18,7 +18,8 @@ from pipeline.eval.config import ALL_METHODS, EvalConfig
 from pipeline.eval.evaluate import cell_folder, measures_path, run_eval
 from pipeline.eval.table import spread
 from pipeline.loop.run_folder import RunFolder
-from pipeline.runtime.config import ConfigError, load_config
+from pipeline.runtime.config import load_config
+from pipeline.runtime.errors import UserError
 
 SMOKE = Path(__file__).resolve().parents[3] / "jobs" / "configs" / "eval.smoke.yaml"
 
@@ -117,7 +118,7 @@ def test_a_second_call_redoes_nothing_and_a_cell_killed_before_its_measures_is_m
     ],
 )
 def test_bad_settings_are_refused_by_name(tmp_path, llama_dir, overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(".", "\\.")):
+    with pytest.raises(UserError, match=message.replace("(", "\\(").replace(".", "\\.")):
         smoke_config(tmp_path / "out", llama_dir, **overrides)
 
 

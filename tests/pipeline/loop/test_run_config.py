@@ -11,7 +11,8 @@ from pipeline.loop.roles import round_roles
 from pipeline.loop.rounds import plan_rounds, planned_steps, round_stage_configs, run_identity
 from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RunFolder, read_run_record, write_run_record
-from pipeline.runtime.config import ConfigError, config_from_arguments, load_config
+from pipeline.runtime.config import config_from_arguments, load_config
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.ray_settings import RaySettings
 
 
@@ -67,14 +68,14 @@ def test_rho1_stores_current_minus_history(tmp_path, llama_dir, llama_history_di
     ],
 )
 def test_bad_settings_are_refused_by_name(tmp_path, llama_dir, settings, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         load_config(RunConfig, None, {"output": tmp_path / "r", "corpus": [tmp_path / "c"], "model": str(llama_dir)} | settings)
 
 
 def test_corpus_and_model_are_required(tmp_path):
-    with pytest.raises(ConfigError, match="corpus: Field required"):
+    with pytest.raises(UserError, match="corpus: Field required"):
         load_config(RunConfig, None, {"model": str(tmp_path)})
-    with pytest.raises(ConfigError, match="model: Field required"):
+    with pytest.raises(UserError, match="model: Field required"):
         load_config(RunConfig, None, {"corpus": [tmp_path]})
 
 
@@ -176,7 +177,7 @@ def test_a_select_section_given_as_settings_reaches_the_score_section(tmp_path, 
 )
 def test_cluster_settings_in_a_stage_section_are_refused_naming_the_ray_section(tmp_path, llama_dir, settings, message):
     """Each stage used to take its own address, and the run silently opened Ray with score's: now one place, named."""
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         load_config(RunConfig, None, {"output": tmp_path / "r", "corpus": [tmp_path / "c"], "model": str(llama_dir)} | settings)
 
 

@@ -88,7 +88,7 @@ def test_ordered_map_keeps_argument_order(ray_local):
 
 def test_an_unreachable_cluster_is_one_clear_line_within_the_timeout():
     started = time.monotonic()
-    with pytest.raises(ray_session.ClusterUnreachable) as refused:
+    with pytest.raises(UserError) as refused:
         ray_session.wait_for_cluster("127.0.0.1:1", timeout_s=1.0)
     assert 1.0 <= time.monotonic() - started < 10
     message = str(refused.value)
