@@ -29,10 +29,6 @@ from pipeline.runtime.stage_output import StageOutput, StageSummary
 logger = logging.getLogger(__name__)
 
 
-class PrepareError(UserError, RuntimeError):
-    """The prepare stage cannot produce a corpus (no valid row, or an unusable output folder)."""
-
-
 def load_chat_tokenizer(config: PrepareConfig) -> Any:
     """The tokenizer folder's tokenizer, with a usable chat template installed."""
     tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
@@ -130,7 +126,7 @@ def _batched(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[st
 
 
 def run_prepare(config: PrepareConfig) -> StageSummary:
-    """Run the prepare stage; see the module docstring. Raises `PrepareError` if no row is valid."""
+    """Run the prepare stage; see the module docstring. Raises `UserError` if no row is valid."""
     started = time.monotonic()
     sources = resolve_inputs(config.input)
     tokenizer = load_chat_tokenizer(config)
@@ -195,13 +191,13 @@ def _write_corpus(
     shards = [commit(shard_name(i), rows, "tokenized") for i, rows in enumerate(_batched(samples(), config.rows_per_shard))]
     written = sum(s["rows"] for s in shards)
     if tally["rows_read"] != written + len(rejected):
-        raise PrepareError(
+        raise RuntimeError(  # a bug, not the user's: it keeps its traceback
             f"accounting mismatch: {tally['rows_read']} read != {written} written"
             f" + {len(rejected)} rejected; this is a bug, please report it"
         )
     rejected_entry = commit(REJECTED, rejected, "rejected")
     if written == 0:
-        raise PrepareError(
+        raise UserError(
             f"no valid row in {', '.join(str(s.path) for s in sources) or 'the inputs'} "
             f"({tally['rows_read']} read, all rejected: {dict(by_reason)}); see {out.folder / REJECTED}"
         )

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,9 +34,10 @@ from pipeline.eval.config import EvalConfig
 from pipeline.eval.data import SeedData, seed_data
 from pipeline.loop.run_config import REFERENCE_METHODS, RunConfig
 from pipeline.loop.run_folder import RunFolder
-from pipeline.runtime.config import ConfigError
-from pipeline.runtime.files import read_manifest, read_shard
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import read_manifest, read_shard, write_json_atomic
 from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.log import say
 from pipeline.runtime.model_zoo import ensure_model
 from pipeline.runtime.ray_session import ray_session
 from pipeline.scoring.score_settings import ScoreSettings
@@ -58,10 +57,6 @@ class EvalResult:
     cells_reused: int
 
 
-def say(message: str) -> None:
-    print(f"sstoken eval: {message}", file=sys.stderr, flush=True)
-
-
 def cell_folder(config: EvalConfig, seed: int, name: str) -> Path:
     return Path(config.output) / "cells" / f"seed-{seed}" / name
 
@@ -79,7 +74,7 @@ def reference_run_config(config: EvalConfig, data: SeedData) -> RunConfig:
     """The seed's reference: the base trained on the clean slice, every trainable token, reference_epochs passes."""
     sections = config.cell_sections()
     return RunConfig(
-        **_top_level(config, data.seed, REFERENCE, data.reference), epochs=1,
+        **_top_level(config, data.seed, REFERENCE, data.reference), epochs=1, ray=sections["ray"],
         prepare=sections["prepare"], score=sections["score"],
         select=sections["select"] | {"method": "full", "seed": data.seed},
         train=sections["train"] | {"seed": data.seed, "epochs": config.reference_epochs},
@@ -94,7 +89,7 @@ def cell_run_config(config: EvalConfig, data: SeedData, method: str, reference: 
         top["reference"] = reference
     epochs = config.select.ratio if method == "full" else 1.0
     return RunConfig(
-        **top, prepare=sections["prepare"], score=sections["score"],
+        **top, ray=sections["ray"], prepare=sections["prepare"], score=sections["score"],
         select=sections["select"] | {"method": method, "seed": data.seed},
         train=sections["train"] | {"seed": data.seed, "epochs": epochs},
     )
@@ -119,13 +114,6 @@ def _read_done(path: Path, identity: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return done if done.get("identity") == identity else None
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
 
 
 def _finite(value: float) -> float | None:
@@ -207,15 +195,16 @@ class _Cells:
         done = _read_done(path, key)
         if done is not None:
             self.reused += 1
-            say(f"seed {seed} {name}: done earlier, kept ({path.name})")
+            say("eval", f"seed {seed} {name}: done earlier, kept ({path.name})")
             return done
         started = time.monotonic()
         measures = {"identity": key, "seed": seed, "method": name} | work()
         measures["wall_s"] = round(time.monotonic() - started, 3)
-        _write_json(path, measures)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(measures, path)
         self.run += 1
         shown = {k: v for k, v in measures["values"].items() if k in ("heldout_nll", "exact_match", "auroc")}
-        say(f"seed {seed} {name}: measured in {measures['wall_s']:.0f} s: "
+        say("eval", f"seed {seed} {name}: measured in {measures['wall_s']:.0f} s: "
             + ", ".join(f"{k} {v:.4g}" if v is not None else f"{k} -" for k, v in shown.items()))
         return measures
 
@@ -227,7 +216,7 @@ def _run_cell(cells: _Cells, data: SeedData, name: str, run_config: RunConfig) -
     identity = {"run": run_identity(run_config), "measures": _measure_identity(config, data)}
 
     def work() -> dict[str, Any]:
-        say(f"seed {data.seed} {name}: {config.rounds if name != REFERENCE else 1} round(s) in {run_config.output}")
+        say("eval", f"seed {data.seed} {name}: {config.rounds if name != REFERENCE else 1} round(s) in {run_config.output}")
         result = run_loop(run_config)
         return cell_measures(config, data, result.record, result.folder)
 
@@ -243,7 +232,7 @@ def _reference_model(cells: _Cells, data: SeedData) -> tuple[dict[str, Any], Pat
     identity = {"run": run_identity(run_config), "measures": _measure_identity(cells.config, data)}
 
     def work() -> dict[str, Any]:
-        say(f"seed {data.seed} reference: training the base on {data.reference}")
+        say("eval", f"seed {data.seed} reference: training the base on {data.reference}")
         record = run_loop(run_config).record
         return {"values": {"train_s": record["rounds"][0]["summary"]["train_s"]}, "selection_by_round": []}
 
@@ -261,7 +250,7 @@ def check_inputs(config: EvalConfig) -> None:
     if config.corpus == "natural":
         missing = [str(p) for p in config.natural.corpus if not Path(p).exists()]
         if missing:
-            raise ConfigError(f"natural.corpus: {', '.join(missing)} does not exist")
+            raise UserError(f"natural.corpus: {', '.join(missing)} does not exist")
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
@@ -273,9 +262,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     base = Path(config.model) if Path(config.model).is_dir() else ensure_model(config.model)
     cells = _Cells(config)
     measures: list[dict[str, Any]] = []
-    score = config.score
-    object_store = score.object_store_mb * 1024**2 if score.object_store_mb else None
-    with ray_session(score.address, score.num_cpus, object_store, connect_timeout_s=score.connect_timeout_s):
+    with ray_session(config.ray):
         for seed in config.seeds:
             data = seed_data(config, seed)
             measures.append(_base_measures(cells, data, base))
@@ -286,5 +273,5 @@ def run_eval(config: EvalConfig) -> EvalResult:
             for method in config.methods:
                 measures.append(_run_cell(cells, data, method, cell_run_config(config, data, method, reference)))
     report = write_eval(config, measures, wall_s=time.monotonic() - started, cells_run=cells.run)
-    say(f"{cells.run} cell(s) run now, {cells.reused} done earlier; table in {Path(config.output) / 'eval.md'}")
+    say("eval", f"{cells.run} cell(s) run now, {cells.reused} done earlier; table in {Path(config.output) / 'eval.md'}")
     return EvalResult(Path(config.output), report, cells.run, cells.reused)

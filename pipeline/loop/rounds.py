@@ -16,7 +16,6 @@ One Ray session serves every stage of the run.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,13 +28,16 @@ from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RUN_RECORD_VERSION, RunFolder, read_run_record, write_run_record
 from pipeline.loop.slices import corpus_ids, materialise_slice, sample_order, slice_bounds
 from pipeline.runtime.checkpoints import checkpoint_fingerprint
-from pipeline.runtime.config import ConfigError
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import MANIFEST, exclusive_output, utc_now
 from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.log import say
 from pipeline.runtime.model_zoo import ensure_model
 from pipeline.runtime.ray_session import ray_session
 from pipeline.runtime.stage_output import StageSummary
+from pipeline.scoring.score_config import ScoreJobConfig
 from pipeline.selection.select_config import SelectConfig
+from pipeline.training.train_config import TrainConfig
 from pipeline.training.train_metrics import train_curve
 from pipeline.training.training_data import DataPlan
 
@@ -86,7 +88,7 @@ def _refuse_stepless_rounds(config: RunConfig, specs: list[RoundSpec], steps: li
     """A round too small for one global batch would train nothing; say which and what to change."""
     for spec, count in zip(specs, steps):
         if count == 0:
-            raise ConfigError(
+            raise UserError(
                 f"round {spec.index} has {spec.samples} samples, fewer than train.batch_size {config.train.batch_size} "
                 f"/ train.epochs {config.train.epochs}: it would take no optimizer step; lower train.batch_size, or use "
                 "fewer slices or more samples"
@@ -102,11 +104,6 @@ def run_identity(config: RunConfig) -> dict[str, Any]:
         "select": config.select.selection_key(),
         "train": config.train.train_settings().run_key_settings(),
     }
-
-
-def say(message: str) -> None:
-    """One line of the run's log, on stderr (stdout carries the summary)."""
-    print(f"sstoken run: {message}", file=sys.stderr, flush=True)
 
 
 def _model_entry(path: Path) -> dict[str, str]:
@@ -126,7 +123,7 @@ class _Run:
         if record is not None and record.get("identity") != sha256_json(identity):
             before = record.get("settings", {})
             changed = sorted(k for k in identity.keys() | before.keys() if identity.get(k) != before.get(k))
-            raise ConfigError(
+            raise UserError(
                 f"{self.folder.root} holds a run made with other settings ({', '.join(changed) or 'code'} differ); "
                 "choose another output folder, or rerun with the settings it was started with"
             )
@@ -196,7 +193,7 @@ def _trained_reference(run: _Run) -> Path:
 
     config, folder, base = run.config, run.folder, run.base
     assert config.reference_corpus is not None
-    say(f"reference: training {base} on every trainable token of {', '.join(map(str, config.reference_corpus))}")
+    say("run", f"reference: training {base} on every trainable token of {', '.join(map(str, config.reference_corpus))}")
     run_prepare(config.prepare.model_copy(update={"input": config.reference_corpus, "output": folder.reference("tokenized")}))
     run_score_job(config.score.model_copy(update={
         "data": folder.reference("tokenized"), "current": base, "history": base, "output": folder.reference("scores"),
@@ -255,6 +252,33 @@ def _roles_entry(run: _Run, roles: RoundRoles) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class RoundStages:
+    """The stage configs of one round."""
+
+    score: ScoreJobConfig
+    select: SelectConfig
+    train: TrainConfig
+
+
+def round_stage_configs(
+    config: RunConfig, folder: RunFolder, index: int, data: Path, roles: RoundRoles, schedule: tuple[int, int]
+) -> RoundStages:
+    """Round `index`'s score, select and train configs: the run's sections with the round's data, models, paths,
+    selection and schedule filled in (everything else, the run's `ray:` section included, as the run gives it)."""
+    selection = roles.selection.model_dump()
+    return RoundStages(
+        score=config.score.model_copy(update={
+            "data": data, "current": roles.current, "history": roles.history, "output": folder.scores(index), **selection,
+        }),
+        select=SelectConfig(scores=folder.scores(index), output=folder.masks(index), **selection),
+        train=config.train.model_copy(update={
+            "data": data, "masks": folder.masks(index), "model": roles.train_from, "output": folder.train(index),
+            "schedule_start_step": schedule[0], "schedule_total_steps": schedule[1],
+        }),
+    )
+
+
 def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | None, schedule: tuple[int, int]) -> None:
     from pipeline.scoring.score_stage import run_score_job
     from pipeline.selection.select_stage import run_select
@@ -264,7 +288,7 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
     entry = run.round_entry(spec)
     checkpoint = folder.checkpoint(index)
     if entry["status"] == "done" and (folder.train(index) / MANIFEST).is_file():
-        say(f"r{index:03d}: done earlier, kept ({folder.relative(checkpoint)})")
+        say("run", f"r{index:03d}: done earlier, kept ({folder.relative(checkpoint)})")
         return
     where = f", epoch {spec.epoch}" + (f", slice {spec.part}" if spec.part is not None else "")
     label = f"r{index:03d} (round {index + 1} of {config.rounds}{where})"
@@ -277,26 +301,19 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
               "checkpoint": folder.relative(checkpoint), "schedule": {"start_step": schedule[0], "total_steps": schedule[1]}}
     run.save()
     if roles.warmup is not None:
-        say(roles.warmup)
-    say(f"{label}: scoring {spec.samples} samples, current {roles.current}, history {roles.history}")
-    selection = roles.selection.model_dump()
-    run.stage(entry, "score", folder.scores(index), lambda: run_score_job(config.score.model_copy(update={
-        "data": data, "current": roles.current, "history": roles.history, "output": folder.scores(index), **selection,
-    })))
-    say(f"{label}: selecting ({roles.selection.method}) into {folder.relative(folder.masks(index))}")
-    run.stage(entry, "select", folder.masks(index), lambda: run_select(
-        SelectConfig(scores=folder.scores(index), output=folder.masks(index), **selection)
-    ))
-    say(f"{label}: training from {roles.train_from} (schedule steps from {schedule[0]} of {schedule[1]})")
-    run.stage(entry, "train", folder.train(index), lambda: run_train(config.train.model_copy(update={
-        "data": data, "masks": folder.masks(index), "model": roles.train_from, "output": folder.train(index),
-        "schedule_start_step": schedule[0], "schedule_total_steps": schedule[1],
-    })))
+        say("run", roles.warmup)
+    say("run", f"{label}: scoring {spec.samples} samples, current {roles.current}, history {roles.history}")
+    stages = round_stage_configs(config, folder, index, data, roles, schedule)
+    run.stage(entry, "score", folder.scores(index), lambda: run_score_job(stages.score))
+    say("run", f"{label}: selecting ({roles.selection.method}) into {folder.relative(folder.masks(index))}")
+    run.stage(entry, "select", folder.masks(index), lambda: run_select(stages.select))
+    say("run", f"{label}: training from {roles.train_from} (schedule steps from {schedule[0]} of {schedule[1]})")
+    run.stage(entry, "train", folder.train(index), lambda: run_train(stages.train))
     entry["checkpoint_fingerprint"] = checkpoint_fingerprint(checkpoint)
     entry["summary"] = _round_summary(entry, folder.train(index))
     entry["status"] = "done"
     run.save()
-    say(f"{label}: done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in entry["summary"].items()
+    say("run", f"{label}: done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in entry["summary"].items()
                                        if k in ("train_loss", "kept_ratio") and v is not None))
 
 
@@ -306,11 +323,9 @@ def run_loop(config: RunConfig) -> RunResult:
 
     folder = RunFolder(Path(config.output))
     base = Path(config.model) if Path(config.model).is_dir() else ensure_model(config.model)
-    score = config.score
-    object_store = score.object_store_mb * 1024**2 if score.object_store_mb else None
     with exclusive_output(folder.root):
         run = _Run(config, folder, base)
-        with ray_session(score.address, score.num_cpus, object_store, connect_timeout_s=score.connect_timeout_s):
+        with ray_session(config.ray):
             prepared = run_prepare(config.prepare)
             order = sample_order(corpus_ids(folder.tokenized), config.seed)[: config.samples]
             specs = plan_rounds(config, len(order))

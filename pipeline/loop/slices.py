@@ -29,10 +29,6 @@ from pipeline.runtime.fingerprint import sha256_json
 from pipeline.runtime.stage_output import StageOutput
 
 
-class SliceError(UserError, ValueError):
-    """A slicing that cannot be done (more slices than samples); the message names the setting."""
-
-
 def sample_order(sample_ids: Sequence[str], seed: int) -> list[str]:
     """Every sample id once, in an order that depends only on the set of ids and the seed."""
     order = sorted(sample_ids)
@@ -43,9 +39,9 @@ def sample_order(sample_ids: Sequence[str], seed: int) -> list[str]:
 def slice_bounds(samples: int, slices: int) -> list[tuple[int, int]]:
     """`slices` contiguous [start, stop) parts covering range(samples); the first `samples % slices` are one longer."""
     if slices < 1:
-        raise SliceError(f"slices must be at least 1, not {slices}")
+        raise UserError(f"slices must be at least 1, not {slices}")
     if slices > samples:
-        raise SliceError(f"slices {slices} is more than the {samples} samples to cut; set slices to at most {samples}")
+        raise UserError(f"slices {slices} is more than the {samples} samples to cut; set slices to at most {samples}")
     size, extra = divmod(samples, slices)
     bounds, start = [], 0
     for index in range(slices):
@@ -76,7 +72,7 @@ def _rows_in_order(tokenized: Path, manifest: dict[str, Any], wanted: Sequence[s
     found = rows.column("sample_id").to_pylist()
     if len(found) != len(wanted):
         missing = sorted(set(wanted) - set(found))[:3]
-        raise SliceError(f"{tokenized} lacks sample ids {', '.join(missing)} of the slice; the corpus changed under the run")
+        raise UserError(f"{tokenized} lacks sample ids {', '.join(missing)} of the slice; the corpus changed under the run")
     return rows.take(sorted(range(len(found)), key=lambda i: position[found[i]]))
 
 

@@ -27,7 +27,7 @@ MANIFEST = "manifest.json"
 REJECTED = "rejected.parquet"
 
 
-class ArtifactError(UserError, RuntimeError):
+class ArtifactError(UserError):
     """An artifact folder or file that is missing, corrupt or inconsistent; the message names it."""
 
 

@@ -25,7 +25,7 @@ _SCALARS = {
 }
 
 
-class SchemaError(UserError, ValueError):
+class SchemaError(UserError):
     """Data that does not match its schema file; the message names the source and the field."""
 
 

@@ -36,9 +36,10 @@ class ScoreSettings(StageConfig):
         "auto",
         description="Compute precision (pipeline/scoring/precision.py). auto = float32 on CPU, bfloat16-full on CUDA. "
         "bfloat16 = mixed: bf16 matmuls around a float32 residual stream, norms and LM head; closest to float32 and "
-        "1.6-2x faster on a CPU with native bf16, but its float32 head is slow on a GPU. bfloat16-full = bf16 weights "
+        "faster on a CPU with native bf16, but its float32 head is slow on a GPU. bfloat16-full = bf16 weights "
         "and activations (tensor cores for every matmul and the LM head), float32 log-sum-exp, importance softmax and "
-        "accumulation. Both bf16 modes can flip borderline keep decisions (see README, Performance).",
+        "accumulation. Both bf16 modes can flip borderline keep decisions. Speeds and differences measured: README, "
+        "Performance.",
     )
     device: Literal["auto", "cpu", "cuda"] = setting(
         "auto", description="Where the models run: auto = CUDA when present.", run_key=False

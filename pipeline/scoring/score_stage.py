@@ -54,14 +54,8 @@ from pipeline.runtime.stage_output import StageOutput, StageSummary
 from pipeline.scoring.precision import precision_name
 from pipeline.scoring.score_config import ScoreJobConfig
 from pipeline.scoring.score_settings import ScoreSettings, signals_to_compute
-from pipeline.scoring.score_shards import (
-    ScoreJobError,
-    ShardTask,
-    check_shard,
-    fill_history_cache,
-    history_missing,
-    score_one_shard,
-)
+from pipeline.scoring.score_shards import ShardTask, check_shard, fill_history_cache, history_missing, score_one_shard
+from pipeline.runtime.errors import UserError
 from pipeline.selection.methods import excess_refusal, same_checkpoint_refusal
 from pipeline.selection.select_settings import SelectSettings
 from pipeline.selection.selection_shards import SelectShard, apply_selection, plan_selection
@@ -143,13 +137,13 @@ def plan_workers(
     if cpus_per_worker is None:
         cpus_per_worker = 1.0 if gpus_per_worker > 0 else min(4.0, largest) if largest >= 1 else largest
     if cpus_per_worker > largest:
-        raise ScoreJobError(
+        raise UserError(
             f"cpus_per_worker {cpus_per_worker} exceeds the largest node's {largest} CPUs; no actor could start"
         )
     if gpus_per_worker > 0:
         capacity = int(total_gpus // gpus_per_worker)
         if capacity < 1:
-            raise ScoreJobError(f"gpus_per_worker {gpus_per_worker} but the cluster has {total_gpus} GPUs")
+            raise UserError(f"gpus_per_worker {gpus_per_worker} but the cluster has {total_gpus} GPUs")
     else:
         capacity = max(1, sum(int(c // cpus_per_worker) for c in cpus_by_node))
     return min(workers or capacity, capacity), cpus_per_worker
@@ -208,7 +202,7 @@ def _run_actor_pool(
 ) -> list[dict[str, Any]]:
     """Hand shards to a pool of one phase's actors; replace actors that die and redo their shards.
     Every actor is killed on the way out, so the next phase starts with this phase's models gone."""
-    if config.runner == "process":
+    if config.ray.runner == "process":
         return _run_in_process(phase, tasks, config, progress, history_fingerprint)
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -249,7 +243,7 @@ def _run_actor_pool(
                 except RayActorError as error:
                     actor_failures += 1
                     if actor_failures > workers + MAX_SHARD_ATTEMPTS:
-                        raise ScoreJobError(f"scoring actors keep failing to start: {error}") from error
+                        raise UserError(f"scoring actors keep failing to start: {error}") from error
                     starting.update([start_actor()])
                 continue
             actor, task = running.pop(ref)
@@ -258,7 +252,7 @@ def _run_actor_pool(
             except RayActorError as error:  # the actor's process or node died: redo the shard elsewhere
                 attempts[task.file] = attempts.get(task.file, 0) + 1
                 if attempts[task.file] >= MAX_SHARD_ATTEMPTS:
-                    raise ScoreJobError(f"shard {task.file} lost its actor {attempts[task.file]} times: {error}") from error
+                    raise UserError(f"shard {task.file} lost its actor {attempts[task.file]} times: {error}") from error
                 queue.appendleft(task)
                 ray.kill(actor)
                 starting.update([start_actor()])
@@ -311,7 +305,7 @@ def _check_tokenizer(model: Path, expected: dict[str, Any], data: Path, trust_re
     """Refuse data tokenized with another tokenizer than the model's: its masks would be garbage."""
     found = tokenizer_fingerprints(load_tokenizer(model, trust_remote_code=trust_remote_code))["tokenizer"]
     if found != expected["fingerprint"]:
-        raise ScoreJobError(
+        raise UserError(
             f"{data} was tokenized with another tokenizer (fingerprint {expected['fingerprint'][:12]}) than the "
             f"model in {model} ({found[:12]}); rerun `sstoken prepare` with this model's tokenizer"
         )
@@ -324,7 +318,7 @@ def _has_tokenizer(folder: Path) -> bool:
 def _read_input(config: ScoreJobConfig) -> dict[str, Any]:
     data = Path(config.data)
     if not data.is_dir():
-        raise ScoreJobError(f"tokenized input folder {data} does not exist; run `sstoken prepare` first")
+        raise UserError(f"tokenized input folder {data} does not exist; run `sstoken prepare` first")
     return read_manifest(data, kind="tokenized")
 
 
@@ -384,10 +378,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
 
     notes: list[str] = []
     with StageOutput(output, "scores", identity=identity, overwrite=config.overwrite, inputs=[data]) as out:
-        object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
-        with ray_session(
-            config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s
-        ) as runtime:
+        with ray_session(config.ray) as runtime:
             # Nothing in the output is touched before the cluster answered and the inputs checked out.
             phase = time.monotonic()
             records = list(ordered_map(check_shard, [(t,) for t in tasks]))
@@ -438,7 +429,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
 
         counts = _totals(records)
         if counts["samples"] != sum(t.rows for t in tasks):
-            raise ScoreJobError(
+            raise UserError(
                 f"accounting mismatch: {sum(t.rows for t in tasks)} samples in, {counts['samples']} scored; "
                 "this is a bug, please report it"
             )

@@ -41,7 +41,8 @@ from pipeline.runtime.schemas import validate_manifest
 from pipeline.runtime.stage_output import StageOutput, StageSummary, read_record, record_path
 from pipeline.selection.methods import excess_refusal
 from pipeline.selection.select_config import SelectConfig
-from pipeline.selection.selection_shards import SelectError, SelectionOutcome, SelectShard, apply_selection, plan_selection
+from pipeline.selection.selection_shards import SelectionOutcome, SelectShard, apply_selection, plan_selection
+from pipeline.runtime.errors import UserError
 
 __all__ = ["SelectConfig", "run_select"]
 
@@ -52,8 +53,8 @@ STARTED_FROM = "select-started-from"
 DEFAULT_EXCESS = "history_minus_current"
 
 
-def _unfinished_scores(folder: Path) -> SelectError:
-    return SelectError(
+def _unfinished_scores(folder: Path) -> UserError:
+    return UserError(
         f"{folder} has no {MANIFEST}: it is not a finished scores folder (an interrupted `sstoken score` or "
         "`sstoken select`?); rerun `sstoken score` with the same arguments, which only redoes what is missing"
     )
@@ -72,10 +73,10 @@ def _scores_manifest(folder: Path) -> dict[str, Any]:
 def _finished_scores_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a finished scores folder, every shard checked against it (masks apart are made from it)."""
     if not Path(folder).is_dir():
-        raise SelectError(f"scores folder {folder} does not exist; pass the output folder of `sstoken score`")
+        raise UserError(f"scores folder {folder} does not exist; pass the output folder of `sstoken score`")
     if not (folder / MANIFEST).is_file():
         if read_record(folder, STARTED_FROM) is not None:
-            raise SelectError(
+            raise UserError(
                 f"{folder} is in the middle of a `sstoken select` in place that was killed; finish it by running "
                 f"`sstoken select --scores {folder}` (without --output) again, then select to a masks folder"
             )
@@ -88,7 +89,7 @@ def _finished_scores_manifest(folder: Path) -> dict[str, Any]:
 def _tokenized_entry(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
     entries = [i for i in manifest.get("inputs", []) if i.get("kind") == "tokenized"]
     if not entries:
-        raise SelectError(f"{folder / MANIFEST} names no tokenized input; rerun `sstoken score` for this folder")
+        raise UserError(f"{folder / MANIFEST} names no tokenized input; rerun `sstoken score` for this folder")
     return entries[0]
 
 
@@ -98,11 +99,11 @@ def _tokenized_input(manifest: dict[str, Any], folder: Path) -> tuple[Path, dict
     try:
         tokenized = read_manifest(data, kind="tokenized")
     except ArtifactError as error:
-        raise SelectError(f"the tokenized input {data} of {folder} cannot be read ({error}); the trainable masks "
+        raise UserError(f"the tokenized input {data} of {folder} cannot be read ({error}); the trainable masks "
                           "come from it: restore it or rerun `sstoken score`") from error
     listed = sorted(s["file"] for s in tokenized["shards"])
     if listed != sorted(s["file"] for s in manifest["shards"]):
-        raise SelectError(f"{data} holds other shards than {folder} was scored from; rerun `sstoken score`")
+        raise UserError(f"{data} holds other shards than {folder} was scored from; rerun `sstoken score`")
     return data, tokenized
 
 
@@ -114,7 +115,7 @@ def _shards_key(manifest: dict[str, Any]) -> str:
 def _refuse_changed_tokenized(manifest: dict[str, Any], folder: Path, data: Path, tokenized: dict[str, Any]) -> None:
     """Masks apart copy the scored data's fingerprint for the trainer: the tokenized folder must still hold that data."""
     if _tokenized_entry(manifest, folder).get("data_fingerprint") != _shards_key(tokenized):
-        raise SelectError(
+        raise UserError(
             f"{data} no longer holds the tokenized data {folder} was scored from (its shards changed since); "
             "rerun `sstoken score` on it, then select"
         )
@@ -190,7 +191,7 @@ def _select_in_place(config: SelectConfig, folder: Path) -> tuple[dict[str, Any]
 def _select_apart(config: SelectConfig, folder: Path, output: Path) -> tuple[dict[str, Any], SelectionOutcome | None]:
     """The selection to mask shards in `output`; the scores folder is only read. Outcome None: reused as it was."""
     if output.exists() and not output.is_dir():
-        raise SelectError(f"--output {output} is a file; pass a folder (new or empty) for the masks")
+        raise UserError(f"--output {output} is a file; pass a folder (new or empty) for the masks")
     manifest = _finished_scores_manifest(folder)
     data, tokenized = _tokenized_input(manifest, folder)
     _refuse_changed_tokenized(manifest, folder, data, tokenized)
@@ -208,7 +209,7 @@ def _select_apart(config: SelectConfig, folder: Path, output: Path) -> tuple[dic
         out.begin()
         outcome = apply_selection(shards, plan)
         if _shards_key(read_manifest(folder, kind="scores")) != identity["scores"]:
-            raise SelectError(f"{folder} was rewritten while its masks were selected; run `sstoken select` again")
+            raise UserError(f"{folder} was rewritten while its masks were selected; run `sstoken select` again")
         written = out.finish(masks_manifest(manifest, folder, config, outcome))
     return written, outcome
 

@@ -52,16 +52,12 @@ METRICS = "metrics.jsonl"
 WORK = "train"
 
 
-class TrainError(UserError, ValueError):
-    """Settings or inputs the trainer cannot run with; the message names them and what to do."""
-
-
 def _check_model(config: TrainConfig, tokenizer_fingerprint: str) -> str:
     """The starting model's fingerprint, after checking it is a Hugging Face folder with the data's tokenizer."""
     checkpoint_files(config.model)
     found = tokenizer_fingerprints(load_tokenizer(config.model, trust_remote_code=config.trust_remote_code))["tokenizer"]
     if found != tokenizer_fingerprint:
-        raise TrainError(
+        raise UserError(
             f"{config.data} was tokenized with another tokenizer (fingerprint {tokenizer_fingerprint[:12]}) than the "
             f"model in {config.model} ({found[:12]}); rerun `sstoken prepare` with this model's tokenizer"
         )
@@ -72,10 +68,10 @@ def _plan(config: TrainConfig, samples: int) -> DataPlan:
     try:
         accumulation_steps(config.batch_size, config.micro_batch_size, config.workers)
     except ValueError as error:
-        raise TrainError(str(error)) from None
+        raise UserError(str(error)) from None
     plan = DataPlan(samples, config.batch_size, config.micro_batch_size, config.workers, config.seed, config.epochs)
     if plan.steps == 0:
-        raise TrainError(
+        raise UserError(
             f"batch_size {config.batch_size} is more than the {samples} samples with kept tokens x epochs "
             f"{config.epochs:g}: not one optimizer step; lower batch_size or raise epochs"
         )
@@ -89,12 +85,12 @@ def _cpus_per_worker(config: TrainConfig, runtime: RayRuntime) -> float:
         largest = max(node_cpus(), default=1.0)
         cpus = max(1.0, min(largest, float(int(runtime.cpus // config.workers))))
     if runtime.embedded and config.workers * cpus > runtime.cpus:
-        raise TrainError(
+        raise UserError(
             f"--workers {config.workers} x {cpus:g} CPUs exceed the embedded Ray's {runtime.cpus:g} CPUs; lower "
-            "--workers or --cpus-per-worker, raise --num-cpus, or run on a cluster (--address)"
+            "--workers or --cpus-per-worker, raise --ray.num-cpus, or run on a cluster (--ray.address)"
         )
     if config.use_gpu and runtime.gpus < config.workers:
-        raise TrainError(
+        raise UserError(
             f"--use-gpu with --workers {config.workers} needs {config.workers} GPUs; the Ray cluster has {runtime.gpus:g}"
         )
     return cpus
@@ -102,7 +98,7 @@ def _cpus_per_worker(config: TrainConfig, runtime: RayRuntime) -> float:
 
 def _process_cpus(config: TrainConfig) -> float:
     """runner process: the torch threads of the one worker (its CPUs), at most this machine's."""
-    return min(float(machine_cpus()), config.cpus_per_worker or float(config.num_cpus or machine_cpus()))
+    return min(float(machine_cpus()), config.cpus_per_worker or float(config.ray.num_cpus or machine_cpus()))
 
 
 class _MetricsProgress:
@@ -264,11 +260,8 @@ def run_train(config: TrainConfig) -> StageSummary:
         _refuse_foreign_entries(output, entries)
         work = output / WORK
         timings: dict[str, float] = {}
-        object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
-        in_process = config.runner == "process"
-        session = nullcontext() if in_process else ray_session(
-            config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s
-        )
+        in_process = config.ray.runner == "process"
+        session = nullcontext() if in_process else ray_session(config.ray)
         with session as runtime:
             # Nothing in the output is touched before the cluster answered and the settings fit it.
             cpus = _process_cpus(config) if in_process else _cpus_per_worker(config, runtime)

@@ -21,7 +21,6 @@ from pipeline.views.score_colours import RAMP
 from pipeline.views.stats import SampleView
 
 GENERATOR = '<meta name="generator" content="sstoken report">'
-FLAGS = {"context": 0, "dropped": 1, "kept": 2}
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1180px;padding:0 18px 60px;color:#1d2433}

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.data.chat import TemplateError
-from pipeline.data.prepare_stage import PrepareConfig, PrepareError, run_prepare
+from pipeline.data.prepare_stage import PrepareConfig, run_prepare
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import ArtifactError, exclusive_output, read_manifest, read_shard, verify_shards
 from tests import tiny
 
@@ -177,13 +178,13 @@ def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, tokenizer_dir, mixed_
 def test_second_writer_is_refused(tmp_path, tokenizer_dir, mixed_corpus):
     output = tmp_path / "out"
     with exclusive_output(output):
-        with pytest.raises(RuntimeError, match="is being written by pid"):
+        with pytest.raises(ArtifactError, match="is being written by pid"):
             prepare(mixed_corpus, tokenizer_dir, output)
 
 
 def test_no_valid_row_is_an_error_naming_the_input(tmp_path, tokenizer_dir):
     corpus = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}, b"{nope\n"])
-    with pytest.raises(PrepareError, match=r"no valid row in .*bad.jsonl \(2 read"):
+    with pytest.raises(UserError, match=r"no valid row in .*bad.jsonl \(2 read"):
         prepare(corpus, tokenizer_dir, tmp_path / "out")
     assert pl.read_parquet(tmp_path / "out" / "rejected.parquet").height == 2
 

@@ -18,7 +18,8 @@ from pipeline.eval.config import ALL_METHODS, EvalConfig
 from pipeline.eval.evaluate import cell_folder, measures_path, run_eval
 from pipeline.eval.table import spread
 from pipeline.loop.run_folder import RunFolder
-from pipeline.runtime.config import ConfigError, load_config
+from pipeline.runtime.config import load_config
+from pipeline.runtime.errors import UserError
 
 SMOKE = Path(__file__).resolve().parents[3] / "jobs" / "configs" / "eval.smoke.yaml"
 
@@ -113,11 +114,25 @@ def test_a_second_call_redoes_nothing_and_a_cell_killed_before_its_measures_is_m
         ({"task": {"train": 4}}, "task.train gives 4 samples a seed"),
         ({"select": {"method": "rel"}}, "select.method cannot be set"),
         ({"train": {"epochs": 2}}, "train.epochs cannot be set"),
+        ({"score": {"runner": "ray"}}, "score.runner cannot be set in a stage section: set ray.runner in the ray: section"),
     ],
 )
 def test_bad_settings_are_refused_by_name(tmp_path, llama_dir, overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(".", "\\.")):
+    with pytest.raises(UserError, match=message.replace("(", "\\(").replace(".", "\\.")):
         smoke_config(tmp_path / "out", llama_dir, **overrides)
+
+
+def test_the_ray_section_reaches_every_stage_of_every_cell(tmp_path, llama_dir):
+    from pipeline.eval.data import SeedData
+    from pipeline.eval.evaluate import cell_run_config, reference_run_config
+    from pipeline.runtime.ray_settings import RaySettings
+
+    assert smoke_config(tmp_path / "out", llama_dir).ray == RaySettings(runner="process")  # the eval's default
+    config = smoke_config(tmp_path / "out", llama_dir, ray={"address": "10.0.0.1:6379", "runner": "ray", "num_cpus": 2})
+    data = SeedData(0, tmp_path / "train.jsonl", tmp_path / "heldout.jsonl", tmp_path / "reference.jsonl", labelled=True)
+    runs = [cell_run_config(config, data, method, tmp_path / "ref") for method in config.methods]
+    for run in [*runs, reference_run_config(config, data)]:
+        assert run.ray == run.score.ray == run.train.ray == config.ray
 
 
 def test_a_missing_natural_corpus_is_one_line_before_any_model_runs(tmp_path, llama_dir, capsys):

@@ -15,7 +15,8 @@ from pipeline.data.prepare_config import PrepareConfig
 from pipeline.loop.demo import BUNDLED_CORPUS, DemoConfig, DemoRun
 from pipeline.loop.rounds import RunResult
 from pipeline.loop.run_folder import RunFolder
-from pipeline.runtime.config import ConfigError, load_config
+from pipeline.runtime.config import load_config
+from pipeline.runtime.errors import UserError
 from pipeline.selection.select_settings import SelectSettings
 from tests.factories import write_tokenized
 
@@ -55,7 +56,7 @@ def test_demo_config_file_with_sections_and_flags(tmp_path, llama_dir):
     assert (config.prepare.max_length, config.select.ratio, config.score.ratio, config.train.lr) == (None, 0.3, 0.3, 0.001)
     assert config.samples == 12 and config.train.output == tmp_path / "run" / "rounds" / "r000" / "train"
     config_file.write_text("score:\n  output: /elsewhere\n")
-    with pytest.raises(ConfigError, match="score.output cannot be set"):
+    with pytest.raises(UserError, match="score.output cannot be set"):
         load_config(DemoConfig, config_file)
 
 

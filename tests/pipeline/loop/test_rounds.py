@@ -16,7 +16,7 @@ from pipeline.loop.rounds import read_train_loss, run_loop
 from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RunFolder
 from pipeline.runtime.checkpoints import checkpoint_fingerprint
-from pipeline.runtime.config import ConfigError
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import read_manifest
 
 WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris tokens are selected".split()
@@ -44,9 +44,10 @@ def run_settings(output: Path, corpus: Path, model: Path) -> dict:
 def finished(tmp_path_factory, llama_dir, ray_local) -> tuple[RunConfig, dict]:
     root = tmp_path_factory.mktemp("loop")
     settings = run_settings(root / "run", write_corpus(root / "corpus.jsonl", 16), llama_dir)
-    # Training in this process (the same tensors as Ray Train: test_train shows it) spares two Ray Train
-    # start-ups; the loop through Ray Train runs in the slow tests (test_run_recovery, the two-node run).
-    settings["train"]["runner"] = "process"
+    # The models in this process (the same shards and tensors as Ray actors and Ray Train: test_score_in_process
+    # and test_train show it) spare the actors' and Ray Train's start-ups; the loop through Ray actors and Ray
+    # Train runs in the slow tests (test_run_recovery, the two-node run).
+    settings["ray"] = {"runner": "process"}
     config = RunConfig(**settings)
     return config, run_loop(config).record
 
@@ -103,13 +104,13 @@ def test_rerun_keeps_finished_rounds_and_other_settings_are_refused(finished, ca
     assert weights.stat().st_mtime_ns == stamp
     again = json.loads(run.record.read_text())
     assert again["rounds"] == record["rounds"]
-    with pytest.raises(ConfigError, match="other settings \\(select differ\\)"):
+    with pytest.raises(UserError, match="other settings \\(select differ\\)"):
         run_loop(RunConfig(**settings | {"select": {"ratio": 0.3}}))
 
 
 def test_a_round_of_fewer_samples_than_a_batch_is_refused(tmp_path, llama_dir, ray_local):
     settings = run_settings(tmp_path / "run", write_corpus(tmp_path / "c.jsonl", 6), llama_dir)
-    with pytest.raises(ConfigError, match="round 0 has 3 samples, fewer than train.batch_size 4"):
+    with pytest.raises(UserError, match="round 0 has 3 samples, fewer than train.batch_size 4"):
         run_loop(RunConfig(**settings))
     assert not (tmp_path / "run" / "rounds").exists()
 

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.runtime.checkpoints import CheckpointError
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import ArtifactError, exclusive_output, read_manifest, verify_shards, write_manifest
 from pipeline.runtime.fingerprint import sha256_file
 from pipeline.runtime.stage_output import PROGRESS
-from pipeline.scoring.score_stage import ScoreJobConfig, ScoreJobError, plan_workers, run_score_job, workers_note
-from pipeline.scoring.scorer import Scorer, ScoringInputError, nll_table, score_shard
+from pipeline.scoring.score_stage import ScoreJobConfig, plan_workers, run_score_job, workers_note
+from pipeline.scoring.scorer import Scorer, nll_table, score_shard
 from tests.factories import write_tokenized
 
 SHARDS = [5, 7, 3, 6]
@@ -226,15 +226,15 @@ def test_other_tokenizer_is_refused(corpus, llama_dir, tmp_path):
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["tokenizer"]["fingerprint"] = "0" * 64
     write_manifest(data, manifest)
-    with pytest.raises(ScoreJobError, match="another tokenizer"):
+    with pytest.raises(UserError, match="another tokenizer"):
         run_score_job(_config(data, tmp_path / "out", llama_dir, None))
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_inputs_give_clear_errors(corpus, llama_dir, tmp_path):
-    with pytest.raises(ScoreJobError, match="does not exist; run `sstoken prepare`"):
+    with pytest.raises(UserError, match="does not exist; run `sstoken prepare`"):
         run_score_job(_config(tmp_path / "nowhere", tmp_path / "out", llama_dir, None))
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         run_score_job(_config(corpus, tmp_path / "out", tmp_path / "no-model", None))
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
@@ -259,7 +259,7 @@ def test_corrupt_tokenized_shard_is_refused(ray_local, corpus, llama_dir, tmp_pa
 
 
 def test_engine_errors_reach_the_caller_as_they_are(ray_local, corpus, llama_dir, tmp_path):
-    with pytest.raises(ScoringInputError, match="layer 7 is out of range"):
+    with pytest.raises(UserError, match="layer 7 is out of range"):
         run_score_job(_config(corpus, tmp_path / "out", llama_dir, None, layer=7))
 
 
@@ -311,9 +311,9 @@ def test_plan_workers_fits_actors_on_nodes():
     assert workers_note(8, 2, 1.0, 0.0) == ["--workers 8: the cluster holds 2 actors of 1 CPU each at once, so 2 ran"]
     assert workers_note(64, 1, 2.0, 0.0) == ["--workers 64: the cluster holds 1 actor of 2 CPUs each at once, so 1 ran"]
     assert workers_note(2, 2, 1.0, 0.0) == workers_note(None, 4, 1.0, 0.0) == []
-    with pytest.raises(ScoreJobError, match="exceeds the largest node"):
+    with pytest.raises(UserError, match="exceeds the largest node"):
         plan_workers([2.0], 0.0, None, 4.0, 0.0)
-    with pytest.raises(ScoreJobError, match="GPUs"):
+    with pytest.raises(UserError, match="GPUs"):
         plan_workers([2.0], 0.0, None, None, 1.0)
 
 
@@ -398,7 +398,7 @@ def test_an_unreachable_cluster_fails_fast_and_touches_no_output(sample_run, tmp
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "score", "--data", str(config.data), "--current", str(config.current),
          "--history", str(config.history), "--history-cache", str(config.history_cache), "--output", str(output),
-         "--no-progress", "--address", "127.0.0.1:1", "--connect-timeout-s", "2"],
+         "--no-progress", "--ray.address", "127.0.0.1:1", "--ray.connect-timeout-s", "2"],
         cwd=Path(__file__).resolve().parents[3], env=environment, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr

@@ -9,7 +9,6 @@ from pydantic import ValidationError
 from pipeline.runtime.errors import UserError
 from pipeline.selection.methods import (
     REL_FLOOR,
-    MethodError,
     RelStats,
     excess_refusal,
     rel_guard,
@@ -95,7 +94,7 @@ def test_a_baseline_over_rel_of_the_other_direction_is_refused_naming_the_fix(me
         excess_refusal(settings, excess, "scores/")
         return
     required = "current_minus_history" if method == "rho1" else "history_minus_current"
-    with pytest.raises(MethodError, match=f"method {method} ranks REL.*scores/ stores REL as.*--excess {required}") as caught:
+    with pytest.raises(UserError, match=f"method {method} ranks REL.*scores/ stores REL as.*--excess {required}") as caught:
         excess_refusal(settings, excess, "scores/")
     assert isinstance(caught.value, UserError)
 
@@ -119,9 +118,9 @@ def test_random_keeps_the_ratio_count_reproducibly_per_sample_id():
 
 def test_missing_signal_is_refused_by_name():
     no_rel = np.full(len(REL), NAN, np.float32)
-    with pytest.raises(MethodError, match="sample 'x': rel is NaN at a target.*--signals needed"):
+    with pytest.raises(UserError, match="sample 'x': rel is NaN at a target.*--signals needed"):
         sample_score("x", no_rel, ATTN, TRAINABLE, SelectSettings(method="rel"))
-    with pytest.raises(MethodError, match="attn is NaN at a target.*without attention"):
+    with pytest.raises(UserError, match="attn is NaN at a target.*without attention"):
         sample_score("x", REL, no_rel, TRAINABLE, SelectSettings(gamma=0.5))
     # A signal the method does not use may be missing.
     sample_score("x", REL, no_rel, TRAINABLE, SelectSettings(method="tokencleaning"))
@@ -135,7 +134,7 @@ def test_missing_signal_is_refused_by_name():
 )
 def test_same_checkpoint_refuses_rel_only_selection(settings, refused):
     if refused:
-        with pytest.raises(MethodError, match="same checkpoint: every REL is 0.*first ceil\\(ratio \\* n\\) tokens") as caught:
+        with pytest.raises(UserError, match="same checkpoint: every REL is 0.*first ceil\\(ratio \\* n\\) tokens") as caught:
             same_checkpoint_refusal(SelectSettings(**settings))
         assert isinstance(caught.value, UserError)
     else:
@@ -158,7 +157,7 @@ def test_rel_below_the_floor_is_noise_treated_as_zero():
     assert (stretched - 0.5 * ATTN)[TRAINABLE].max() > 0.49  # REL_n of the largest noise value ~ 1
     np.testing.assert_allclose(noisy[TRAINABLE], 0.5 * ATTN[TRAINABLE], rtol=1e-6)
     for method in ("rel", "tokencleaning", "rho1"):
-        with pytest.raises(MethodError, match="\\|REL\\| < 0.0001 nats.*ranks by REL alone"):
+        with pytest.raises(UserError, match="\\|REL\\| < 0.0001 nats.*ranks by REL alone"):
             rel_guard(SelectSettings(method=method), stats)
     assert rel_guard(SelectSettings(method="attn"), stats) == []  # REL plays no part
 
@@ -166,7 +165,7 @@ def test_rel_below_the_floor_is_noise_treated_as_zero():
 def test_rel_missing_at_targets_is_refused_before_any_shard_is_written():
     stats = RelStats.of(np.where(TRAINABLE, np.nan, np.nan), TRAINABLE)
     assert stats.missing == 4
-    with pytest.raises(MethodError, match="needs REL, but 4 of 4 targets have none"):
+    with pytest.raises(UserError, match="needs REL, but 4 of 4 targets have none"):
         rel_guard(SelectSettings(gamma=0.5), stats)
     assert rel_guard(SelectSettings(method="random"), stats) == []
 

@@ -15,10 +15,10 @@ from pipeline.runtime.files import read_manifest, verify_shards
 from pipeline.runtime.fingerprint import sha256_file
 from pipeline.scoring import scorer as scorer_module
 from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job
-from pipeline.selection.methods import MethodError
+from pipeline.runtime.errors import UserError
 from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.select_stage import run_select
-from pipeline.selection.selection_shards import SAME_CHECKPOINT_NOTE, SelectError
+from pipeline.selection.selection_shards import SAME_CHECKPOINT_NOTE
 from tests import tiny
 from tests.factories import kill_on_commit, write_tokenized
 
@@ -159,7 +159,7 @@ def test_random_is_reproducible_and_seeded(scored, tmp_path, no_model):
 
 
 def test_same_checkpoint_refuses_rel_only_selection(ray_local, corpus, cache, llama_dir, tmp_path):
-    with pytest.raises(MethodError, match="same checkpoint: every REL is 0"):
+    with pytest.raises(UserError, match="same checkpoint: every REL is 0"):
         _score(corpus, tmp_path / "refused", llama_dir, None, cache, gamma=1.0)
     assert not (tmp_path / "refused").exists()  # refused before any work
     attention_only = _score(corpus, tmp_path / "round0", llama_dir, None, cache)
@@ -168,7 +168,7 @@ def test_same_checkpoint_refuses_rel_only_selection(ray_local, corpus, cache, ll
     assert selection["rel_is_noise"] is False and selection["warnings"] == [SAME_CHECKPOINT_NOTE]
     before = _digests(attention_only.output)
     for settings in ({"method": "rel"}, {"method": "tokencleaning"}, {"gamma": 1.0}):
-        with pytest.raises(MethodError, match="position tie-break would keep the first"):
+        with pytest.raises(UserError, match="position tie-break would keep the first"):
             run_select(SelectConfig(scores=attention_only.output, **settings))
     assert _digests(attention_only.output) == before and (attention_only.output / "manifest.json").is_file()
 
@@ -202,14 +202,14 @@ def test_rel_below_the_floor_is_treated_as_zero_with_a_warning(
     for part in sorted(config.output.glob("part-*.parquet")):
         assert pq.read_table(part).column("keep").equals(pq.read_table(attention / part.name).column("keep"))
     for method in ("rel", "tokencleaning"):
-        with pytest.raises(MethodError, match="\\|REL\\| < 0.0001 nats"):
+        with pytest.raises(UserError, match="\\|REL\\| < 0.0001 nats"):
             run_select(SelectConfig(scores=config.output, method=method))
 
 
 def test_a_signal_the_scores_lack_is_refused_before_any_write(ray_local, corpus, cache, llama_dir, llama_history_dir, tmp_path):
     attention = _score(corpus, tmp_path / "attn", llama_dir, llama_history_dir, cache, method="attn", signals="needed")
     before = _digests(attention.output)
-    with pytest.raises(MethodError, match="needs REL, but .* targets have none"):
+    with pytest.raises(UserError, match="needs REL, but .* targets have none"):
         run_select(SelectConfig(scores=attention.output, method="sstoken"))
     assert _digests(attention.output) == before and (attention.output / "manifest.json").is_file()
 
@@ -232,7 +232,7 @@ def test_a_killed_select_is_finished_by_selecting_again(scored, tmp_path, no_mod
 
 
 def test_select_needs_a_finished_scores_folder(corpus, tmp_path):
-    with pytest.raises(SelectError, match="no manifest.json: it is not a finished scores folder"):
+    with pytest.raises(UserError, match="no manifest.json: it is not a finished scores folder"):
         run_select(SelectConfig(scores=tmp_path))
     with pytest.raises(Exception, match="'tokenized' artifact"):
         run_select(SelectConfig(scores=corpus))
@@ -243,5 +243,5 @@ def test_select_refuses_a_scores_folder_whose_tokenized_input_is_gone(scored, co
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["inputs"][0]["path"] = str(tmp_path / "nowhere")
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SelectError, match="tokenized input .*nowhere.* cannot be read"):
+    with pytest.raises(UserError, match="tokenized input .*nowhere.* cannot be read"):
         run_select(SelectConfig(scores=folder))

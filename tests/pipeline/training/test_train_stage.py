@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.cli import main
-from pipeline.runtime.checkpoints import CheckpointError, checkpoint_fingerprint, load_model
+from pipeline.runtime.checkpoints import checkpoint_fingerprint, load_model
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import ArtifactError, read_manifest
 from pipeline.scoring.score_settings import ScoreSettings
 from pipeline.scoring.scorer import Scorer
-from pipeline.training.train_stage import TrainConfig, TrainError, run_train
+from pipeline.training.train_stage import TrainConfig, run_train
 from tests import tiny
 from tests.factories import write_keep_masks, write_tokenized
 
@@ -93,9 +94,9 @@ def test_other_settings_into_a_finished_output_are_refused_without_overwrite(tra
 
 
 def test_a_batch_that_does_not_divide_is_refused(inputs, llama_dir, tmp_path):
-    with pytest.raises(TrainError, match="batch_size 6 is not a multiple of micro_batch_size 2 x workers 2 = 4"):
+    with pytest.raises(UserError, match="batch_size 6 is not a multiple of micro_batch_size 2 x workers 2 = 4"):
         run_train(_config(inputs, llama_dir, tmp_path / "out", batch_size=6, workers=2))
-    with pytest.raises(TrainError, match="batch_size 64 is more than the .* samples with kept tokens"):
+    with pytest.raises(UserError, match="batch_size 64 is more than the .* samples with kept tokens"):
         run_train(_config(inputs, llama_dir, tmp_path / "out", batch_size=64))
     assert not (tmp_path / "out").exists()
 
@@ -104,7 +105,7 @@ def test_a_model_folder_that_is_not_a_hugging_face_checkpoint_is_refused(inputs,
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "weights.bin").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="has no config.json; is it a Hugging Face model folder"):
+    with pytest.raises(UserError, match="has no config.json; is it a Hugging Face model folder"):
         run_train(_config(inputs, folder, tmp_path / "out"))
 
 
@@ -112,7 +113,7 @@ def test_a_model_with_another_tokenizer_is_refused(inputs, tmp_path):
     model = tmp_path / "model"
     tiny.build_tokenizer(vocab_size=300).save_pretrained(model)
     tiny.save_model(model, "llama", 300)
-    with pytest.raises(TrainError, match="was tokenized with another tokenizer .* than the model in"):
+    with pytest.raises(UserError, match="was tokenized with another tokenizer .* than the model in"):
         run_train(_config(inputs, model, tmp_path / "out"))
 
 
@@ -153,9 +154,9 @@ def test_workers_an_embedded_ray_cannot_hold_are_refused(inputs, llama_dir, tmp_
 
     embedded = RayRuntime(embedded=True, owned=True, address="", cpus=2.0, gpus=0.0, nodes=1)
     assert _cpus_per_worker(_config(inputs, llama_dir, tmp_path, workers=2, cpus_per_worker=1.0), embedded) == 1.0
-    with pytest.raises(TrainError, match="--workers 3 x 1 CPUs exceed the embedded Ray's 2 CPUs"):
+    with pytest.raises(UserError, match="--workers 3 x 1 CPUs exceed the embedded Ray's 2 CPUs"):
         _cpus_per_worker(_config(inputs, llama_dir, tmp_path, workers=3, cpus_per_worker=1.0), embedded)
-    with pytest.raises(TrainError, match="--use-gpu with --workers 1 needs 1 GPUs; the Ray cluster has 0"):
+    with pytest.raises(UserError, match="--use-gpu with --workers 1 needs 1 GPUs; the Ray cluster has 0"):
         _cpus_per_worker(_config(inputs, llama_dir, tmp_path, use_gpu=True, cpus_per_worker=1.0), embedded)
 
 
@@ -180,7 +181,7 @@ def test_the_progress_bar_follows_the_metrics_rank_0_writes(tmp_path):
 def test_the_process_runner_ends_with_the_tensors_ray_train_ends_with(trained, inputs, llama_dir, tmp_path):
     config, summary, ray_seconds = trained
     started = time.monotonic()
-    local = run_train(_config(inputs, llama_dir, tmp_path / "out", runner="process"))
+    local = run_train(_config(inputs, llama_dir, tmp_path / "out", ray={"runner": "process"}))
     seconds = time.monotonic() - started
     expected, found = _weights(config.output), _weights(tmp_path / "out")
     assert found.keys() == expected.keys()
@@ -202,7 +203,7 @@ def test_a_process_run_killed_mid_training_resumes_from_its_last_state(trained, 
         if len(states) == 2:
             raise KeyboardInterrupt("killed")
 
-    settings = _config(inputs, llama_dir, tmp_path / "out", runner="process")
+    settings = _config(inputs, llama_dir, tmp_path / "out", ray={"runner": "process"})
     with monkeypatch.context() as patch:
         patch.setattr(train_in_process, "_keep", killed_after_two)
         with pytest.raises(KeyboardInterrupt):
@@ -218,7 +219,7 @@ def test_a_process_run_killed_mid_training_resumes_from_its_last_state(trained, 
 
 
 def test_the_process_runner_is_one_local_worker(inputs, llama_dir, tmp_path):
-    with pytest.raises(ValueError, match="runner process trains one worker in this process"):
-        _config(inputs, llama_dir, tmp_path, runner="process", workers=2)
-    with pytest.raises(ValueError, match="runner process trains one worker in this process"):
-        _config(inputs, llama_dir, tmp_path, runner="process", address="127.0.0.1:6379")
+    with pytest.raises(ValueError, match="ray.runner process trains one worker in this process"):
+        _config(inputs, llama_dir, tmp_path, ray={"runner": "process"}, workers=2)
+    with pytest.raises(ValueError, match="ray.runner process trains one worker in this process"):
+        _config(inputs, llama_dir, tmp_path, ray={"runner": "process", "address": "127.0.0.1:6379"})
