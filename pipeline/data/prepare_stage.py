@@ -25,6 +25,7 @@ from pipeline.runtime.files import REJECTED, base_manifest, code_version, shard_
 from pipeline.runtime.fingerprint import files_fingerprint, sha256_json, tokenizer_fingerprints
 from pipeline.runtime.schemas import table_from_rows
 from pipeline.runtime.stage_output import StageOutput, StageSummary
+from pipeline.runtime.stage_runner import Stage, local_inputs, run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -134,15 +135,12 @@ def run_prepare(config: PrepareConfig) -> StageSummary:
     input_fingerprint = files_fingerprint([f for s in sources for f in s.files()])
     identity = config.run_key_settings() | {"input_fingerprint": input_fingerprint, "tokenizer": fingerprints}
     output = Path(config.output)
-    with StageOutput(output, "tokenized", identity=identity, overwrite=config.overwrite, inputs=config.input) as out:
-        finished = out.up_to_date()
-        if finished is not None:
-            return _summary(finished, output, started, reused=True)
-        out.begin()
-        # Shards are reused on a resume only when inputs, settings and code are all unchanged.
-        run_key = sha256_json(identity | {"code_version": code_version()})
+    # Shards are reused on a resume only when inputs, settings and code are all unchanged.
+    run_key = sha256_json(identity | {"code_version": code_version()})
+
+    def work(out: StageOutput, _: None) -> dict[str, Any]:
         manifest = _write_corpus(config, sources, tokenizer, out, run_key)
-        manifest = base_manifest("tokenized", config.resolved()) | {
+        return base_manifest("tokenized", config.resolved()) | {
             "tokenizer": {
                 "name_or_path": config.tokenizer,
                 "fingerprint": fingerprints["tokenizer"],
@@ -151,7 +149,10 @@ def run_prepare(config: PrepareConfig) -> StageSummary:
             "input_fingerprint": input_fingerprint,
             "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in manifest["shards"]]),
         } | manifest | {"timings": {"seconds": round(time.monotonic() - started, 3)}}
-        return _summary(out.finish(manifest), output, started, reused=False)
+
+    inputs = [*config.input, *local_inputs(config.tokenizer, config.chat_template)]
+    run = run_stage(Stage("tokenized", output, identity, inputs, config.overwrite), work)
+    return _summary(run.manifest, output, started, reused=run.reused)
 
 
 def _write_corpus(

@@ -61,8 +61,8 @@ def run_demo(config: DemoConfig) -> DemoRun:
             f"demo corpus {', '.join(missing)} not found; run from a checkout of sstoken or pass --corpus PATH"
         )
     result = run_loop(config)
-    rounds = result.record["rounds"]
+    rounds, folder = result.record.rounds, result.folder
     agreement = None
     if len(rounds) >= 2:
-        agreement = mask_agreement(result.folder.root / rounds[0]["masks"], result.folder.root / rounds[1]["masks"])
+        agreement = mask_agreement(folder.inside(rounds[0].masks, "a masks folder"), folder.inside(rounds[1].masks, "a masks folder"))
     return DemoRun(run=result, agreement=agreement)

@@ -7,6 +7,10 @@ round follows one linear learning-rate schedule (`schedule_start_step`, `schedul
 planned up front from the rounds' sample counts. The roles per method are in `pipeline.loop.roles`,
 the slices in `pipeline.loop.slices`, the layout and run.json in `pipeline.loop.run_folder`.
 
+The run folder goes through the stage runner (`pipeline.runtime.stage_runner`): locked, refused
+when it overlaps the corpus or a model or holds anything the run did not write; run.json (typed:
+`pipeline.loop.run_folder.RunRecord`, `schemas/run.v1.schema.json`) is its record.
+
 Resume: every stage is exactly-once on its own, so a killed run is finished by running it again.
 A round recorded done in run.json whose checkpoint is complete is skipped whole; in the round in
 flight a stage recorded done whose output's manifest is there is skipped, and any other stage is
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +30,24 @@ from typing import Any
 from pipeline.loop.ema import ema_checkpoint
 from pipeline.loop.roles import RoundRoles, round_roles
 from pipeline.loop.run_config import RunConfig
-from pipeline.loop.run_folder import RUN_RECORD_VERSION, RunFolder, read_run_record, write_run_record
+from pipeline.loop.run_folder import (
+    RUN_ENTRIES,
+    RUN_RECORD_VERSION,
+    RunFolder,
+    RunRecord,
+    read_run_record,
+    write_run_record,
+)
 from pipeline.loop.slices import corpus_ids, materialise_slice, sample_order, slice_bounds
 from pipeline.runtime.checkpoints import checkpoint_fingerprint
 from pipeline.runtime.errors import UserError
-from pipeline.runtime.files import MANIFEST, exclusive_output, utc_now
+from pipeline.runtime.files import MANIFEST, utc_now
 from pipeline.runtime.fingerprint import sha256_json
 from pipeline.runtime.log import say
 from pipeline.runtime.model_zoo import ensure_model
 from pipeline.runtime.ray_session import ray_session
-from pipeline.runtime.stage_output import StageSummary
+from pipeline.runtime.stage_output import StageOutput, StageSummary
+from pipeline.runtime.stage_runner import Stage, local_inputs, run_stage
 from pipeline.scoring.score_config import ScoreJobConfig
 from pipeline.selection.select_config import SelectConfig
 from pipeline.training.train_config import TrainConfig
@@ -59,11 +72,11 @@ class RoundSpec:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a run did: its folder, its record (run.json) and the prepare stage's summary."""
+    """What a run did: its folder, its record (run.json, typed) and the prepare stage's summary."""
 
     folder: RunFolder
-    record: dict[str, Any]
-    prepared: StageSummary
+    record: RunRecord
+    prepared: StageSummary | None
 
 
 def plan_rounds(config: RunConfig, samples: int) -> list[RoundSpec]:
@@ -110,24 +123,31 @@ def _model_entry(path: Path) -> dict[str, str]:
     return {"path": str(path), "fingerprint": checkpoint_fingerprint(path)}
 
 
+def earlier_run(folder: RunFolder, identity: dict[str, Any]) -> RunRecord | None:
+    """The record of an earlier run of these settings in `folder` (None: a new run); another run's is refused, and a
+    run.json that is not a run record is one error naming it (never overwritten)."""
+    record = read_run_record(folder)
+    if record is not None and record.identity != sha256_json(identity):
+        changed = sorted(k for k in identity.keys() | record.settings.keys() if identity.get(k) != record.settings.get(k))
+        raise UserError(
+            f"{folder.root} holds a run made with other settings ({', '.join(changed) or 'code'} differ); "
+            "choose another output folder, or rerun with the settings it was started with"
+        )
+    return record
+
+
 class _Run:
-    """One run in progress: its config, folder, record and the models it started from."""
+    """One run in progress: its config, folder, record (run.json, a dict while it is written) and base model."""
 
-    def __init__(self, config: RunConfig, folder: RunFolder, base: Path):
+    def __init__(self, config: RunConfig, folder: RunFolder, base: Path, earlier: RunRecord | None):
         self.config, self.folder, self.base = config, folder, base
-        self.record = self._start_record()
+        self.record = self._start_record(earlier)
 
-    def _start_record(self) -> dict[str, Any]:
+    def _start_record(self, earlier: RunRecord | None) -> dict[str, Any]:
         identity = run_identity(self.config)
-        record = read_run_record(self.folder)
-        if record is not None and record.get("identity") != sha256_json(identity):
-            before = record.get("settings", {})
-            changed = sorted(k for k in identity.keys() | before.keys() if identity.get(k) != before.get(k))
-            raise UserError(
-                f"{self.folder.root} holds a run made with other settings ({', '.join(changed) or 'code'} differ); "
-                "choose another output folder, or rerun with the settings it was started with"
-            )
-        if record is None:
+        if earlier is not None:
+            record = earlier.as_json()
+        else:
             record = {
                 "version": RUN_RECORD_VERSION,
                 "created_at": utc_now(),
@@ -318,15 +338,24 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
 
 
 def run_loop(config: RunConfig) -> RunResult:
-    """Prepare (if needed), then every round; a killed run resumes where it stopped. Returns the run's record."""
+    """Prepare (if needed), then every round; a killed run resumes where it stopped. Returns the run's record.
+
+    The run folder goes through the stage runner like every stage's output: an output that overlaps the corpus or a
+    model, or that holds anything the run did not write (a run.json of someone else's included), is refused before
+    anything is written. It keeps its own record, run.json, instead of a manifest."""
     from pipeline.data.prepare_stage import run_prepare
 
     folder = RunFolder(Path(config.output))
     base = Path(config.model) if Path(config.model).is_dir() else ensure_model(config.model)
-    with exclusive_output(folder.root):
-        run = _Run(config, folder, base)
+    identity = run_identity(config)
+    runs: list[_Run] = []
+    prepared: list[StageSummary] = []
+
+    def work(out: StageOutput, earlier: RunRecord | None) -> None:
+        run = _Run(config, folder, base, earlier)
+        runs.append(run)
         with ray_session(config.ray):
-            prepared = run_prepare(config.prepare)
+            prepared.append(run_prepare(config.prepare))
             order = sample_order(corpus_ids(folder.tokenized), config.seed)[: config.samples]
             specs = plan_rounds(config, len(order))
             steps = [planned_steps(config, spec.samples) for spec in specs]
@@ -339,4 +368,8 @@ def run_loop(config: RunConfig) -> RunResult:
                 _run_round(run, spec, order, reference, (sum(steps[: spec.index]), sum(steps)))
         run.record["status"] = "done"
         run.save()
-    return RunResult(folder=folder, record=run.record, prepared=prepared)
+
+    inputs = [*config.corpus, base, *local_inputs(config.reference), *(config.reference_corpus or [])]
+    stage = Stage("run", folder.root, inputs=inputs, entries=RUN_ENTRIES)
+    run_stage(stage, work, ready=lambda: nullcontext(earlier_run(folder, identity)))
+    return RunResult(folder=folder, record=RunRecord.model_validate(runs[0].record), prepared=prepared[0])

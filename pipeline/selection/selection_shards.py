@@ -96,10 +96,19 @@ def _source_record(shard: SelectShard, existing: dict[str, Any] | None) -> dict[
         return {"scores_file": shard.file, "scores_sha256": shard.scores_sha256}
     if existing is None:
         raise UserError(
-            f"{shard.path} has no progress record: it was not written by `sstoken score` or the record was lost; "
-            "rerun `sstoken score` for this folder"
+            f"{shard.path} has no progress record (_progress/{shard.file}.json): it was not written by `sstoken score` "
+            "or the record was lost, so it cannot be re-selected in place; select into another folder with --output "
+            "(which only reads the scores), or rerun `sstoken score` for this folder"
         )
     return existing
+
+
+def refuse_unrecorded_shards(shards: Sequence[SelectShard]) -> None:
+    """In place, every score shard must have its progress record (its run key goes into the rewritten one):
+    refuse the folder, naming the first shard without one, before anything in it is touched."""
+    for shard in shards:
+        if shard.output_folder is None and read_record(shard.target_folder, shard.file) is None:
+            _source_record(shard, None)  # raises, naming the shard and what to do
 
 
 def rewrite_selection(

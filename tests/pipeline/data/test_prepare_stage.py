@@ -244,6 +244,28 @@ def test_files_the_stage_did_not_write_are_refused_and_never_deleted(tmp_path, t
     assert summary.counts["rows_written"] == 6 and theirs.read_bytes() == before
 
 
+@pytest.mark.parametrize("field", ["rejected", "absolute"])
+def test_a_manifest_naming_files_outside_the_folder_never_makes_a_rerun_delete_them(tmp_path, tokenizer_dir, capsys, field):
+    """Issue 20 item 1: a plain rerun used to delete what an old manifest listed outside the folder (exit 0)."""
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "Q", "response": "A"}])
+    args = ["prepare", "--tokenizer", str(tokenizer_dir), "--input", str(ok), "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not sstoken's")
+    manifest_path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entry = {"file": "../victim.txt" if field == "rejected" else str(victim), "rows": 0, "sha256": "0" * 64}
+    manifest["rejected" if field == "rejected" else "notes"] = entry
+    manifest_path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "which is not a file name inside its folder" in err and len(err.splitlines()) == 1
+    assert victim.read_text() == "not sstoken's"
+    assert main([*args, "--overwrite"]) == 0  # the edited manifest is not ours: nothing it names is removed
+    assert victim.read_text() == "not sstoken's" and read_manifest(tmp_path / "out")["rejected"]["file"] == "rejected.parquet"
+
+
 @pytest.mark.parametrize("inside", [False, True])
 def test_an_output_in_the_input_folder_is_refused_up_front(tmp_path, tokenizer_dir, inside):
     export = tmp_path / "spark-export"  # a corpus exported by another tool, named like our shards

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.cli import main
 from pipeline.runtime.files import read_manifest, verify_shards
 from pipeline.runtime.fingerprint import sha256_file
 from pipeline.scoring import scorer as scorer_module
@@ -245,3 +246,23 @@ def test_select_refuses_a_scores_folder_whose_tokenized_input_is_gone(scored, co
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="tokenized input .*nowhere.* cannot be read"):
         run_select(SelectConfig(scores=folder))
+
+
+def test_select_in_place_on_a_copy_without_progress_records_is_refused_before_anything_is_touched(
+    scored, tmp_path, capsys, no_model
+):
+    """Issue 20 item 3: a scores folder copied as its documented files (shards and manifest.json, no _progress/) used
+    to lose its manifest.json to `select` in place, which then refused. Now: refused, the folder exactly as it was."""
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for path in scored.iterdir():
+        if path.name.endswith(".parquet") or path.name == "manifest.json":
+            shutil.copy2(path, copied / path.name)
+    before = {p.name: sha256_file(p) for p in copied.iterdir()}
+    assert main(["select", "--scores", str(copied), "--method", "random", "--ratio", "0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "part-00000.parquet has no progress record" in err and "--output" in err and len(err.splitlines()) == 1
+    assert {p.name: sha256_file(p) for p in copied.iterdir()} == before  # not even a lock file
+    assert main(["select", "--scores", str(copied), "--method", "random", "--ratio", "0.3",
+                 "--output", str(tmp_path / "masks")]) == 0  # selecting apart only reads the shards
+    assert {p.name: sha256_file(p) for p in copied.iterdir()} == before

@@ -9,6 +9,7 @@ checkpoint to the same tensors in-process by test_train_worker.py; two ranks by 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -124,6 +125,22 @@ def test_an_output_folder_holding_someone_elses_checkpoint_folder_is_refused(inp
     with pytest.raises(ArtifactError, match="checkpoint exists and was not written by sstoken train"):
         run_train(_config(inputs, llama_dir, tmp_path / "out", overwrite=True))
     assert (tmp_path / "out" / "checkpoint").is_dir()  # never deleted
+
+
+def test_a_starting_model_inside_the_output_is_refused_before_anything_is_touched(trained, inputs, tmp_path, capsys):
+    """Issue 20 item 2: `train --overwrite --model OUT/checkpoint --output OUT` (continuing from a finished train output
+    into itself, other settings) used to delete its own starting model before training. Now: refused, exit 2."""
+    config, _, _ = trained
+    output = tmp_path / "out"
+    shutil.copytree(config.output, output)
+    model = output / "checkpoint"
+    fingerprint = checkpoint_fingerprint(model)
+    data, masks = inputs
+    status = main(["train", "--data", str(data), "--masks", str(masks), "--model", str(model), "--output", str(output),
+                   "--overwrite", "--lr", "0.001", "--batch-size", "4", "--micro-batch-size", "2", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and "checkpoint is inside the output folder" in err
+    assert checkpoint_fingerprint(model) == fingerprint and (output / "manifest.json").is_file()
 
 
 def test_cli_help_and_a_missing_input_in_one_line(inputs, llama_dir, tmp_path, capsys):
