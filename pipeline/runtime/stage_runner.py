@@ -5,6 +5,7 @@
         work,                 # work(out, ready) -> the manifest; commits its files with out.done / out.commit
         ready=session,        # optional: a context entered before anything is written (refusals, a Ray session)
         complete=check,       # optional: complete(out, manifest) -> a finished output is reused only when True
+        reuse=True,           # False: never reused whole; the work runs and its files skip themselves (score)
     )
     run.manifest, run.reused
 
@@ -76,14 +77,16 @@ def run_stage(
     *,
     ready: Callable[[], AbstractContextManager[Any]] | None = None,
     complete: Callable[[StageOutput, dict[str, Any]], bool] | None = None,
+    reuse: bool = True,
 ) -> StageRun:
-    """Run one stage exactly once into `stage.output`; see the module docstring for the steps."""
+    """Run one stage exactly once into `stage.output`; see the module docstring for the steps. reuse=False: a
+    finished output is never returned whole, the work always runs (its files skip themselves)."""
     output = StageOutput(
         stage.output, stage.kind, identity=stage.identity, overwrite=stage.overwrite, inputs=stage.inputs,
         entries=stage.entries, scratch=stage.scratch,
     )
     with output as out:
-        finished = out.up_to_date()
+        finished = out.up_to_date() if reuse else None
         if finished is not None and (complete is None or complete(out, finished)):
             return StageRun(finished, reused=True)
         with (ready() if ready is not None else nullcontext()) as prepared:

@@ -457,7 +457,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
     # it when the selection settings (not part of the identity) changed.
     inputs = [data, *local_inputs(config.current, config.history)]
     stage = Stage("scores", output, identity, inputs, config.overwrite)
-    written = run_stage(stage, work, ready=checked_session, complete=lambda out, manifest: False).manifest
+    written = run_stage(stage, work, ready=checked_session, reuse=False).manifest
     counts = written["counts"]
     history_results, results = phases["history"], phases["score"]
 

@@ -13,7 +13,9 @@ from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RunFolder, read_run_record, write_run_record
 from pipeline.runtime.config import config_from_arguments, load_config
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import ArtifactError
 from pipeline.runtime.ray_settings import RaySettings
+from pipeline.runtime.schemas import SchemaError
 
 
 def _config(tmp_path: Path, model: Path, **settings) -> RunConfig:
@@ -138,11 +140,18 @@ def test_roles_of_the_baselines(tmp_path, llama_dir):
 def test_run_record_is_written_atomically_and_read_back(tmp_path):
     folder = RunFolder(tmp_path)
     assert read_run_record(folder) is None
-    written = write_run_record(folder, {"version": 1, "rounds": []})
-    assert read_run_record(folder) == written and "updated_at" in written
+    record = {"version": 1, "created_at": "2026-01-01T00:00:00+00:00", "status": "running", "identity": "x",
+              "settings": {}, "config": {}, "round_unit": "slice", "history": {"policy": "base"},
+              "selection": {"method": "sstoken"}, "models": {"base": {"path": "m", "fingerprint": "f"}, "reference": None},
+              "rounds": []}
+    written = write_run_record(folder, record)
+    assert read_run_record(folder).as_json() == written and "updated_at" in written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with pytest.raises(SchemaError, match="run.json does not match run.v1.schema.json at \\(top level\\): 'created_at'"):
+        write_run_record(folder, {"version": 1, "rounds": []})  # the writer checks the schema too
     (tmp_path / "run.json").write_text("{half")
-    assert read_run_record(folder) is None
+    with pytest.raises(ArtifactError, match="run.json is not a run record .*: not readable as JSON"):
+        read_run_record(folder)  # never taken for "no run yet" (which would write over it)
 
 
 def test_run_identity_ignores_where_and_how_the_stages_run(tmp_path, llama_dir):

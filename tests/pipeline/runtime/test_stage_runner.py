@@ -92,8 +92,8 @@ def test_a_finished_output_is_reused_without_running_ready_or_work(tmp_path):
 
     again = run_stage(stage, lambda out, _: never(), ready=never)
     assert again.reused and again.manifest == first.manifest
-    rerun = run_stage(stage, _work({"part-00000.parquet": [1]}), complete=lambda out, manifest: False)
-    assert not rerun.reused
+    assert not run_stage(stage, _work({"part-00000.parquet": [1]}), complete=lambda out, manifest: False).reused
+    assert not run_stage(stage, _work({"part-00000.parquet": [1]}), reuse=False).reused
 
 
 def test_ready_runs_before_anything_is_written(tmp_path):
@@ -108,7 +108,7 @@ def test_ready_runs_before_anything_is_written(tmp_path):
         yield
 
     with pytest.raises(ArtifactError, match="did not answer"):
-        run_stage(stage, _work({}), ready=refused, complete=lambda out, manifest: False)
+        run_stage(stage, _work({}), ready=refused, reuse=False)
     assert seen == [True] and (tmp_path / "manifest.json").is_file()  # the finished output was not touched
 
 
