@@ -42,10 +42,11 @@ def _agreement_line(agreement: dict) -> str:
 def report(demo: DemoRun, console: Console) -> int:
     """Each round's loss and kept ratio, the masks' agreement, one sample of the last round, where the artifacts are."""
     result = demo.run
-    last = result.record["rounds"][-1]
-    root = result.folder.root
-    _show_sample(console, root / last["masks"], root / last["data"], Path(result.record["models"]["base"]["path"]))
-    console.print(rounds_table(result.record, root))
+    last = result.record.rounds[-1]
+    folder = result.folder
+    _show_sample(console, folder.inside(last.masks, "a masks folder"), folder.inside(last.data, "a data folder"),
+                 Path(result.record.models.base.path))
+    console.print(rounds_table(result.record, folder.root))
     if demo.agreement is not None:
         console.print(_agreement_line(demo.agreement), soft_wrap=True)
     console.print(artifacts_note(result), soft_wrap=True)

@@ -13,6 +13,6 @@ register = stage_command(
     description="Train --model on --data with the loss on the tokens --masks keeps (a scores folder or a masks "
     "folder): the mean NLL over the kept tokens of each global batch. Writes DIR/checkpoint/ (safetensors, LoRA "
     "merged, with the tokenizer), DIR/metrics.jsonl (one line per step) and DIR/manifest.json (last). Runs on an "
-    "embedded local Ray (one worker) unless --address or RAY_ADDRESS names a cluster (--workers N, --use-gpu); a "
+    "embedded local Ray (one worker) unless --ray.address or RAY_ADDRESS names a cluster (--workers N, --use-gpu); a "
     "killed run resumes from its last checkpoint with the same result, and a rerun of a finished one returns at once.",
 )

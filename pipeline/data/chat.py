@@ -25,7 +25,7 @@ from pipeline.data.conversation import Message
 from pipeline.runtime.errors import UserError
 
 
-class TemplateError(UserError, ValueError):
+class TemplateError(UserError):
     """No usable chat template, or a template that cannot render a conversation."""
 
 

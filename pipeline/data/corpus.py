@@ -45,10 +45,6 @@ _JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class InputError(UserError, FileNotFoundError):
-    """An input path that does not exist or cannot be read as a corpus; the message names it."""
-
-
 @dataclass(frozen=True)
 class InputSource:
     """One readable input: a file, or a folder written by `datasets.Dataset.save_to_disk`."""
@@ -87,7 +83,7 @@ def resolve_inputs(paths: list[Path]) -> list[InputSource]:
     `save_to_disk` is read as one dataset. Symbolic links are followed, but each real folder is
     searched once and each real file is read once (a file given twice, or reached through a link,
     is logged and skipped). A missing path, or a file of another type named explicitly, is an
-    `InputError`.
+    `UserError`.
     """
     sources: list[InputSource] = []
     first_by_real_path: dict[Path, Path] = {}
@@ -110,15 +106,15 @@ def _require_utf8_name(path: Path) -> None:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
         shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise InputError(f"input {shown} has a name that is not valid UTF-8; rename it") from None
+        raise UserError(f"input {shown} has a name that is not valid UTF-8; rename it") from None
 
 
 def _sources_of(path: Path) -> list[InputSource]:
     if not path.exists():
-        raise InputError(f"input {path} does not exist")
+        raise UserError(f"input {path} does not exist")
     if path.is_file():
         if path.suffix.lower() not in FILE_FORMATS:
-            raise InputError(
+            raise UserError(
                 f"input {path} has an unsupported extension; expected one of {', '.join(sorted(FILE_FORMATS))}"
                 " or a datasets folder"
             )

@@ -25,16 +25,13 @@ from pipeline.runtime.files import REJECTED, base_manifest, code_version, shard_
 from pipeline.runtime.fingerprint import files_fingerprint, sha256_json, tokenizer_fingerprints
 from pipeline.runtime.schemas import table_from_rows
 from pipeline.runtime.stage_output import StageOutput, StageSummary
+from pipeline.runtime.stage_runner import Stage, local_inputs, run_stage
 
 logger = logging.getLogger(__name__)
 
 # Past this many tokens a sample's scoring and training cost, which grows with the square of its length,
 # dwarfs a typical sample's: prepare's summary says so (with --max-length none, or one this large).
 LONG_SAMPLE_TOKENS = 32_768
-
-
-class PrepareError(UserError, RuntimeError):
-    """The prepare stage cannot produce a corpus (no valid row, or an unusable output folder)."""
 
 
 def load_chat_tokenizer(config: PrepareConfig) -> Any:
@@ -134,7 +131,7 @@ def _batched(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[st
 
 
 def run_prepare(config: PrepareConfig) -> StageSummary:
-    """Run the prepare stage; see the module docstring. Raises `PrepareError` if no row is valid."""
+    """Run the prepare stage; see the module docstring. Raises `UserError` if no row is valid."""
     started = time.monotonic()
     sources = resolve_inputs(config.input)
     tokenizer = load_chat_tokenizer(config)
@@ -142,15 +139,12 @@ def run_prepare(config: PrepareConfig) -> StageSummary:
     input_fingerprint = files_fingerprint([f for s in sources for f in s.files()])
     identity = config.run_key_settings() | {"input_fingerprint": input_fingerprint, "tokenizer": fingerprints}
     output = Path(config.output)
-    with StageOutput(output, "tokenized", identity=identity, overwrite=config.overwrite, inputs=config.input) as out:
-        finished = out.up_to_date()
-        if finished is not None:
-            return _summary(finished, output, started, reused=True)
-        out.begin()
-        # Shards are reused on a resume only when inputs, settings and code are all unchanged.
-        run_key = sha256_json(identity | {"code_version": code_version()})
+    # Shards are reused on a resume only when inputs, settings and code are all unchanged.
+    run_key = sha256_json(identity | {"code_version": code_version()})
+
+    def work(out: StageOutput, _: None) -> dict[str, Any]:
         manifest = _write_corpus(config, sources, tokenizer, out, run_key)
-        manifest = base_manifest("tokenized", config.resolved()) | {
+        return base_manifest("tokenized", config.resolved()) | {
             "tokenizer": {
                 "name_or_path": config.tokenizer,
                 "fingerprint": fingerprints["tokenizer"],
@@ -159,7 +153,10 @@ def run_prepare(config: PrepareConfig) -> StageSummary:
             "input_fingerprint": input_fingerprint,
             "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in manifest["shards"]]),
         } | manifest | {"timings": {"seconds": round(time.monotonic() - started, 3)}}
-        return _summary(out.finish(manifest), output, started, reused=False)
+
+    inputs = [*config.input, *local_inputs(config.tokenizer, config.chat_template)]
+    run = run_stage(Stage("tokenized", output, identity, inputs, config.overwrite), work)
+    return _summary(run.manifest, output, started, reused=run.reused)
 
 
 def _write_corpus(
@@ -201,13 +198,13 @@ def _write_corpus(
     shards = [commit(shard_name(i), rows, "tokenized") for i, rows in enumerate(_batched(samples(), config.rows_per_shard))]
     written = sum(s["rows"] for s in shards)
     if tally["rows_read"] != written + len(rejected):
-        raise PrepareError(
+        raise RuntimeError(  # a bug, not the user's: it keeps its traceback
             f"accounting mismatch: {tally['rows_read']} read != {written} written"
             f" + {len(rejected)} rejected; this is a bug, please report it"
         )
     rejected_entry = commit(REJECTED, rejected, "rejected")
     if written == 0:
-        raise PrepareError(
+        raise UserError(
             f"no valid row in {', '.join(str(s.path) for s in sources) or 'the inputs'} "
             f"({tally['rows_read']} read, all rejected: {dict(by_reason)}); see {out.folder / REJECTED}"
         )

@@ -1,7 +1,7 @@
 """`EvalConfig`: the settings of `sstoken eval`, every selection method through the loop on one corpus, over seeds.
 
 A cell is one seed x one method: an `sstoken run` in its own run folder, built from this config's
-`prepare:`, `score:`, `select:` and `train:` sections (the stages' own settings, as in a run config),
+`ray:`, `prepare:`, `score:`, `select:` and `train:` sections (as in a run config),
 with what the eval decides filled in per cell:
 - the corpus: the seed's ground-truth task (`corpus: task`, `pipeline.eval.ground_truth`), or the
   seed's split of a natural corpus (`corpus: natural`, held-out NLL only);
@@ -33,6 +33,7 @@ import pipeline
 from pipeline.data.prepare_config import PrepareConfig
 from pipeline.loop.run_config import REFERENCE_METHODS, RunConfig
 from pipeline.runtime.config import SectionedConfig, StageConfig
+from pipeline.runtime.ray_settings import RaySettings
 from pipeline.scoring.score_config import ScoreJobConfig
 from pipeline.selection.select_settings import Method, SelectSettings
 from pipeline.training.train_config import TrainConfig
@@ -74,10 +75,12 @@ class EvalConfig(SectionedConfig):
         section: RunConfig.derived_fields.get(section, ()) + CELL_FIELDS.get(section, ())
         for section in ("prepare", "score", "select", "train")
     }
+    shared_sections: ClassVar[dict[str, tuple[str, ...]]] = RunConfig.shared_sections
     section_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "prepare": {"max_length": 512},
-        "score": {"progress": False, "signals": "needed", "runner": "process"},
-        "train": {"runner": "process", "progress": False},
+        "score": {"progress": False, "signals": "needed"},
+        "train": {"progress": False},
+        "ray": {"runner": "process"},
     }
 
     output: Path = Field(Path("runs/eval"), description="Eval folder: eval.json, eval.md, eval.svg, data/ and cells/.")
@@ -98,6 +101,9 @@ class EvalConfig(SectionedConfig):
     max_new_tokens: int = Field(48, ge=1, description="corpus task: greedy tokens generated per held-out problem (exact match).")
     task: TaskSettings = Field(default_factory=TaskSettings, description="corpus task: the generated task of every seed.")
     natural: NaturalSettings = Field(default_factory=NaturalSettings, description="corpus natural: the corpus and its split.")
+    ray: RaySettings = Field(
+        default_factory=RaySettings, description="The Ray cluster (or embedded Ray) and runner of every stage of every cell."
+    )
     prepare: PrepareConfig = Field(description="The prepare stage of every cell.")
     score: ScoreJobConfig = Field(description="The score stage of every round (its selection comes from select: and the cell).")
     select: SelectSettings = Field(default_factory=SelectSettings, description="The selection settings of every cell (not its method).")
@@ -169,6 +175,6 @@ class EvalConfig(SectionedConfig):
     def cell_sections(self) -> dict[str, dict[str, Any]]:
         """The sections as given (defaults included), without the fields a run or a cell fills in."""
         return {
-            section: {k: v for k, v in getattr(self, section).model_dump().items() if k not in fields}
-            for section, fields in self.derived_fields.items()
+            section: {k: v for k, v in getattr(self, section).model_dump().items() if k not in self.filled_fields(section)}
+            for section in (*self.derived_fields, *self.shared_sections)
         }

@@ -22,10 +22,6 @@ from pipeline.eval.config import EvalConfig
 from pipeline.runtime.errors import UserError
 
 
-class EvalDataError(UserError, ValueError):
-    """A corpus the eval cannot split or read; the message names it."""
-
-
 @dataclass(frozen=True)
 class SeedData:
     """One seed's files: training rows (with `corruption` records for the task), held-out rows, the reference slice."""
@@ -75,9 +71,9 @@ def natural_rows(corpus: list[Path]) -> list[dict]:
         elif path.is_file():
             files.append(path)
         else:
-            raise EvalDataError(f"natural.corpus: {path} does not exist")
+            raise UserError(f"natural.corpus: {path} does not exist")
     if not files:
-        raise EvalDataError(f"natural.corpus: no .jsonl file in {', '.join(map(str, corpus))}")
+        raise UserError(f"natural.corpus: no .jsonl file in {', '.join(map(str, corpus))}")
     rows: list[dict] = []
     for file in files:
         for number, line in enumerate(Path(file).read_text().splitlines(), start=1):
@@ -85,7 +81,7 @@ def natural_rows(corpus: list[Path]) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise EvalDataError(f"natural.corpus: {file} line {number} is not JSON: {error.msg}") from None
+                    raise UserError(f"natural.corpus: {file} line {number} is not JSON: {error.msg}") from None
     return rows
 
 
@@ -97,7 +93,7 @@ def _natural_data(config: EvalConfig, seed: int, folder: Path) -> SeedData:
     samples = config.scaled(config.natural.samples)
     train = order[heldout:] if samples is None else order[heldout:heldout + samples]
     if len(train) < 2:
-        raise EvalDataError(
+        raise UserError(
             f"natural.corpus has {len(rows)} rows: {heldout} held out leaves {len(train)} to train on; lower natural.heldout"
         )
     reference = train[: max(1, math.ceil(len(train) * config.natural.reference_fraction))]

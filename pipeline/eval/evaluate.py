@@ -9,7 +9,8 @@ Layout of the eval folder:
     cells/seed-N/reference/  rho1 and tokencleaning: the reference's run (the clean slice, every token)
     cells/seed-N/base.measures.json     the base model's held-out figures (before any training)
 
-A cell is done when its measures file is there and names the cell's identity (the run's settings
+A cell is done when its measures file (`pipeline.eval.records`, `schemas/measures.v1.schema.json`) is there
+and names the cell's identity (the run's settings
 and the measures' own): a rerun skips it without loading a model. A cell killed before that is
 finished by `run_loop`'s own resume (finished rounds and stages kept) and then measured. All cells
 share one Ray session.
@@ -22,10 +23,7 @@ tokens its training saw (the train stages' manifests).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,12 +32,14 @@ from typing import Any
 
 from pipeline.eval.config import EvalConfig
 from pipeline.eval.data import SeedData, seed_data
+from pipeline.eval.records import CellMeasures, EvalReport, read_measures, write_measures
 from pipeline.loop.run_config import REFERENCE_METHODS, RunConfig
-from pipeline.loop.run_folder import RunFolder
+from pipeline.loop.run_folder import RoundSummary, RunFolder, RunRecord
 from pipeline.runtime.checkpoints import checkpoint_fingerprint
-from pipeline.runtime.config import ConfigError
-from pipeline.runtime.files import read_manifest, read_shard
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import ArtifactError, read_manifest, read_shard
 from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.log import say
 from pipeline.runtime.model_zoo import ensure_model
 from pipeline.runtime.ray_session import ray_session
 from pipeline.scoring.score_settings import ScoreSettings
@@ -54,13 +54,9 @@ class EvalResult:
     """What an eval did: its folder, the eval.json it wrote, and how many cells ran now (the rest were done earlier)."""
 
     output: Path
-    report: dict[str, Any]
+    report: EvalReport
     cells_run: int
     cells_reused: int
-
-
-def say(message: str) -> None:
-    print(f"sstoken eval: {message}", file=sys.stderr, flush=True)
 
 
 def cell_folder(config: EvalConfig, seed: int, name: str) -> Path:
@@ -80,7 +76,7 @@ def reference_run_config(config: EvalConfig, data: SeedData) -> RunConfig:
     """The seed's reference: the base trained on the clean slice, every trainable token, reference_epochs passes."""
     sections = config.cell_sections()
     return RunConfig(
-        **_top_level(config, data.seed, REFERENCE, data.reference), epochs=1,
+        **_top_level(config, data.seed, REFERENCE, data.reference), epochs=1, ray=sections["ray"],
         prepare=sections["prepare"], score=sections["score"],
         select=sections["select"] | {"method": "full", "seed": data.seed},
         train=sections["train"] | {"seed": data.seed, "epochs": config.reference_epochs},
@@ -95,7 +91,7 @@ def cell_run_config(config: EvalConfig, data: SeedData, method: str, reference: 
         top["reference"] = reference
     epochs = config.select.ratio if method == "full" else 1.0
     return RunConfig(
-        **top, prepare=sections["prepare"], score=sections["score"],
+        **top, ray=sections["ray"], prepare=sections["prepare"], score=sections["score"],
         select=sections["select"] | {"method": method, "seed": data.seed},
         train=sections["train"] | {"seed": data.seed, "epochs": epochs},
     )
@@ -114,19 +110,10 @@ def _measure_identity(config: EvalConfig, data: SeedData) -> dict[str, Any]:
             "max_new_tokens": config.max_new_tokens if data.labelled else None, "nll": _score_settings(config).resolved()}
 
 
-def _read_done(path: Path, identity: str) -> dict[str, Any] | None:
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return done if done.get("identity") == identity else None
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
+def _read_done(path: Path, identity: str) -> CellMeasures | None:
+    """The cell's measures when it is done with this identity (a malformed file is one error naming it)."""
+    done = read_measures(path)
+    return done if done is not None and done.identity == identity else None
 
 
 def _finite(value: float) -> float | None:
@@ -155,7 +142,7 @@ def _column(folder: Path, kind: str, column: str) -> dict[str, list]:
     return values
 
 
-def selection_by_round(run: RunFolder, record: dict[str, Any], train_jsonl: Path) -> list[dict[str, Any]]:
+def selection_by_round(run: RunFolder, record: RunRecord, train_jsonl: Path) -> list[dict[str, Any]]:
     """Per round: corrupted and clean tokens dropped, and the AUROC of the round's score (its selection's)."""
     from pipeline.eval.ground_truth_labels import corrupted_token_mask
     from pipeline.eval.measures import selection_quality
@@ -164,30 +151,37 @@ def selection_by_round(run: RunFolder, record: dict[str, Any], train_jsonl: Path
     corrupted = dict(zip(labels["sample_id"].to_list(), labels["corrupted"].to_list()))
     trainable = _column(run.tokenized, "tokenized", "trainable")
     rounds = []
-    for entry in record["rounds"]:
-        index = entry["round"]
+    for entry in record.rounds:
+        index = entry.round
         keep = _column(run.masks(index), "masks", "keep")
         score = _column(run.scores(index), "scores", "score")
         ids = sorted(keep)
         quality = selection_quality([keep[i] for i in ids], [score[i] for i in ids], [trainable[i] for i in ids],
                                     [corrupted[i] for i in ids])
-        rounds.append({"round": index, "selection": entry["selection"]["method"], "warmup": entry.get("warmup") is not None,
+        rounds.append({"round": index, "selection": entry.selection.method, "warmup": entry.warmup is not None,
                        **{name: _finite(value) for name, value in quality.items()}})
     return rounds
 
 
-def _kept_tokens_seen(run: RunFolder, record: dict[str, Any]) -> int:
-    return sum(read_manifest(run.train(entry["round"]), "train")["counts"]["kept_tokens"] for entry in record["rounds"])
+def _kept_tokens_seen(run: RunFolder, record: RunRecord) -> int:
+    return sum(read_manifest(run.train(entry.round), "train")["counts"]["kept_tokens"] for entry in record.rounds)
 
 
-def cell_measures(config: EvalConfig, data: SeedData, record: dict[str, Any], run: RunFolder) -> dict[str, Any]:
+def _summaries(record: RunRecord, run: RunFolder) -> list[RoundSummary]:
+    """Every round's summary: a finished run has one for each (else its run.json is not the run's)."""
+    missing = [entry.round for entry in record.rounds if entry.summary is None]
+    if missing or not record.rounds:
+        raise ArtifactError(f"{run.record} has no summary for round(s) {missing or 'any'}: the run did not finish")
+    return [entry.summary for entry in record.rounds if entry.summary is not None]
+
+
+def cell_measures(config: EvalConfig, data: SeedData, record: RunRecord, run: RunFolder) -> dict[str, Any]:
     """The measures of a finished cell: its last model on the held-out rows, its selection per round, its costs."""
-    last = record["rounds"][-1]["round"]
-    values: dict[str, Any] = heldout_figures(config, data, run.checkpoint(last))
-    summaries = [entry["summary"] for entry in record["rounds"]]
+    summaries = _summaries(record, run)
+    values: dict[str, Any] = heldout_figures(config, data, run.checkpoint(record.rounds[-1].round))
     values |= {
-        "score_s": round(sum(s["score_s"] + s["select_s"] for s in summaries), 3),
-        "train_s": round(sum(s["train_s"] for s in summaries), 3),
+        "score_s": round(sum(s.score_s + s.select_s for s in summaries), 3),
+        "train_s": round(sum(s.train_s for s in summaries), 3),
         "kept_tokens": _kept_tokens_seen(run, record),
     }
     by_round = selection_by_round(run, record, data.train) if data.labelled else []
@@ -202,40 +196,40 @@ class _Cells:
     def __init__(self, config: EvalConfig):
         self.config, self.run, self.reused = config, 0, 0
 
-    def measured(self, seed: int, name: str, identity: dict[str, Any], work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def measured(self, seed: int, name: str, identity: dict[str, Any], work: Callable[[], dict[str, Any]]) -> CellMeasures:
         """The cell's measures file: read when done with this identity, else `work()` and write it."""
         path, key = measures_path(self.config, seed, name), sha256_json(identity)
         done = _read_done(path, key)
         if done is not None:
             self.reused += 1
-            say(f"seed {seed} {name}: done earlier, kept ({path.name})")
+            say("eval", f"seed {seed} {name}: done earlier, kept ({path.name})")
             return done
         started = time.monotonic()
         measures = {"identity": key, "seed": seed, "method": name} | work()
         measures["wall_s"] = round(time.monotonic() - started, 3)
-        _write_json(path, measures)
+        written = write_measures(path, measures)
         self.run += 1
-        shown = {k: v for k, v in measures["values"].items() if k in ("heldout_nll", "exact_match", "auroc")}
-        say(f"seed {seed} {name}: measured in {measures['wall_s']:.0f} s: "
+        shown = {k: v for k, v in written.values.items() if k in ("heldout_nll", "exact_match", "auroc")}
+        say("eval", f"seed {seed} {name}: measured in {written.wall_s:.0f} s: "
             + ", ".join(f"{k} {v:.4g}" if v is not None else f"{k} -" for k, v in shown.items()))
-        return measures
+        return written
 
 
-def _run_cell(cells: _Cells, data: SeedData, name: str, run_config: RunConfig) -> dict[str, Any]:
+def _run_cell(cells: _Cells, data: SeedData, name: str, run_config: RunConfig) -> CellMeasures:
     from pipeline.loop.rounds import run_identity, run_loop
 
     config = cells.config
     identity = {"run": run_identity(run_config), "measures": _measure_identity(config, data)}
 
     def work() -> dict[str, Any]:
-        say(f"seed {data.seed} {name}: {config.rounds if name != REFERENCE else 1} round(s) in {run_config.output}")
+        say("eval", f"seed {data.seed} {name}: {config.rounds if name != REFERENCE else 1} round(s) in {run_config.output}")
         result = run_loop(run_config)
         return cell_measures(config, data, result.record, result.folder)
 
     return cells.measured(data.seed, name, identity, work)
 
 
-def _reference_model(cells: _Cells, data: SeedData) -> tuple[dict[str, Any], Path]:
+def _reference_model(cells: _Cells, data: SeedData) -> tuple[CellMeasures, Path]:
     """The seed's reference: its measures (its training time) and checkpoint (trained once, for rho1 and tokencleaning)."""
     from pipeline.loop.rounds import run_identity, run_loop
 
@@ -244,14 +238,14 @@ def _reference_model(cells: _Cells, data: SeedData) -> tuple[dict[str, Any], Pat
     identity = {"run": run_identity(run_config), "measures": _measure_identity(cells.config, data)}
 
     def work() -> dict[str, Any]:
-        say(f"seed {data.seed} reference: training the base on {data.reference}")
-        record = run_loop(run_config).record
-        return {"values": {"train_s": record["rounds"][0]["summary"]["train_s"]}, "selection_by_round": []}
+        say("eval", f"seed {data.seed} reference: training the base on {data.reference}")
+        result = run_loop(run_config)
+        return {"values": {"train_s": _summaries(result.record, result.folder)[0].train_s}, "selection_by_round": []}
 
     return cells.measured(data.seed, REFERENCE, identity, work), folder.checkpoint(0)
 
 
-def _base_measures(cells: _Cells, data: SeedData, base: Path) -> dict[str, Any]:
+def _base_measures(cells: _Cells, data: SeedData, base: Path) -> CellMeasures:
     identity = {"base": checkpoint_fingerprint(base), "measures": _measure_identity(cells.config, data)}  # content, not path
     return cells.measured(data.seed, BASE, identity,
                           lambda: {"values": heldout_figures(cells.config, data, base), "selection_by_round": []})
@@ -262,7 +256,7 @@ def check_inputs(config: EvalConfig) -> None:
     if config.corpus == "natural":
         missing = [str(p) for p in config.natural.corpus if not Path(p).exists()]
         if missing:
-            raise ConfigError(f"natural.corpus: {', '.join(missing)} does not exist")
+            raise UserError(f"natural.corpus: {', '.join(missing)} does not exist")
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
@@ -273,10 +267,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
     check_inputs(config)
     base = Path(config.model) if Path(config.model).is_dir() else ensure_model(config.model)
     cells = _Cells(config)
-    measures: list[dict[str, Any]] = []
-    score = config.score
-    object_store = score.object_store_mb * 1024**2 if score.object_store_mb else None
-    with ray_session(score.address, score.num_cpus, object_store, connect_timeout_s=score.connect_timeout_s):
+    measures: list[CellMeasures] = []
+    with ray_session(config.ray):
         for seed in config.seeds:
             data = seed_data(config, seed)
             measures.append(_base_measures(cells, data, base))
@@ -287,5 +279,5 @@ def run_eval(config: EvalConfig) -> EvalResult:
             for method in config.methods:
                 measures.append(_run_cell(cells, data, method, cell_run_config(config, data, method, reference)))
     report = write_eval(config, measures, wall_s=time.monotonic() - started, cells_run=cells.run)
-    say(f"{cells.run} cell(s) run now, {cells.reused} done earlier; table in {Path(config.output) / 'eval.md'}")
+    say("eval", f"{cells.run} cell(s) run now, {cells.reused} done earlier; table in {Path(config.output) / 'eval.md'}")
     return EvalResult(Path(config.output), report, cells.run, cells.reused)

@@ -15,13 +15,12 @@ Beside the training rows it makes held-out clean problems with their answers (fo
 exact match) and the clean reference slice: the uncorrupted versions of a seeded
 `reference_fraction` (20%) of the training conversations, same ids, for the reference model of
 the rho1 and tokencleaning baselines (the paper fine-tunes its reference on a clean 20% slice of
-the same data). Everything comes from `seed` alone: the same seed writes the same bytes.
+the same data). Everything comes from `seed` alone: the same seed makes the same rows.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import string
 from collections import Counter
@@ -41,8 +40,6 @@ from pipeline.eval.worked_problems import (
 from pipeline.runtime.errors import UserError
 
 CORRUPTION_KINDS = ("wrong_result", "random_tokens", "shuffled", "filler", "prompt_copy")
-SCHEMA_VERSION = 1
-TRAIN, HELDOUT, CLEAN_REFERENCE, TASK = "train.jsonl", "heldout.jsonl", "clean_reference.jsonl", "task.json"
 
 _FILLER = (
     "The weather in spring is often mild and pleasant.",
@@ -63,10 +60,6 @@ _NOISE_ALPHABET = string.ascii_lowercase + string.digits
 Span = tuple[int, int]
 
 
-class TaskError(UserError, ValueError):
-    """Settings that cannot make a task (a fraction outside [0, 1], an unknown kind, too few problems)."""
-
-
 @dataclass(frozen=True)
 class GroundTruthTask:
     """The rows of the three files and the settings and counts that `task.json` records."""
@@ -76,15 +69,6 @@ class GroundTruthTask:
     clean_reference: list[dict[str, Any]]
     settings: dict[str, Any]
     counts: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TaskFiles:
-    folder: Path
-    train: Path
-    heldout: Path
-    clean_reference: Path
-    task: Path
 
 
 # --- corruptions: (problem, rng) -> (content, corrupted character spans) ---------------------
@@ -152,18 +136,18 @@ CORRUPTERS = {
 def _check(n_train: int, n_heldout: int, fractions: dict[str, float], kinds: tuple[str, ...],
            corruptions: tuple[str, ...]) -> None:
     if n_train < 1:
-        raise TaskError(f"n_train is {n_train}; a task needs at least 1 training conversation")
+        raise UserError(f"n_train is {n_train}; a task needs at least 1 training conversation")
     if n_heldout < 0:
-        raise TaskError(f"n_heldout is {n_heldout}; it must be 0 or more")
+        raise UserError(f"n_heldout is {n_heldout}; it must be 0 or more")
     for name, value in fractions.items():
         if not 0.0 <= value <= 1.0:
-            raise TaskError(f"{name} is {value}; it must lie in [0, 1]")
+            raise UserError(f"{name} is {value}; it must lie in [0, 1]")
     for what, chosen, known in (("problem kind", kinds, PROBLEM_KINDS), ("corruption kind", corruptions, CORRUPTION_KINDS)):
         if not chosen:
-            raise TaskError(f"no {what} chosen; pick from {', '.join(known)}")
+            raise UserError(f"no {what} chosen; pick from {', '.join(known)}")
         unknown = [k for k in chosen if k not in known]
         if unknown:
-            raise TaskError(f"unknown {what} {unknown[0]!r}; expected one of {', '.join(known)}")
+            raise UserError(f"unknown {what} {unknown[0]!r}; expected one of {', '.join(known)}")
 
 
 class _Problems:
@@ -178,7 +162,7 @@ class _Problems:
             if problem.prompt not in self.seen:
                 self.seen.add(problem.prompt)
                 return problem
-        raise TaskError(f"ran out of distinct {kind} problems after {len(self.seen)}; ask for fewer rows")
+        raise UserError(f"ran out of distinct {kind} problems after {len(self.seen)}; ask for fewer rows")
 
 
 def _rng(seed: int, purpose: str) -> random.Random:
@@ -270,46 +254,11 @@ def _counts(train: list[dict[str, Any]], heldout: list[dict[str, Any]], referenc
     }
 
 
-# --- files ------------------------------------------------------------------------------
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def write_task(task: GroundTruthTask, folder: Path) -> TaskFiles:
-    """Write train.jsonl, heldout.jsonl, clean_reference.jsonl and task.json into `folder`.
-
-    Each file is written whole under a temporary name and renamed into place; `task.json` goes
-    last, so a folder with a task.json holds a complete task.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = TaskFiles(folder, folder / TRAIN, folder / HELDOUT, folder / CLEAN_REFERENCE, folder / TASK)
-    for rows, path in ((task.train, files.train), (task.heldout, files.heldout), (task.clean_reference, files.clean_reference)):
-        _write_text_atomic(_jsonl(rows), path)
-    description = {
-        "kind": "ground_truth_task", "schema_version": SCHEMA_VERSION, "settings": task.settings,
-        "counts": task.counts, "files": {"train": TRAIN, "heldout": HELDOUT, "clean_reference": CLEAN_REFERENCE},
-        "answer_format": "the last sentence of every answer: 'So the answer is X.'",
-        "corruption_spans": "character spans [start, end) in the content of assistant turn `turn` (0-based, "
-                            "counting assistant messages only)",
-    }
-    _write_text_atomic(json.dumps(description, indent=2, ensure_ascii=False) + "\n", files.task)
-    return files
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a task file; a line that is not a JSON object is an error naming file and line."""
     path = Path(path)
     if not path.is_file():
-        raise TaskError(f"task file {path} does not exist; write the task first")
+        raise UserError(f"task file {path} does not exist; write the task first")
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -317,8 +266,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise TaskError(f"{path} line {number} is not JSON: {error.msg}") from error
+            raise UserError(f"{path} line {number} is not JSON: {error.msg}") from error
         if not isinstance(row, dict):
-            raise TaskError(f"{path} line {number} is {type(row).__name__}, expected an object")
+            raise UserError(f"{path} line {number} is {type(row).__name__}, expected an object")
         rows.append(row)
     return rows

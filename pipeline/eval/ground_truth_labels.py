@@ -25,22 +25,18 @@ from pipeline.runtime.fingerprint import tokenizer_fingerprints
 LABEL_SCHEMA = {"sample_id": pl.String, "corrupted": pl.List(pl.Boolean)}
 
 
-class LabelError(ArtifactError):
-    """Task rows and tokenized shards that do not belong together, or a malformed corruption record."""
-
-
 def _spans(row: dict[str, Any], where: str) -> list[tuple[int, int, int]]:
     spans = row.get("corruption", [])
     if not isinstance(spans, list):
-        raise LabelError(f"{where}: 'corruption' is {type(spans).__name__}, expected a list of spans")
+        raise ArtifactError(f"{where}: 'corruption' is {type(spans).__name__}, expected a list of spans")
     out = []
     for index, span in enumerate(spans):
         try:
             values = (span["turn"], span["start"], span["end"])
         except (TypeError, KeyError) as error:
-            raise LabelError(f"{where}: corruption span {index} needs 'turn', 'start' and 'end'") from error
+            raise ArtifactError(f"{where}: corruption span {index} needs 'turn', 'start' and 'end'") from error
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise LabelError(f"{where}: corruption span {index} has non-integer turn/start/end {list(values)}")
+            raise ArtifactError(f"{where}: corruption span {index} has non-integer turn/start/end {list(values)}")
         out.append(values)
     return out
 
@@ -48,7 +44,7 @@ def _spans(row: dict[str, Any], where: str) -> list[tuple[int, int, int]]:
 def corrupted_flags(renderer: ChatRenderer, row: dict[str, Any], input_ids: list[int], trainable: list[bool]) -> list[bool]:
     """One flag per stored token of the sample made from `row`: trainable and inside a corrupted span.
 
-    Raises `LabelError` when the row does not render to the stored tokens (another row, tokenizer
+    Raises `ArtifactError` when the row does not render to the stored tokens (another row, tokenizer
     or template made them); a truncated sample's tokens are a prefix of the rendering.
     """
     where = f"task row {row.get('id')!r}"
@@ -56,10 +52,10 @@ def corrupted_flags(renderer: ChatRenderer, row: dict[str, Any], input_ids: list
         messages = normalise_messages(row)
         rendered, marked = renderer.render_marking(messages, _spans(row, where))
     except (RowError, TemplateError) as error:
-        raise LabelError(f"{where}: {error}") from error
+        raise ArtifactError(f"{where}: {error}") from error
     n = len(input_ids)
     if rendered.input_ids[:n] != list(input_ids) or rendered.trainable[:n] != list(trainable) or n == 0:
-        raise LabelError(
+        raise ArtifactError(
             f"{where} does not render to the stored tokens of its sample ({n} stored, {len(rendered.input_ids)} "
             "rendered); the tokenized folder was made from other rows or with another tokenizer or template"
         )
@@ -79,7 +75,7 @@ def _renderer_of(tokenized: Path, manifest: dict[str, Any], tokenizer: Any) -> C
     if (fingerprints["tokenizer"], fingerprints["chat_template"]) != (
         recorded["fingerprint"], recorded["chat_template_fingerprint"]
     ):
-        raise LabelError(
+        raise ArtifactError(
             f"the tokenizer or chat template differs from the one that made {tokenized} "
             f"(recorded {recorded['name_or_path']}); pass the tokenizer folder prepare used"
         )
@@ -99,7 +95,7 @@ def corrupted_token_mask(tokenized: Path, train_jsonl: Path, tokenizer: Any = No
     rows: dict[str, dict[str, Any]] = {}
     for row in read_jsonl(train_jsonl):
         if str(row.get("id")) in rows:
-            raise LabelError(f"{train_jsonl} holds id {row.get('id')!r} twice; task ids must be unique")
+            raise ArtifactError(f"{train_jsonl} holds id {row.get('id')!r} twice; task ids must be unique")
         rows[str(row.get("id"))] = row
     renderer = _renderer_of(tokenized, manifest, tokenizer)
     sample_ids, flags = [], []
@@ -108,7 +104,7 @@ def corrupted_token_mask(tokenized: Path, train_jsonl: Path, tokenizer: Any = No
         for sample_id, input_ids, trainable in zip(*(shard.column(c).to_pylist() for c in shard.column_names)):
             row = rows.get(sample_id)
             if row is None:
-                raise LabelError(
+                raise ArtifactError(
                     f"sample {sample_id!r} of {tokenized} has no row in {train_jsonl}; prepare that file "
                     "(its ids become the sample ids) and label the folder it made"
                 )

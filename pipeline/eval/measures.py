@@ -34,10 +34,6 @@ from pipeline.scoring.score_settings import ScoreSettings
 from pipeline.scoring.scorer import Scorer
 
 
-class MeasureError(UserError, ValueError):
-    """Inputs a measure cannot use (arrays that do not line up, an empty held-out set)."""
-
-
 # --- selection quality --------------------------------------------------------------------
 
 
@@ -81,12 +77,12 @@ def selection_quality(keep: Any, score: Any, trainable: Any, corrupted: Any) -> 
               "trainable": _flat(trainable, bool), "corrupted": _flat(corrupted, bool)}
     lengths = {name: len(a) for name, a in arrays.items()}
     if len(set(lengths.values())) != 1:
-        raise MeasureError(f"keep, score, trainable and corrupted must line up token for token, got lengths {lengths}")
+        raise UserError(f"keep, score, trainable and corrupted must line up token for token, got lengths {lengths}")
     keep, score, trainable, corrupted = arrays.values()
     if (corrupted & ~trainable).any():
-        raise MeasureError("a corrupted flag is set on a token that is not trainable; labels and tokens do not line up")
+        raise UserError("a corrupted flag is set on a token that is not trainable; labels and tokens do not line up")
     if (keep & ~trainable).any():
-        raise MeasureError("keep is set on a token that is not trainable; masks and tokens do not line up")
+        raise UserError("keep is set on a token that is not trainable; masks and tokens do not line up")
     bad, good = trainable & corrupted, trainable & ~corrupted
     scored = trainable & ~np.isnan(score)
     return {
@@ -109,7 +105,7 @@ def chat_tokenizer(model_dir: Path | str, trust_remote_code: bool = False) -> An
 def _rows(heldout: Path | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = read_jsonl(Path(heldout)) if isinstance(heldout, (str, Path)) else list(heldout)
     if not rows:
-        raise MeasureError(f"the held-out set {heldout if isinstance(heldout, (str, Path)) else ''} is empty")
+        raise UserError(f"the held-out set {heldout if isinstance(heldout, (str, Path)) else ''} is empty")
     return rows
 
 
@@ -117,7 +113,7 @@ def _messages(row: dict[str, Any], index: int) -> list[dict[str, str]]:
     try:
         return normalise_messages(row)
     except RowError as error:
-        raise MeasureError(f"held-out row {row.get('id', index)!r} is not a conversation: {error.detail}") from error
+        raise UserError(f"held-out row {row.get('id', index)!r} is not a conversation: {error.detail}") from error
 
 
 def _heldout_tokens(model_dir: Path | str, heldout: Path | Sequence[dict[str, Any]], trust_remote_code: bool
@@ -128,7 +124,7 @@ def _heldout_tokens(model_dir: Path | str, heldout: Path | Sequence[dict[str, An
         verify_shards(Path(heldout), manifest)
         own = tokenizer_fingerprints(chat_tokenizer(model_dir, trust_remote_code))["tokenizer"]
         if own != manifest["tokenizer"]["fingerprint"]:
-            raise MeasureError(
+            raise UserError(
                 f"{heldout} was tokenized with another tokenizer than the one in {model_dir}; "
                 "give the heldout.jsonl instead, or prepare it with this model's tokenizer"
             )
@@ -158,7 +154,7 @@ def heldout_nll(model_dir: Path | str, heldout: Path | Sequence[dict[str, Any]],
     signals = Scorer(model_dir, settings, importance=False).token_signals(ids, tokens, masks)
     values = np.concatenate([s.nll[m] for s, m in zip(signals, masks)])
     if values.size == 0:
-        raise MeasureError("the held-out conversations have no response token to score")
+        raise UserError("the held-out conversations have no response token to score")
     return float(values.astype(np.float64).mean())
 
 
@@ -200,9 +196,9 @@ def greedy_answers(model_dir: Path | str, heldout: Path | Sequence[dict[str, Any
     rows = _rows(heldout)
     missing = [str(row.get("id", index)) for index, row in enumerate(rows) if not isinstance(row.get("answer"), str)]
     if missing:
-        raise MeasureError(f"held-out row {missing[0]!r} has no 'answer' string to check a generation against")
+        raise UserError(f"held-out row {missing[0]!r} has no 'answer' string to check a generation against")
     if max_new_tokens < 1:
-        raise MeasureError(f"max_new_tokens is {max_new_tokens}; it must be at least 1")
+        raise UserError(f"max_new_tokens is {max_new_tokens}; it must be at least 1")
     if threads:
         torch.set_num_threads(threads)
     tokenizer = chat_tokenizer(model_dir, trust_remote_code)

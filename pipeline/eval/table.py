@@ -1,8 +1,8 @@
 """The eval's table: cells' measures aggregated over seeds into eval.json, eval.md (Markdown) and eval.svg (a plot).
 
-    write_eval(config, measures, wall_s=..., cells_run=...) -> the eval.json content
+    write_eval(config, measures, wall_s=..., cells_run=...) -> the eval.json content, typed (`EvalReport`)
 
-eval.json (`sstoken report EVAL_DIR` reads it):
+eval.json (`schemas/eval.v1.schema.json`; `sstoken report EVAL_DIR` reads it through `pipeline.eval.records`):
     {"kind": "eval", "schema_version": 1, "config": {...}, "methods": [...],
      "measures": [{"key", "label", "higher_is_better"}, ...],
      "table": [{"method", "values": {KEY: {"mean", "std", "n"}}}, ...],
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.eval.config import EvalConfig
+from pipeline.eval.records import EVAL_RECORD, CellMeasures, EvalReport, check_eval
 
 SCHEMA_VERSION = 1
 BASE_ROW = "base"
@@ -48,22 +49,22 @@ def spread(values: list[float | None]) -> dict[str, Any]:
     return {"mean": statistics.fmean(present), "std": std, "n": len(present)}
 
 
-def build_report(config: EvalConfig, measures: list[dict[str, Any]], wall_s: float, cells_run: int) -> dict[str, Any]:
+def build_report(config: EvalConfig, measures: list[CellMeasures], wall_s: float, cells_run: int) -> dict[str, Any]:
     """eval.json's content from the cells' measures files."""
     keys = [(key, label, better) for key, label, better, corpora in MEASURES if config.corpus in corpora]
     rows = [BASE_ROW, *config.methods]
     table = []
     for method in rows:
-        cells = [m for m in measures if m["method"] == method]
-        values = {key: spread([c["values"].get(key) for c in cells]) for key, _, _ in keys}
+        cells = [m for m in measures if m.method == method]
+        values = {key: spread([c.values.get(key) for c in cells]) for key, _, _ in keys}
         table.append({"method": method, "values": {k: v for k, v in values.items() if v["n"] or method != BASE_ROW}})
     by_round = []
     for method in config.methods:
-        cells = [m for m in measures if m["method"] == method]
-        for index in sorted({r["round"] for c in cells for r in c["selection_by_round"]}):
-            entries = [r for c in cells for r in c["selection_by_round"] if r["round"] == index]
-            by_round.append({"method": method, "round": index, "selection": entries[0]["selection"]}
-                            | {name: spread([e[name] for e in entries]) for name in SELECTION})
+        cells = [m for m in measures if m.method == method]
+        for index in sorted({r.round for c in cells for r in c.selection_by_round}):
+            entries = [r for c in cells for r in c.selection_by_round if r.round == index]
+            by_round.append({"method": method, "round": index, "selection": entries[0].selection}
+                            | {name: spread([getattr(e, name) for e in entries]) for name in SELECTION})
     return {
         "kind": "eval",
         "schema_version": SCHEMA_VERSION,
@@ -77,7 +78,7 @@ def build_report(config: EvalConfig, measures: list[dict[str, Any]], wall_s: flo
         "selection_by_round": by_round,
         "wall_s": round(wall_s, 1),
         # Every cell's own wall time (reference and base included), summed: the eval's cost across resumed calls.
-        "cells_wall_s": round(sum(m.get("wall_s", 0.0) for m in measures), 1),
+        "cells_wall_s": round(sum(m.wall_s for m in measures), 1),
         "cells_run": cells_run,
     }
 
@@ -150,13 +151,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     os.replace(temporary, path)
 
 
-def write_eval(config: EvalConfig, measures: list[dict[str, Any]], wall_s: float, cells_run: int) -> dict[str, Any]:
-    """eval.json, eval.md and eval.svg in the eval folder (each written whole, then renamed)."""
+def write_eval(config: EvalConfig, measures: list[CellMeasures], wall_s: float, cells_run: int) -> EvalReport:
+    """eval.json (checked against its schema), eval.md and eval.svg in the eval folder (each written whole, then
+    renamed)."""
     output = Path(config.output)
     report = build_report(config, measures, wall_s, cells_run)
-    for name, text in (("eval.json", json.dumps(report, indent=2, allow_nan=False) + "\n"), ("eval.md", markdown(report))):
+    typed = check_eval(report, output / EVAL_RECORD)
+    for name, text in ((EVAL_RECORD, json.dumps(report, indent=2, allow_nan=False) + "\n"), ("eval.md", markdown(report))):
         temporary = output / (name + ".partial")
         temporary.write_text(text)
         os.replace(temporary, output / name)
     plot(report, output / "eval.svg")
-    return report
+    return typed

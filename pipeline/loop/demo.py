@@ -21,7 +21,7 @@ from pydantic import Field
 
 import pipeline
 from pipeline.loop.run_config import RoundUnit, RunConfig
-from pipeline.runtime.config import ConfigError
+from pipeline.runtime.errors import UserError
 
 BUNDLED_CORPUS = Path(pipeline.__file__).resolve().parent.parent / "examples" / "corpus"
 
@@ -57,12 +57,12 @@ def run_demo(config: DemoConfig) -> DemoRun:
 
     missing = [str(p) for p in config.corpus if not Path(p).exists()]
     if missing:
-        raise ConfigError(
+        raise UserError(
             f"demo corpus {', '.join(missing)} not found; run from a checkout of sstoken or pass --corpus PATH"
         )
     result = run_loop(config)
-    rounds = result.record["rounds"]
+    rounds, folder = result.record.rounds, result.folder
     agreement = None
     if len(rounds) >= 2:
-        agreement = mask_agreement(result.folder.root / rounds[0]["masks"], result.folder.root / rounds[1]["masks"])
+        agreement = mask_agreement(folder.inside(rounds[0].masks, "a masks folder"), folder.inside(rounds[1].masks, "a masks folder"))
     return DemoRun(run=result, agreement=agreement)

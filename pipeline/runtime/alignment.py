@@ -104,13 +104,22 @@ def keep_problems(table: pa.Table, where: str, trainable: pa.ChunkedArray | None
     keep = keep.astype(bool)
     problems = _position_zero(table, offsets, keep, "keep", where)
     problems += _row_count(table, offsets, keep, "n_kept", "keep", where)
-    if trainable is not None:
-        target, _ = flat_lists(pa.table({"t": trainable}), "t")
-        off = keep & ~target.astype(bool)
-        if off.any():
-            rows = rows_where(table, offsets, off)
-            problems.append(f"keep off the targets: keep is true where trainable is false in {example(rows, len(rows), where)}")
-    return problems
+    return problems + _off_targets(table, offsets, keep, trainable, "keep off the targets: keep is true where trainable "
+                                   "is false", where)
+
+
+def _off_targets(
+    table: pa.Table, offsets: np.ndarray, flags: np.ndarray, trainable: pa.ChunkedArray | None, problem: str, where: str
+) -> list[str]:
+    """`problem`, with the rows, where `flags` is true but the token is no target (only when `trainable` is given)."""
+    if trainable is None:
+        return []
+    target, _ = flat_lists(pa.table({"t": trainable}), "t")
+    off = flags & ~target.astype(bool)
+    if not off.any():
+        return []
+    rows = rows_where(table, offsets, off)
+    return [f"{problem} in {example(rows, len(rows), where)}"]
 
 
 def _position_zero(table: pa.Table, offsets: np.ndarray, flags: np.ndarray, name: str, where: str) -> list[str]:
@@ -148,12 +157,8 @@ def _export_problems(table: pa.Table, where: str, trainable: pa.ChunkedArray | N
     problems = []
     labelled = labels != IGNORE_INDEX
     problems += _position_zero(table, offsets, labelled, "labels", where)
-    if trainable is not None:
-        target, _ = flat_lists(pa.table({"t": trainable}), "t")
-        off = labelled & ~target.astype(bool)
-        if off.any():
-            rows = rows_where(table, offsets, off)
-            problems.append(f"labels off the targets: a label where trainable is false in {example(rows, len(rows), where)}")
+    problems += _off_targets(table, offsets, labelled, trainable, "labels off the targets: a label where trainable is false",
+                             where)
     wrong = labelled & (labels != ids)
     if wrong.any():
         rows = rows_where(table, offsets, wrong)

@@ -11,10 +11,6 @@ from pipeline.runtime.errors import UserError
 from pipeline.runtime.fingerprint import files_fingerprint
 
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint folder that cannot be used; the message names the folder and what to do."""
-
-
 _FINGERPRINTS: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
 
 
@@ -26,10 +22,10 @@ def checkpoint_files(path: Path | str) -> list[Path]:
     """config.json plus the safetensors weight files of a checkpoint folder; raises when unusable."""
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+        raise UserError(f"checkpoint folder {folder} does not exist")
     config = folder / "config.json"
     if not config.is_file():
-        raise CheckpointError(f"checkpoint folder {folder} has no config.json; is it a Hugging Face model folder?")
+        raise UserError(f"checkpoint folder {folder} has no config.json; is it a Hugging Face model folder?")
     weights = _weight_files(folder)
     if not weights:
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -39,7 +35,7 @@ def checkpoint_files(path: Path | str) -> list[Path]:
             if pickled
             else ""
         )
-        raise CheckpointError(f"checkpoint folder {folder} has no *.safetensors weights.{hint}")
+        raise UserError(f"checkpoint folder {folder} has no *.safetensors weights.{hint}")
     return [config, *weights]
 
 
@@ -80,7 +76,7 @@ def load_model(
             attn_implementation=attn_implementation,
         )
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"could not load the model in {folder}: {error}") from error
+        raise UserError(f"could not load the model in {folder}: {error}") from error
     return model.to(device).eval()
 
 
@@ -90,8 +86,8 @@ def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> Any:
 
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"tokenizer folder {folder} does not exist")
+        raise UserError(f"tokenizer folder {folder} does not exist")
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"could not load a tokenizer from {folder}: {error}") from error
+        raise UserError(f"could not load a tokenizer from {folder}: {error}") from error

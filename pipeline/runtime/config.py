@@ -10,8 +10,10 @@ Two things are declared on the fields rather than listed elsewhere:
   finished shards);
 - its help text and default, which `--help` shows.
 
-A `SectionedConfig` composes stages: its sections are the stage configs themselves, unchanged,
-filled from one YAML file with a mapping per section and from flags like `--score.ratio 0.3`.
+A field typed as a StageConfig is a section: a mapping under its name in YAML, `--SECTION.FLAG`
+on the command line (`sstoken score --ray.address HOST:PORT`). A `SectionedConfig` composes stages:
+its sections are the stage configs themselves, unchanged, filled from one YAML file with a mapping
+per section and from flags like `--score.ratio 0.3`.
 """
 
 from __future__ import annotations
@@ -37,10 +39,6 @@ NONE_SPELLING = "none"
 _RUN_KEY = "run_key"
 
 
-class ConfigError(UserError, ValueError):
-    """A config file or flag that cannot be used; the message names it."""
-
-
 def setting(default: Any = PydanticUndefined, *, description: str, run_key: bool = True, **constraints: Any) -> Any:
     """A config field with its help text; `run_key=False` keeps it out of the stage's run key.
 
@@ -63,6 +61,32 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @classmethod
+    def sections(cls) -> dict[str, type[StageConfig]]:
+        """Section name -> its config class: the fields typed as a StageConfig."""
+        return {
+            name: field.annotation
+            for name, field in cls.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, StageConfig)
+        }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _section_settings_in_their_section(cls, data: Any) -> Any:
+        """A section's setting given at the top level (`address:` for `ray: {address: ...}`) is refused with its place."""
+        if isinstance(data, dict):
+            for name in set(data) - set(cls.model_fields):
+                owners = [s for s, c in cls.sections().items() if name in c.model_fields and name not in cls.filled_fields(s)]
+                if owners:
+                    places = " or ".join(f"{s}: section: set {s}.{name} (--{s}.{str(name).replace('_', '-')})" for s in owners)
+                    raise ValueError(f"{name} is a setting of the {places}")
+        return data
+
+    @classmethod
+    def filled_fields(cls, section: str) -> tuple[str, ...]:
+        """The settings of `section` this config fills itself, which the user cannot set (none here)."""
+        return ()
+
     def resolved(self) -> dict[str, Any]:
         """The config as plain JSON-ready data, as saved in manifests."""
         return json.loads(self.model_dump_json())
@@ -84,20 +108,21 @@ class SectionedConfig(StageConfig):
     A field typed as a StageConfig is a section: in YAML a mapping under its name, on the command
     line `--SECTION.FLAG`. `section_defaults` gives a section other defaults than the stage's own;
     `derived_fields` names the section settings this config fills itself from its top-level fields
-    (`derived_settings`), which the user cannot set.
+    (`derived_settings`), which the user cannot set. `shared_sections` names a section of this
+    config that is also a section of some stage sections (`ray:`, the one Ray session of a run): it
+    is set once here and copied into each of them, and a stage section that sets it, or one of its
+    settings, is refused with the place to set it.
     """
 
     section_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     derived_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
+    shared_sections: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @classmethod
-    def sections(cls) -> dict[str, type[StageConfig]]:
-        """Section name -> its stage config class."""
-        return {
-            name: field.annotation
-            for name, field in cls.model_fields.items()
-            if isinstance(field.annotation, type) and issubclass(field.annotation, StageConfig)
-        }
+    def filled_fields(cls, section: str) -> tuple[str, ...]:
+        """The settings of `section` this config fills itself: derived ones and shared sections."""
+        shared = tuple(name for name, stages in cls.shared_sections.items() if section in stages)
+        return cls.derived_fields.get(section, ()) + shared
 
     @classmethod
     def derived_settings(cls, top: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -130,6 +155,10 @@ class SectionedConfig(StageConfig):
         }
         for section, values in cls.derived_from_sections(given_sections).items():
             derived[section] = derived.get(section, {}) | values
+        for shared, stages in cls.shared_sections.items():
+            for stage in stages:
+                _refuse_shared_settings(data.get(stage, {}), stage, shared, sections[shared])
+                derived[stage] = derived.get(stage, {}) | {shared: given_sections[shared]}
         completed = dict(data)
         for section in sections:
             given = data.get(section, {})
@@ -141,6 +170,19 @@ class SectionedConfig(StageConfig):
                 raise ValueError(f"{names} cannot be set: {cls.__name__} fills it from its own settings")
             completed[section] = cls.section_defaults.get(section, {}) | given | derived.get(section, {})
         return completed
+
+
+def _refuse_shared_settings(given: Any, stage: str, shared: str, shared_class: type[StageConfig]) -> None:
+    """A stage section must not set the shared section (`score: {ray: ...}`) or one of its settings (`score: {address: ...}`)."""
+    if not isinstance(given, dict):
+        return
+    for name in given:
+        if name == shared or name in shared_class.model_fields:
+            setting = shared if name == shared else f"{shared}.{name}"
+            raise ValueError(
+                f"{stage}.{name} cannot be set in a stage section: set {setting} in the {shared}: section "
+                f"(--{setting.replace('_', '-')}), which every stage uses"
+            )
 
 
 def _as_mapping(section: Any) -> dict[str, Any]:
@@ -215,38 +257,39 @@ def _add_field_flag(
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[StageConfig]) -> None:
     """Add one flag per config field (plus `--config FILE`); a section's fields become `--SECTION.FLAG`."""
     parser.add_argument("--config", type=Path, help="YAML file with any of the settings below; flags override it.")
-    sections = config_class.sections() if issubclass(config_class, SectionedConfig) else {}
+    sections = config_class.sections()
     for name, field in config_class.model_fields.items():
         if name not in sections:
             _add_field_flag(parser, name, field)
+    sectioned = issubclass(config_class, SectionedConfig)
     for section, section_class in sections.items():
-        assert issubclass(config_class, SectionedConfig)
         group = parser.add_argument_group(
             f"{section} section", f"Settings of {section_class.__name__}: `{section}:` in the YAML file, or --{section}.FLAG."
         )
-        derived = config_class.derived_fields.get(section, ())
-        defaults = config_class.section_defaults.get(section, {})
+        filled = config_class.filled_fields(section)
+        defaults = config_class.section_defaults.get(section, {}) if sectioned else {}
         for name, field in section_class.model_fields.items():
-            if name not in derived:
+            # A section's own sections are filled by the config (shared) or set in YAML only: flags go one level deep.
+            if name not in filled and name not in section_class.sections():
                 _add_field_flag(group, name, field, prefix=f"{section}.", default=defaults.get(name, PydanticUndefined))
 
 
 def _read_yaml(config_file: Path) -> dict[str, Any]:
     if not Path(config_file).is_file():
-        raise ConfigError(f"config file {config_file} does not exist")
+        raise UserError(f"config file {config_file} does not exist")
     try:
         text = Path(config_file).read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(f"config file {config_file} is not text (UTF-8): byte {error.start} cannot be decoded; "
+        raise UserError(f"config file {config_file} is not text (UTF-8): byte {error.start} cannot be decoded; "
                           "pass a YAML file") from None
     try:
         loaded = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {config_file} is not valid YAML: {error}") from error
+        raise UserError(f"config file {config_file} is not valid YAML: {error}") from error
     except RecursionError:
-        raise ConfigError(f"config file {config_file} is nested too deeply to read; pass a YAML mapping of settings") from None
+        raise UserError(f"config file {config_file} is nested too deeply to read; pass a YAML mapping of settings") from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {config_file} must hold a mapping of settings")
+        raise UserError(f"config file {config_file} must hold a mapping of settings")
     return loaded
 
 
@@ -278,23 +321,22 @@ def load_config(
     config_class: type[Config], config_file: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Config:
     """Build a config from an optional YAML file and flag overrides (flags win, setting by setting)."""
-    sections = set(config_class.sections()) if issubclass(config_class, SectionedConfig) else set()
+    sections = set(config_class.sections())
     values = _python_names(_read_yaml(config_file), sections) if config_file is not None else {}
     values = _merge(values, overrides or {}, sections)
     try:
         return config_class(**values)
     except ValidationError as error:
-        raise ConfigError(f"invalid {config_class.__name__} settings: {_problems(error)}") from error
+        raise UserError(f"invalid {config_class.__name__} settings: {_problems(error)}") from error
 
 
 def config_from_arguments(config_class: type[Config], arguments: argparse.Namespace) -> Config:
     """The config a parsed command line asks for."""
     given = vars(arguments)
     overrides: dict[str, Any] = {name: given[name] for name in config_class.model_fields if name in given}
-    if issubclass(config_class, SectionedConfig):
-        for section in config_class.sections():
-            prefix = section + "."
-            flags = {dest[len(prefix):]: value for dest, value in given.items() if dest.startswith(prefix)}
-            if flags:
-                overrides[section] = flags
+    for section in config_class.sections():
+        prefix = section + "."
+        flags = {dest[len(prefix):]: value for dest, value in given.items() if dest.startswith(prefix)}
+        if flags:
+            overrides[section] = flags
     return load_config(config_class, getattr(arguments, "config", None), overrides)

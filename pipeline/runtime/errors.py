@@ -4,6 +4,12 @@ A `UserError` means bad input, a bad setting or an unusable environment: the CLI
 message as one line (it names the file, row or setting and what to do) and exits with
 `exit_code`. Every other exception is a bug (or out of memory) and keeps its traceback, exit 1.
 
+A user error is raised as `UserError("what is wrong with which file or setting; what to do")`.
+A subclass exists only where code catches that kind by type: `ArtifactError` (an artifact folder
+or file that is missing, damaged or of another run: runtime/files.py), `SchemaError` (a table
+that breaks its schema: runtime/schemas.py), `TemplateError` (a chat template that cannot render
+a conversation: data/chat.py).
+
 Operating-system refusals the user can fix (disk full, read-only output, permission denied, a
 missing path) are user errors too: `refusal_from_os_error` turns them into one line naming the
 path and what to do.
@@ -15,6 +21,7 @@ import errno
 import os
 import re
 import shutil
+from pathlib import Path
 
 # Exit status of a user error (a missing path, a bad setting, a refused output folder, ...).
 EXIT_USER_ERROR = 2
@@ -26,10 +33,6 @@ class UserError(Exception):
     exit_code: int = EXIT_USER_ERROR
 
 
-class SystemRefusal(UserError):
-    """The operating system refused the work in a way the user can fix: no space, read-only, no permission."""
-
-
 # errno -> (what happened, what to do); the path goes between them.
 _OS_ADVICE: dict[int, tuple[str, str]] = {
     errno.ENOSPC: ("no space left on device writing", "free space and rerun; finished shards are kept"),
@@ -38,10 +41,13 @@ _OS_ADVICE: dict[int, tuple[str, str]] = {
     errno.EACCES: ("permission denied on", "give this user access to it, or choose another path"),
     errno.EPERM: ("operation not permitted on", "give this user access to it, or choose another path"),
     errno.ENOENT: ("no such file or directory:", "check the path"),
+    # An output under a regular file (`--output somefile/out`), or a folder to create where a file is.
+    errno.ENOTDIR: ("a file stands where a folder must be:", "choose another path, or move that file away"),
+    errno.EEXIST: ("a file stands where a folder must be:", "choose another path, or move that file away"),
 }
 
 
-def refusal_from_os_error(error: OSError, where: str | os.PathLike[str] | None = None) -> SystemRefusal | None:
+def refusal_from_os_error(error: OSError, where: str | os.PathLike[str] | None = None) -> UserError | None:
     """A one-line user error for an OS refusal the user can fix (None for any other OSError: a bug).
 
     The path is the one the error names; an error that names none (pyarrow's writers) is placed
@@ -54,11 +60,25 @@ def refusal_from_os_error(error: OSError, where: str | os.PathLike[str] | None =
     happened, todo = advice
     if filename is not None:
         path = str(filename)
+        if number in (errno.ENOTDIR, errno.EEXIST):
+            blocker = _file_in_the_way(Path(path))
+            if blocker is None and number == errno.EEXIST:
+                return None  # a folder that exists already: our code's to handle, not the user's
+            if blocker is not None and str(blocker) != path:
+                path = f"{blocker} (in {path})"
     elif where is not None:
         path = f"a file under {where}"
     else:
         path = "a file"
-    return SystemRefusal(f"{happened} {path}: {todo}")
+    return UserError(f"{happened} {path}: {todo}")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The path itself or the nearest folder above it that exists and is not a folder (None: there is none)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 _ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]")

@@ -12,22 +12,24 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
+import pydantic
 import pyarrow.parquet as pq
 
 import pipeline
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.fingerprint import sha256_file
-from pipeline.runtime.schemas import validate_manifest, validate_table
+from pipeline.runtime.schemas import SchemaError, validate_json, validate_manifest, validate_table
 
 MANIFEST = "manifest.json"
+RecordModel = TypeVar("RecordModel", bound=pydantic.BaseModel)
 # What `sstoken prepare` sets aside beside its shards, one row per rejected input row with its reason.
 REJECTED = "rejected.parquet"
 
 
-class ArtifactError(UserError, RuntimeError):
+class ArtifactError(UserError):
     """An artifact folder or file that is missing, corrupt or inconsistent; the message names it."""
 
 
@@ -148,8 +150,62 @@ def read_manifest(folder: Path, kind: str | None = None) -> dict[str, Any]:
     validate_manifest(manifest, source=str(path))
     if kind is not None and manifest["kind"] != kind:
         raise ArtifactError(f"{folder} holds a '{manifest['kind']}' artifact, expected '{kind}'")
+    refuse_names_outside(manifest, path)
     _refuse_repeated_shards(manifest, path)
     return manifest
+
+
+def is_plain_name(name: object) -> bool:
+    """True for a file name that stays inside its folder: no separator, not `.`/`..`, not empty. Every name a
+    manifest or a progress record gives is checked with this before it is joined to a folder."""
+    return (
+        isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0"))
+    )
+
+
+def listed_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file entry a manifest lists: its shards and single files such as `rejected`."""
+    singles = [v for v in manifest.values() if isinstance(v, dict) and {"file", "sha256", "rows"} <= set(v)]
+    return [*manifest["shards"], *singles]
+
+
+def refuse_names_outside(manifest: dict[str, Any], source: Path | str) -> None:
+    """Raise, naming the field, when a file a manifest lists is not a plain name inside its folder
+    (`../victim.txt`, an absolute path): a stage deletes the files its old manifest lists, so such a
+    name would make it delete outside its folder."""
+    singles = {key: value for key, value in manifest.items() if isinstance(value, dict) and {"file", "sha256", "rows"} <= set(value)}
+    fields = [(f"shards/{i}/file", entry.get("file")) for i, entry in enumerate(manifest["shards"])]
+    fields += [(f"{key}/file", entry.get("file")) for key, entry in singles.items()]
+    for where, name in fields:
+        if not is_plain_name(name):
+            raise ArtifactError(
+                f"{source} lists {name!r} at {where}, which is not a file name inside its folder; the manifest was "
+                "edited or is corrupt: rerun the stage that made it"
+            )
+
+
+def read_json_record(path: Path, schema_file: str, what: str, model: type[RecordModel]) -> RecordModel:
+    """A record file (run.json, eval.json, a cell's measures) read as `model`, after checking it against
+    `schemas/<schema_file>`. A folder where the file should be, an unreadable file, text that is not JSON or a value
+    that does not match becomes one error naming the file (and the field): `what` says what it should have been."""
+    path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder, not {what}; move it away")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist; it should hold {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{path} is not {what}: not readable as JSON ({error})") from None
+    except RecursionError:
+        raise ArtifactError(f"{path} is not {what}: nested too deeply to read; the file was damaged or is not ours") from None
+    validate_json(value, schema_file, str(path))
+    try:
+        return model.model_validate(value)
+    except pydantic.ValidationError as error:  # the schema let through what the type refuses: name the field
+        first = error.errors()[0]
+        where = "/".join(str(p) for p in first["loc"]) or "(top level)"
+        raise SchemaError(f"{path} does not match {schema_file} at {where}: {first['msg']}") from None
 
 
 def _refuse_repeated_shards(manifest: dict[str, Any], path: Path) -> None:

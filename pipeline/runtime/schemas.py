@@ -25,7 +25,7 @@ _SCALARS = {
 }
 
 
-class SchemaError(UserError, ValueError):
+class SchemaError(UserError):
     """Data that does not match its schema file; the message names the source and the field."""
 
 
@@ -47,17 +47,32 @@ def arrow_schema(name: str, version: int = 1) -> pa.Schema:
     )
 
 
+MANIFEST_SCHEMA = "manifest.v1.schema.json"
+
+
 @cache
-def _manifest_validator() -> jsonschema.protocols.Validator:
-    schema = json.loads((SCHEMA_DIR / "manifest.v1.schema.json").read_text())
+def _validator(schema_file: str) -> jsonschema.protocols.Validator:
+    schema = json.loads((SCHEMA_DIR / schema_file).read_text())
     return jsonschema.Draft202012Validator(schema)
 
 
-def validate_manifest(manifest: dict[str, Any], source: str = "manifest") -> None:
-    errors = sorted(_manifest_validator().iter_errors(manifest), key=lambda e: list(e.path))
+def validate_json(value: Any, schema_file: str, source: str) -> None:
+    """Check a JSON value against `schemas/<schema_file>` (a JSON Schema); one SchemaError naming the source and
+    the first field that does not match."""
+    errors = sorted(_validator(schema_file).iter_errors(value), key=lambda e: [str(p) for p in e.path])
     if errors:
         where = "/".join(str(p) for p in errors[0].path) or "(top level)"
-        raise SchemaError(f"{source} does not match manifest.v1.schema.json at {where}: {errors[0].message}")
+        raise SchemaError(f"{source} does not match {schema_file} at {where}: {_short(errors[0].message)}")
+
+
+def _short(message: str, limit: int = 200) -> str:
+    """A validator's message quotes the offending value whole: a long one is cut, so the error stays one line."""
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def validate_manifest(manifest: dict[str, Any], source: str = "manifest") -> None:
+    validate_json(manifest, MANIFEST_SCHEMA, source)
 
 
 def table_from_rows(rows: list[dict[str, Any]], name: str) -> pa.Table:

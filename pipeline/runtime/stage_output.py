@@ -1,11 +1,15 @@
-"""The one exactly-once output of every stage that writes shards, and the one summary every stage returns.
+"""The exactly-once output folder of every stage that writes, and the one summary every stage returns.
 
-    with StageOutput(folder, "scores", identity=run_identity, overwrite=False, inputs=[data]) as out:
-        out.begin()                                   # the run starts: the manifest goes
-        for name in shard_names:
-            if out.done(name, key) is None:           # skip-if-done
-                out.commit(name, table, {"run_key": key})
-        out.finish(manifest)                          # written last: its presence means complete
+Stages do not open a `StageOutput` themselves: `pipeline.runtime.stage_runner.run_stage` holds it
+and runs the protocol (refusals, skip-if-done, begin, the stage's work, finish). What a stage's
+work calls on it:
+
+    out.done(name, key)                          # skip-if-done: the record of a file committed under `key`
+    out.commit(name, table, {"run_key": key})    # a Parquet file, atomically, with its record
+    out.commit_file(name, write, rows, record)   # any data file, the same way
+    out.record_entry(name, record)               # what an entry (a fixed name: a datasets file) now holds
+    out.installed(name, fingerprint_of)          # an entry folder this run already put in place, unchanged
+    out.install(name, folder, fingerprint)       # a complete folder renamed to an entry (a checkpoint)
 
 The folder: `part-*.parquet` shards (and other files a stage commits), one `_progress/<file>.json`
 record per committed file (its run key, sha256 and row count), `manifest.json`, and `.lock`.
@@ -13,9 +17,13 @@ record per committed file (its run key, sha256 and row count), `manifest.json`, 
 Ownership: a stage owns only the files its own manifest or progress records name (plus the lock,
 the records and its own temporaries). Anything else in the folder is refused by name, and
 `overwrite=True` is the explicit way out: the stage then writes its own files over whatever has
-their names and leaves every other file alone. A stage deletes only files it owns: shards of an
-earlier run that the finished manifest no longer lists, and temporaries of killed writes. An
-output folder equal to or inside an input folder is refused up front.
+their names and leaves every other file alone. A file or folder at one of the stage's entry names
+(checkpoint/, metrics.jsonl) that it did not write is refused even then (it would have to be
+deleted). A stage deletes only what it owns, by plain names inside its folder: files of an
+earlier run that the finished manifest no longer lists, entries of a run of another identity,
+scratch entries once complete, temporaries of killed writes. A manifest or record naming
+anything else (`../x`, an absolute path) is not ours. An output that overlaps an input (either
+inside the other, or the folder of an input file) is refused up front.
 
 A commit writes the file under a temporary name, then its record, then renames: a kill at any
 moment leaves either a temporary (cleared on the next run) or a named file of ours whose record
@@ -28,6 +36,8 @@ themselves while the driver holds the lock.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -36,12 +46,16 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import (
     MANIFEST,
     ArtifactError,
     exclusive_output,
+    is_plain_name,
     is_temporary,
+    listed_entries,
     read_manifest,
+    refuse_names_outside,
     remove_stale_temporaries,
     shard_is_valid,
     verify_listed_shard,
@@ -106,24 +120,23 @@ def commit_shard(folder: Path, name: str, table: pa.Table, record: dict[str, Any
 # -- the output folder: held by one driver ---------------------------------------------------------
 
 
-def _refuse_output_in_inputs(output: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output folder equal to or inside an input folder, or the folder of an input file."""
-    resolved = output.resolve()
-    for source in map(lambda p: Path(p).resolve(), inputs):
+def refuse_overlap(output: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output that overlaps an input, both ways: the output equal to or inside an input folder, or
+    the folder of an input file; or an input (a corpus, a model folder) inside the output, which a rerun or
+    --overwrite could replace before reading it."""
+    resolved = Path(output).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
         if source.is_dir() and (resolved == source or source in resolved.parents):
             where = "the" if resolved == source else "inside the"
-            problem = f"output folder {output} is {where} input folder {source}"
+            problem = f"output {output} is {where} input folder {source}"
         elif not source.is_dir() and resolved in (source, source.parent):
             problem = f"output folder {output} is the folder of the input file {source}"
+        elif resolved in source.parents:
+            problem = f"the input {given} is inside the output folder {output}"
         else:
             continue
-        raise ArtifactError(f"{problem}; choose an output folder outside the inputs")
-
-
-def listed_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every file entry a manifest lists: its shards and single files such as `rejected`."""
-    singles = [v for v in manifest.values() if isinstance(v, dict) and {"file", "sha256", "rows"} <= set(v)]
-    return [*manifest["shards"], *singles]
+        raise ArtifactError(f"{problem}; choose an output folder outside the inputs, with no input inside it")
 
 
 @dataclass
@@ -131,17 +144,22 @@ class _Previous:
     """What an earlier run left in the folder."""
 
     manifest: dict[str, Any] | None = None  # a readable manifest of this stage's kind
-    problem: str | None = None  # why the manifest there cannot be ours (another kind, unreadable)
+    problem: str | None = None  # why the manifest there cannot be ours (another kind, unreadable, names outside)
+
+
+# Names in the folder that are the protocol's own, never a stage's file.
+_RESERVED = {MANIFEST, LOCK, PROGRESS}
 
 
 class StageOutput:
-    """One stage's exclusive, exactly-once output folder; use as a context manager (see the module doc).
+    """One stage's exclusive, exactly-once output folder; `run_stage` uses it as a context manager.
 
     identity: what the output is made from (inputs, settings, checkpoints); a finished output with
     another identity is replaced only with `overwrite`. inputs: folders or files the stage reads.
     entries: fixed names of files or folders the stage writes besides shards (a checkpoint folder,
-    a metrics log): owned once `claim`ed (a record names them before they exist), never removed by
-    `finish`; the stage manages their contents itself.
+    a metrics log): claimed by `begin` (a record names them before they exist; what a run of another
+    identity left in them goes), never removed by `finish`; the stage manages their contents.
+    scratch: entries `finish` removes once the output is complete (resumable state).
     """
 
     def __init__(
@@ -153,9 +171,11 @@ class StageOutput:
         overwrite: bool = False,
         inputs: Sequence[Path] = (),
         entries: Sequence[str] = (),
+        scratch: Sequence[str] = (),
     ):
         self.folder = Path(folder)
-        self.entries = tuple(entries)
+        self.entries = (*entries, *(name for name in scratch if name not in entries))
+        self.scratch = tuple(scratch)
         self.kind = kind
         self.identity = sha256_json(identity) if identity is not None else None
         self.overwrite = overwrite
@@ -163,13 +183,17 @@ class StageOutput:
         self.previous = _Previous()
         self._held = ExitStack()
 
-    # context: lock, then look (nothing is removed or written until `begin`)
+    # context: look, lock, look again (nothing is removed or written until `begin`)
 
     def __enter__(self) -> StageOutput:
-        _refuse_output_in_inputs(self.folder, self.inputs)
+        refuse_overlap(self.folder, self.inputs)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ArtifactError(f"output {self.folder} is a file; pass a folder (new or empty)")
+        if self.folder.is_dir():
+            self._inspect()  # a refusal leaves the folder as it was: not even a lock file
         with ExitStack() as held:
             held.enter_context(exclusive_output(self.folder))
-            self._inspect()
+            self._inspect()  # again, now that no other writer can change it
             self._held = held.pop_all()  # keep the lock past a successful inspection
         return self
 
@@ -180,6 +204,7 @@ class StageOutput:
         """Read what an earlier run left; refuse a foreign artifact, another identity or files not ours."""
         self.previous = self._read_previous()
         if self.overwrite:
+            self._refuse_foreign_entries()
             return
         if self.previous.problem is not None:
             raise ArtifactError(f"{self.previous.problem}; choose another output folder or pass --overwrite")
@@ -198,6 +223,17 @@ class StageOutput:
                 "(files with other names are left as they are)"
             )
 
+    def _refuse_foreign_entries(self) -> None:
+        """With --overwrite too, an entry name (checkpoint/, metrics.jsonl) this stage did not write is refused:
+        entries are not written over in one rename (a folder, a log appended to), so ours would have to delete
+        someone else's first. (Without --overwrite `foreign_files` names them.)"""
+        for name in self.entries:
+            path = self.folder / name
+            if (path.exists() or path.is_symlink()) and read_record(self.folder, name) is None:
+                raise ArtifactError(
+                    f"{path} exists and was not written by sstoken {self.kind}; move it away or choose another --output"
+                )
+
     def _read_previous(self) -> _Previous:
         if not (self.folder / MANIFEST).exists():
             return _Previous()
@@ -210,15 +246,16 @@ class StageOutput:
         return _Previous(manifest=manifest)
 
     def owned_files(self) -> set[str]:
-        """Names of the files this stage wrote here: named by its manifest or its progress records."""
+        """Names of the files this stage wrote here: named by its manifest or its progress records (plain
+        names inside the folder only; the protocol's own names are never a stage's file)."""
         names = {p.name.removesuffix(".json") for p in (self.folder / PROGRESS).glob("*.json")}
         if self.previous.manifest is not None:
             names |= {entry["file"] for entry in listed_entries(self.previous.manifest)}
-        return names
+        return {name for name in names if is_plain_name(name)} - _RESERVED
 
     def foreign_files(self) -> list[str]:
         """Entries of the folder this stage did not write, sorted."""
-        ours = self.owned_files() | {MANIFEST, LOCK, PROGRESS}
+        ours = self.owned_files() | _RESERVED
         if self.previous.problem is not None:
             ours.discard(MANIFEST)
         return sorted(p.name for p in self.folder.iterdir() if p.name not in ours and not is_temporary(p.name))
@@ -235,53 +272,107 @@ class StageOutput:
             return None
         return manifest
 
-    # the run
+    # the protocol (called by `run_stage` only)
 
     def begin(self) -> None:
         """The run starts writing: the manifest goes (the folder reads as incomplete until `finish`),
-        temporaries of killed writes go."""
+        temporaries of killed writes go, and the entries are claimed."""
         (self.folder / PROGRESS).mkdir(exist_ok=True)
         (self.folder / MANIFEST).unlink(missing_ok=True)
         remove_stale_temporaries(self.folder)
         remove_stale_temporaries(self.folder / PROGRESS)
+        for name in self.entries:
+            self._claim(name)
+
+    def _claim(self, name: str) -> None:
+        """Own entry `name` for this run; what a run with another identity left in it goes (ours by its record)."""
+        record = read_record(self.folder, name)
+        if record is not None and record.get("run_identity") == self.identity:
+            return
+        if record is not None:
+            self._remove(name)
+        self.record_entry(name, {})
+
+    def _remove(self, name: str) -> None:
+        """Delete our file or folder `name` (a plain name inside the folder) and its record."""
+        if not is_plain_name(name) or name in _RESERVED:
+            raise ArtifactError(f"refusing to delete {name!r}: not a file name inside {self.folder}; this is a bug, please report it")
+        path = self.folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        record_path(self.folder, name).unlink(missing_ok=True)
+
+    def finish(self, manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Check every listed file against its record, delete our files the manifest no longer lists and the
+        scratch entries, then write the manifest (validated, with the run identity), last. Returns what was
+        written. A stage whose record is its own (the run's run.json) passes None: no manifest is written."""
+        listed: set[str] = set()
+        if manifest is not None:
+            if self.identity is not None:
+                manifest = manifest | {"run_identity": self.identity}
+            refuse_names_outside(manifest, self.folder / MANIFEST)
+            for entry in listed_entries(manifest):
+                record = read_record(self.folder, entry["file"])
+                if record is None or (record.get("sha256"), record.get("rows")) != (entry["sha256"], entry["rows"]):
+                    raise ArtifactError(
+                        f"{self.folder / entry['file']} does not match its progress record; this is a bug, please report it"
+                    )
+                listed.add(entry["file"])
+        for name in sorted(self.owned_files() - listed - set(self.entries)):
+            self._remove(name)  # our own files of an earlier run that this run's manifest does not list
+        for name in self.scratch:
+            self._remove(name)
+        remove_stale_temporaries(self.folder)
+        remove_stale_temporaries(self.folder / PROGRESS)
+        if manifest is not None:
+            write_manifest(self.folder, manifest)
+        return manifest
+
+    # what a stage's work calls
 
     def done(self, name: str, run_key: str) -> dict[str, Any] | None:
         """The record of `name` when it is already committed under `run_key` and still valid."""
         return completed_record(self.folder, name, run_key)
 
-    def claim(self, name: str, record: dict[str, Any] | None = None) -> None:
-        """Record that this stage owns the entry `name` (one of `entries`) before writing it."""
-        if name not in self.entries:
-            raise ValueError(f"{name} is not one of this output's entries {self.entries}")
-        write_json_atomic({"file": name} | (record or {}), record_path(self.folder, name))
-
     def commit(self, name: str, table: pa.Table, record: dict[str, Any]) -> dict[str, Any]:
-        """Write one file atomically with its record; see `commit_shard`."""
+        """Write one Parquet file atomically with its record; see `commit_shard`."""
         return commit_shard(self.folder, name, table, record)
 
-    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Check every listed file against its record, delete our files the manifest no longer lists,
-        then write the manifest (validated, with the run identity), last. Returns what was written."""
-        if self.identity is not None:
-            manifest = manifest | {"run_identity": self.identity}
-        entries = listed_entries(manifest)
-        for entry in entries:
-            record = read_record(self.folder, entry["file"])
-            if record is None or (record.get("sha256"), record.get("rows")) != (entry["sha256"], entry["rows"]):
-                raise ArtifactError(
-                    f"{self.folder / entry['file']} does not match its progress record; this is a bug, please report it"
-                )
-        self._remove_unlisted({entry["file"] for entry in entries})
-        remove_stale_temporaries(self.folder)
-        remove_stale_temporaries(self.folder / PROGRESS)
-        write_manifest(self.folder, manifest)
-        return manifest
+    def commit_file(self, name: str, write: Callable[[Path], None], rows: int, record: dict[str, Any]) -> dict[str, Any]:
+        """Write one data file atomically with its record; see `commit_file`."""
+        return commit_file(self.folder, name, write, rows, record)
 
-    def _remove_unlisted(self, listed: set[str]) -> None:
-        """Our own files of an earlier run (with their records) that this run's manifest does not list."""
-        for name in sorted(self.owned_files() - listed - set(self.entries)):
-            (self.folder / name).unlink(missing_ok=True)
-            record_path(self.folder, name).unlink(missing_ok=True)
+    def record_entry(self, name: str, record: dict[str, Any]) -> None:
+        """Record what the entry `name` (one of `entries`) holds now, e.g. its sha256 and rows; the record
+        always carries this run's identity, so a rerun of the same run keeps the entry."""
+        if name not in self.entries:
+            raise ValueError(f"{name} is not one of this output's entries {self.entries}")
+        write_json_atomic({"file": name} | record | {"run_identity": self.identity}, record_path(self.folder, name))
+
+    def installed(self, name: str, fingerprint_of: Callable[[Path], str]) -> str | None:
+        """The fingerprint of the entry folder `name` when this run (same identity) already installed it and
+        it still has the fingerprint its record names; None means "make it (again)"."""
+        record = read_record(self.folder, name) or {}
+        if record.get("run_identity") != self.identity or "fingerprint" not in record:
+            return None
+        try:
+            found = fingerprint_of(self.folder / name)
+        except UserError:
+            return None
+        return found if found == record["fingerprint"] else None
+
+    def install(self, name: str, source: Path, fingerprint: str) -> None:
+        """Rename the complete folder `source` to the entry `name`: its record (with the fingerprint) first,
+        then whatever an earlier, incomplete attempt of this run left there goes (ours by its record)."""
+        self.record_entry(name, {"fingerprint": fingerprint})
+        target = self.folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(source, target)
 
 
 # -- the summary ---------------------------------------------------------------------------------

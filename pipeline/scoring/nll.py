@@ -12,18 +12,18 @@ from typing import Any
 
 import torch
 
-from pipeline.runtime.checkpoints import CheckpointError
-from pipeline.scoring.device_budget import CPU_CHUNK_ELEMENTS
+from pipeline.runtime.errors import UserError
 
-# Elements of one logits chunk on CPU (64 MiB as fp32): bounds the head's transient memory for any vocabulary.
-LOGIT_CHUNK_ELEMENTS = CPU_CHUNK_ELEMENTS
+# Elements of one logits chunk (64 MiB as fp32) for callers that pass no device budget (the trainer's masked
+# loss); it bounds the head's transient memory for any vocabulary. The scorer passes its own (device_budget).
+LOGIT_CHUNK_ELEMENTS = 1 << 24
 
 
 def output_head(model: Any) -> tuple[torch.nn.Module, float | None]:
     """The model's LM head and its final-logit soft cap (Gemma-style), if it has one."""
     head = model.get_output_embeddings()
     if head is None:
-        raise CheckpointError(f"{type(model).__name__} has no output embeddings (LM head); a causal LM is required")
+        raise UserError(f"{type(model).__name__} has no output embeddings (LM head); a causal LM is required")
     return head, getattr(model.config, "final_logit_softcapping", None)
 
 

@@ -9,15 +9,15 @@ finished shard holds).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pipeline.runtime.config import setting
+from pipeline.runtime.ray_settings import RaySettings, ray_section
 from pipeline.scoring.score_settings import ScoreSettings
 from pipeline.selection.select_settings import SelectSettings
 
 
 class ScoreJobConfig(ScoreSettings, SelectSettings):
-    """`sstoken score`: the scoring and selection settings plus where data, models and output live and how Ray runs.
+    """`sstoken score`: the scoring and selection settings plus where data, models and output live; `ray:` where it runs.
 
     None of these fields is part of the run key: the data and checkpoints enter it by fingerprint,
     the rest say where and how the job runs (a new granularity only re-selects).
@@ -38,35 +38,16 @@ class ScoreJobConfig(ScoreSettings, SelectSettings):
         "this checkpoint as its history model over the same data skips its history pass (`sstoken run` turns it on).",
         run_key=False,
     )
-    address: str | None = setting(
-        None, description="Ray cluster to run on (HOST:PORT, auto, ray://...); default: RAY_ADDRESS, else embedded.",
-        run_key=False,
-    )
     workers: int | None = setting(
         None, ge=1, description="Scoring actors; default: as many as the cluster's CPUs (or GPUs) hold.", run_key=False
-    )
-    runner: Literal["ray", "process"] = setting(
-        "ray", description="ray: the models run in Ray actors (a cluster, several workers, GPUs); process: one model at "
-        "a time in this process, the shards one after another, without an actor's start-up (a new process importing "
-        "torch, seconds per phase on a small machine). The same shards either way.", run_key=False,
     )
     cpus_per_worker: float | None = setting(
         None, gt=0, description="CPUs reserved by each actor (its torch threads); default: up to 4, one node's worth.",
         run_key=False,
     )
     gpus_per_worker: float = setting(0.0, ge=0, description="GPUs per actor; 0 = score on CPU.", run_key=False)
-    num_cpus: int | None = setting(
-        None, ge=1, description="CPUs of the embedded Ray; default: this machine's.", run_key=False
-    )
-    object_store_mb: int | None = setting(
-        None, ge=100, description="Object store of the embedded Ray in MiB; default: a tenth of memory, within 256-2048.",
-        run_key=False,
-    )
     progress: bool = setting(True, description="Show a progress bar while scoring.", run_key=False)
-    connect_timeout_s: float = setting(
-        30.0, gt=0, description="Seconds to wait for the Ray cluster at --address to answer before giving up.",
-        run_key=False,
-    )
+    ray: RaySettings = ray_section()
     overwrite: bool = setting(
         False, description="Write into an output folder holding other files or scores of another corpus, "
         "checkpoints or settings (files of other names are left as they are).", run_key=False,

@@ -36,17 +36,19 @@ class ScoreSettings(StageConfig):
         "auto",
         description="Compute precision (pipeline/scoring/precision.py). auto = float32 on CPU, bfloat16-full on CUDA. "
         "bfloat16 = mixed: bf16 matmuls around a float32 residual stream, norms and LM head; closest to float32 and "
-        "1.6-2x faster on a CPU with native bf16, but its float32 head is slow on a GPU. bfloat16-full = bf16 weights "
+        "faster on a CPU with native bf16, but its float32 head is slow on a GPU. bfloat16-full = bf16 weights "
         "and activations (tensor cores for every matmul and the LM head), float32 log-sum-exp, importance softmax and "
-        "accumulation. Both bf16 modes can flip borderline keep decisions (see README, Performance).",
+        "accumulation. Both bf16 modes can flip borderline keep decisions. Speeds and differences measured: README, "
+        "Performance.",
     )
     device: Literal["auto", "cpu", "cuda"] = setting(
         "auto", description="Where the models run: auto = CUDA when present.", run_key=False
     )
-    max_batch_tokens: int = Field(
-        16384, ge=1,
-        description="Token budget of one micro-batch on CPU, counted with padding (samples x longest length); "
-        "on CUDA see gpu_batch_tokens.",
+    max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Token budget of one micro-batch on CPU, counted with padding (samples x longest length): auto = "
+        "as many tokens as keep one layer's largest activation within 8 MiB (1,365 for SmolLM2-135M in float32; "
+        "pipeline/scoring/device_budget.py says why larger CPU batches are slower). On CUDA see gpu_batch_tokens.",
     )
     gpu_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] = setting(
         "auto",

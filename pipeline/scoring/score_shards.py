@@ -33,10 +33,6 @@ from pipeline.scoring.score_settings import signals_to_compute
 from pipeline.selection.select_settings import SelectSettings
 from pipeline.selection.selection_shards import selection_record
 
-class ScoreJobError(UserError, RuntimeError):
-    """A scoring job that cannot run or complete; the message names the input and what to do."""
-
-
 @dataclass(frozen=True)
 class ShardTask:
     """One input shard and everything a worker needs to score it or check it."""
@@ -139,7 +135,7 @@ def score_one_shard(
         folder = history_folder(task, history_fingerprint, scorer.dtype_name)
         cached = load_cached_history(folder, task.file)
         if cached is None:
-            raise ScoreJobError(
+            raise UserError(
                 f"the history NLLs of {task.file} are not in the cache {folder}, which phase 1 filled; is the cache "
                 "folder shared by every node (--history-cache)? Rerun the job"
             )
@@ -149,7 +145,7 @@ def score_one_shard(
     )
     validate_table(scores, "scores", source=f"scores of {task.input_path}")
     if not scores.column("sample_id").equals(tokenized.column("sample_id")):
-        raise ScoreJobError(f"scores of {task.input_path} do not list its samples in order; this is a bug")
+        raise UserError(f"scores of {task.input_path} do not list its samples in order; this is a bug")
     if task.cache_current:
         # The current pass's NLLs are this checkpoint's history NLLs (same batches, same kernels): a later
         # run that takes this checkpoint as its history model finds them cached. Stored before the commit,

@@ -16,8 +16,8 @@ Exactly once: a shard counts as done when its record carries this run's key (sco
 the signals computed, checkpoint and data fingerprints, the input shard's checksum) and the file's sha256, row count,
 schema and sample ids all check out (`pipeline.scoring.score_shards`); anything else is redone. An actor
 that dies (a node lost, an out-of-memory kill) is replaced and its shard handed out again. The
-output folder is a `StageOutput`: locked, refused when it holds files the stage did not write
-(unless --overwrite) or lies inside --data; its manifest is removed only once the cluster answered
+output folder goes through the stage runner (`pipeline.runtime.stage_runner`): locked, refused when it
+holds files the stage did not write (unless --overwrite) or overlaps --data or a model; its manifest is removed only once the cluster answered
 and the inputs checked out, and written last, so its presence means "complete".
 Output and cache folders must be visible to every node (a local disk on one machine, a shared
 file system on a cluster).
@@ -42,6 +42,8 @@ import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -49,19 +51,21 @@ from typing import Any, Literal
 from pipeline.runtime.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.runtime.files import base_manifest, read_manifest, refuse_repeated_sample_ids
 from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints, tokenizer_mismatch
-from pipeline.runtime.ray_session import machine_cpus, node_cpus, ordered_map, ray_session, task_error_cause
+from pipeline.runtime.ray_session import (
+    RayRuntime,
+    machine_cpus,
+    node_cpus,
+    ordered_map,
+    ray_session,
+    task_error_cause,
+)
 from pipeline.runtime.stage_output import StageOutput, StageSummary
+from pipeline.runtime.stage_runner import Stage, local_inputs, run_stage
 from pipeline.scoring.precision import precision_name
 from pipeline.scoring.score_config import ScoreJobConfig
 from pipeline.scoring.score_settings import ScoreSettings, signals_to_compute
-from pipeline.scoring.score_shards import (
-    ScoreJobError,
-    ShardTask,
-    check_shard,
-    fill_history_cache,
-    history_missing,
-    score_one_shard,
-)
+from pipeline.scoring.score_shards import ShardTask, check_shard, fill_history_cache, history_missing, score_one_shard
+from pipeline.runtime.errors import UserError
 from pipeline.selection.methods import excess_refusal, same_checkpoint_refusal
 from pipeline.selection.select_settings import SelectSettings
 from pipeline.selection.selection_shards import SelectShard, apply_selection, plan_selection
@@ -143,13 +147,13 @@ def plan_workers(
     if cpus_per_worker is None:
         cpus_per_worker = 1.0 if gpus_per_worker > 0 else min(4.0, largest) if largest >= 1 else largest
     if cpus_per_worker > largest:
-        raise ScoreJobError(
+        raise UserError(
             f"cpus_per_worker {cpus_per_worker} exceeds the largest node's {largest} CPUs; no actor could start"
         )
     if gpus_per_worker > 0:
         capacity = int(total_gpus // gpus_per_worker)
         if capacity < 1:
-            raise ScoreJobError(f"gpus_per_worker {gpus_per_worker} but the cluster has {total_gpus} GPUs")
+            raise UserError(f"gpus_per_worker {gpus_per_worker} but the cluster has {total_gpus} GPUs")
     else:
         capacity = max(1, sum(int(c // cpus_per_worker) for c in cpus_by_node))
     return min(workers or capacity, capacity), cpus_per_worker
@@ -208,7 +212,7 @@ def _run_actor_pool(
 ) -> list[dict[str, Any]]:
     """Hand shards to a pool of one phase's actors; replace actors that die and redo their shards.
     Every actor is killed on the way out, so the next phase starts with this phase's models gone."""
-    if config.runner == "process":
+    if config.ray.runner == "process":
         return _run_in_process(phase, tasks, config, progress, history_fingerprint)
     import ray
     from ray.exceptions import RayActorError, RayTaskError
@@ -249,7 +253,7 @@ def _run_actor_pool(
                 except RayActorError as error:
                     actor_failures += 1
                     if actor_failures > workers + MAX_SHARD_ATTEMPTS:
-                        raise ScoreJobError(f"scoring actors keep failing to start: {error}") from error
+                        raise UserError(f"scoring actors keep failing to start: {error}") from error
                     starting.update([start_actor()])
                 continue
             actor, task = running.pop(ref)
@@ -258,7 +262,7 @@ def _run_actor_pool(
             except RayActorError as error:  # the actor's process or node died: redo the shard elsewhere
                 attempts[task.file] = attempts.get(task.file, 0) + 1
                 if attempts[task.file] >= MAX_SHARD_ATTEMPTS:
-                    raise ScoreJobError(f"shard {task.file} lost its actor {attempts[task.file]} times: {error}") from error
+                    raise UserError(f"shard {task.file} lost its actor {attempts[task.file]} times: {error}") from error
                 queue.appendleft(task)
                 ray.kill(actor)
                 starting.update([start_actor()])
@@ -313,7 +317,7 @@ def _check_tokenizer(model: Path, expected: dict[str, Any], data: Path, trust_re
     found = tokenizer_fingerprints(load_tokenizer(model, trust_remote_code=trust_remote_code))
     problem = tokenizer_mismatch(expected, found, data, model, template=template)
     if problem is not None:
-        raise ScoreJobError(problem)
+        raise UserError(problem)
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -323,7 +327,7 @@ def _has_tokenizer(folder: Path) -> bool:
 def _read_input(config: ScoreJobConfig) -> dict[str, Any]:
     data = Path(config.data)
     if not data.is_dir():
-        raise ScoreJobError(f"tokenized input folder {data} does not exist; run `sstoken prepare` first")
+        raise UserError(f"tokenized input folder {data} does not exist; run `sstoken prepare` first")
     return read_manifest(data, kind="tokenized")
 
 
@@ -383,71 +387,79 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
     timings["checks_s"] = time.monotonic() - started
 
     notes: list[str] = []
-    with StageOutput(output, "scores", identity=identity, overwrite=config.overwrite, inputs=[data]) as out:
-        object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
-        with ray_session(
-            config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s
-        ) as runtime:
-            # Nothing in the output is touched before the cluster answered and the inputs checked out.
+    phases: dict[str, list[dict[str, Any]]] = {"history": [], "score": []}  # the actors' results
+    rewritten: list[int] = []  # shards the select step rewrote
+
+    @contextmanager
+    def checked_session() -> Iterator[tuple[RayRuntime, list[ShardTask]]]:
+        """The Ray session, then the input shards checked: nothing in the output is touched before the cluster
+        answered and the inputs checked out."""
+        with ray_session(config.ray) as runtime:
             phase = time.monotonic()
             records = list(ordered_map(check_shard, [(t,) for t in tasks]))
             refuse_repeated_sample_ids(data, tokenized)
-            todo = [t for t, r in zip(tasks, records) if r is None]
-            out.begin()
             timings["validate_s"] = time.monotonic() - phase
+            yield runtime, [t for t, r in zip(tasks, records) if r is None]
 
-            # Phase 1: history NLLs for the shards to score that lack them, history model alone.
-            phase = time.monotonic()
-            history_todo: list[ShardTask] = []
-            if todo and rel_history is not None:
-                # As the workers resolve it: actors given no GPU see none (Ray hides them), so `auto` is float32 there.
-                worker_device = "cuda" if config.gpus_per_worker > 0 and config.device != "cpu" else "cpu"
-                dtype = precision_name(config.dtype, worker_device)
-                missing = ordered_map(history_missing, [(t, history_fp, dtype) for t in todo])
-                history_todo = [t for t, m in zip(todo, missing) if m]
-            if todo:
-                workers, cpus = plan_workers(
-                    node_cpus(), runtime.gpus, config.workers, config.cpus_per_worker, config.gpus_per_worker
-                )
-                notes += workers_note(config.workers, workers, cpus, config.gpus_per_worker)
-            history_results: list[dict[str, Any]] = []
-            if history_todo:
-                with _Progress(config.progress, len(history_todo), "phase 1/2 history NLLs") as progress:
-                    history_results = _run_actor_pool("history", history_todo, config, workers, cpus, progress)
-            timings["history_s"] = time.monotonic() - phase
+    def work(out: StageOutput, checked: tuple[RayRuntime, list[ShardTask]]) -> dict[str, Any]:
+        runtime, todo = checked
+        # Phase 1: history NLLs for the shards to score that lack them, history model alone.
+        phase = time.monotonic()
+        history_todo: list[ShardTask] = []
+        if todo and rel_history is not None:
+            # As the workers resolve it: actors given no GPU see none (Ray hides them), so `auto` is float32 there.
+            worker_device = "cuda" if config.gpus_per_worker > 0 and config.device != "cpu" else "cpu"
+            dtype = precision_name(config.dtype, worker_device)
+            missing = ordered_map(history_missing, [(t, history_fp, dtype) for t in todo])
+            history_todo = [t for t, m in zip(todo, missing) if m]
+        if todo:
+            workers, cpus = plan_workers(
+                node_cpus(), runtime.gpus, config.workers, config.cpus_per_worker, config.gpus_per_worker
+            )
+            notes.extend(workers_note(config.workers, workers, cpus, config.gpus_per_worker))
+        if history_todo:
+            with _Progress(config.progress, len(history_todo), "phase 1/2 history NLLs") as progress:
+                phases["history"] = _run_actor_pool("history", history_todo, config, workers, cpus, progress)
+        timings["history_s"] = time.monotonic() - phase
 
-            # Phase 2: score with the current model; history NLLs from the cache.
-            phase = time.monotonic()
-            results: list[dict[str, Any]] = []
-            if todo:
-                label = "phase 2/2 scoring shards" if history_todo else "scoring shards"
-                with _Progress(config.progress, len(todo), label) as progress:
-                    results = _run_actor_pool("score", todo, config, workers, cpus, progress, rel_history)
-            scored = {r["record"]["file"]: r["record"] for r in results}
-            records = [scored.get(t.file, r) for t, r in zip(tasks, records)]
-            timings["score_s"] = time.monotonic() - phase
+        # Phase 2: score with the current model; history NLLs from the cache.
+        phase = time.monotonic()
+        if todo:
+            label = "phase 2/2 scoring shards" if history_todo else "scoring shards"
+            with _Progress(config.progress, len(todo), label) as progress:
+                phases["score"] = _run_actor_pool("score", todo, config, workers, cpus, progress, rel_history)
+        timings["score_s"] = time.monotonic() - phase
 
-            # The select step over the stored signals: rewrites the shards whose selection differs.
-            phase = time.monotonic()
-            shards = [SelectShard(t.file, t.output_dir, t.input_path) for t in tasks]
-            plan = plan_selection(shards, selection, same_checkpoint=history_fp == current_fp, parallel_map=ordered_map)
-            outcome = apply_selection(shards, plan, parallel_map=ordered_map)
-            records, rewritten = outcome.records, outcome.rewritten
-            notes += outcome.warnings
-            timings["select_s"] = time.monotonic() - phase
+        # The select step over the stored signals: rewrites the shards whose selection differs.
+        phase = time.monotonic()
+        shards = [SelectShard(t.file, t.output_dir, t.input_path) for t in tasks]
+        plan = plan_selection(shards, selection, same_checkpoint=history_fp == current_fp, parallel_map=ordered_map)
+        outcome = apply_selection(shards, plan, parallel_map=ordered_map)
+        notes.extend(outcome.warnings)
+        rewritten.append(outcome.rewritten)
+        timings["select_s"] = time.monotonic() - phase
 
-        counts = _totals(records)
+        counts = _totals(outcome.records)
         if counts["samples"] != sum(t.rows for t in tasks):
-            raise ScoreJobError(
+            raise UserError(
                 f"accounting mismatch: {sum(t.rows for t in tasks)} samples in, {counts['samples']} scored; "
                 "this is a bug, please report it"
             )
         timings["total_s"] = time.monotonic() - started
-        manifest = _manifest(config, tokenized, data_key, records, outcome.selection, current_fp, history_fp, history_cache)
+        manifest = _manifest(config, tokenized, data_key, outcome.records, outcome.selection, current_fp, history_fp,
+                             history_cache)
         manifest["signals"] = signals | {"layer": config.layer, "excess": config.excess}
         manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        # Also clears temporaries of actors lost mid-write (a node died): every shard is complete now.
-        out.finish(manifest)
+        return manifest
+
+    # Finishing also clears temporaries of actors lost mid-write (a node died): every shard is complete then.
+    # A finished folder is never reused whole: its shards skip themselves, and the select step re-selects
+    # it when the selection settings (not part of the identity) changed.
+    inputs = [data, *local_inputs(config.current, config.history)]
+    stage = Stage("scores", output, identity, inputs, config.overwrite)
+    written = run_stage(stage, work, ready=checked_session, reuse=False).manifest
+    counts = written["counts"]
+    history_results, results = phases["history"], phases["score"]
 
     scored_tokens = sum(r["record"]["tokens"] for r in results)
     scoring_s = timings["history_s"] + timings["score_s"]
@@ -458,7 +470,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
             **counts,
             "shards_scored": len(results),
             "shards_skipped": len(tasks) - len(results),
-            "shards_rewritten": rewritten,
+            "shards_rewritten": sum(rewritten),
             # History NLLs: computed by this run's phase 1, or reused from the cache an earlier run filled.
             "history_computed": sum(r["computed"] for r in history_results),
             "history_reused": sum(r["history_cached"] for r in results) - sum(r["computed"] for r in history_results),

@@ -22,7 +22,6 @@ Work skipped on purpose (the score stage stores every signal unless told `signal
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 
 from pipeline.runtime.checkpoints import checkpoint_fingerprint, load_model
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.ray_session import machine_cpus
 from pipeline.runtime.schemas import arrow_schema
 from pipeline.scoring.attention import REQUEST_KWARG, ImportanceRequest, register_importance_attention
 from pipeline.scoring.batching import length_sorted_batches
@@ -43,12 +43,7 @@ from pipeline.scoring.precision import FULL_BFLOAT16, apply_precision, compute_p
 from pipeline.scoring.score_settings import ScoreSettings, SignalSet
 from pipeline.scoring.scoring_batch import plan_scoring_batch, split_counts, upload
 from pipeline.selection.keep_tables import CorpusSelection, row_arrays, selected_table
-from pipeline.selection.methods import sample_keep, sample_score
 from pipeline.selection.select_settings import SelectSettings
-
-
-class ScoringInputError(UserError, ValueError):
-    """Data, cached NLLs or settings the model cannot score (another tokenizer, a layer it lacks, ...)."""
 
 
 @dataclass
@@ -62,17 +57,10 @@ class TokenSignals:
 
 def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ScoringInputError("device 'cuda' was requested but torch sees no CUDA device; use device 'cpu' or 'auto'")
+        raise UserError("device 'cuda' was requested but torch sees no CUDA device; use device 'cpu' or 'auto'")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
-
-
-def _available_cpus() -> int:
-    """Cores this process may run on (its affinity mask, which Ray and containers narrow)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _decoder(model: Any) -> torch.nn.Module:
@@ -83,13 +71,13 @@ def _decoder(model: Any) -> torch.nn.Module:
 def _layer_index(model: Any, layer: int, folder: Path | str) -> int:
     count = int(model.config.num_hidden_layers)
     if not -count <= layer < count:
-        raise ScoringInputError(
+        raise UserError(
             f"layer {layer} is out of range: the model in {folder} has {count} layers ({-count}..{count - 1})"
         )
     index = layer % count
     layer_types = getattr(model.config, "layer_types", None)
     if layer_types and layer_types[index] != "full_attention":
-        raise ScoringInputError(
+        raise UserError(
             f"layer {layer} of the model in {folder} uses '{layer_types[index]}' attention; "
             "importance needs a full causal attention layer, choose another layer"
         )
@@ -118,7 +106,7 @@ class Scorer:
         self.device = resolve_device(settings.device)
         self.dtype_name = precision_name(settings.dtype, self.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(settings.threads or _available_cpus())
+            torch.set_num_threads(settings.threads or machine_cpus())
         self.fingerprint = checkpoint_fingerprint(checkpoint)
         model = load_model(checkpoint, load_dtype(self.dtype_name), "cpu", trust_remote_code=settings.trust_remote_code)
         apply_precision(model, self.dtype_name)
@@ -162,7 +150,7 @@ class Scorer:
             if mask[0]:
                 raise ValueError(f"sample {sample_id!r}: trainable[0] is true, but position 0 is never a target")
             if ids.min() < 0 or ids.max() >= self._vocab_limit:
-                raise ScoringInputError(
+                raise UserError(
                     f"sample {sample_id!r}: token ids must lie in [0, {self._vocab_limit}) for this model, "
                     f"found {ids.min()}..{ids.max()}; was the data tokenized with another tokenizer?"
                 )
@@ -271,49 +259,17 @@ def combine_signals(
         else:
             nll_hist = np.asarray(history_nll[index], dtype=np.float32)  # type: ignore[index]
             if nll_hist.shape != mask.shape:
-                raise ScoringInputError(
+                raise UserError(
                     f"sample {signals.sample_id!r}: history_nll has {nll_hist.size} entries but input_ids has {len(mask)}"
                 )
             if np.isnan(nll_hist[mask]).any():
-                raise ScoringInputError(
+                raise UserError(
                     f"sample {signals.sample_id!r}: history_nll is NaN at a target; the cached NLLs do not match this data"
                 )
             nll_hist = np.where(mask, nll_hist, np.float32(np.nan)).astype(np.float32)
         rel = nll_hist - signals.nll if excess == "history_minus_current" else signals.nll - nll_hist
         attn = signals.attn if signals.attn is not None else nan
         out.append(SampleSignals(signals.sample_id, signals.nll, nll_hist, rel.astype(np.float32), attn))
-    return out
-
-
-@dataclass
-class SampleScores(SampleSignals):
-    """A sample's signals plus its per-sample selection: `score` and `keep` (full length)."""
-
-    score: np.ndarray
-    keep: np.ndarray
-
-
-def score_samples(
-    scorer: Scorer,
-    sample_ids: Sequence[str],
-    input_ids: Sequence[np.ndarray],
-    trainable: Sequence[np.ndarray],
-    selection: SelectSettings,
-    *,
-    history_nll: Sequence[np.ndarray] | None = None,
-    same_checkpoint: bool = False,
-) -> list[SampleScores]:
-    """The current pass over samples in memory (benchmarks, notebooks): signals, then the per-sample
-    selection, in input order. `history_nll`: the history pass's NLLs (full length), needed when the
-    selection uses REL and the checkpoints differ."""
-    signals = combine_signals(
-        scorer.token_signals(sample_ids, input_ids, trainable), history_nll, trainable,
-        same_checkpoint=same_checkpoint, uses_rel=selection.uses_rel, excess=scorer.settings.excess,
-    )
-    out = []
-    for s, mask in zip(signals, trainable):
-        score = sample_score(s.sample_id, s.rel, s.attn, mask, selection)
-        out.append(SampleScores(s.sample_id, s.nll_cur, s.nll_hist, s.rel, s.attn, score, sample_keep(score, mask, selection)))
     return out
 
 
@@ -331,10 +287,10 @@ def _history_by_sample(history_nll: pa.Table, sample_ids: list[str]) -> list[np.
     known = history_nll.column("sample_id").to_pylist()
     row_of = {sample_id: row for row, sample_id in enumerate(known)}
     if len(row_of) != len(known):
-        raise ScoringInputError("history_nll table has duplicate sample_id values; it cannot be joined")
+        raise UserError("history_nll table has duplicate sample_id values; it cannot be joined")
     missing = [s for s in sample_ids if s not in row_of]
     if missing:
-        raise ScoringInputError(
+        raise UserError(
             f"history_nll table lacks {len(missing)} of this shard's samples (first: {missing[0]!r}); "
             "it was made from other data: delete it so it is recomputed"
         )
@@ -346,7 +302,7 @@ def _tokenized_columns(tokenized: pa.Table) -> tuple[list[str], list[np.ndarray]
     """(sample ids, input ids, trainable masks) of a tokenized.v1 table."""
     missing = [c for c in ("sample_id", "input_ids", "trainable") if c not in tokenized.column_names]
     if missing:
-        raise ScoringInputError(f"tokenized table lacks column(s) {', '.join(missing)}; expected a tokenized.v1 shard")
+        raise UserError(f"tokenized table lacks column(s) {', '.join(missing)}; expected a tokenized.v1 shard")
     sample_ids = tokenized.column("sample_id").to_pylist()
     return sample_ids, row_arrays(tokenized.column("input_ids"), np.int64), row_arrays(tokenized.column("trainable"), bool)
 

@@ -41,18 +41,14 @@ from pipeline.selection.selection import sortable_keys
 BINS = 1 << 16
 
 
-class SelectionError(UserError, RuntimeError):
-    """Score and tokenized shards that cannot be joined, or a threshold that cannot be found."""
-
-
 def joined_shard(score_path: Path, tokenized_path: Path) -> tuple[pa.Table, pa.ChunkedArray]:
     """(the score shard's signal columns, the tokenized shard's trainable column), checked to be one data."""
     scores = pq.read_table(score_path, columns=["sample_id", "rel", "attn"])
     tokenized = pq.read_table(tokenized_path, columns=["sample_id", "trainable"])
     if not scores.column("sample_id").equals(tokenized.column("sample_id")):
-        raise SelectionError(f"{score_path} and {tokenized_path} hold different sample ids or row orders")
+        raise UserError(f"{score_path} and {tokenized_path} hold different sample ids or row orders")
     if not pc.list_value_length(scores.column("rel")).equals(pc.list_value_length(tokenized.column("trainable"))):
-        raise SelectionError(f"{score_path}: signal lengths differ from the trainable masks of {tokenized_path}")
+        raise UserError(f"{score_path}: signal lengths differ from the trainable masks of {tokenized_path}")
     return scores, tokenized.column("trainable")
 
 
@@ -87,7 +83,7 @@ def _walk_down(histogram: np.ndarray, rank: int) -> tuple[int, int]:
     from_top = np.cumsum(histogram[::-1])
     index = int(np.searchsorted(from_top, rank))  # first position where the running sum reaches rank
     if index >= len(histogram):
-        raise SelectionError(f"rank {rank} exceeds the {int(from_top[-1])} keys counted")
+        raise UserError(f"rank {rank} exceeds the {int(from_top[-1])} keys counted")
     above = int(from_top[index - 1]) if index else 0
     return len(histogram) - 1 - index, above
 
@@ -124,7 +120,7 @@ def tie_quotas(ties_per_shard: list[int], ties_to_keep: int) -> list[int]:
         quotas.append(take)
         remaining -= take
     if remaining:
-        raise SelectionError(f"{remaining} ties to keep were not found in any shard; the shards changed mid-run")
+        raise UserError(f"{remaining} ties to keep were not found in any shard; the shards changed mid-run")
     return quotas
 
 
@@ -179,5 +175,5 @@ def find_threshold(
     threshold = locate_threshold(high_bin, above_bin, low_total, k)
     counts = list(parallel_map(count_ties, [(s, t, selection, threshold.key) for s, t in shards]))
     if sum(greater for greater, _ in counts) != threshold.greater:
-        raise SelectionError("the score shards changed between selection passes; rerun the job")
+        raise UserError("the score shards changed between selection passes; rerun the job")
     return threshold, tie_quotas([ties for _, ties in counts], threshold.ties_to_keep)

@@ -35,10 +35,6 @@ from pipeline.selection.selection import combine, keep_count, minmax_normalise, 
 REL_FLOOR = 1e-4
 
 
-class MethodError(UserError):
-    """A selection method that cannot run on these signals; the message says why and what to do."""
-
-
 @dataclass(frozen=True)
 class RelStats:
     """What the guards need to know about REL over the corpus: targets, the largest |REL|, targets without REL
@@ -70,7 +66,7 @@ class RelStats:
 def same_checkpoint_refusal(settings: SelectSettings) -> None:
     """Refuse a REL-only selection when current and history are one checkpoint (REL is 0 everywhere)."""
     if settings.rel_only:
-        raise MethodError(
+        raise UserError(
             f"method {settings.method}{' with gamma 1' if settings.method == 'sstoken' else ''} ranks by REL alone, "
             "but current and history are the same checkpoint: every REL is 0, every score would tie, and the "
             "position tie-break would keep the first ceil(ratio * n) tokens of each response. Pass a history "
@@ -92,7 +88,7 @@ def excess_refusal(settings: SelectSettings, excess: str, source: str) -> None:
         "rho1": "current = the model being trained, --history = the reference model",
         "tokencleaning": "current = the newer reference model, --history = the base model",
     }[settings.method]
-    raise MethodError(
+    raise UserError(
         f"method {settings.method} ranks REL = {required.replace('_minus_', ' - ')} ({roles}), but {source} stores "
         f"REL as {excess.replace('_minus_', ' - ')}; rescore with `sstoken score --excess {required}`"
     )
@@ -111,7 +107,7 @@ def rel_guard(settings: SelectSettings, stats: RelStats) -> list[str]:
             "the scores hold no REL (made with --signals needed and a method without REL: rescore with --signals all), "
             "or a checkpoint gives NaN losses"
         )
-        raise MethodError(
+        raise UserError(
             f"method {settings.method} needs REL, but {stats.missing} of {stats.targets} targets have none: {found}"
         )
     if not stats.is_noise:
@@ -121,7 +117,7 @@ def rel_guard(settings: SelectSettings, stats: RelStats) -> list[str]:
         "current checkpoints give the same losses (a re-saved copy?), so REL is noise and is treated as 0"
     )
     if settings.rel_only:
-        raise MethodError(
+        raise UserError(
             f"{finding}; method {settings.method} ranks by REL alone and would keep the first tokens of each "
             "response by tie-break. Use a history checkpoint that differs, or gamma < 1 / --method attn"
         )
@@ -177,7 +173,7 @@ def _needed(
 ) -> np.ndarray:
     if np.isnan(values[trainable]).any():
         found = nan_at_targets(signal, sample_id, values, trainable, nll_cur, nll_hist)
-        raise MethodError(f"the selection needs {signal} at every target: {found}")
+        raise UserError(f"the selection needs {signal} at every target: {found}")
     return values
 
 

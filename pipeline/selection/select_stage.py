@@ -14,9 +14,10 @@ and copies the provenance a trainer checks (tokenized data and tokenizer fingerp
 checkpoints, the round's notes). The scores folder is only read: many selections of one scoring
 can sit side by side.
 
-Exactly once through `StageOutput`. In place: the folder's lock; the manifest goes while shards
-are being rewritten and comes back last; a shard whose record already carries the selection is
-skipped. The manifest the run started from is kept under `_progress/` until it finishes, so a
+Exactly once through the stage runner. In place: every shard must have its progress record (a
+folder copied without `_progress/` is refused before anything is touched); the folder's lock; the
+manifest goes while shards are being rewritten and comes back last; a shard whose record already
+carries the selection is skipped. The manifest the run started from is kept under `_progress/` until it finishes, so a
 killed select is finished by running `sstoken select` again (any settings), or `sstoken score`
 with the same arguments. Apart: the masks folder behaves as every stage's output (a finished one
 with the same scores and settings is reused, a killed run resumes, foreign files are refused).
@@ -25,6 +26,8 @@ with the same scores and settings is reused, a killed run resumes, foreign files
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +36,25 @@ from pipeline.runtime.files import (
     ArtifactError,
     base_manifest,
     read_manifest,
+    refuse_names_outside,
     verify_shards,
     write_json_atomic,
 )
 from pipeline.runtime.fingerprint import sha256_json
 from pipeline.runtime.schemas import validate_manifest
 from pipeline.runtime.stage_output import StageOutput, StageSummary, read_record, record_path
+from pipeline.runtime.stage_runner import Stage, run_stage
 from pipeline.selection.methods import excess_refusal
 from pipeline.selection.select_config import SelectConfig
-from pipeline.selection.selection_shards import SelectError, SelectionOutcome, SelectShard, apply_selection, plan_selection
+from pipeline.selection.selection_shards import (
+    SelectionOutcome,
+    SelectionPlan,
+    SelectShard,
+    apply_selection,
+    plan_selection,
+    refuse_unrecorded_shards,
+)
+from pipeline.runtime.errors import UserError
 
 __all__ = ["SelectConfig", "run_select"]
 
@@ -52,8 +65,8 @@ STARTED_FROM = "select-started-from"
 DEFAULT_EXCESS = "history_minus_current"
 
 
-def _unfinished_scores(folder: Path) -> SelectError:
-    return SelectError(
+def _unfinished_scores(folder: Path) -> UserError:
+    return UserError(
         f"{folder} has no {MANIFEST}: it is not a finished scores folder (an interrupted `sstoken score` or "
         "`sstoken select`?); rerun `sstoken score` with the same arguments, which only redoes what is missing"
     )
@@ -63,6 +76,7 @@ def _scores_manifest(folder: Path) -> dict[str, Any]:
     started_from = read_record(folder, STARTED_FROM)
     if not (folder / MANIFEST).is_file() and started_from is not None:
         validate_manifest(started_from, source=str(record_path(folder, STARTED_FROM)))
+        refuse_names_outside(started_from, record_path(folder, STARTED_FROM))
         return started_from  # a select run was killed: finish it from the manifest it started from
     if not (folder / MANIFEST).is_file():
         raise _unfinished_scores(folder)
@@ -72,10 +86,10 @@ def _scores_manifest(folder: Path) -> dict[str, Any]:
 def _finished_scores_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a finished scores folder, every shard checked against it (masks apart are made from it)."""
     if not Path(folder).is_dir():
-        raise SelectError(f"scores folder {folder} does not exist; pass the output folder of `sstoken score`")
+        raise UserError(f"scores folder {folder} does not exist; pass the output folder of `sstoken score`")
     if not (folder / MANIFEST).is_file():
         if read_record(folder, STARTED_FROM) is not None:
-            raise SelectError(
+            raise UserError(
                 f"{folder} is in the middle of a `sstoken select` in place that was killed; finish it by running "
                 f"`sstoken select --scores {folder}` (without --output) again, then select to a masks folder"
             )
@@ -88,7 +102,7 @@ def _finished_scores_manifest(folder: Path) -> dict[str, Any]:
 def _tokenized_entry(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
     entries = [i for i in manifest.get("inputs", []) if i.get("kind") == "tokenized"]
     if not entries:
-        raise SelectError(f"{folder / MANIFEST} names no tokenized input; rerun `sstoken score` for this folder")
+        raise UserError(f"{folder / MANIFEST} names no tokenized input; rerun `sstoken score` for this folder")
     return entries[0]
 
 
@@ -98,11 +112,11 @@ def _tokenized_input(manifest: dict[str, Any], folder: Path) -> tuple[Path, dict
     try:
         tokenized = read_manifest(data, kind="tokenized")
     except ArtifactError as error:
-        raise SelectError(f"the tokenized input {data} of {folder} cannot be read ({error}); the trainable masks "
+        raise UserError(f"the tokenized input {data} of {folder} cannot be read ({error}); the trainable masks "
                           "come from it: restore it or rerun `sstoken score`") from error
     listed = sorted(s["file"] for s in tokenized["shards"])
     if listed != sorted(s["file"] for s in manifest["shards"]):
-        raise SelectError(f"{data} holds other shards than {folder} was scored from; rerun `sstoken score`")
+        raise UserError(f"{data} holds other shards than {folder} was scored from; rerun `sstoken score`")
     return data, tokenized
 
 
@@ -114,7 +128,7 @@ def _shards_key(manifest: dict[str, Any]) -> str:
 def _refuse_changed_tokenized(manifest: dict[str, Any], folder: Path, data: Path, tokenized: dict[str, Any]) -> None:
     """Masks apart copy the scored data's fingerprint for the trainer: the tokenized folder must still hold that data."""
     if _tokenized_entry(manifest, folder).get("data_fingerprint") != _shards_key(tokenized):
-        raise SelectError(
+        raise UserError(
             f"{data} no longer holds the tokenized data {folder} was scored from (its shards changed since); "
             "rerun `sstoken score` on it, then select"
         )
@@ -176,21 +190,32 @@ def _select_in_place(config: SelectConfig, folder: Path) -> tuple[dict[str, Any]
     data, _ = _tokenized_input(manifest, folder)
     excess_refusal(config, stored_excess(manifest), str(folder))
     shards = [SelectShard(s["file"], str(folder.resolve()), str((data / s["file"]).resolve())) for s in manifest["shards"]]
-    with StageOutput(folder, "scores", inputs=[data]) as out:
+    refuse_unrecorded_shards(shards)  # before the lock: a refused folder is left exactly as it was
+
+    @contextmanager
+    def planned() -> Iterator[SelectionPlan]:
+        refuse_unrecorded_shards(shards)
         plan = plan_selection(shards, config, same_checkpoint=_same_checkpoint(manifest))  # every refusal, before any write
+        # Kept until the run finishes (`finish` removes it with the other records no manifest lists): a killed
+        # run is finished from it, since the folder's manifest is gone from `begin` on.
         record_path(folder, STARTED_FROM).parent.mkdir(exist_ok=True)
         write_json_atomic(manifest, record_path(folder, STARTED_FROM))
-        out.begin()
-        outcome = apply_selection(shards, plan)
-        written = out.finish(reselected_manifest(manifest, config, outcome))
-        record_path(folder, STARTED_FROM).unlink(missing_ok=True)
-    return written, outcome
+        yield plan
+
+    outcomes: list[SelectionOutcome] = []
+
+    def work(out: StageOutput, plan: SelectionPlan) -> dict[str, Any]:
+        outcomes.append(apply_selection(shards, plan))
+        return reselected_manifest(manifest, config, outcomes[0])
+
+    written = run_stage(Stage("scores", folder, inputs=[data]), work, ready=planned).manifest
+    return written, outcomes[0]
 
 
 def _select_apart(config: SelectConfig, folder: Path, output: Path) -> tuple[dict[str, Any], SelectionOutcome | None]:
     """The selection to mask shards in `output`; the scores folder is only read. Outcome None: reused as it was."""
     if output.exists() and not output.is_dir():
-        raise SelectError(f"--output {output} is a file; pass a folder (new or empty) for the masks")
+        raise UserError(f"--output {output} is a file; pass a folder (new or empty) for the masks")
     manifest = _finished_scores_manifest(folder)
     data, tokenized = _tokenized_input(manifest, folder)
     _refuse_changed_tokenized(manifest, folder, data, tokenized)
@@ -200,17 +225,20 @@ def _select_apart(config: SelectConfig, folder: Path, output: Path) -> tuple[dic
         SelectShard(s["file"], str(folder.resolve()), str((data / s["file"]).resolve()), str(output.resolve()), s["sha256"])
         for s in manifest["shards"]
     ]
-    with StageOutput(output, "masks", identity=identity, overwrite=config.overwrite, inputs=[folder, data]) as out:
-        reused = out.up_to_date()
-        if reused is not None:
-            return reused, None
-        plan = plan_selection(shards, config, same_checkpoint=_same_checkpoint(manifest))  # every refusal, before any write
-        out.begin()
-        outcome = apply_selection(shards, plan)
+    outcomes: list[SelectionOutcome] = []
+
+    def planned() -> AbstractContextManager[SelectionPlan]:
+        return nullcontext(plan_selection(shards, config, same_checkpoint=_same_checkpoint(manifest)))
+
+    def work(out: StageOutput, plan: SelectionPlan) -> dict[str, Any]:
+        outcomes.append(apply_selection(shards, plan))
         if _shards_key(read_manifest(folder, kind="scores")) != identity["scores"]:
-            raise SelectError(f"{folder} was rewritten while its masks were selected; run `sstoken select` again")
-        written = out.finish(masks_manifest(manifest, folder, config, outcome))
-    return written, outcome
+            raise UserError(f"{folder} was rewritten while its masks were selected; run `sstoken select` again")
+        return masks_manifest(manifest, folder, config, outcomes[0])
+
+    stage = Stage("masks", output, identity, inputs=[folder, data], overwrite=config.overwrite)
+    run = run_stage(stage, work, ready=planned)
+    return run.manifest, (outcomes[0] if outcomes else None)
 
 
 def run_select(config: SelectConfig) -> StageSummary:

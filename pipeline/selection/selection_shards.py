@@ -40,10 +40,6 @@ SAME_CHECKPOINT_NOTE = (
 )
 
 
-class SelectError(UserError):
-    """A scores folder that cannot be selected from; the message names the file and what to do."""
-
-
 @dataclass(frozen=True)
 class SelectShard:
     """One score shard, the tokenized shard that gives its trainable mask, and where its selection goes:
@@ -77,7 +73,7 @@ def _joined(shard: SelectShard) -> tuple[Any, Any]:
     scores = read_shard(shard.path, "scores").cast(arrow_schema("scores"))
     tokenized = pq.read_table(shard.tokenized_path, columns=["sample_id", "trainable"])
     if not scores.column("sample_id").equals(tokenized.column("sample_id")):
-        raise SelectError(f"{shard.path} and {shard.tokenized_path} list different samples; rerun `sstoken score`")
+        raise UserError(f"{shard.path} and {shard.tokenized_path} list different samples; rerun `sstoken score`")
     return scores, tokenized.column("trainable")
 
 
@@ -99,11 +95,20 @@ def _source_record(shard: SelectShard, existing: dict[str, Any] | None) -> dict[
     if shard.output_folder is not None:
         return {"scores_file": shard.file, "scores_sha256": shard.scores_sha256}
     if existing is None:
-        raise SelectError(
-            f"{shard.path} has no progress record: it was not written by `sstoken score` or the record was lost; "
-            "rerun `sstoken score` for this folder"
+        raise UserError(
+            f"{shard.path} has no progress record (_progress/{shard.file}.json): it was not written by `sstoken score` "
+            "or the record was lost, so it cannot be re-selected in place; select into another folder with --output "
+            "(which only reads the scores), or rerun `sstoken score` for this folder"
         )
     return existing
+
+
+def refuse_unrecorded_shards(shards: Sequence[SelectShard]) -> None:
+    """In place, every score shard must have its progress record (its run key goes into the rewritten one):
+    refuse the folder, naming the first shard without one, before anything in it is touched."""
+    for shard in shards:
+        if shard.output_folder is None and read_record(shard.target_folder, shard.file) is None:
+            _source_record(shard, None)  # raises, naming the shard and what to do
 
 
 def rewrite_selection(

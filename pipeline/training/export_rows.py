@@ -18,7 +18,8 @@ import torch
 
 from pipeline.runtime.schemas import arrow_schema
 from pipeline.training.masked_loss import masked_labels
-from pipeline.training.training_data import TrainingDataError, TrainingSource
+from pipeline.training.training_data import TrainingSource
+from pipeline.runtime.files import ArtifactError
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def _keep_column(source: TrainingSource, rows: pl.DataFrame) -> pa.ChunkedArray:
     for (mask_file,), group in rows.with_row_index("position").group_by("file_mask", maintain_order=True):
         masks = pq.read_table(Path(source.masks) / mask_file, columns=["sample_id", "keep"]).take(group["row_mask"].to_list())
         if masks.column("sample_id").to_pylist() != group["sample_id"].to_list():
-            raise TrainingDataError(f"{source.masks / mask_file} changed while it was exported; run sstoken export again")
+            raise ArtifactError(f"{source.masks / mask_file} changed while it was exported; run sstoken export again")
         parts.append(masks.column("keep"))
         order.extend(group["position"].to_list())
     keep = pa.chunked_array([chunk for part in parts for chunk in part.chunks], type=pa.list_(pa.bool_()))
@@ -59,11 +60,11 @@ def shard_rows(source: TrainingSource, joined: pl.DataFrame, file: str, keep_wit
     tokens = pq.read_table(Path(source.tokenized) / file, columns=["sample_id", "source", "input_ids"])
     tokens = tokens.take(rows["row"].to_list())
     if tokens.column("sample_id").to_pylist() != rows["sample_id"].to_list():
-        raise TrainingDataError(f"{source.tokenized / file} changed while it was exported; run sstoken export again")
+        raise ArtifactError(f"{source.tokenized / file} changed while it was exported; run sstoken export again")
     ids, offsets = _flat(tokens.column("input_ids"), np.int32)
     keep, keep_offsets = _flat(_keep_column(source, rows), np.bool_)
     if not np.array_equal(offsets, keep_offsets):  # join_samples compared the lengths; the files changed since
-        raise TrainingDataError(f"{source.masks} changed while it was exported; run sstoken export again")
+        raise ArtifactError(f"{source.masks} changed while it was exported; run sstoken export again")
     labels = np.empty_like(ids)
     for start, end in zip(offsets[:-1], offsets[1:]):
         labels[start:end] = masked_labels(torch.from_numpy(ids[start:end]), torch.from_numpy(keep[start:end])).numpy()

@@ -17,10 +17,10 @@ Accounting: samples in = exported + without a kept token. Those are skipped by d
 `sstoken train` and TRL (unless it skips preparation) leave them out, or kept with every label
 -100 (`without_kept: keep`).
 
-Exactly once through `StageOutput`: a finished export of the same data, masks and settings is
+Exactly once through the stage runner (`pipeline.runtime.stage_runner`): a finished export of the same data, masks and settings is
 reused; parquet and jsonl files are committed one by one (a killed run redoes only the missing
-ones); the hf folder is written by `datasets` in one go (its file names claimed first, so a
-killed run's files are ours and are rewritten by the rerun). The manifest is written last.
+ones); the hf folder is written by `datasets` in one go (its file names are the output's entries,
+claimed first, so a killed run's files are ours and are rewritten by the rerun). The manifest is written last.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import pyarrow as pa
 
 from pipeline.runtime.files import ArtifactError, base_manifest, file_rows, write_parquet
 from pipeline.runtime.fingerprint import sha256_file, sha256_json
-from pipeline.runtime.stage_output import StageOutput, StageSummary, commit_file
+from pipeline.runtime.stage_output import StageOutput, StageSummary
+from pipeline.runtime.stage_runner import Stage, run_stage
 from pipeline.training.export_config import ExportConfig
 from pipeline.training.export_rows import ShardRows, shard_rows
 from pipeline.training.training_data import TrainingSource, join_samples, open_training_data
@@ -72,8 +73,8 @@ def _export_files(out: StageOutput, source: TrainingSource, rows_of: Callable[[s
         record = out.done(name, out.identity)
         if record is None:
             rows = rows_of(entry["file"])
-            record = commit_file(out.folder, name, lambda path, t=rows.table: write(t, path), rows.table.num_rows,
-                                 {"run_key": out.identity, "tokenized_file": entry["file"], "without_kept": rows.without_kept})
+            record = out.commit_file(name, lambda path, t=rows.table: write(t, path), rows.table.num_rows,
+                                     {"run_key": out.identity, "tokenized_file": entry["file"], "without_kept": rows.without_kept})
             written += 1
         records.append(record)
     return records, written
@@ -84,9 +85,8 @@ def _export_hf(out: StageOutput, source: TrainingSource, rows_of: Callable[[str]
     """A `datasets` folder of `shards` Arrow files, written by `save_to_disk` into the output folder."""
     import datasets
 
+    # Its file names are the output's entries, claimed before they exist: a killed write leaves files of ours.
     tables = [rows_of(entry["file"]) for entry in source.tokenized_manifest["shards"]]
-    for name in out.entries:  # claimed before they exist: a killed write leaves files of ours, not foreign ones
-        out.claim(name, {"run_identity": out.identity})
     dataset = datasets.Dataset(pa.concat_tables([t.table for t in tables]))
     datasets.disable_progress_bars()
     dataset.save_to_disk(str(out.folder), num_shards=shards)
@@ -94,7 +94,7 @@ def _export_hf(out: StageOutput, source: TrainingSource, rows_of: Callable[[str]
     for name in hf_data_files(shards):
         path = out.folder / name
         record = {"file": name, "sha256": sha256_file(path), "rows": file_rows(path)}
-        out.claim(name, record | {"run_identity": out.identity})
+        out.record_entry(name, record)
         records.append(record)
     return records, shards
 
@@ -149,30 +149,32 @@ def run_export(config: ExportConfig) -> StageSummary:
                 "without_kept": config.without_kept}
     hf_shards = min(len(source.tokenized_manifest["shards"]), len(selected))
     entries = (*HF_FILES, *hf_data_files(hf_shards)) if config.format == "hf" else ()
-    inputs = [Path(config.data), Path(config.masks)]
-    with StageOutput(config.output, "export", identity=identity, overwrite=config.overwrite, inputs=inputs,
-                     entries=entries) as out:
-        manifest = out.up_to_date()
-        if manifest is not None and not all((out.folder / name).is_file() for name in entries):
-            manifest = None  # a datasets folder without its state.json or dataset_info.json is written again
-        reused, written = manifest is not None, 0
-        if not reused:
-            out.begin()
+    written: list[int] = []
 
-            def rows_of(file: str) -> ShardRows:
-                return shard_rows(source, joined, file, keep_without_kept)
+    def work(out: StageOutput, _: None) -> dict[str, Any]:
+        def rows_of(file: str) -> ShardRows:
+            return shard_rows(source, joined, file, keep_without_kept)
 
-            if config.format == "hf":
-                records, written = _export_hf(out, source, rows_of, hf_shards)
-            else:
-                records, written = _export_files(out, source, rows_of, *FILE_FORMATS[config.format])
-            tokens = int(selected["n_tokens"].sum())
-            manifest = out.finish(_manifest(config, source, records, len(joined), tokens, int(selected["kept"].sum())))
+        if config.format == "hf":
+            records, files = _export_hf(out, source, rows_of, hf_shards)
+        else:
+            records, files = _export_files(out, source, rows_of, *FILE_FORMATS[config.format])
+        written.append(files)
+        return _manifest(config, source, records, len(joined), int(selected["n_tokens"].sum()), int(selected["kept"].sum()))
+
+    def opens(out: StageOutput, manifest: dict[str, Any]) -> bool:
+        """A datasets folder without its state.json or dataset_info.json is written again."""
+        return all((out.folder / name).is_file() for name in entries)
+
+    stage = Stage("export", Path(config.output), identity, inputs=[Path(config.data), Path(config.masks)],
+                  overwrite=config.overwrite, entries=entries)
+    run = run_stage(stage, work, complete=opens)
+    manifest, reused = run.manifest, run.reused
     counts = manifest["counts"]
     return StageSummary(
         stage="export",
         output=Path(config.output),
-        counts={"files_written": written, **counts},
+        counts={"files_written": sum(written), **counts},
         timings={"total_s": round(time.monotonic() - started, 3)},
         notes=[f"{counts['skipped_without_kept']} samples keep no token and were left out (--without-kept keep "
                "exports them with every label -100)"] if counts["skipped_without_kept"] else [],

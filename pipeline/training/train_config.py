@@ -9,16 +9,16 @@ finished shard holds).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import model_validator
 
 from pipeline.runtime.config import setting
+from pipeline.runtime.ray_settings import RaySettings, ray_section
 from pipeline.training.train_settings import TrainSettings
 
 
 class TrainConfig(TrainSettings):
-    """`sstoken train`: the SFT settings plus where tokens, masks, the starting model and the output live, and how Ray runs.
+    """`sstoken train`: the SFT settings plus where tokens, masks, the starting model and the output live; `ray:` where it runs.
 
     None of these fields is part of the run key: data, masks and model enter it by fingerprint, the
     rest say where and how the run goes (another number of workers resumes the same run).
@@ -35,33 +35,16 @@ class TrainConfig(TrainSettings):
         "running) and manifest.json.", run_key=False,
     )
     workers: int = setting(1, ge=1, description="Training workers (data-parallel ranks).", run_key=False)
-    runner: Literal["ray", "process"] = setting(
-        "ray", description="ray: the workers run under Ray Train (a cluster, several workers, GPUs); process: one worker "
-        "in this process, without Ray Train's start-up (25-45 s per run on a small machine), resumable from its own "
-        "checkpoints. Either ends with the same tensors.", run_key=False,
-    )
     use_gpu: bool = setting(False, description="One GPU per worker (bf16 autocast with dtype auto).", run_key=False)
     cpus_per_worker: float | None = setting(
         None, gt=0, description="CPUs per worker (its torch threads); default: the cluster's CPUs shared by the workers, "
         "at most one node's.", run_key=False,
     )
-    address: str | None = setting(
-        None, description="Ray cluster to run on (HOST:PORT, auto, ray://...); default: RAY_ADDRESS, else embedded.",
-        run_key=False,
-    )
-    num_cpus: int | None = setting(None, ge=1, description="CPUs of the embedded Ray; default: this machine's.", run_key=False)
-    object_store_mb: int | None = setting(
-        None, ge=100, description="Object store of the embedded Ray in MiB; default: a tenth of memory, within 256-2048.",
-        run_key=False,
-    )
-    connect_timeout_s: float = setting(
-        30.0, gt=0, description="Seconds to wait for the Ray cluster at --address to answer before giving up.",
-        run_key=False,
-    )
     trust_remote_code: bool = setting(
         False, description="Allow model code shipped inside the model folder to run.", run_key=False
     )
     progress: bool = setting(True, description="Show a progress bar while training.", run_key=False)
+    ray: RaySettings = ray_section()
     overwrite: bool = setting(
         False, description="Write into an output folder holding other files or a model trained from other inputs or "
         "settings (files of other names are left as they are).", run_key=False,
@@ -69,6 +52,8 @@ class TrainConfig(TrainSettings):
 
     @model_validator(mode="after")
     def _process_runner_is_one_local_worker(self) -> TrainConfig:
-        if self.runner == "process" and (self.workers != 1 or self.address is not None):
-            raise ValueError("runner process trains one worker in this process; set workers 1 and no address, or runner ray")
+        if self.ray.runner == "process" and (self.workers != 1 or self.ray.address is not None):
+            raise ValueError(
+                "ray.runner process trains one worker in this process; set workers 1 and no ray.address, or ray.runner ray"
+            )
         return self

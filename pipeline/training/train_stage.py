@@ -15,20 +15,21 @@ of a Ray Train v2 `TorchTrainer` (or, with `runner: process`, one worker in this
 run score and train in one Ray session), `--workers N [--use-gpu]` on a cluster. Each rank reads its
 own rows of the Parquet shards (Ray Data is not used: it stalls when the workers hold every CPU).
 
-Exactly once: the folder is a `StageOutput` (locked; files it did not write refused). A killed run
-resumes from its last reported checkpoint (`train/run-<identity>`), and since the data order,
-learning rate and dropout are pure functions of the step, it ends with the tensors an uninterrupted
-run has, whichever checkpoint the Ray Train controller kept. The final checkpoint is written
-under train/ and renamed to checkpoint/ when complete; a rerun of a finished output returns at once.
+Exactly once through the stage runner (`pipeline.runtime.stage_runner`: locked; files it did not
+write refused; checkpoint/ and metrics.jsonl its entries, train/ scratch). A killed run resumes
+from its last reported checkpoint (`train/run-<identity>`), and since the data order, learning
+rate and dropout are pure functions of the step, it ends with the tensors an uninterrupted run
+has, whichever checkpoint the Ray Train controller kept. The final checkpoint is written under
+train/ and installed as checkpoint/ when complete; a rerun of a finished output whose checkpoint
+is unchanged returns at once.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from pipeline.runtime.errors import UserError, refusal_from_os_error
 from pipeline.runtime.files import ArtifactError, base_manifest
 from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints, tokenizer_mismatch
 from pipeline.runtime.ray_session import RayRuntime, machine_cpus, node_cpus, ray_session, task_error_cause
-from pipeline.runtime.stage_output import StageOutput, StageSummary, read_record
+from pipeline.runtime.stage_output import StageOutput, StageSummary
+from pipeline.runtime.stage_runner import Stage, run_stage
 from pipeline.training.train_config import TrainConfig
 from pipeline.training.train_in_process import fit_in_process
 from pipeline.training.train_metrics import METRICS, read_metrics, train_curve
@@ -51,10 +53,6 @@ CHECKPOINT = "checkpoint"
 WORK = "train"
 
 
-class TrainError(UserError, ValueError):
-    """Settings or inputs the trainer cannot run with; the message names them and what to do."""
-
-
 def _check_model(config: TrainConfig, recorded: dict[str, Any]) -> str:
     """The starting model's fingerprint, after checking it is a Hugging Face folder with the data's tokenizer and
     chat template (`recorded`: the tokenized manifest's tokenizer entry); the trained checkpoint ships them."""
@@ -62,7 +60,7 @@ def _check_model(config: TrainConfig, recorded: dict[str, Any]) -> str:
     found = tokenizer_fingerprints(load_tokenizer(config.model, trust_remote_code=config.trust_remote_code))
     problem = tokenizer_mismatch(recorded, found, config.data, config.model)
     if problem is not None:
-        raise TrainError(problem)
+        raise UserError(problem)
     return checkpoint_fingerprint(config.model)
 
 
@@ -70,10 +68,10 @@ def _plan(config: TrainConfig, samples: int) -> DataPlan:
     try:
         accumulation_steps(config.batch_size, config.micro_batch_size, config.workers)
     except ValueError as error:
-        raise TrainError(str(error)) from None
+        raise UserError(str(error)) from None
     plan = DataPlan(samples, config.batch_size, config.micro_batch_size, config.workers, config.seed, config.epochs)
     if plan.steps == 0:
-        raise TrainError(
+        raise UserError(
             f"batch_size {config.batch_size} is more than the {samples} samples with kept tokens x epochs "
             f"{config.epochs:g}: not one optimizer step; lower batch_size or raise epochs"
         )
@@ -87,12 +85,12 @@ def _cpus_per_worker(config: TrainConfig, runtime: RayRuntime) -> float:
         largest = max(node_cpus(), default=1.0)
         cpus = max(1.0, min(largest, float(int(runtime.cpus // config.workers))))
     if runtime.embedded and config.workers * cpus > runtime.cpus:
-        raise TrainError(
+        raise UserError(
             f"--workers {config.workers} x {cpus:g} CPUs exceed the embedded Ray's {runtime.cpus:g} CPUs; lower "
-            "--workers or --cpus-per-worker, raise --num-cpus, or run on a cluster (--address)"
+            "--workers or --cpus-per-worker, raise --ray.num-cpus, or run on a cluster (--ray.address)"
         )
     if config.use_gpu and runtime.gpus < config.workers:
-        raise TrainError(
+        raise UserError(
             f"--use-gpu with --workers {config.workers} needs {config.workers} GPUs; the Ray cluster has {runtime.gpus:g}"
         )
     return cpus
@@ -100,7 +98,7 @@ def _cpus_per_worker(config: TrainConfig, runtime: RayRuntime) -> float:
 
 def _process_cpus(config: TrainConfig) -> float:
     """runner process: the torch threads of the one worker (its CPUs), at most this machine's."""
-    return min(float(machine_cpus()), config.cpus_per_worker or float(config.num_cpus or machine_cpus()))
+    return min(float(machine_cpus()), config.cpus_per_worker or float(config.ray.num_cpus or machine_cpus()))
 
 
 class _MetricsProgress:
@@ -179,65 +177,6 @@ def _fit(config: TrainConfig, job: RankJob, cpus: float, work: Path, run_name: s
         raise
 
 
-def _finished(out: StageOutput, output: Path) -> dict[str, Any] | None:
-    """The manifest of a finished run with this identity whose checkpoint is still the one it names."""
-    manifest = out.up_to_date()
-    if manifest is None:
-        return None
-    try:
-        found = checkpoint_fingerprint(output / CHECKPOINT)
-    except UserError:
-        return None
-    return manifest if found == manifest["checkpoints"]["final"]["fingerprint"] else None
-
-
-def _refuse_foreign_entries(output: Path, entries: tuple[str, ...]) -> None:
-    """An entry name (checkpoint/, metrics.jsonl, train/) this stage did not write is refused, --overwrite or not:
-    a folder of someone else's would have to be deleted to put ours in its place."""
-    for name in entries:
-        if (output / name).exists() and read_record(output, name) is None:
-            raise ArtifactError(
-                f"{output / name} exists and was not written by sstoken train; move it away or choose another --output"
-            )
-
-
-def _claim_entries(out: StageOutput, output: Path) -> None:
-    """Own every entry for this run; what a run with another identity left in them goes (ours by its record)."""
-    for name in out.entries:
-        record = read_record(output, name)
-        if record is not None and record.get("run_identity") == out.identity:
-            continue
-        path = output / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-        out.claim(name, {"run_identity": out.identity})
-
-
-def _completed_checkpoint(output: Path, identity: str) -> str | None:
-    """The fingerprint of OUTPUT/checkpoint when a killed run of this identity had already put it in place."""
-    record = read_record(output, CHECKPOINT) or {}
-    if record.get("run_identity") != identity or "fingerprint" not in record:
-        return None
-    try:
-        found = checkpoint_fingerprint(output / CHECKPOINT)
-    except UserError:
-        return None
-    return found if found == record["fingerprint"] else None
-
-
-def _install_final(out: StageOutput, output: Path, final: Path) -> str:
-    """Rename the rank-0 folder to OUTPUT/checkpoint (its record, with the fingerprint, first)."""
-    if not final.is_dir():
-        raise RuntimeError(f"training ended without its final checkpoint in {final}; this is a bug, please report it")
-    fingerprint = checkpoint_fingerprint(final)
-    out.claim(CHECKPOINT, {"run_identity": out.identity, "fingerprint": fingerprint})
-    target = output / CHECKPOINT
-    if target.exists():
-        shutil.rmtree(target)  # ours (its record says so): an earlier, incomplete attempt of this run
-    os.replace(final, target)
-    return fingerprint
 
 
 def run_train(config: TrainConfig) -> StageSummary:
@@ -254,48 +193,51 @@ def run_train(config: TrainConfig) -> StageSummary:
         "masks": source.masks_key,
         "model": model_fp,
     }
-    inputs = [Path(config.data), Path(config.masks), Path(config.model)]
-    entries = (CHECKPOINT, METRICS, WORK)
-    with StageOutput(output, "train", identity=identity, overwrite=config.overwrite, inputs=inputs, entries=entries) as out:
-        finished = _finished(out, output)
-        if finished is not None:
-            return _summary(config, output, finished, reused=True)
-        _refuse_foreign_entries(output, entries)
-        work = output / WORK
-        timings: dict[str, float] = {}
-        object_store = config.object_store_mb * 1024**2 if config.object_store_mb else None
-        in_process = config.runner == "process"
-        session = nullcontext() if in_process else ray_session(
-            config.address, config.num_cpus, object_store, connect_timeout_s=config.connect_timeout_s
-        )
-        with session as runtime:
-            # Nothing in the output is touched before the cluster answered and the settings fit it.
-            cpus = _process_cpus(config) if in_process else _cpus_per_worker(config, runtime)
-            out.begin()
-            _claim_entries(out, output)
-            timings["checks_s"] = time.monotonic() - started
-            final_fp = _completed_checkpoint(output, out.identity)
-            if final_fp is None:
-                job = RankJob(
-                    data=str(Path(config.data).resolve()), masks=str(Path(config.masks).resolve()),
-                    model=str(Path(config.model).resolve()), metrics=str((output / METRICS).resolve()),
-                    work=str(work.resolve()), settings=config.train_settings().model_dump(), workers=config.workers,
-                    threads=max(1, int(cpus)), use_gpu=config.use_gpu, trust_remote_code=config.trust_remote_code,
-                )
-                work.mkdir(exist_ok=True)
-                fit_started = time.monotonic()
-                with _MetricsProgress(config.progress, output / METRICS, plan.steps):
-                    if in_process:
-                        fit_in_process(job, work)
-                    else:
-                        _fit(config, job, cpus, work, f"run-{out.identity[:16]}")
-                timings["fit_s"] = time.monotonic() - fit_started
-                final_fp = _install_final(out, output, work / FINAL)
-        shutil.rmtree(work, ignore_errors=True)  # resumable state is no longer needed
+    in_process = config.ray.runner == "process"
+    work_folder = output / WORK
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def session() -> Iterator[float]:
+        """The Ray session (none for the process runner), then the CPUs each worker gets: nothing in the output
+        is touched before the cluster answered and the settings fit it."""
+        with nullcontext() if in_process else ray_session(config.ray) as runtime:
+            yield _process_cpus(config) if in_process else _cpus_per_worker(config, runtime)
+
+    def work(out: StageOutput, cpus: float) -> dict[str, Any]:
+        timings["checks_s"] = time.monotonic() - started
+        final_fp = out.installed(CHECKPOINT, checkpoint_fingerprint)  # a killed run had already put it in place
+        if final_fp is None:
+            job = RankJob(
+                data=str(Path(config.data).resolve()), masks=str(Path(config.masks).resolve()),
+                model=str(Path(config.model).resolve()), metrics=str((output / METRICS).resolve()),
+                work=str(work_folder.resolve()), settings=config.train_settings().model_dump(), workers=config.workers,
+                threads=max(1, int(cpus)), use_gpu=config.use_gpu, trust_remote_code=config.trust_remote_code,
+            )
+            work_folder.mkdir(exist_ok=True)
+            fit_started = time.monotonic()
+            with _MetricsProgress(config.progress, output / METRICS, plan.steps):
+                if in_process:
+                    fit_in_process(job, work_folder)
+                else:
+                    _fit(config, job, cpus, work_folder, f"run-{out.identity[:16]}")
+            timings["fit_s"] = time.monotonic() - fit_started
+            final = work_folder / FINAL
+            if not final.is_dir():
+                raise RuntimeError(f"training ended without its final checkpoint in {final}; this is a bug, please report it")
+            final_fp = checkpoint_fingerprint(final)
+            out.install(CHECKPOINT, final, final_fp)
         timings["total_s"] = time.monotonic() - started
-        manifest = _manifest(config, source, index, plan, model_fp, final_fp, output, timings)
-        out.finish(manifest)
-    return _summary(config, output, manifest, reused=False)
+        return _manifest(config, source, index, plan, model_fp, final_fp, output, timings)
+
+    def checkpoint_unchanged(out: StageOutput, manifest: dict[str, Any]) -> bool:
+        return out.installed(CHECKPOINT, checkpoint_fingerprint) == manifest["checkpoints"]["final"]["fingerprint"]
+
+    # train/ (Ray Train's resumable state) is scratch: removed once the checkpoint is in place.
+    stage = Stage("train", output, identity, inputs=[Path(config.data), Path(config.masks), Path(config.model)],
+                  overwrite=config.overwrite, entries=(CHECKPOINT, METRICS), scratch=(WORK,))
+    run = run_stage(stage, work, ready=session, complete=checkpoint_unchanged)
+    return _summary(config, output, run.manifest, reused=run.reused)
 
 
 def _manifest(config, source, index, plan: DataPlan, model_fp: str, final_fp: str, output: Path, timings) -> dict[str, Any]:

@@ -42,16 +42,12 @@ FINAL_PARTIAL = "final-partial"
 Report = Callable[[dict[str, Any], "Path | None"], None]
 
 
-class TrainingDiverged(UserError, ArithmeticError):
-    """A step whose loss or gradient norm is not finite (NaN or infinite): the run stops before that step is logged
-    or any checkpoint of it is kept."""
-
-
 def refuse_non_finite(step: int, result: StepResult, lr: float) -> None:
-    """Stop at the first step whose loss or gradient norm is NaN or infinite, naming it."""
+    """Stop at the first step whose loss or gradient norm is NaN or infinite, naming it: the run stops before that
+    step is logged or any checkpoint of it is kept."""
     if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
         return
-    raise TrainingDiverged(
+    raise UserError(
         f"training diverged at step {step}: loss {result.loss}, gradient norm {result.grad_norm} (learning rate "
         f"{lr:.3g}); lower --lr, or check the starting model's weights for NaN or infinite values; nothing of this "
         "step was kept"
@@ -62,7 +58,7 @@ def _refuse_non_finite_weights(tuned: FineTuned, step: int) -> None:
     """The trained weights are finite before they are saved (a last step can overflow them with a finite loss)."""
     for name, parameter in tuned.model.named_parameters():
         if parameter.requires_grad and not bool(torch.isfinite(parameter).all()):
-            raise TrainingDiverged(
+            raise UserError(
                 f"training diverged: after step {step} the weights {name} hold NaN or infinite values; lower --lr; "
                 "no checkpoint was written"
             )

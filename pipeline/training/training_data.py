@@ -34,10 +34,6 @@ from pipeline.runtime.fingerprint import sha256_json
 from pipeline.selection.keep_masks import KeepMasksSource, keep_masks_source, read_keep_mask_shard
 
 
-class TrainingDataError(ArtifactError):
-    """Tokenized data and masks that cannot be trained on together; the message names both folders."""
-
-
 @dataclass(frozen=True)
 class TrainingSource:
     """A tokenized folder and a masks folder checked to belong together."""
@@ -75,9 +71,9 @@ def open_training_data(tokenized: Path, masks: Path) -> TrainingSource:
     checksums (the masks shards' are checked as they are read)."""
     tokenized, masks = Path(tokenized), Path(masks)
     if not tokenized.is_dir():
-        raise TrainingDataError(f"tokenized data folder {tokenized} does not exist; run `sstoken prepare` first")
+        raise ArtifactError(f"tokenized data folder {tokenized} does not exist; run `sstoken prepare` first")
     if not masks.is_dir():
-        raise TrainingDataError(
+        raise ArtifactError(
             f"masks folder {masks} does not exist; give a scores folder (`sstoken score`) or a masks folder "
             "(`sstoken select --output`)"
         )
@@ -86,14 +82,14 @@ def open_training_data(tokenized: Path, masks: Path) -> TrainingSource:
     source = TrainingSource(tokenized, masks, tokenized_manifest, keep_masks_source(masks))
     mask_tokenizer = source.keep_masks.tokenizer_fingerprint
     if mask_tokenizer != source.tokenizer_fingerprint:
-        raise TrainingDataError(
+        raise ArtifactError(
             f"{masks} was made with another tokenizer (fingerprint {str(mask_tokenizer)[:12]}) than {tokenized} "
             f"({source.tokenizer_fingerprint[:12]}); score and select the data in {tokenized}, or pass the "
             "tokenized folder those masks were made from"
         )
     made_from = source.keep_masks.tokenized_fingerprint
     if made_from != source.data_key:
-        raise TrainingDataError(
+        raise ArtifactError(
             f"{masks} was made from other tokenized data than {tokenized} (data fingerprint {str(made_from)[:12]}, "
             f"not {source.data_key[:12]}); pass the tokenized folder those masks were scored from, or score {tokenized}"
         )
@@ -147,11 +143,11 @@ def _refuse_unmatched(source: TrainingSource, joined: pl.DataFrame, tokens: pl.D
     missing = tokens.join(masks, on="sample_id", how="anti")
     extra = masks.join(tokens, on="sample_id", how="anti")
     if len(missing):
-        raise TrainingDataError(
+        raise ArtifactError(
             f"{len(missing)} sample ids of {source.tokenized} have no mask in {source.masks} (e.g. "
             f"{missing['sample_id'][0]!r}); the masks belong to other data: score and select {source.tokenized}"
         )
-    raise TrainingDataError(
+    raise ArtifactError(
         f"{len(extra)} sample ids of {source.masks} are not in {source.tokenized} (e.g. {extra['sample_id'][0]!r}); "
         "the masks belong to other data: pass the tokenized folder they were made from"
     )
@@ -167,7 +163,7 @@ def join_samples(source: TrainingSource, check_keep: bool = True) -> pl.DataFram
     wrong = joined.filter(pl.col("n_tokens") != pl.col("mask_length"))
     if len(wrong):
         first = wrong.row(0, named=True)
-        raise TrainingDataError(
+        raise ArtifactError(
             f"{len(wrong)} samples have masks of another length than their tokens, e.g. {first['sample_id']!r}: "
             f"{first['n_tokens']} tokens in {source.tokenized / first['file']}, {first['mask_length']} mask entries in "
             f"{source.masks / first['file_mask']}; the masks were made from other data: score and select it again"
@@ -186,7 +182,7 @@ def _refuse_keep_off_targets(source: TrainingSource, joined: pl.DataFrame) -> No
         keep = pq.read_table(source.masks / file_mask, columns=["sample_id", "keep"])
         problems += keep_problems(keep.take(group["row_mask"].to_list()), file_mask, trainable.take(group["row"].to_list()))
     if problems:
-        raise TrainingDataError(
+        raise ArtifactError(
             f"{source.masks} keeps tokens that are no training targets of {source.tokenized}: {'; '.join(problems[:3])}; "
             "the masks were edited: select them again (`sstoken select`) or rescore"
         )
@@ -197,7 +193,7 @@ def build_index(source: TrainingSource) -> SampleIndex:
     joined = join_samples(source)
     eligible = joined.filter(pl.col("kept") > 0)
     if not len(eligible):
-        raise TrainingDataError(
+        raise ArtifactError(
             f"no sample of {source.masks} keeps any token ({len(joined)} samples); select with a higher ratio "
             "or another method"
         )
@@ -267,11 +263,11 @@ def load_samples(source: TrainingSource, index: SampleIndex, positions: np.ndarr
         for position, token_row, mask_row in zip(members, token_rows, mask_rows):
             expected = index.sample_ids[position]
             if token_row["sample_id"] != expected or mask_row["sample_id"] != expected:
-                raise TrainingDataError(f"{source.tokenized / token_file} or {source.masks / mask_file} changed while "
+                raise ArtifactError(f"{source.tokenized / token_file} or {source.masks / mask_file} changed while "
                                         "training; rerun sstoken train")
             ids = np.asarray(token_row["input_ids"], dtype=np.int64)
             keep = np.asarray(mask_row["keep"], dtype=bool)
             if len(ids) != len(keep):
-                raise TrainingDataError(f"sample {expected!r}: {len(ids)} tokens, {len(keep)} mask entries")
+                raise ArtifactError(f"sample {expected!r}: {len(ids)} tokens, {len(keep)} mask entries")
             rows[position] = (ids, keep)
     return rows

@@ -1,11 +1,11 @@
 """The report's one HTML file: styles, script and plots inline, data as JSON in the page, nothing fetched.
 
-    write_page(path, title, sections)     # sections: HTML strings, in order
+    text = page(title, sections, data)     # sections: HTML strings, in order; the report writes it
 
 The heatmaps are drawn by a small script from the embedded JSON: each token a span whose background
 is its score's step on the shared colour scale (pipeline.views.score_colours); hovering one shows its
 numbers. The marker `<meta name="generator" content="sstoken report">` lets a rerun replace a page it
-wrote, and nothing else.
+wrote, and nothing else (`pipeline.runtime.stage_runner.run_file_stage` checks it).
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import base64
 import html
 import json
 import math
-from pathlib import Path
 from typing import Any
 
-from pipeline.runtime.files import write_text_atomic
 from pipeline.views.score_colours import RAMP
 from pipeline.views.stats import SampleView
 
 GENERATOR = '<meta name="generator" content="sstoken report">'
-FLAGS = {"context": 0, "dropped": 1, "kept": 2}
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1180px;padding:0 18px 60px;color:#1d2433}
@@ -163,9 +160,3 @@ def page(title: str, sections: list[str], data: dict[str, Any] | None = None) ->
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{GENERATOR}'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{escape(title)}</title>'
             f"<style>{CSS}</style></head><body><div id=\"tip\"></div>{''.join(sections)}{script}</body></html>")
-
-
-def write_page(path: Path, text: str) -> int:
-    """Write the page atomically; its size in bytes."""
-    write_text_atomic(text, Path(path))
-    return len(text.encode())

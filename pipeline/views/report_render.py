@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.runtime.files import ArtifactError
+from pipeline.eval.records import Spread, read_eval
+from pipeline.loop.run_folder import RunRecord
 from pipeline.views import report_plots as plots
 from pipeline.views.report_figures import rejected_rows
 from pipeline.views.report_page import escape, figure, legend, number, page, sample_json, svg_image, table
@@ -77,10 +78,10 @@ def _provenance(inputs: ReportInputs) -> str:
             ["token texts from", str(inputs.token_source or "no tokenizer found: ids shown")]]
     rows += [[f"{role} checkpoint", f"{entry.get('path')} ({_short(entry.get('fingerprint'))})"]
              for role, entry in checkpoints.items()]
-    if inputs.stats.record is not None:
-        history = inputs.stats.record.get("history", {})
-        rows.append(["history policy", ", ".join(f"{k} {v}" for k, v in history.items()) or "-"])
-    config = inputs.stats.record.get("config") if inputs.stats.record is not None else manifest.get("config")
+    record = inputs.stats.record
+    if record is not None:
+        rows.append(["history policy", ", ".join(f"{k} {v}" for k, v in _history(record).items())])
+    config = record.config if record is not None else manifest.get("config")
     details = "".join(
         f"<details><summary>{escape(name)}</summary><pre>{escape(json.dumps(value, indent=2, default=str))}</pre></details>"
         for name, value in (("config", config), ("selection", manifest.get("selection")), ("masks manifest", manifest))
@@ -124,13 +125,13 @@ def _samples(inputs: ReportInputs) -> tuple[str, dict[str, Any]]:
 def _rounds(inputs: ReportInputs) -> str:
     if len(inputs.figures) < 2 and not inputs.curves:
         return ""
-    record = inputs.stats.record or {}
+    record = inputs.stats.record
     rows = []
-    for entry in record.get("rounds", []):
-        summary = entry.get("summary", {})
-        rows.append([f"r{entry['round']:03d}", entry.get("status", "-"), entry.get("selection", {}).get("method", "-"),
-                     entry.get("history", {}).get("policy", record.get("history", {}).get("policy", "-")),
-                     figure(summary.get("kept_ratio")), figure(summary.get("train_loss"))])
+    for entry in record.rounds if record is not None else []:
+        summary = entry.summary
+        rows.append([f"r{entry.round:03d}", entry.status, entry.selection.method if entry.selection else "-",
+                     entry.history.policy if entry.history else record.history.policy,
+                     figure(summary.kept_ratio if summary else None), figure(summary.train_loss if summary else None)])
     agreement_rows = [[f"r{a['first']:03d} → r{a['second']:03d}", figure(a["samples"]), figure(a["same_decision"]),
                        figure(a["kept_overlap"]), figure(a["kept_to_dropped"]), figure(a["dropped_to_kept"])]
                       for a in inputs.agreements]
@@ -139,13 +140,18 @@ def _rounds(inputs: ReportInputs) -> str:
         + table(["token", "tokens"], [[repr(e["text"]), figure(e["count"])] for e in f[key]]) + "</div>"
         for f in inputs.flipped for key, label in (("kept_to_dropped", "kept, then dropped"), ("dropped_to_kept", "dropped, then kept")))
     curve = f'<div class="plot">{plots.loss_curves(inputs.curves)}</div>' if inputs.curves else "<p>no training metrics yet</p>"
-    history = record.get("history", {})
-    return (f"<h2 id=\"rounds\">Rounds</h2><p>history policy: <b>{escape(history.get('policy', '-'))}</b>"
+    history = _history(record) if record is not None else {"policy": "-"}
+    return (f"<h2 id=\"rounds\">Rounds</h2><p>history policy: <b>{escape(history['policy'])}</b>"
             f"{escape(''.join(f', {k} {v}' for k, v in history.items() if k != 'policy'))}</p>"
             + table(["round", "status", "selection", "history", "kept ratio", "train loss"], rows)
             + "<h3>How the masks changed (samples both rounds selected from)</h3>"
             + table(["rounds", "samples", "same decision", "kept overlap", "kept → dropped", "dropped → kept"], agreement_rows)
             + f"<div class=\"plots\">{flips}</div>{curve}")
+
+
+def _history(record: RunRecord) -> dict[str, Any]:
+    """The run's history policy and its settings (alpha of ema), as shown."""
+    return record.history.model_dump(exclude_none=True)
 
 
 def render_report(inputs: ReportInputs) -> str:
@@ -157,43 +163,30 @@ def render_report(inputs: ReportInputs) -> str:
     return page(f"sstoken report: {inputs.folder}", [header, _totals(inputs), _plots(inputs), samples, _rounds(inputs)], data)
 
 
-def _measure_cell(value: dict[str, Any] | None) -> str:
-    if not value or value.get("mean") is None:
+def _measure_cell(value: Spread | None) -> str:
+    if value is None or value.mean is None:
         return "-"
-    std = value.get("std")
-    return f"{value['mean']:.4g} ± {std:.2g}" if std is not None else f"{value['mean']:.4g}"
-
-
-def read_eval(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "eval.json"
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{path} is not a readable eval record: {error}") from error
-    if not isinstance(record, dict) or record.get("kind") != "eval" or not isinstance(record.get("table"), list):
-        raise ArtifactError(f"{path} is not an eval record (kind 'eval' with a table); rerun `sstoken eval`")
-    return record
+    return f"{value.mean:.4g} ± {value.std:.2g}" if value.std is not None else f"{value.mean:.4g}"
 
 
 def render_eval(folder: Path) -> str:
     """The eval folder's page: the table of measures (mean ± std over seeds), the selection by round, eval.svg."""
-    record = read_eval(folder)
-    measures = record.get("measures", [])
-    header = ["method"] + [f"{m.get('label', m['key'])} ({'↑' if m.get('higher_is_better') else '↓'})" for m in measures]
-    rows = [[entry["method"]] + [_measure_cell(entry.get("values", {}).get(m["key"])) for m in measures]
-            for entry in record["table"]]
-    selection = [[entry.get("method"), f"r{int(entry.get('round', 0)):03d}", _measure_cell(entry.get("corrupted_dropped")),
-                  _measure_cell(entry.get("clean_dropped")), _measure_cell(entry.get("auroc"))]
-                 for entry in record.get("selection_by_round", [])]
+    record = read_eval(folder)  # a malformed eval.json: one error naming the file and the field
+    measures = record.measures
+    header = ["method"] + [f"{m.label} ({'↑' if m.higher_is_better else '↓'})" for m in measures]
+    rows = [[entry.method] + [_measure_cell(entry.values.get(m.key)) for m in measures] for entry in record.table]
+    selection = [[entry.method, f"r{entry.round:03d}", _measure_cell(entry.corrupted_dropped),
+                  _measure_cell(entry.clean_dropped), _measure_cell(entry.auroc)]
+                 for entry in record.selection_by_round]
     svg_path = Path(folder) / "eval.svg"
     # The folder's file, not ours: shown as an image, which cannot script the page or fetch anything.
     plot = svg_image(svg_path.read_bytes(), "eval.svg: the measures by method") if svg_path.is_file() else ""
     sections = [
-        f"<h1>sstoken eval</h1><p class=\"muted\">{escape(folder)} · methods: {escape(', '.join(record.get('methods', [])))}</p>",
+        f"<h1>sstoken eval</h1><p class=\"muted\">{escape(folder)} · methods: {escape(', '.join(record.methods))}</p>",
         "<h2>Measures (mean ± std over seeds)</h2>" + table(header, rows),
         "<h2>Selection by round</h2>" + (table(["method", "round", "corrupted dropped", "clean dropped", "AUROC"], selection)
                                          if selection else "<p class=\"muted\">none recorded</p>"),
         f"<h2>Plot</h2><div class=\"plot\">{plot}</div>" if plot else "<p class=\"muted\">no eval.svg</p>",
-        f"<details><summary>config</summary><pre>{escape(json.dumps(record.get('config', {}), indent=2))}</pre></details>",
+        f"<details><summary>config</summary><pre>{escape(json.dumps(record.config, indent=2))}</pre></details>",
     ]
     return page(f"sstoken eval: {folder}", sections)

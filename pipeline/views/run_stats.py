@@ -15,29 +15,29 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline.eval.records import EVAL_RECORD
 from pipeline.loop.run_folder import RUN_RECORD, RunFolder, read_run_record
 from pipeline.runtime.files import MANIFEST, ArtifactError
 from pipeline.training.train_metrics import train_curve
 from pipeline.views.stats import Stats, open_masks_folder, round_artifacts
 
-EVAL_RECORD = "eval.json"
-
 
 def is_run_folder(folder: Path) -> bool:
-    return (Path(folder) / RUN_RECORD).is_file()
+    """A folder with a run.json (a malformed one too: opening it then names what is wrong with it)."""
+    return (Path(folder) / RUN_RECORD).exists()
 
 
 def _open_run(folder: RunFolder) -> Stats:
-    record = read_run_record(folder)
+    record = read_run_record(folder)  # a malformed run.json: one error naming the file and the field
     if record is None:
-        raise ArtifactError(f"{folder.record} is not a readable run record (not JSON, or another version)")
+        raise ArtifactError(f"{folder.record} does not exist; pass a run folder")
     parts = []
-    for entry in sorted(record.get("rounds", []), key=lambda e: e["round"]):
-        index = int(entry["round"])
+    for entry in sorted(record.rounds, key=lambda e: e.round):
+        index = entry.round
         masks = folder.masks(index)
         if not (masks / MANIFEST).is_file():
             continue  # the round's selection has not finished yet
-        data = folder.root / entry["data"] if entry.get("data") else None
+        data = folder.inside(entry.data, "a round's data") if entry.data else None
         signals = folder.scores(index) if (folder.scores(index) / MANIFEST).is_file() else None
         parts.append(round_artifacts(masks, index, tokenized=data, signals=signals))
     if not parts:
@@ -57,7 +57,7 @@ def open_stats(folder: Path, data: Path | None = None) -> Stats:
         return _open_run(RunFolder(folder))
     if (folder / MANIFEST).is_file():
         return open_masks_folder(folder, tokenized=data)
-    if (folder / EVAL_RECORD).is_file():
+    if (folder / EVAL_RECORD).exists():
         raise ArtifactError(f"{folder} is an eval folder (it holds {EVAL_RECORD}), not a run, scores or masks folder")
     raise ArtifactError(
         f"{folder} is not an sstoken artifact folder (no {RUN_RECORD} or {MANIFEST}); pass a run folder, "
@@ -70,7 +70,7 @@ def train_curves(stats: Stats) -> pl.DataFrame:
     rows = []
     if stats.root is not None and stats.record is not None:
         folder = RunFolder(stats.root)
-        for entry in stats.record.get("rounds", []):
-            rows += [{"round": int(entry["round"]), "step": int(m["step"]), "loss": float(m["loss"])}
-                     for m in train_curve(folder.train(int(entry["round"])))]
+        for entry in stats.record.rounds:
+            rows += [{"round": entry.round, "step": int(m["step"]), "loss": float(m["loss"])}
+                     for m in train_curve(folder.train(entry.round))]
     return pl.DataFrame(rows, schema={"round": pl.Int32, "step": pl.Int64, "loss": pl.Float64})

@@ -27,6 +27,7 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.loop.run_folder import RunRecord
 from pipeline.runtime.files import MANIFEST, ArtifactError, read_manifest, verify_shards
 from pipeline.selection.keep_masks import keep_masks_source
 from pipeline.training.training_data import open_training_data
@@ -157,7 +158,7 @@ class Stats:
     """LazyFrames over one or more rounds of selections; `record` is the run's run.json when opened from a run."""
 
     parts: tuple[RoundArtifacts, ...]
-    record: dict[str, Any] | None = None
+    record: RunRecord | None = None
     root: Path | None = None
 
     def part(self, round: int) -> RoundArtifacts:
@@ -179,7 +180,7 @@ class Stats:
             for role in ("current", "history"):
                 folders.append(part.masks_manifest.get("checkpoints", {}).get(role, {}).get("path"))
         if self.record is not None:
-            folders.append(self.record.get("models", {}).get("base", {}).get("path"))
+            folders.append(self.record.models.base.path)
         return [folder for folder in dict.fromkeys(folders) if folder]
 
     def tokens(self, sample_ids: list[str] | None = None, columns: tuple[str, ...] = TOKEN_COLUMNS) -> pl.LazyFrame:

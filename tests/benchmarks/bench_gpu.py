@@ -61,8 +61,9 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from pipeline.scoring.attention import turn_starts  # noqa: E402
 from pipeline.scoring.score_settings import ScoreSettings  # noqa: E402
-from pipeline.scoring.scorer import Scorer, score_samples  # noqa: E402
+from pipeline.scoring.scorer import Scorer  # noqa: E402
 from pipeline.selection.select_settings import SelectSettings  # noqa: E402
+from tests.sample_scores import score_samples  # noqa: E402
 
 transformers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()

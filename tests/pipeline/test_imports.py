@@ -23,7 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"runtime", "scoring", "selection"},
     "loop": {"runtime", "data", "scoring", "selection", "training"},
     "eval": {"runtime", "data", "scoring", "selection", "training", "loop"},
-    "views": {"runtime", "selection", "training", "loop"},
+    # The report renders an eval folder from its typed eval.json (`eval.records`).
+    "views": {"runtime", "selection", "training", "loop", "eval"},
     "validation": {"runtime", "training"},
     "cli": {"runtime", "data", "scoring", "selection", "training", "loop", "eval", "views", "validation"},
 }

@@ -16,7 +16,7 @@ import pipeline.runtime.files as files
 import pipeline.data.prepare_stage as prepare_stage
 from pipeline.cli import main
 from pipeline.cli.command import run_function, summary_table
-from pipeline.data.prepare_stage import PrepareError
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import read_manifest
 
 REPO = Path(__file__).resolve().parents[3]
@@ -46,7 +46,7 @@ def test_every_command_runs_a_function_that_exists():
 
 def test_a_user_error_is_one_line_with_its_exit_status(prepare_args, monkeypatch, capsys):
     def refuse(config):
-        raise PrepareError("corpus X has no valid row\n(the second line of a long message)")
+        raise UserError("corpus X has no valid row\n(the second line of a long message)")
 
     monkeypatch.setattr(prepare_stage, "run_prepare", refuse)
     assert main(prepare_args) == 2
@@ -176,7 +176,7 @@ def test_errors_notes_and_summaries_print_data_as_text_not_terminal_control_or_m
     from pipeline.runtime.stage_output import StageSummary
 
     def refuse(config):
-        raise PrepareError("sample \x1b]0;title\x1b\\ has no valid row")
+        raise UserError("sample \x1b]0;title\x1b\\ has no valid row")
 
     monkeypatch.setattr(prepare_stage, "run_prepare", refuse)
     assert main(prepare_args) == 2
@@ -242,6 +242,7 @@ def test_help_spells_out_none_and_sections(capsys):
     text = capsys.readouterr().out
     assert "--select.ratio" in text and "--train.lr" in text and "--prepare.max-length" in text
     assert "--prepare.output" not in text and "--score.ratio" not in text  # derived: the select: section sets it
+    assert "--ray.address" in text and "--train.address" not in text and "--score.ray" not in text  # one ray: section
 
 
 def test_max_length_none_from_the_command_line(prepare_args, capsys):
@@ -275,3 +276,37 @@ def test_select_and_score_refuse_missing_folders_in_one_line(tmp_path, capsys, a
     lines = stderr_lines(capsys)
     assert len(lines) == 1 and lines[0].startswith(f"sstoken {argv[0]}: error: ")
     assert message.replace("{tmp}", str(tmp_path)) in lines[0]
+
+
+@pytest.mark.parametrize(
+    "command, required",
+    [
+        ("score", ["--data", "/d", "--current", "/m", "--output", "/o"]),
+        ("train", ["--data", "/d", "--masks", "/k", "--model", "/m", "--output", "/o"]),
+    ],
+)
+def test_single_stage_commands_take_their_ray_section_from_yaml_and_flags(tmp_path, command, required):
+    import yaml
+
+    from pipeline.cli import build_parser
+    from pipeline.runtime.config import config_from_arguments, load_config
+    from pipeline.runtime.ray_settings import RaySettings
+    from pipeline.scoring.score_config import ScoreJobConfig
+    from pipeline.training.train_config import TrainConfig
+
+    config_class = {"score": ScoreJobConfig, "train": TrainConfig}[command]
+    config_file = tmp_path / "stage.yaml"
+    config_file.write_text("ray:\n  address: 10.0.0.1:6379\n  object-store-mb: 300\n")
+    arguments = build_parser().parse_args(
+        [command, *required, "--config", str(config_file), "--ray.address", "10.0.0.2:6379", "--ray.connect-timeout-s", "5"]
+    )
+    config = config_from_arguments(config_class, arguments)
+    assert config.ray == RaySettings(address="10.0.0.2:6379", object_store_mb=300, connect_timeout_s=5)
+    # The resolved config (as saved in the manifest) read back as YAML is the same config.
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump(config.resolved()))
+    assert load_config(config_class, resolved) == config
+    # The old top-level spelling is refused with the place the setting has now.
+    config_file.write_text("address: 10.0.0.1:6379\n")
+    with pytest.raises(UserError, match=r"address is a setting of the ray: section: set ray.address \(--ray.address\)"):
+        config_from_arguments(config_class, build_parser().parse_args([command, *required, "--config", str(config_file)]))

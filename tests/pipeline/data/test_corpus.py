@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.corpus import InputError, iter_records, resolve_inputs
+from pipeline.data.corpus import iter_records, resolve_inputs
+from pipeline.runtime.errors import UserError
 
 ROW = {"prompt": "Q", "response": "A"}
 
@@ -70,10 +71,10 @@ def test_folder_is_searched_in_sorted_order(tmp_path):
 
 
 def test_missing_and_unsupported_paths_are_errors(tmp_path):
-    with pytest.raises(InputError, match="does-not-exist.jsonl does not exist"):
+    with pytest.raises(UserError, match="does-not-exist.jsonl does not exist"):
         resolve_inputs([tmp_path / "does-not-exist.jsonl"])
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(InputError, match="unsupported extension"):
+    with pytest.raises(UserError, match="unsupported extension"):
         resolve_inputs([tmp_path / "notes.txt"])
 
 
@@ -225,5 +226,5 @@ def test_a_file_name_that_is_not_utf8_is_refused_by_name(tmp_path):
 
     with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jsonl"), "w") as handle:
         handle.write(json.dumps(ROW) + "\n")
-    with pytest.raises(InputError, match=r"caf\\xe9.jsonl has a name that is not valid UTF-8; rename it"):
+    with pytest.raises(UserError, match=r"caf\\xe9.jsonl has a name that is not valid UTF-8; rename it"):
         resolve_inputs([tmp_path])

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.data.chat import TemplateError
-from pipeline.data.prepare_stage import PrepareConfig, PrepareError, run_prepare
+from pipeline.data.prepare_stage import PrepareConfig, run_prepare
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import ArtifactError, exclusive_output, read_manifest, read_shard, verify_shards
 from tests import tiny
 
@@ -194,13 +195,13 @@ def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, tokenizer_dir, mixed_
 def test_second_writer_is_refused(tmp_path, tokenizer_dir, mixed_corpus):
     output = tmp_path / "out"
     with exclusive_output(output):
-        with pytest.raises(RuntimeError, match="is being written by pid"):
+        with pytest.raises(ArtifactError, match="is being written by pid"):
             prepare(mixed_corpus, tokenizer_dir, output)
 
 
 def test_no_valid_row_is_an_error_naming_the_input(tmp_path, tokenizer_dir):
     corpus = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}, b"{nope\n"])
-    with pytest.raises(PrepareError, match=r"no valid row in .*bad.jsonl \(2 read"):
+    with pytest.raises(UserError, match=r"no valid row in .*bad.jsonl \(2 read"):
         prepare(corpus, tokenizer_dir, tmp_path / "out")
     assert pl.read_parquet(tmp_path / "out" / "rejected.parquet").height == 2
 
@@ -258,6 +259,28 @@ def test_files_the_stage_did_not_write_are_refused_and_never_deleted(tmp_path, t
         prepare(mixed_corpus, tokenizer_dir, output)
     summary = prepare(mixed_corpus, tokenizer_dir, output, overwrite=True)
     assert summary.counts["rows_written"] == 6 and theirs.read_bytes() == before
+
+
+@pytest.mark.parametrize("field", ["rejected", "absolute"])
+def test_a_manifest_naming_files_outside_the_folder_never_makes_a_rerun_delete_them(tmp_path, tokenizer_dir, capsys, field):
+    """Issue 20 item 1: a plain rerun used to delete what an old manifest listed outside the folder (exit 0)."""
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "Q", "response": "A"}])
+    args = ["prepare", "--tokenizer", str(tokenizer_dir), "--input", str(ok), "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not sstoken's")
+    manifest_path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entry = {"file": "../victim.txt" if field == "rejected" else str(victim), "rows": 0, "sha256": "0" * 64}
+    manifest["rejected" if field == "rejected" else "notes"] = entry
+    manifest_path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "which is not a file name inside its folder" in err and len(err.splitlines()) == 1
+    assert victim.read_text() == "not sstoken's"
+    assert main([*args, "--overwrite"]) == 0  # the edited manifest is not ours: nothing it names is removed
+    assert victim.read_text() == "not sstoken's" and read_manifest(tmp_path / "out")["rejected"]["file"] == "rejected.parquet"
 
 
 @pytest.mark.parametrize("inside", [False, True])

@@ -16,9 +16,12 @@ import pytest
 from pipeline.cli import main
 from pipeline.eval.config import ALL_METHODS, EvalConfig
 from pipeline.eval.evaluate import cell_folder, measures_path, run_eval
+from pipeline.eval.records import EVAL_SCHEMA, MEASURES_SCHEMA, read_eval, read_measures
 from pipeline.eval.table import spread
 from pipeline.loop.run_folder import RunFolder
-from pipeline.runtime.config import ConfigError, load_config
+from pipeline.runtime.config import load_config
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.schemas import validate_json
 
 SMOKE = Path(__file__).resolve().parents[3] / "jobs" / "configs" / "eval.smoke.yaml"
 
@@ -36,7 +39,11 @@ def evaluated(tmp_path_factory, llama_dir, ray_local):
 def test_every_method_over_every_seed_in_eval_json(evaluated):
     config, result = evaluated
     report = json.loads((config.output / "eval.json").read_text())
-    assert report == result.report
+    assert report == result.report.as_json() and read_eval(config.output) == result.report
+    validate_json(report, EVAL_SCHEMA, "eval.json")  # the schemas hold the records the eval wrote
+    for path in (config.output / "cells").glob("seed-*/*.measures.json"):
+        validate_json(json.loads(path.read_text()), MEASURES_SCHEMA, str(path))
+        assert read_measures(path).as_json() == json.loads(path.read_text())
     assert report["kind"] == "eval" and report["schema_version"] == 1
     assert report["methods"] == list(ALL_METHODS) and [r["method"] for r in report["table"]] == ["base", *ALL_METHODS]
     keys = [m["key"] for m in report["measures"]]
@@ -64,7 +71,7 @@ def test_every_method_over_every_seed_in_eval_json(evaluated):
 
 def test_the_budget_of_kept_tokens_seen_is_the_same_for_full(evaluated):
     config, result = evaluated
-    rows = {r["method"]: r["values"] for r in result.report["table"]}
+    rows = {r["method"]: r["values"] for r in result.report.as_json()["table"]}
     full, sstoken = rows["full"]["kept_tokens"]["mean"], rows["sstoken"]["kept_tokens"]["mean"]
     assert 0.6 < full / sstoken < 1.6
     record = json.loads(RunFolder(cell_folder(config, 0, "full")).record.read_text())
@@ -90,14 +97,14 @@ def test_a_second_call_redoes_nothing_and_a_cell_killed_before_its_measures_is_m
     again = run_eval(config)
     assert again.cells_run == 0 and again.cells_reused == len(files)
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
-    assert again.report["table"] == result.report["table"]
+    assert again.report.table == result.report.table
     # Killed after its rounds, before its measures: the rounds are kept, the measures made again, nothing else.
     checkpoint = RunFolder(cell_folder(config, 0, "sstoken")).checkpoint(1) / "model.safetensors"
     weights = checkpoint.stat().st_mtime_ns
     measures_path(config, 0, "sstoken").unlink()
     third = run_eval(config)
     assert third.cells_run == 1 and checkpoint.stat().st_mtime_ns == weights
-    assert third.report["table"] == result.report["table"]
+    assert third.report.table == result.report.table
 
 
 @pytest.mark.parametrize(
@@ -113,10 +120,11 @@ def test_a_second_call_redoes_nothing_and_a_cell_killed_before_its_measures_is_m
         ({"task": {"train": 4}}, "task.train gives 4 samples a seed"),
         ({"select": {"method": "rel"}}, "select.method cannot be set"),
         ({"train": {"epochs": 2}}, "train.epochs cannot be set"),
+        ({"score": {"runner": "ray"}}, "score.runner cannot be set in a stage section: set ray.runner in the ray: section"),
     ],
 )
 def test_bad_settings_are_refused_by_name(tmp_path, llama_dir, overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(".", "\\.")):
+    with pytest.raises(UserError, match=message.replace("(", "\\(").replace(".", "\\.")):
         smoke_config(tmp_path / "out", llama_dir, **overrides)
 
 
@@ -144,6 +152,19 @@ def test_cells_are_keyed_on_the_base_models_weights_not_its_path(tmp_path, llama
     assert {k for k in before if before[k] != after[k]} == {"model"}
 
 
+def test_the_ray_section_reaches_every_stage_of_every_cell(tmp_path, llama_dir):
+    from pipeline.eval.data import SeedData
+    from pipeline.eval.evaluate import cell_run_config, reference_run_config
+    from pipeline.runtime.ray_settings import RaySettings
+
+    assert smoke_config(tmp_path / "out", llama_dir).ray == RaySettings(runner="process")  # the eval's default
+    config = smoke_config(tmp_path / "out", llama_dir, ray={"address": "10.0.0.1:6379", "runner": "ray", "num_cpus": 2})
+    data = SeedData(0, tmp_path / "train.jsonl", tmp_path / "heldout.jsonl", tmp_path / "reference.jsonl", labelled=True)
+    runs = [cell_run_config(config, data, method, tmp_path / "ref") for method in config.methods]
+    for run in [*runs, reference_run_config(config, data)]:
+        assert run.ray == run.score.ray == run.train.ray == config.ray
+
+
 def test_a_missing_natural_corpus_is_one_line_before_any_model_runs(tmp_path, llama_dir, capsys):
     code = main(["eval", str(SMOKE), "--output", str(tmp_path / "out"), "--model", str(llama_dir), "--corpus", "natural",
                  "--natural.corpus", str(tmp_path / "nowhere.jsonl")])
@@ -166,7 +187,7 @@ def test_a_natural_corpus_runs_the_methods_for_held_out_nll_only(tmp_path, llama
     ))
     config = smoke_config(tmp_path / "out", llama_dir, corpus="natural", methods=["sstoken"],
                           natural={"corpus": [corpus], "heldout": 4, "samples": 8})
-    report = run_eval(config).report
+    report = run_eval(config).report.as_json()
     assert [m["key"] for m in report["measures"]] == ["heldout_nll", "score_s", "train_s", "kept_tokens"]
     assert report["selection_by_round"] == []
     rows = {r["method"]: r["values"] for r in report["table"]}

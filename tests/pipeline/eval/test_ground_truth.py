@@ -2,14 +2,10 @@ import json
 
 import pytest
 
-from pipeline.eval.ground_truth import (
-    CORRUPTION_KINDS,
-    TaskError,
-    generate_task,
-    read_jsonl,
-    write_task,
-)
+from pipeline.eval.ground_truth import CORRUPTION_KINDS, generate_task, read_jsonl
+from pipeline.runtime.errors import UserError
 from pipeline.eval.worked_problems import extract_answer
+from tests.task_factories import write_task
 
 
 def _assistant(row, turn):
@@ -107,12 +103,12 @@ def test_read_jsonl_round_trips_and_names_a_bad_line(tmp_path):
     assert json.loads(files.task.read_text())["counts"]["train"] == 5
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1}\n[1, 2]\n')
-    with pytest.raises(TaskError, match="bad.jsonl line 2 is list"):
+    with pytest.raises(UserError, match="bad.jsonl line 2 is list"):
         read_jsonl(bad)
     bad.write_text('{"id": 1}\n{oops\n')
-    with pytest.raises(TaskError, match="bad.jsonl line 2 is not JSON"):
+    with pytest.raises(UserError, match="bad.jsonl line 2 is not JSON"):
         read_jsonl(bad)
-    with pytest.raises(TaskError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         read_jsonl(tmp_path / "missing.jsonl")
 
 
@@ -126,5 +122,5 @@ def test_read_jsonl_round_trips_and_names_a_bad_line(tmp_path):
 ])
 def test_bad_settings_are_refused_with_the_setting_named(settings, message):
     arguments = dict(seed=0, n_train=5, n_heldout=2) | settings
-    with pytest.raises(TaskError, match=message):
+    with pytest.raises(UserError, match=message):
         generate_task(**arguments)

@@ -4,9 +4,11 @@ import pytest
 from pipeline.data.chat import ChatRenderer
 from pipeline.data.prepare_config import PrepareConfig
 from pipeline.data.prepare_stage import run_prepare
-from pipeline.eval.ground_truth import generate_task, read_jsonl, write_task
-from pipeline.eval.ground_truth_labels import LabelError, corrupted_flags, corrupted_token_mask
+from pipeline.eval.ground_truth import generate_task, read_jsonl
+from pipeline.eval.ground_truth_labels import corrupted_flags, corrupted_token_mask
+from pipeline.runtime.files import ArtifactError
 from tests import tiny
+from tests.task_factories import write_task
 
 QUESTION = {"role": "user", "content": "What is 2 + 3?"}
 ANSWER = "First, 2 + 3 = 6. So the answer is 6."  # the two 6s (characters 14 and 34) are wrong
@@ -88,14 +90,14 @@ def test_with_a_bos_token_the_flags_move_with_the_tokens():
 def test_malformed_spans_are_refused_naming_the_row(renderer, corruption, message):
     messages = [QUESTION, {"role": "assistant", "content": ANSWER}]
     rendered = renderer.render(messages)
-    with pytest.raises(LabelError, match=f"task row 's0'.*{message}"):
+    with pytest.raises(ArtifactError, match=f"task row 's0'.*{message}"):
         corrupted_flags(renderer, _row(messages, corruption), rendered.input_ids, rendered.trainable)
 
 
 def test_tokens_that_are_not_the_rows_rendering_are_refused(renderer):
     messages = [QUESTION, {"role": "assistant", "content": ANSWER}]
     other = renderer.render([QUESTION, {"role": "assistant", "content": "So the answer is 5."}])
-    with pytest.raises(LabelError, match="does not render to the stored tokens"):
+    with pytest.raises(ArtifactError, match="does not render to the stored tokens"):
         corrupted_flags(renderer, _row(messages, []), other.input_ids, other.trainable)
 
 
@@ -134,13 +136,13 @@ def test_the_labels_of_a_prepared_task_align_with_its_shards(prepared_task, toke
 def test_labels_refuse_another_tokenizer_and_rows_that_are_not_the_corpus(prepared_task, tmp_path):
     files, tokenized = prepared_task
     other = tiny.build_tokenizer(vocab_size=300)
-    with pytest.raises(LabelError, match="tokenizer or chat template differs"):
+    with pytest.raises(ArtifactError, match="tokenizer or chat template differs"):
         corrupted_token_mask(tokenized, files.train, tokenizer=other)
     fewer = tmp_path / "train.jsonl"
     fewer.write_text("".join(line + "\n" for line in files.train.read_text().splitlines()[1:]))
-    with pytest.raises(LabelError, match="sample 'train-000000' .* has no row in"):
+    with pytest.raises(ArtifactError, match="sample 'train-000000' .* has no row in"):
         corrupted_token_mask(tokenized, fewer)
     twice = tmp_path / "twice.jsonl"
     twice.write_text(files.train.read_text() + files.train.read_text().splitlines()[0] + "\n")
-    with pytest.raises(LabelError, match="holds id 'train-000000' twice"):
+    with pytest.raises(ArtifactError, match="holds id 'train-000000' twice"):
         corrupted_token_mask(tokenized, twice)

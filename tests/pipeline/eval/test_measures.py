@@ -6,17 +6,11 @@ import torch
 
 from pipeline.data.prepare_config import PrepareConfig
 from pipeline.data.prepare_stage import run_prepare
-from pipeline.eval.ground_truth import generate_task, write_task
-from pipeline.eval.measures import (
-    Generation,
-    MeasureError,
-    auroc,
-    exact_match,
-    greedy_answers,
-    heldout_nll,
-    selection_quality,
-)
+from pipeline.eval.ground_truth import generate_task
+from pipeline.eval.measures import Generation, auroc, exact_match, greedy_answers, heldout_nll, selection_quality
+from pipeline.runtime.errors import UserError
 from tests import tiny
+from tests.task_factories import write_task
 
 
 # --- AUROC and selection quality on literal tokens ---------------------------------------
@@ -67,7 +61,7 @@ def test_a_method_that_scores_every_token_alike_has_auroc_one_half_and_nan_score
     ([True, True, True], [False, False, False], "keep is set on a token that is not trainable"),
 ])
 def test_misaligned_inputs_are_refused(keep, corrupted, message):
-    with pytest.raises(MeasureError, match=message):
+    with pytest.raises(UserError, match=message):
         selection_quality(keep, [0.1, 0.2, 0.3], [False, True, True], corrupted)
 
 
@@ -105,9 +99,9 @@ def test_heldout_nll_is_the_token_weighted_mean_over_response_tokens(llama_dir, 
     assert heldout_nll(llama_dir, rows) == pytest.approx(expected, rel=1e-4)
     run_prepare(PrepareConfig(input=[heldout_task.heldout], tokenizer=str(llama_dir), output=tmp_path / "tok"))
     assert heldout_nll(llama_dir, tmp_path / "tok") == pytest.approx(expected, rel=1e-4)
-    with pytest.raises(MeasureError, match="is empty"):
+    with pytest.raises(UserError, match="is empty"):
         heldout_nll(llama_dir, [])
-    with pytest.raises(MeasureError, match="row 'x' is not a conversation: .*no recognised row shape"):
+    with pytest.raises(UserError, match="row 'x' is not a conversation: .*no recognised row shape"):
         heldout_nll(llama_dir, [{"id": "x", "text": "hello"}])
 
 
@@ -116,7 +110,7 @@ def test_heldout_nll_refuses_a_folder_tokenized_with_another_tokenizer(llama_dir
     (tmp_path / "other" / "tokenizer.json").write_text(
         tiny.build_tokenizer(vocab_size=300).backend_tokenizer.to_str())
     run_prepare(PrepareConfig(input=[heldout_task.heldout], tokenizer=str(other), output=tmp_path / "tok"))
-    with pytest.raises(MeasureError, match="tokenized with another tokenizer"):
+    with pytest.raises(UserError, match="tokenized with another tokenizer"):
         heldout_nll(llama_dir, tmp_path / "tok")
 
 
@@ -193,7 +187,7 @@ def test_generation_comparison_and_bad_held_out_rows(llama_dir):
     assert Generation("a", "x", "1, 2", " 1,  2 ").correct
     assert not Generation("a", "x", None, "1").correct
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "So the answer is 1."}]
-    with pytest.raises(MeasureError, match="row 'q' has no 'answer'"):
+    with pytest.raises(UserError, match="row 'q' has no 'answer'"):
         greedy_answers(llama_dir, [{"id": "q", "messages": messages}])
-    with pytest.raises(MeasureError, match="max_new_tokens is 0"):
+    with pytest.raises(UserError, match="max_new_tokens is 0"):
         exact_match(llama_dir, [{"id": "q", "messages": messages, "answer": "1"}], max_new_tokens=0)

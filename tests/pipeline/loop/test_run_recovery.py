@@ -134,7 +134,7 @@ def test_two_node_loopback_cluster_with_two_training_workers(reference, llama_di
         ray_start(f"--address={address}", "--node-ip-address=127.0.0.1")
         _wait_for(lambda: alive_nodes() == 2, 90, "the worker node")
         config = _config_file(tmp_path, output, corpus, llama_dir)
-        _finish(_start(config, "--score.address", address, "--train.workers", "2", environment=environment))
+        _finish(_start(config, "--ray.address", address, "--train.workers", "2", environment=environment))
     finally:
         for process in started:
             _kill_tree(process)

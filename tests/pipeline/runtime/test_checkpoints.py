@@ -4,26 +4,27 @@ import shutil
 import pytest
 import torch
 
-from pipeline.runtime.checkpoints import CheckpointError, checkpoint_fingerprint, load_model, load_tokenizer
+from pipeline.runtime.checkpoints import checkpoint_fingerprint, load_model, load_tokenizer
+from pipeline.runtime.errors import UserError
 
 
 def test_missing_folder_is_named(tmp_path):
-    with pytest.raises(CheckpointError, match="nowhere.*does not exist"):
+    with pytest.raises(UserError, match="nowhere.*does not exist"):
         load_model(tmp_path / "nowhere")
 
 
 def test_folder_without_safetensors_is_refused(tmp_path, llama_dir):
     shutil.copy(llama_dir / "config.json", tmp_path / "config.json")
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(UserError, match="no \\*.safetensors"):
         load_model(tmp_path)
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path, llama_dir):
     shutil.copy(llama_dir / "config.json", tmp_path / "config.json")
     torch.save({"weight": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="pickle weights \\(pytorch_model.bin\\)"):
+    with pytest.raises(UserError, match="pickle weights \\(pytorch_model.bin\\)"):
         load_model(tmp_path)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(UserError):
         checkpoint_fingerprint(tmp_path)
 
 

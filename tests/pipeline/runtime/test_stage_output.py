@@ -1,4 +1,4 @@
-"""The exactly-once output: skip-if-done, atomic commits with records, manifest last, ownership."""
+"""The exactly-once output: skip-if-done, atomic commits with records, manifest last, ownership (through `run_stage`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import ArtifactError, base_manifest, read_manifest
 from pipeline.runtime.stage_output import PROGRESS, StageOutput, StageSummary, record_path
+from pipeline.runtime.stage_runner import Stage, run_stage
 
 
 def _entry(record: dict) -> dict:
@@ -21,13 +22,15 @@ def _entry(record: dict) -> dict:
 def _run(folder: Path, shards: dict[str, list[int]], identity: dict | None = None, **options) -> dict:
     """One complete run: commit every shard not done under its key, then the manifest."""
     identity = identity or {"corpus": "a"}
-    with StageOutput(folder, "tokenized", identity=identity, **options) as out:
-        out.begin()
+
+    def work(out: StageOutput, _: None) -> dict:
         records = []
         for name, values in shards.items():
             key = json.dumps([identity, name])
             records.append(out.done(name, key) or out.commit(name, pa.table({"x": values}), {"run_key": key}))
-        return out.finish(base_manifest("tokenized", {}) | {"shards": [_entry(r) for r in records], "counts": {}})
+        return base_manifest("tokenized", {}) | {"shards": [_entry(r) for r in records], "counts": {}}
+
+    return run_stage(Stage("tokenized", folder, identity, **options), work).manifest
 
 
 def test_commit_writes_the_file_and_its_record_and_done_validates_both(tmp_path):
@@ -75,6 +78,9 @@ def test_manifest_is_absent_during_a_run_and_written_last(tmp_path):
 def test_rerun_skips_done_shards_and_removes_its_own_unlisted_ones(tmp_path):
     _run(tmp_path, {"part-00000.parquet": [1], "part-00001.parquet": [2]})
     before = (tmp_path / "part-00000.parquet").stat().st_mtime_ns
+    assert _run(tmp_path, {"part-00000.parquet": [1]}) == read_manifest(tmp_path)  # complete: reused, nothing runs
+    assert (tmp_path / "part-00001.parquet").exists()
+    (tmp_path / "manifest.json").unlink()  # as a kill before the manifest leaves it
     manifest = _run(tmp_path, {"part-00000.parquet": [1]})  # same identity, one shard fewer
     assert (tmp_path / "part-00000.parquet").stat().st_mtime_ns == before  # skipped, not rewritten
     assert not (tmp_path / "part-00001.parquet").exists() and not record_path(tmp_path, "part-00001.parquet").exists()
@@ -117,8 +123,7 @@ def test_an_output_in_an_input_folder_is_refused_before_anything_is_touched(tmp_
     output = {"same": corpus, "inside": corpus / "out", "file": corpus}[where]
     inputs = [corpus / "part-00000.parquet"] if where == "file" else [corpus]
     with pytest.raises(ArtifactError, match="choose an output folder outside the inputs"):
-        with StageOutput(output, "tokenized", inputs=inputs, overwrite=True):
-            pass
+        _run(output, {"part-00000.parquet": [1]}, inputs=inputs, overwrite=True)
     assert sorted(p.name for p in corpus.iterdir()) == ["part-00000.parquet"]
 
 
@@ -131,19 +136,21 @@ def test_refusals_are_user_errors():
     assert issubclass(ArtifactError, UserError)
 
 
-def test_claimed_entries_are_owned_and_kept_by_finish(tmp_path):
-    def run() -> None:
-        with StageOutput(tmp_path, "tokenized", entries=("checkpoint", "log.txt")) as out:
-            out.begin()
-            out.claim("checkpoint", {"note": 1})
-            (tmp_path / "checkpoint").mkdir(exist_ok=True)
-            (tmp_path / "checkpoint" / "weights").write_text("w")
-            out.finish(base_manifest("tokenized", {}) | {"shards": [], "counts": {}})
+def test_entries_are_claimed_before_the_work_and_kept_by_finish(tmp_path):
+    def work(out: StageOutput, _: None) -> dict:
+        assert json.loads(record_path(tmp_path, "checkpoint").read_text())["file"] == "checkpoint"  # claimed already
+        out.record_entry("checkpoint", {"note": 1})
+        (tmp_path / "checkpoint").mkdir(exist_ok=True)
+        (tmp_path / "checkpoint" / "weights").write_text("w")
+        return base_manifest("tokenized", {}) | {"shards": [], "counts": {}}
 
-    run()
-    run()  # a rerun: the claimed folder is ours, not a foreign file
+    stage = Stage("tokenized", tmp_path, {"a": 1}, entries=("checkpoint", "log.txt"))
+    run_stage(stage, work)
+    (tmp_path / "manifest.json").unlink()  # as a kill before the manifest leaves it
+    run_stage(stage, work)  # a rerun: the claimed folder is ours, not a foreign file
     assert (tmp_path / "checkpoint" / "weights").read_text() == "w"  # finish never removes an entry
-    assert json.loads(record_path(tmp_path, "checkpoint").read_text()) == {"file": "checkpoint", "note": 1}
+    record = json.loads(record_path(tmp_path, "checkpoint").read_text())
+    assert record["note"] == 1 and record["file"] == "checkpoint"
     with StageOutput(tmp_path, "tokenized", entries=("checkpoint",)) as out:
         with pytest.raises(ValueError, match="other is not one of this output's entries"):
-            out.claim("other")
+            out.record_entry("other", {})

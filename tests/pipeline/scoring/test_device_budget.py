@@ -1,4 +1,4 @@
-"""Micro-batch budgets per device: the CPU setting as it was; on CUDA, from free device memory."""
+"""Micro-batch budgets per device: on CPU the setting, or auto from the model's widths; on CUDA, from free device memory."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ from pipeline.scoring.device_budget import (
     GPU_MAX_BATCH_TOKENS,
     GPU_MAX_CHUNK_ELEMENTS,
     activation_bytes_per_token,
+    cpu_batch_tokens,
     device_budget,
 )
 from pipeline.scoring.scorer import Scorer, ScoreSettings
@@ -19,9 +20,21 @@ GIB = 1 << 30
 ONE_B = LlamaConfig(hidden_size=2048, intermediate_size=8192)
 
 
-def test_cpu_budget_is_the_setting():
+def test_cpu_budget_is_the_setting_when_it_is_a_number():
     got = device_budget(torch.device("cpu"), ONE_B, 16384, "auto", 4)
     assert (got.batch_tokens, got.logit_chunk_elements, got.score_block_elements) == (16384, CPU_CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS)
+    assert CPU_CHUNK_ELEMENTS * 4 == 8 << 20  # an 8 MiB float32 chunk, under glibc's mmap threshold
+
+
+def test_cpu_budget_auto_keeps_the_largest_activation_within_8_mib():
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536)
+    assert cpu_batch_tokens(smollm2, 4) == 1365  # 8 MiB / (4 bytes x 1536)
+    assert cpu_batch_tokens(ONE_B, 2) == 512  # 8 MiB / (2 bytes x 8192)
+    wide_hidden = type("Config", (), {"hidden_size": 4096, "intermediate_size": 1024})()
+    assert cpu_batch_tokens(wide_hidden, 4) == 512  # the wider of the two widths counts
+    huge = LlamaConfig(hidden_size=8192, intermediate_size=1 << 22)
+    assert cpu_batch_tokens(huge, 4) == 1  # never zero: a sample longer than the budget gets its own batch
+    assert device_budget(torch.device("cpu"), smollm2, "auto", "auto", 4).batch_tokens == 1365
 
 
 def test_activation_bytes_literal():
@@ -80,3 +93,10 @@ def test_scorer_batches_by_its_budget(llama_dir):
     masks = [np.arange(40) >= 5] * 5
     scorer.token_signals(list("abcde"), ids, masks)
     assert scorer.forward_count == 3  # 2 + 2 + 1 samples of 40 tokens under a 100-token budget
+
+
+def test_max_batch_tokens_defaults_to_auto_and_takes_a_number():
+    assert ScoreSettings().max_batch_tokens == "auto" and ScoreSettings(max_batch_tokens="2048").max_batch_tokens == 2048
+    for bad in (0, "lots"):
+        with pytest.raises(ValueError, match="max_batch_tokens"):
+            ScoreSettings(max_batch_tokens=bad)

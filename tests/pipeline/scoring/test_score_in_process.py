@@ -21,7 +21,7 @@ def corpus(tmp_path_factory, tokenizer) -> Path:
 def _score(corpus: Path, output: Path, current: Path, history: Path, runner: str):
     return run_score_job(ScoreJobConfig(
         data=corpus, current=current, history=history, output=output, history_cache=output.parent / f"{output.name}-cache",
-        progress=False, workers=1, runner=runner,
+        progress=False, workers=1, ray={"runner": runner},
     ))
 
 

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.runtime.checkpoints import CheckpointError
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import ArtifactError, exclusive_output, read_manifest, verify_shards, write_manifest
 from pipeline.runtime.fingerprint import sha256_file
 from pipeline.runtime.stage_output import PROGRESS
-from pipeline.scoring.score_stage import ScoreJobConfig, ScoreJobError, plan_workers, run_score_job, workers_note
-from pipeline.scoring.scorer import Scorer, ScoringInputError, nll_table, score_shard
+from pipeline.scoring.score_stage import ScoreJobConfig, plan_workers, run_score_job, workers_note
+from pipeline.scoring.scorer import Scorer, nll_table, score_shard
 from tests import tiny
 from tests.factories import write_tokenized
 
@@ -227,7 +227,7 @@ def test_other_tokenizer_is_refused(corpus, llama_dir, tmp_path):
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["tokenizer"]["fingerprint"] = "0" * 64
     write_manifest(data, manifest)
-    with pytest.raises(ScoreJobError, match="another tokenizer"):
+    with pytest.raises(UserError, match="another tokenizer"):
         run_score_job(_config(data, tmp_path / "out", llama_dir, None))
     assert not (tmp_path / "out").exists()
 
@@ -250,7 +250,7 @@ def test_a_model_with_another_chat_template_is_refused_naming_both(corpus, llama
     recorded = read_manifest(corpus)["tokenizer"]["chat_template_fingerprint"]
     found = tokenizer_fingerprints(tiny.build_tokenizer(chat_template=OTHER_TEMPLATE))["chat_template"]
     assert main(["score", "--data", str(corpus), "--current", str(model), "--output", str(tmp_path / "out"),
-                 "--runner", "process", "--no-progress"]) == 2
+                 "--ray.runner", "process", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"sstoken score: error: {corpus} was rendered with another chat template (fingerprint {recorded[:12]}) "
                    f"than the model in {model} carries ({found[:12]}); rerun `sstoken prepare` with this model's "
@@ -273,7 +273,7 @@ def test_a_checkpoint_with_nan_weights_is_named_not_blamed_on_signals_needed(cor
     save_file({name: torch.full_like(value, float("nan")) for name, value in weights.items()}, model / "model.safetensors",
               metadata={"format": "pt"})
     assert main(["score", "--data", str(corpus), "--current", str(model), "--output", str(tmp_path / "out"),
-                 "--signals", "all", "--method", "attn", "--runner", "process", "--no-progress"]) == 2
+                 "--signals", "all", "--method", "attn", "--ray.runner", "process", "--no-progress"]) == 2
     (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sstoken")]
     assert re.search(r"attn is NaN at \d+ of \d+ targets \(first at position \d+\); nll_cur is NaN there too: the "
                      r"current checkpoint gives NaN losses", err), err
@@ -281,9 +281,9 @@ def test_a_checkpoint_with_nan_weights_is_named_not_blamed_on_signals_needed(cor
 
 
 def test_missing_inputs_give_clear_errors(corpus, llama_dir, tmp_path):
-    with pytest.raises(ScoreJobError, match="does not exist; run `sstoken prepare`"):
+    with pytest.raises(UserError, match="does not exist; run `sstoken prepare`"):
         run_score_job(_config(tmp_path / "nowhere", tmp_path / "out", llama_dir, None))
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         run_score_job(_config(corpus, tmp_path / "out", tmp_path / "no-model", None))
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
@@ -308,7 +308,7 @@ def test_corrupt_tokenized_shard_is_refused(ray_local, corpus, llama_dir, tmp_pa
 
 
 def test_engine_errors_reach_the_caller_as_they_are(ray_local, corpus, llama_dir, tmp_path):
-    with pytest.raises(ScoringInputError, match="layer 7 is out of range"):
+    with pytest.raises(UserError, match="layer 7 is out of range"):
         run_score_job(_config(corpus, tmp_path / "out", llama_dir, None, layer=7))
 
 
@@ -360,9 +360,9 @@ def test_plan_workers_fits_actors_on_nodes():
     assert workers_note(8, 2, 1.0, 0.0) == ["--workers 8: the cluster holds 2 actors of 1 CPU each at once, so 2 ran"]
     assert workers_note(64, 1, 2.0, 0.0) == ["--workers 64: the cluster holds 1 actor of 2 CPUs each at once, so 1 ran"]
     assert workers_note(2, 2, 1.0, 0.0) == workers_note(None, 4, 1.0, 0.0) == []
-    with pytest.raises(ScoreJobError, match="exceeds the largest node"):
+    with pytest.raises(UserError, match="exceeds the largest node"):
         plan_workers([2.0], 0.0, None, 4.0, 0.0)
-    with pytest.raises(ScoreJobError, match="GPUs"):
+    with pytest.raises(UserError, match="GPUs"):
         plan_workers([2.0], 0.0, None, None, 1.0)
 
 
@@ -447,7 +447,7 @@ def test_an_unreachable_cluster_fails_fast_and_touches_no_output(sample_run, tmp
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "score", "--data", str(config.data), "--current", str(config.current),
          "--history", str(config.history), "--history-cache", str(config.history_cache), "--output", str(output),
-         "--no-progress", "--address", "127.0.0.1:1", "--connect-timeout-s", "2"],
+         "--no-progress", "--ray.address", "127.0.0.1:1", "--ray.connect-timeout-s", "2"],
         cwd=Path(__file__).resolve().parents[3], env=environment, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr

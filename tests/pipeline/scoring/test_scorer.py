@@ -6,12 +6,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.schemas import arrow_schema, validate_table
 from pipeline.scoring.attention import ATTENTION_IMPLEMENTATION
 from pipeline.scoring.score_settings import ScoreSettings
-from pipeline.scoring.scorer import Scorer, combine_signals, nll_table, score_samples, score_shard
+from pipeline.scoring.scorer import Scorer, combine_signals, nll_table, score_shard
 from pipeline.selection.select_settings import SelectSettings
 from tests.pipeline.scoring.reference import load_eager, naive_forward, naive_scores
+from tests.sample_scores import score_samples
 
 FIELDS = ("nll_cur", "nll_hist", "rel", "attn", "score")
 FP32 = dict(dtype="float32", device="cpu")
@@ -218,10 +220,10 @@ def test_score_shard_refusals(llama_dir, llama_history_dir, samples):
     nll_only = Scorer(llama_dir, ScoreSettings(**FP32), importance=False)
     with pytest.raises(ValueError, match="need attention importance"):
         score_shard(nll_only, tokenized, SelectSettings())
-    with pytest.raises(ValueError, match="lacks column\\(s\\) trainable"):
+    with pytest.raises(UserError, match="lacks column\\(s\\) trainable"):
         score_shard(nll_only, tokenized.drop_columns(["trainable"]), SelectSettings(method="full"))
     partial = pa.Table.from_pylist([{"sample_id": "s0", "nll": [0.0]}], schema=arrow_schema("history_nll"))
-    with pytest.raises(ValueError, match="lacks 6 of this shard's samples"):
+    with pytest.raises(UserError, match="lacks 6 of this shard's samples"):
         score_shard(nll_only, tokenized, SelectSettings(method="rel"), history_nll=partial)
     # Methods without REL or attention need neither the history pass nor importance.
     scores = score_shard(nll_only, tokenized, SelectSettings(method="random"))
@@ -266,9 +268,9 @@ def test_bad_selection_settings_name_the_field(settings, field):
 
 
 def test_layer_out_of_range(llama_dir):
-    with pytest.raises(ValueError, match="layer 2 is out of range.*2 layers"):
+    with pytest.raises(UserError, match="layer 2 is out of range.*2 layers"):
         Scorer(llama_dir, ScoreSettings(layer=2, **FP32), importance=True)
-    with pytest.raises(ValueError, match="layer -3 is out of range"):
+    with pytest.raises(UserError, match="layer -3 is out of range"):
         Scorer(llama_dir, ScoreSettings(layer=-3, **FP32), importance=True)
     # Without importance (the history pass) the layer plays no part and is not checked.
     assert Scorer(llama_dir, ScoreSettings(layer=5, **FP32), importance=False).layer_idx is None
@@ -286,7 +288,7 @@ def test_layer_out_of_range(llama_dir):
 )
 def test_bad_inputs_are_named(llama_dir, ids, masks, message):
     scorer = Scorer(llama_dir, ScoreSettings(**FP32), importance=True)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, UserError), match=message):  # a bad token id is the user's data; the rest, ours
         scorer.token_signals(["bad"], ids, masks)
 
 
@@ -297,7 +299,7 @@ def test_bad_inputs_are_named(llama_dir, ids, masks, message):
 def test_bad_history_nlls_are_named(llama_dir, history, message):
     mask = np.array([0, 1, 1], bool)
     signals = Scorer(llama_dir, ScoreSettings(**FP32), importance=False).token_signals(["bad"], [np.array([1, 2, 3])], [mask])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         combine_signals(signals, history, [mask], same_checkpoint=False, uses_rel=True, excess="history_minus_current")
 
 

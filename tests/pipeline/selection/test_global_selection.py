@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import shard_name
 from pipeline.runtime.schemas import table_from_rows
 from pipeline.selection import global_selection as gs
@@ -139,7 +140,7 @@ def test_corpus_without_trainable_tokens_keeps_nothing(tmp_path: Path):
 def test_mismatched_shards_are_refused(tmp_path: Path):
     score_path, _ = _write_pair(tmp_path / "a", 0, [([1.0, 2.0], [False, True])])
     _, other_tokenized = _write_pair(tmp_path / "b", 0, [([1.0, 2.0, 3.0], [False, True, True])])
-    with pytest.raises(gs.SelectionError, match="signal lengths differ"):
+    with pytest.raises(UserError, match="signal lengths differ"):
         gs.high_histogram(score_path, other_tokenized, _raw_rel(0.5))
 
 
@@ -149,7 +150,7 @@ def test_locate_threshold_walks_from_the_top():
     assert gs.locate_threshold_bin(high, 1) == (65535, 0)
     assert gs.locate_threshold_bin(high, 3) == (500, 2)
     assert gs.locate_threshold_bin(high, 9) == (10, 5)
-    with pytest.raises(gs.SelectionError):
+    with pytest.raises(UserError):
         gs.locate_threshold_bin(high, 10)
     low = np.zeros(gs.BINS, dtype=np.int64)
     low[[7, 9]] = [2, 1]

@@ -10,7 +10,6 @@ from pydantic import ValidationError
 from pipeline.runtime.errors import UserError
 from pipeline.selection.methods import (
     REL_FLOOR,
-    MethodError,
     RelStats,
     excess_refusal,
     rel_guard,
@@ -96,7 +95,7 @@ def test_a_baseline_over_rel_of_the_other_direction_is_refused_naming_the_fix(me
         excess_refusal(settings, excess, "scores/")
         return
     required = "current_minus_history" if method == "rho1" else "history_minus_current"
-    with pytest.raises(MethodError, match=f"method {method} ranks REL.*scores/ stores REL as.*--excess {required}") as caught:
+    with pytest.raises(UserError, match=f"method {method} ranks REL.*scores/ stores REL as.*--excess {required}") as caught:
         excess_refusal(settings, excess, "scores/")
     assert isinstance(caught.value, UserError)
 
@@ -120,9 +119,9 @@ def test_random_keeps_the_ratio_count_reproducibly_per_sample_id():
 
 def test_missing_signal_is_refused_by_name():
     no_rel = np.full(len(REL), NAN, np.float32)
-    with pytest.raises(MethodError, match=r"sample 'x': rel is NaN at 4 of 4 targets \(first at position \d\).*--signals needed"):
+    with pytest.raises(UserError, match=r"sample 'x': rel is NaN at 4 of 4 targets \(first at position \d\).*--signals needed"):
         sample_score("x", no_rel, ATTN, TRAINABLE, SelectSettings(method="rel"))
-    with pytest.raises(MethodError, match="attn is NaN at 4 of 4 targets.*--signals needed and a method without it"):
+    with pytest.raises(UserError, match="attn is NaN at 4 of 4 targets.*--signals needed and a method without it"):
         sample_score("x", REL, no_rel, TRAINABLE, SelectSettings(gamma=0.5))
     # A signal the method does not use may be missing.
     sample_score("x", REL, no_rel, TRAINABLE, SelectSettings(method="tokencleaning"))
@@ -135,20 +134,20 @@ def test_a_nan_signal_says_what_is_nan_where_and_what_it_points_to():
     finite = np.where(TRAINABLE, np.float32(2.0), NAN).astype(np.float32)
     one_nan = REL.copy()
     one_nan[first] = NAN
-    with pytest.raises(MethodError) as caught:  # one NaN written into rel, the NLLs finite: damaged
+    with pytest.raises(UserError) as caught:  # one NaN written into rel, the NLLs finite: damaged
         sample_score("x", one_nan, ATTN, TRAINABLE, SelectSettings(), nll_cur=finite, nll_hist=finite)
     message = str(caught.value)
     assert f"sample 'x': rel is NaN at 1 of 4 targets (first at position {first})" in message
     assert "so rel was computed: the shard was edited or damaged" in message and "--signals" not in message
     nan_model = np.full(len(REL), NAN, np.float32)  # a NaN checkpoint: every NLL and signal NaN
-    with pytest.raises(MethodError, match="attn is NaN at 4 of 4 targets.*nll_cur is NaN there too: the current "
+    with pytest.raises(UserError, match="attn is NaN at 4 of 4 targets.*nll_cur is NaN there too: the current "
                                           "checkpoint gives NaN losses") as caught:
         sample_score("x", nan_model, nan_model, TRAINABLE, SelectSettings(), nll_cur=nan_model, nll_hist=nan_model)
     assert "--signals" not in str(caught.value)
-    with pytest.raises(MethodError, match="nll_hist is NaN there too: the history checkpoint gives NaN losses"):
+    with pytest.raises(UserError, match="nll_hist is NaN there too: the history checkpoint gives NaN losses"):
         sample_score("x", one_nan, ATTN, TRAINABLE, SelectSettings(), nll_cur=finite, nll_hist=one_nan)
     # Not computed (--signals needed, an attention-only method): REL and nll_hist NaN at every target, nll_cur there.
-    with pytest.raises(MethodError, match="nll_hist is NaN at every target too: the scores hold no REL .*--signals all"):
+    with pytest.raises(UserError, match="nll_hist is NaN at every target too: the scores hold no REL .*--signals all"):
         sample_score("x", nan_model, ATTN, TRAINABLE, SelectSettings(), nll_cur=finite, nll_hist=nan_model)
 
 
@@ -159,7 +158,7 @@ def test_a_nan_signal_says_what_is_nan_where_and_what_it_points_to():
 )
 def test_same_checkpoint_refuses_rel_only_selection(settings, refused):
     if refused:
-        with pytest.raises(MethodError, match="same checkpoint: every REL is 0.*first ceil\\(ratio \\* n\\) tokens") as caught:
+        with pytest.raises(UserError, match="same checkpoint: every REL is 0.*first ceil\\(ratio \\* n\\) tokens") as caught:
             same_checkpoint_refusal(SelectSettings(**settings))
         assert isinstance(caught.value, UserError)
     else:
@@ -182,7 +181,7 @@ def test_rel_below_the_floor_is_noise_treated_as_zero():
     assert (stretched - 0.5 * ATTN)[TRAINABLE].max() > 0.49  # REL_n of the largest noise value ~ 1
     np.testing.assert_allclose(noisy[TRAINABLE], 0.5 * ATTN[TRAINABLE], rtol=1e-6)
     for method in ("rel", "tokencleaning", "rho1"):
-        with pytest.raises(MethodError, match="\\|REL\\| < 0.0001 nats.*ranks by REL alone"):
+        with pytest.raises(UserError, match="\\|REL\\| < 0.0001 nats.*ranks by REL alone"):
             rel_guard(SelectSettings(method=method), stats)
     assert rel_guard(SelectSettings(method="attn"), stats) == []  # REL plays no part
 
@@ -190,10 +189,10 @@ def test_rel_below_the_floor_is_noise_treated_as_zero():
 def test_rel_missing_at_targets_is_refused_before_any_shard_is_written():
     stats = RelStats.of(np.where(TRAINABLE, np.nan, np.nan), TRAINABLE)
     assert stats.missing == 4
-    with pytest.raises(MethodError, match="needs REL, but 4 of 4 targets have none: the scores hold no REL"):
+    with pytest.raises(UserError, match="needs REL, but 4 of 4 targets have none: the scores hold no REL"):
         rel_guard(SelectSettings(gamma=0.5), stats)
     where = "sample 's': rel is NaN at 1 of 4 targets (first at position 2); the model's NLLs are finite there"
-    with pytest.raises(MethodError, match=re.escape(f"needs REL, but 1 of 4 targets have none: {where}")):
+    with pytest.raises(UserError, match=re.escape(f"needs REL, but 1 of 4 targets have none: {where}")):
         rel_guard(SelectSettings(gamma=0.5), RelStats(4, 1.0, 1, where))
     assert rel_guard(SelectSettings(method="random"), stats) == []
 

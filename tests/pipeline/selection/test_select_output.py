@@ -19,10 +19,10 @@ from pipeline.runtime.stage_output import record_path
 from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job
 from pipeline.selection import selection_shards
 from pipeline.selection.keep_masks import read_keep_masks
-from pipeline.selection.methods import MethodError
+from pipeline.runtime.errors import UserError
 from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.select_stage import STARTED_FROM, run_select
-from pipeline.selection.selection_shards import SAME_CHECKPOINT_NOTE, SelectError
+from pipeline.selection.selection_shards import SAME_CHECKPOINT_NOTE
 from tests.factories import kill_on_commit, write_tokenized
 
 SHARDS = [4, 6, 3]
@@ -140,7 +140,7 @@ def test_output_is_refused_when_it_is_a_file_inside_an_input_or_holds_foreign_fi
     before = _snapshot(scored)
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    with pytest.raises(SelectError, match="a-file is a file; pass a folder"):
+    with pytest.raises(UserError, match="a-file is a file; pass a folder"):
         run_select(SelectConfig(scores=scored, output=a_file))
     for inside in (scored, scored / "masks", corpus / "masks"):
         with pytest.raises(ArtifactError, match="input folder .*choose an output folder outside the inputs"):
@@ -152,7 +152,7 @@ def test_output_is_refused_when_it_is_a_file_inside_an_input_or_holds_foreign_fi
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ArtifactError, match="holds files this stage did not write: notes.txt"):
         run_select(SelectConfig(scores=scored, output=foreign))
-    assert sorted(p.name for p in foreign.iterdir()) == [".lock", "notes.txt"]  # nothing written but the lock
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # nothing written, not even a lock file
     run_select(SelectConfig(scores=scored, output=foreign, overwrite=True))
     assert (foreign / "notes.txt").read_text() == "mine" and (foreign / "manifest.json").is_file()
 
@@ -168,14 +168,14 @@ def test_output_is_refused_when_it_is_a_file_inside_an_input_or_holds_foreign_fi
 
 
 def test_output_needs_a_finished_unchanged_scores_folder(scored, tmp_path):
-    with pytest.raises(SelectError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         run_select(SelectConfig(scores=tmp_path / "nowhere", output=tmp_path / "m0"))
     unfinished = shutil.copytree(scored, tmp_path / "unfinished")
     (unfinished / "manifest.json").unlink()
-    with pytest.raises(SelectError, match="no manifest.json: it is not a finished scores folder"):
+    with pytest.raises(UserError, match="no manifest.json: it is not a finished scores folder"):
         run_select(SelectConfig(scores=unfinished, output=tmp_path / "m1"))
     record_path(unfinished, STARTED_FROM).write_text((scored / "manifest.json").read_text())
-    with pytest.raises(SelectError, match="killed; finish it by running `sstoken select --scores"):
+    with pytest.raises(UserError, match="killed; finish it by running `sstoken select --scores"):
         run_select(SelectConfig(scores=unfinished, output=tmp_path / "m2"))
 
     changed = shutil.copytree(scored, tmp_path / "changed")
@@ -187,7 +187,7 @@ def test_output_needs_a_finished_unchanged_scores_folder(scored, tmp_path):
     manifest = json.loads((stale / "manifest.json").read_text())
     manifest["inputs"][0]["data_fingerprint"] = "0" * 64
     (stale / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SelectError, match="no longer holds the tokenized data .*stale was scored from"):
+    with pytest.raises(UserError, match="no longer holds the tokenized data .*stale was scored from"):
         run_select(SelectConfig(scores=stale, output=tmp_path / "m4"))
     assert not any((tmp_path / name).exists() for name in ("m0", "m1", "m2", "m3", "m4"))
 
@@ -220,12 +220,12 @@ def test_a_baseline_over_rel_of_the_other_direction_is_refused(scored, rho1_scor
                                                                 llama_history_dir, tmp_path):
     before, before_rho1 = _snapshot(scored), _snapshot(rho1_scored)
     for output in (tmp_path / "masks", None):
-        with pytest.raises(MethodError, match="method rho1 ranks REL = current - history.*--excess current_minus_history"):
+        with pytest.raises(UserError, match="method rho1 ranks REL = current - history.*--excess current_minus_history"):
             run_select(SelectConfig(scores=scored, output=output, method="rho1"))
-        with pytest.raises(MethodError, match="method tokencleaning ranks REL = history - current.*--excess history_minus_current"):
+        with pytest.raises(UserError, match="method tokencleaning ranks REL = history - current.*--excess history_minus_current"):
             run_select(SelectConfig(scores=rho1_scored, output=output, method="tokencleaning"))
     assert _snapshot(scored) == before and _snapshot(rho1_scored) == before_rho1 and not (tmp_path / "masks").exists()
-    with pytest.raises(MethodError, match="this scoring \\(--excess\\) stores REL as history - current"):
+    with pytest.raises(UserError, match="this scoring \\(--excess\\) stores REL as history - current"):
         _score(corpus, tmp_path / "refused", llama_dir, llama_history_dir, cache, method="rho1")
     assert not (tmp_path / "refused").exists()  # before any model runs or anything is written
 

@@ -11,14 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.cli import main
 from pipeline.runtime.files import read_manifest, verify_shards
 from pipeline.runtime.fingerprint import sha256_file
 from pipeline.scoring import scorer as scorer_module
 from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job
-from pipeline.selection.methods import MethodError
+from pipeline.runtime.errors import UserError
 from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.select_stage import run_select
-from pipeline.selection.selection_shards import SAME_CHECKPOINT_NOTE, SelectError
+from pipeline.selection.selection_shards import SAME_CHECKPOINT_NOTE
 from tests import tiny
 from tests.factories import kill_on_commit, write_tokenized
 
@@ -159,7 +160,7 @@ def test_random_is_reproducible_and_seeded(scored, tmp_path, no_model):
 
 
 def test_same_checkpoint_refuses_rel_only_selection(ray_local, corpus, cache, llama_dir, tmp_path):
-    with pytest.raises(MethodError, match="same checkpoint: every REL is 0"):
+    with pytest.raises(UserError, match="same checkpoint: every REL is 0"):
         _score(corpus, tmp_path / "refused", llama_dir, None, cache, gamma=1.0)
     assert not (tmp_path / "refused").exists()  # refused before any work
     attention_only = _score(corpus, tmp_path / "round0", llama_dir, None, cache)
@@ -168,7 +169,7 @@ def test_same_checkpoint_refuses_rel_only_selection(ray_local, corpus, cache, ll
     assert selection["rel_is_noise"] is False and selection["warnings"] == [SAME_CHECKPOINT_NOTE]
     before = _digests(attention_only.output)
     for settings in ({"method": "rel"}, {"method": "tokencleaning"}, {"gamma": 1.0}):
-        with pytest.raises(MethodError, match="position tie-break would keep the first"):
+        with pytest.raises(UserError, match="position tie-break would keep the first"):
             run_select(SelectConfig(scores=attention_only.output, **settings))
     assert _digests(attention_only.output) == before and (attention_only.output / "manifest.json").is_file()
 
@@ -202,14 +203,14 @@ def test_rel_below_the_floor_is_treated_as_zero_with_a_warning(
     for part in sorted(config.output.glob("part-*.parquet")):
         assert pq.read_table(part).column("keep").equals(pq.read_table(attention / part.name).column("keep"))
     for method in ("rel", "tokencleaning"):
-        with pytest.raises(MethodError, match="\\|REL\\| < 0.0001 nats"):
+        with pytest.raises(UserError, match="\\|REL\\| < 0.0001 nats"):
             run_select(SelectConfig(scores=config.output, method=method))
 
 
 def test_a_signal_the_scores_lack_is_refused_before_any_write(ray_local, corpus, cache, llama_dir, llama_history_dir, tmp_path):
     attention = _score(corpus, tmp_path / "attn", llama_dir, llama_history_dir, cache, method="attn", signals="needed")
     before = _digests(attention.output)
-    with pytest.raises(MethodError, match="needs REL, but .* targets have none"):
+    with pytest.raises(UserError, match="needs REL, but .* targets have none"):
         run_select(SelectConfig(scores=attention.output, method="sstoken"))
     assert _digests(attention.output) == before and (attention.output / "manifest.json").is_file()
 
@@ -232,7 +233,7 @@ def test_a_killed_select_is_finished_by_selecting_again(scored, tmp_path, no_mod
 
 
 def test_select_needs_a_finished_scores_folder(corpus, tmp_path):
-    with pytest.raises(SelectError, match="no manifest.json: it is not a finished scores folder"):
+    with pytest.raises(UserError, match="no manifest.json: it is not a finished scores folder"):
         run_select(SelectConfig(scores=tmp_path))
     with pytest.raises(Exception, match="'tokenized' artifact"):
         run_select(SelectConfig(scores=corpus))
@@ -243,7 +244,7 @@ def test_select_refuses_a_scores_folder_whose_tokenized_input_is_gone(scored, co
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["inputs"][0]["path"] = str(tmp_path / "nowhere")
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SelectError, match="tokenized input .*nowhere.* cannot be read"):
+    with pytest.raises(UserError, match="tokenized input .*nowhere.* cannot be read"):
         run_select(SelectConfig(scores=folder))
 
 
@@ -273,3 +274,23 @@ def test_one_nan_written_into_rel_of_scores_with_every_signal_is_named_not_blame
     assert err.startswith("sstoken select: error: method sstoken needs REL, but 1 of ")
     assert f"sample {rows[2]['sample_id']!r}: rel is NaN at 1 of " in err and f"(first at position {position})" in err
     assert "so rel was computed: the shard was edited or damaged" in err and "--signals" not in err
+
+
+def test_select_in_place_on_a_copy_without_progress_records_is_refused_before_anything_is_touched(
+    scored, tmp_path, capsys, no_model
+):
+    """Issue 20 item 3: a scores folder copied as its documented files (shards and manifest.json, no _progress/) used
+    to lose its manifest.json to `select` in place, which then refused. Now: refused, the folder exactly as it was."""
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for path in scored.iterdir():
+        if path.name.endswith(".parquet") or path.name == "manifest.json":
+            shutil.copy2(path, copied / path.name)
+    before = {p.name: sha256_file(p) for p in copied.iterdir()}
+    assert main(["select", "--scores", str(copied), "--method", "random", "--ratio", "0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "part-00000.parquet has no progress record" in err and "--output" in err and len(err.splitlines()) == 1
+    assert {p.name: sha256_file(p) for p in copied.iterdir()} == before  # not even a lock file
+    assert main(["select", "--scores", str(copied), "--method", "random", "--ratio", "0.3",
+                 "--output", str(tmp_path / "masks")]) == 0  # selecting apart only reads the shards
+    assert {p.name: sha256_file(p) for p in copied.iterdir()} == before

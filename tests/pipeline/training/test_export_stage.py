@@ -9,10 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.runtime.config import ConfigError, load_config
+from pipeline.runtime.config import load_config
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import ArtifactError, read_manifest
 from pipeline.training.export_stage import ExportConfig, run_export
-from pipeline.training.training_data import TrainingDataError
 from tests.factories import write_keep_masks, write_tokenized
 
 SHARDS = [5, 4]
@@ -115,14 +115,14 @@ def test_another_format_in_the_same_folder_needs_overwrite_and_replaces_only_our
 def test_masks_of_other_data_or_another_tokenizer_are_refused(tokenizer, tokenized, tmp_path):
     other = write_tokenized(tmp_path / "other", tokenizer, SHARDS, seed=9)
     foreign = write_keep_masks(tmp_path / "foreign", other, ratio=0.5)
-    with pytest.raises(TrainingDataError, match="was made from other tokenized data"):
+    with pytest.raises(ArtifactError, match="was made from other tokenized data"):
         run_export(ExportConfig(data=tokenized, masks=foreign, format="hf", output=tmp_path / "out"))
     retokenized = tmp_path / "retokenized"
     shutil.copytree(tokenized, retokenized)
     manifest = json.loads((retokenized / "manifest.json").read_text())
     manifest["tokenizer"]["fingerprint"] = "0" * 64
     (retokenized / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(TrainingDataError, match="was made with another tokenizer"):
+    with pytest.raises(ArtifactError, match="was made with another tokenizer"):
         run_export(ExportConfig(data=retokenized, masks=write_keep_masks(tmp_path / "m", tokenized), format="hf",
                                 output=tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # refused before anything was written
@@ -133,7 +133,7 @@ def test_train_and_export_refuse_masks_keeping_a_token_that_is_no_target(tokeniz
     from pipeline.cli import main
 
     edited = write_keep_masks(tmp_path / "masks", tokenized, keep_off_targets=where)
-    for command in (["export", "--format", "jsonl"], ["train", "--model", str(llama_dir), "--runner", "process"]):
+    for command in (["export", "--format", "jsonl"], ["train", "--model", str(llama_dir), "--ray.runner", "process"]):
         arguments = [*command, "--data", str(tokenized), "--masks", str(edited), "--output", str(tmp_path / command[0])]
         assert main(arguments) == 2
         (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sstoken")]
@@ -155,16 +155,16 @@ def test_files_of_others_are_refused_and_never_removed(tokenized, masks, tmp_pat
 
 
 def test_bad_paths_and_settings_are_refused_by_name(tokenized, masks, tmp_path):
-    with pytest.raises(TrainingDataError, match=f"tokenized data folder {tmp_path / 'nope'} does not exist"):
+    with pytest.raises(ArtifactError, match=f"tokenized data folder {tmp_path / 'nope'} does not exist"):
         run_export(ExportConfig(data=tmp_path / "nope", masks=masks, format="hf", output=tmp_path / "out"))
-    with pytest.raises(TrainingDataError, match=f"masks folder {tmp_path / 'gone'} does not exist"):
+    with pytest.raises(ArtifactError, match=f"masks folder {tmp_path / 'gone'} does not exist"):
         run_export(ExportConfig(data=tokenized, masks=tmp_path / "gone", format="hf", output=tmp_path / "out"))
     with pytest.raises(ArtifactError, match="is inside the input folder"):
         run_export(ExportConfig(data=tokenized, masks=masks, format="hf", output=masks / "export"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArtifactError, match="is a file"):
         run_export(ExportConfig(data=tokenized, masks=masks, format="hf", output=tmp_path / "file"))
-    with pytest.raises(ConfigError, match="format"):
+    with pytest.raises(UserError, match="format"):
         load_config(ExportConfig, overrides={"data": tokenized, "masks": masks, "format": "csv", "output": tmp_path})
 
 

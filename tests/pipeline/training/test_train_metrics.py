@@ -58,8 +58,8 @@ def test_a_process_run_killed_mid_line_resumes(tmp_path, monkeypatch, tokenizer,
 
     data = write_tokenized(tmp_path / "tokenized", tokenizer, [6, 5], seed=11)
     masks = write_keep_masks(tmp_path / "masks", data, ratio=0.5, seed=3)
-    config = TrainConfig(data=data, masks=masks, model=llama_dir, output=tmp_path / "out", runner="process", batch_size=4,
-                         micro_batch_size=2, lora_r=4, checkpoint_every=1, progress=False)
+    config = TrainConfig(data=data, masks=masks, model=llama_dir, output=tmp_path / "out", ray={"runner": "process"},
+                         batch_size=4, micro_batch_size=2, lora_r=4, checkpoint_every=1, progress=False)
     keep = train_in_process._keep
 
     def torn_after_the_first(work, metrics, state):

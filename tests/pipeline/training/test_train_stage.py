@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -20,11 +21,12 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.cli import main
-from pipeline.runtime.checkpoints import CheckpointError, checkpoint_fingerprint, load_model
+from pipeline.runtime.checkpoints import checkpoint_fingerprint, load_model
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import ArtifactError, read_manifest
 from pipeline.scoring.score_settings import ScoreSettings
 from pipeline.scoring.scorer import Scorer
-from pipeline.training.train_stage import TrainConfig, TrainError, run_train
+from pipeline.training.train_stage import TrainConfig, run_train
 from tests import tiny
 from tests.factories import write_keep_masks, write_tokenized
 
@@ -96,9 +98,9 @@ def test_other_settings_into_a_finished_output_are_refused_without_overwrite(tra
 
 
 def test_a_batch_that_does_not_divide_is_refused(inputs, llama_dir, tmp_path):
-    with pytest.raises(TrainError, match="batch_size 6 is not a multiple of micro_batch_size 2 x workers 2 = 4"):
+    with pytest.raises(UserError, match="batch_size 6 is not a multiple of micro_batch_size 2 x workers 2 = 4"):
         run_train(_config(inputs, llama_dir, tmp_path / "out", batch_size=6, workers=2))
-    with pytest.raises(TrainError, match="batch_size 64 is more than the .* samples with kept tokens"):
+    with pytest.raises(UserError, match="batch_size 64 is more than the .* samples with kept tokens"):
         run_train(_config(inputs, llama_dir, tmp_path / "out", batch_size=64))
     assert not (tmp_path / "out").exists()
 
@@ -107,7 +109,7 @@ def test_a_model_folder_that_is_not_a_hugging_face_checkpoint_is_refused(inputs,
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "weights.bin").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="has no config.json; is it a Hugging Face model folder"):
+    with pytest.raises(UserError, match="has no config.json; is it a Hugging Face model folder"):
         run_train(_config(inputs, folder, tmp_path / "out"))
 
 
@@ -115,7 +117,7 @@ def test_a_model_with_another_tokenizer_is_refused(inputs, tmp_path):
     model = tmp_path / "model"
     tiny.build_tokenizer(vocab_size=300).save_pretrained(model)
     tiny.save_model(model, "llama", 300)
-    with pytest.raises(TrainError, match="was tokenized with another tokenizer .* than the model in"):
+    with pytest.raises(UserError, match="was tokenized with another tokenizer .* than the model in"):
         run_train(_config(inputs, model, tmp_path / "out"))
 
 
@@ -125,7 +127,7 @@ def test_a_model_with_another_chat_template_is_refused(inputs, llama_dir, tmp_pa
     model = model_with_template(llama_dir, tmp_path / "other", OTHER_TEMPLATE)
     data, masks = inputs
     assert main(["train", "--data", str(data), "--masks", str(masks), "--model", str(model), "--output",
-                 str(tmp_path / "out"), "--runner", "process"]) == 2
+                 str(tmp_path / "out"), "--ray.runner", "process"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{data} was rendered with another chat template (fingerprint " in err
     assert f"than the model in {model} carries (" in err and not (tmp_path / "out").exists()
@@ -138,6 +140,22 @@ def test_an_output_folder_holding_someone_elses_checkpoint_folder_is_refused(inp
     with pytest.raises(ArtifactError, match="checkpoint exists and was not written by sstoken train"):
         run_train(_config(inputs, llama_dir, tmp_path / "out", overwrite=True))
     assert (tmp_path / "out" / "checkpoint").is_dir()  # never deleted
+
+
+def test_a_starting_model_inside_the_output_is_refused_before_anything_is_touched(trained, inputs, tmp_path, capsys):
+    """Issue 20 item 2: `train --overwrite --model OUT/checkpoint --output OUT` (continuing from a finished train output
+    into itself, other settings) used to delete its own starting model before training. Now: refused, exit 2."""
+    config, _, _ = trained
+    output = tmp_path / "out"
+    shutil.copytree(config.output, output)
+    model = output / "checkpoint"
+    fingerprint = checkpoint_fingerprint(model)
+    data, masks = inputs
+    status = main(["train", "--data", str(data), "--masks", str(masks), "--model", str(model), "--output", str(output),
+                   "--overwrite", "--lr", "0.001", "--batch-size", "4", "--micro-batch-size", "2", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and "checkpoint is inside the output folder" in err
+    assert checkpoint_fingerprint(model) == fingerprint and (output / "manifest.json").is_file()
 
 
 def test_cli_help_and_a_missing_input_in_one_line(inputs, llama_dir, tmp_path, capsys):
@@ -168,9 +186,9 @@ def test_workers_an_embedded_ray_cannot_hold_are_refused(inputs, llama_dir, tmp_
 
     embedded = RayRuntime(embedded=True, owned=True, address="", cpus=2.0, gpus=0.0, nodes=1)
     assert _cpus_per_worker(_config(inputs, llama_dir, tmp_path, workers=2, cpus_per_worker=1.0), embedded) == 1.0
-    with pytest.raises(TrainError, match="--workers 3 x 1 CPUs exceed the embedded Ray's 2 CPUs"):
+    with pytest.raises(UserError, match="--workers 3 x 1 CPUs exceed the embedded Ray's 2 CPUs"):
         _cpus_per_worker(_config(inputs, llama_dir, tmp_path, workers=3, cpus_per_worker=1.0), embedded)
-    with pytest.raises(TrainError, match="--use-gpu with --workers 1 needs 1 GPUs; the Ray cluster has 0"):
+    with pytest.raises(UserError, match="--use-gpu with --workers 1 needs 1 GPUs; the Ray cluster has 0"):
         _cpus_per_worker(_config(inputs, llama_dir, tmp_path, use_gpu=True, cpus_per_worker=1.0), embedded)
 
 
@@ -195,7 +213,7 @@ def test_the_progress_bar_follows_the_metrics_rank_0_writes(tmp_path):
 def test_the_process_runner_ends_with_the_tensors_ray_train_ends_with(trained, inputs, llama_dir, tmp_path):
     config, summary, ray_seconds = trained
     started = time.monotonic()
-    local = run_train(_config(inputs, llama_dir, tmp_path / "out", runner="process"))
+    local = run_train(_config(inputs, llama_dir, tmp_path / "out", ray={"runner": "process"}))
     seconds = time.monotonic() - started
     expected, found = _weights(config.output), _weights(tmp_path / "out")
     assert found.keys() == expected.keys()
@@ -217,7 +235,7 @@ def test_a_process_run_killed_mid_training_resumes_from_its_last_state(trained, 
         if len(states) == 2:
             raise KeyboardInterrupt("killed")
 
-    settings = _config(inputs, llama_dir, tmp_path / "out", runner="process")
+    settings = _config(inputs, llama_dir, tmp_path / "out", ray={"runner": "process"})
     with monkeypatch.context() as patch:
         patch.setattr(train_in_process, "_keep", killed_after_two)
         with pytest.raises(KeyboardInterrupt):
@@ -235,7 +253,7 @@ def test_a_process_run_killed_mid_training_resumes_from_its_last_state(trained, 
 def test_a_diverging_run_stops_at_the_step_whose_loss_is_not_finite(inputs, llama_dir, tmp_path, capsys):
     data, masks = inputs
     arguments = ["train", "--data", str(data), "--masks", str(masks), "--model", str(llama_dir), "--output",
-                 str(tmp_path / "out"), "--runner", "process", "--batch-size", "4", "--micro-batch-size", "2",
+                 str(tmp_path / "out"), "--ray.runner", "process", "--batch-size", "4", "--micro-batch-size", "2",
                  "--lora-r", "4", "--checkpoint-every", "1", "--no-progress", "--lr", "1e30", "--epochs", "2"]
     assert main(arguments) == 2
     (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sstoken")]  # no traceback
@@ -248,8 +266,6 @@ def test_a_diverging_run_stops_at_the_step_whose_loss_is_not_finite(inputs, llam
 
 def test_disk_full_while_the_process_runner_keeps_a_state_is_one_line_exit_2(inputs, llama_dir, tmp_path, monkeypatch, capsys):
     """shutil.copytree reports a full disk as shutil.Error (its copies' messages, no errno attribute)."""
-    import shutil
-
     real_copytree = shutil.copytree
 
     def no_space(source, destination, *arguments, **keywords):
@@ -258,7 +274,7 @@ def test_disk_full_while_the_process_runner_keeps_a_state_is_one_line_exit_2(inp
     monkeypatch.setattr(shutil, "copytree", lambda source, destination, **kw: real_copytree(source, destination, copy_function=no_space))
     data, masks = inputs
     arguments = ["train", "--data", str(data), "--masks", str(masks), "--model", str(llama_dir), "--output",
-                 str(tmp_path / "out"), "--runner", "process", "--batch-size", "4", "--micro-batch-size", "2",
+                 str(tmp_path / "out"), "--ray.runner", "process", "--batch-size", "4", "--micro-batch-size", "2",
                  "--lora-r", "4", "--checkpoint-every", "1", "--no-progress"]
     assert main(arguments) == 2
     (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sstoken")]  # no traceback
@@ -271,7 +287,6 @@ def test_disk_full_in_a_ray_train_worker_is_one_line(inputs, llama_dir, tmp_path
     import ray.train
     import ray.train.torch
 
-    from pipeline.runtime.errors import SystemRefusal
     from pipeline.training.train_stage import _fit
     from pipeline.training.train_worker import RankJob
 
@@ -286,12 +301,12 @@ def test_disk_full_in_a_ray_train_worker_is_one_line(inputs, llama_dir, tmp_path
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", FullDiskTrainer)
     config = _config(inputs, llama_dir, tmp_path / "out")
     job = RankJob(data="d", masks="m", model="m", metrics="x", work="w", settings={}, workers=1)
-    with pytest.raises(SystemRefusal, match="no space left on device writing .*checkpoint_0: free space and rerun"):
+    with pytest.raises(UserError, match="no space left on device writing .*checkpoint_0: free space and rerun"):
         _fit(config, job, 1.0, tmp_path / "out" / "train", "run-x")
 
 
 def test_the_process_runner_is_one_local_worker(inputs, llama_dir, tmp_path):
-    with pytest.raises(ValueError, match="runner process trains one worker in this process"):
-        _config(inputs, llama_dir, tmp_path, runner="process", workers=2)
-    with pytest.raises(ValueError, match="runner process trains one worker in this process"):
-        _config(inputs, llama_dir, tmp_path, runner="process", address="127.0.0.1:6379")
+    with pytest.raises(ValueError, match="ray.runner process trains one worker in this process"):
+        _config(inputs, llama_dir, tmp_path, ray={"runner": "process"}, workers=2)
+    with pytest.raises(ValueError, match="ray.runner process trains one worker in this process"):
+        _config(inputs, llama_dir, tmp_path, ray={"runner": "process", "address": "127.0.0.1:6379"})

@@ -10,13 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.runtime.files import ArtifactError
-from pipeline.training.training_data import (
-    DataPlan,
-    TrainingDataError,
-    build_index,
-    load_samples,
-    open_training_data,
-)
+from pipeline.training.training_data import DataPlan, build_index, load_samples, open_training_data
 from tests.factories import write_keep_masks, write_tokenized
 
 SHARDS = [6, 5]
@@ -49,9 +43,9 @@ def test_a_masks_folder_of_kind_masks_is_read_the_same(tokenized, masks, tmp_pat
 
 
 def test_missing_folders_are_refused_by_name(tokenized, masks, tmp_path):
-    with pytest.raises(TrainingDataError, match=f"tokenized data folder {tmp_path / 'nope'} does not exist; run `sstoken prepare`"):
+    with pytest.raises(ArtifactError, match=f"tokenized data folder {tmp_path / 'nope'} does not exist; run `sstoken prepare`"):
         open_training_data(tmp_path / "nope", masks)
-    with pytest.raises(TrainingDataError, match=f"masks folder {tmp_path / 'gone'} does not exist"):
+    with pytest.raises(ArtifactError, match=f"masks folder {tmp_path / 'gone'} does not exist"):
         open_training_data(tokenized, tmp_path / "gone")
     with pytest.raises(ArtifactError, match="holds a 'tokenized' artifact, not keep masks"):
         open_training_data(tokenized, tokenized)
@@ -59,7 +53,7 @@ def test_missing_folders_are_refused_by_name(tokenized, masks, tmp_path):
 
 def test_masks_of_other_tokenized_data_are_refused(tokenizer, masks, tmp_path):
     other = write_tokenized(tmp_path / "other", tokenizer, SHARDS, seed=5)
-    with pytest.raises(TrainingDataError, match="was made from other tokenized data than"):
+    with pytest.raises(ArtifactError, match="was made from other tokenized data than"):
         open_training_data(other, masks)
 
 
@@ -68,13 +62,13 @@ def test_masks_made_with_another_tokenizer_are_refused(tokenized, masks, tmp_pat
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["tokenizer"]["fingerprint"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(TrainingDataError, match="was made with another tokenizer"):
+    with pytest.raises(ArtifactError, match="was made with another tokenizer"):
         open_training_data(tokenized, copy)
 
 
 def test_masks_whose_lengths_disagree_are_refused(tokenized, tmp_path):
     longer = write_keep_masks(tmp_path / "masks", tokenized, shift_length=1)
-    with pytest.raises(TrainingDataError, match=r"masks of another length than their tokens, e\.g\. 's00-0000'"):
+    with pytest.raises(ArtifactError, match=r"masks of another length than their tokens, e\.g\. 's00-0000'"):
         build_index(open_training_data(tokenized, longer))
 
 
@@ -89,7 +83,7 @@ def test_sample_ids_without_masks_are_refused(tokenized, tmp_path):
     table = pq.read_table(folder / entry["file"]).slice(1)  # the first sample of shard 1 loses its mask
     entry["sha256"], entry["rows"] = write_parquet_atomic(table, folder / entry["file"]), table.num_rows
     write_manifest(folder, manifest)
-    with pytest.raises(TrainingDataError, match="1 sample ids of .* have no mask in .* 's01-0000'"):
+    with pytest.raises(ArtifactError, match="1 sample ids of .* have no mask in .* 's01-0000'"):
         build_index(open_training_data(tokenized, folder))
 
 
@@ -100,13 +94,13 @@ def test_sample_ids_without_masks_are_refused(tokenized, tmp_path):
 def test_masks_keeping_a_token_that_is_no_target_are_refused(tokenized, tmp_path, where, message):
     """The manifest is sealed over the edited masks (checksums match): the join checks keep against trainable."""
     edited = write_keep_masks(tmp_path / "masks", tokenized, keep_off_targets=where)
-    with pytest.raises(TrainingDataError, match=f"keeps tokens that are no training targets of .*: {message}"):
+    with pytest.raises(ArtifactError, match=f"keeps tokens that are no training targets of .*: {message}"):
         build_index(open_training_data(tokenized, edited))
 
 
 def test_masks_keeping_no_token_are_refused(tokenized, tmp_path):
     empty = write_keep_masks(tmp_path / "masks", tokenized, ratio=0.0)
-    with pytest.raises(TrainingDataError, match="no sample of .* keeps any token"):
+    with pytest.raises(ArtifactError, match="no sample of .* keeps any token"):
         build_index(open_training_data(tokenized, empty))
 
 

@@ -21,12 +21,15 @@ from tests.pipeline.views.test_stats import literal_folders
 from tests.score_factories import write_synthetic_run
 
 EVAL = {
-    "kind": "eval", "schema_version": 1, "config": {"seeds": [0, 1]}, "methods": ["full", "sstoken"],
+    "kind": "eval", "schema_version": 1, "config": {"seeds": [0, 1]}, "corpus": "task", "seeds": [0, 1],
+    "methods": ["full", "sstoken"], "rows": ["base", "full", "sstoken"],
     "measures": [{"key": "heldout_nll", "label": "held-out NLL", "higher_is_better": False}],
     "table": [{"method": "full", "values": {"heldout_nll": {"mean": 1.234, "std": 0.05, "n": 2}}},
               {"method": "sstoken", "values": {"heldout_nll": {"mean": 1.111, "std": 0.02, "n": 2}}}],
-    "selection_by_round": [{"method": "sstoken", "round": 1, "corrupted_dropped": {"mean": 0.81, "std": 0.01, "n": 2},
+    "selection_by_round": [{"method": "sstoken", "round": 1, "selection": "sstoken",
+                            "corrupted_dropped": {"mean": 0.81, "std": 0.01, "n": 2},
                             "clean_dropped": {"mean": 0.3, "std": 0.02, "n": 2}, "auroc": {"mean": 0.77, "std": 0.03, "n": 2}}],
+    "wall_s": 10.0, "cells_wall_s": 100.0, "cells_run": 4,
 }
 
 
@@ -147,7 +150,8 @@ def test_ids_and_sources_cannot_break_the_embedded_json(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"), ("not an artifact", "is not an sstoken artifact folder"),
-    ("bad eval", "is not an eval record"), ("foreign output", "exists and is not an sstoken report"),
+    ("bad eval", "eval.json does not match eval.v1.schema.json at (top level): 'schema_version' is a required"),
+    ("foreign output", "exists and is not an sstoken report"),
     ("output folder", "is a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, message):

@@ -133,7 +133,7 @@ def test_unfinished_rounds_are_left_out(tmp_path):
     ("empty", "is not an sstoken artifact folder"),
     ("tokenized", "holds a 'tokenized' artifact, not keep masks"),
     ("eval", "is an eval folder"),
-    ("bad run", "is not a readable run record"),
+    ("bad run", "run.json is not a run record (run.json of `sstoken run`): not readable as JSON"),
     ("moved data", "which does not exist (moved?); pass --data"),
     ("changed shard", "does not match the checksum"),
 ])
