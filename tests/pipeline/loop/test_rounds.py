@@ -44,8 +44,10 @@ def run_settings(output: Path, corpus: Path, model: Path) -> dict:
 def finished(tmp_path_factory, llama_dir, ray_local) -> tuple[RunConfig, dict]:
     root = tmp_path_factory.mktemp("loop")
     settings = run_settings(root / "run", write_corpus(root / "corpus.jsonl", 16), llama_dir)
-    # Training in this process (the same tensors as Ray Train: test_train shows it) spares two Ray Train
-    # start-ups; the loop through Ray Train runs in the slow tests (test_run_recovery, the two-node run).
+    # Scoring and training in this process (the same shards as Ray actors, the same tensors as Ray Train:
+    # test_score_in_process and test_train show it) spares four actor and two Ray Train start-ups; the loop
+    # through Ray actors and Ray Train runs in the slow tests (test_run_recovery, the two-node run).
+    settings["score"]["runner"] = "process"
     settings["train"]["runner"] = "process"
     config = RunConfig(**settings)
     return config, run_loop(config).record
