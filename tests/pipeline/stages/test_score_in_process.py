@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.artifacts.files import read_manifest
+from pipeline.engine import scorer as scorer_module
 from pipeline.stages.score import ScoreJobConfig, run_score_job
 from tests.factories import write_tokenized
 
@@ -32,7 +33,12 @@ def _flat(values: list) -> list:
 
 
 def test_the_process_runner_writes_the_shards_the_actors_write(ray_local, corpus, llama_dir, llama_history_dir, tmp_path):
-    actors = _score(corpus, tmp_path / "ray", llama_dir, llama_history_dir, "ray")
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded in the driver")
+
+    with pytest.MonkeyPatch.context() as patch:  # runner ray: the models load in the actors only, never here
+        patch.setattr(scorer_module.Scorer, "__init__", refuse)
+        actors = _score(corpus, tmp_path / "ray", llama_dir, llama_history_dir, "ray")
     # The actor pool (the fast suite's one full run of it; the other score tests run the models in process):
     # phase 1 fills the history cache with only the history model loaded, phase 2 scores with only the current
     # model, each actor loads its model once (not once per shard).

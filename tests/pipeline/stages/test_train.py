@@ -1,11 +1,11 @@
 """`sstoken train`: output layout, a checkpoint the scorer loads, reruns, refusals, the CLI.
 
-One fit shared by the fast tests here (a module fixture), in this process (`runner: process`). A Ray Train
-fit on the session's local Ray, with the same output and the same tensors, is the slow test below (Ray
-Train's start-up is 25-45 s on a small machine). Two workers against one, and a run killed mid-training
-then resumed, are covered through `sstoken run` (tests/pipeline/loop/test_run_recovery.py, slow: a two-node
-cluster with 2 training workers; SIGKILL during round 2's training); resuming from any checkpoint to the
-same tensors in-process by test_train_worker.py; two ranks by test_train_step.py.
+One fit shared by the tests here (a module fixture), in this process (`runner: process`; Ray Train's
+start-up is 25-45 s on a small machine). Ray Train ends with the same output and the same tensors: the slow
+tests/pipeline/loop/test_run_recovery.py, whose runs through Ray Train end with exactly the artifacts of the
+same run trained in process. Two workers against one, and a run killed mid-training then resumed, are covered
+there too (a two-node cluster with 2 training workers; SIGKILL during round 2's training); resuming from any
+checkpoint to the same tensors in-process by test_train_worker.py; two ranks by test_train_step.py.
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ def _config(inputs, model: Path, output: Path, **overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def trained(inputs, llama_dir, tmp_path_factory):
-    """One fit in this process (runner process): Ray Train ends with the same tensors (the slow test below)."""
+    """One fit in this process (runner process; Ray Train ends with the same tensors: see the module's docstring)."""
     config = _config(inputs, llama_dir, tmp_path_factory.mktemp("train") / "out", runner="process")
     started = time.monotonic()
     summary = run_train(config)
     return config, summary, time.monotonic() - started
 
 
-def _check_output(config: TrainConfig, summary, llama_dir: Path) -> int:
-    """The finished output of either runner: layout, manifest, one metrics line per step; its steps."""
+def test_output_layout_manifest_and_metrics(trained, inputs, llama_dir):
+    config, summary, seconds = trained
     output = Path(config.output)
     assert sorted(p.name for p in output.iterdir()) == [".lock", "_progress", "checkpoint", "manifest.json", "metrics.jsonl"]
     manifest = read_manifest(output, kind="train")
@@ -66,12 +66,7 @@ def _check_output(config: TrainConfig, summary, llama_dir: Path) -> int:
     assert {"loss", "kept_tokens", "tokens_per_s", "lr"} <= set(lines[0])
     assert summary.counts["kept_tokens"] == sum(m["kept_tokens"] for m in lines)
     assert summary.details["tokens_per_s"] > 0 and not summary.reused
-    return steps
-
-
-def test_output_layout_manifest_and_metrics(trained, inputs, llama_dir):
-    config, summary, seconds = trained
-    steps = _check_output(config, summary, llama_dir)
+    assert not (output / "train").exists()  # the resumable state is gone once the run is complete
     print(f"one fit in process (1 worker, {steps} steps, tiny LoRA): {seconds:.1f} s")
 
 
@@ -184,25 +179,6 @@ def test_the_progress_bar_follows_the_metrics_rank_0_writes(tmp_path):
 
 
 # -- runner process: one worker in this process, no Ray Train -------------------------------------
-
-
-@pytest.mark.slow
-def test_the_process_runner_ends_with_the_tensors_ray_train_ends_with(ray_local, trained, inputs, llama_dir, tmp_path):
-    """Ray Train (one worker on the session's Ray): the output the fast tests check on the process runner's, and
-    the very tensors (so the merged LoRA checkpoint, its rerun and a resumed process run are Ray Train's too)."""
-    config, summary, seconds = trained
-    started = time.monotonic()
-    ray_config = _config(inputs, llama_dir, tmp_path / "out")
-    assert ray_config.runner == "ray"
-    ray_summary = run_train(ray_config)
-    ray_seconds = time.monotonic() - started
-    _check_output(ray_config, ray_summary, llama_dir)
-    expected, found = _weights(config.output), _weights(tmp_path / "out")
-    assert found.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(found[name], expected[name], rtol=0, atol=0, msg=name)
-    assert ray_summary.counts == summary.counts and not (tmp_path / "out" / "train").exists()
-    print(f"same fit: Ray Train {ray_seconds:.1f} s, runner process {seconds:.1f} s")
 
 
 def test_a_process_run_killed_mid_training_resumes_from_its_last_state(trained, inputs, llama_dir, tmp_path, monkeypatch):
