@@ -2,8 +2,9 @@
 Ray, and one really scored corpus (`scored_corpus`) that the select, validate and score tests share.
 
 Tests run the stages with `runner: process` (the models in this process) unless Ray itself is what they
-test: an actor's start-up is a new process importing torch (seconds each), and both runners write the same
-shards (tests/pipeline/stages/test_score_in_process.py, test_train.py's slow test).
+test: an actor's or Ray Train's start-up is a new process importing torch (seconds each), and both runners
+write the same shards and end with the same tensors (tests/pipeline/stages/test_score_in_process.py; the slow
+tests/pipeline/loop/test_run_recovery.py, whose runs through Ray equal the same run in process).
 """
 
 from __future__ import annotations
