@@ -1,9 +1,9 @@
 """Shared offline fixtures: a ChatML tokenizer, tiny random models saved as safetensors folders, one session
 Ray, and one really scored corpus (`scored_corpus`) that the select, validate and score tests share.
 
-Tests run the stages with `runner: process` (the models in this process) unless Ray itself is what they
+Tests run the stages with `ray: {runner: process}` (the models in this process) unless Ray itself is what they
 test: an actor's or Ray Train's start-up is a new process importing torch (seconds each), and both runners
-write the same shards and end with the same tensors (tests/pipeline/stages/test_score_in_process.py; the slow
+write the same shards and end with the same tensors (tests/pipeline/scoring/test_score_in_process.py; the slow
 tests/pipeline/loop/test_run_recovery.py, whose runs through Ray equal the same run in process).
 """
 
@@ -126,24 +126,23 @@ class ScoredCorpus:
 
 
 def _snapshot(*folders: Path) -> dict[str, str]:
-    from pipeline.core.fingerprint import sha256_file
+    from pipeline.runtime.fingerprint import sha256_file
 
     return {str(p): sha256_file(p) for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="session")
 def scored_corpus(ray_local, tmp_path_factory, tokenizer, llama_dir, llama_history_dir):
-    from pipeline.stages.score import ScoreJobConfig, run_score_job
+    from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job
     from tests.factories import SCORED_SHARDS, write_tokenized
 
     root = tmp_path_factory.mktemp("scored-corpus")
     data = write_tokenized(root / "tokenized", tokenizer, SCORED_SHARDS, seed=3)
     config = ScoreJobConfig(data=data, current=llama_dir, history=llama_history_dir, output=root / "scores",
-                            history_cache=root / "cache", progress=False, runner="process")
+                            history_cache=root / "cache", progress=False, ray={"runner": "process"})
     corpus = ScoredCorpus(data, config.output, config.history_cache, config, run_score_job(config))
     before = _snapshot(data, corpus.scores, corpus.cache)
     yield corpus
     assert _snapshot(data, corpus.scores, corpus.cache) == before, (
         "a test changed the shared scored corpus; copy it first (copy_scores)"
     )
-

@@ -10,9 +10,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts.files import base_manifest, shard_name, write_manifest, write_parquet_atomic
-from pipeline.core.fingerprint import sha256_json, tokenizer_fingerprints
-from pipeline.artifacts.schemas import table_from_rows
+from pipeline.runtime.files import base_manifest, shard_name, write_manifest, write_parquet_atomic
+from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints
+from pipeline.runtime.schemas import table_from_rows
 
 WORDS = (
     "the quick brown fox jumps over lazy dog what is capital of france paris tokens are selected by "
@@ -99,7 +99,7 @@ def write_keep_masks(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.artifacts.files import read_manifest
+    from pipeline.runtime.files import read_manifest
 
     folder, tokenized = Path(folder), Path(tokenized)
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts.files import base_manifest, shard_name, write_manifest, write_parquet_atomic
-from pipeline.artifacts.schemas import arrow_schema, table_from_rows
-from pipeline.core.fingerprint import sha256_json
+from pipeline.loop.run_folder import RunFolder, write_run_record
+from pipeline.runtime.files import base_manifest, shard_name, write_manifest, write_parquet_atomic
+from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.schemas import arrow_schema, table_from_rows
 
 SOURCES = ("alpaca", "code", "math")
 REJECTED_ROWS = [
@@ -123,7 +124,7 @@ def write_synthetic_scores(folder: Path, tokenized: Path, seed: int = 0, ratio: 
     """A scores folder (or, `kind="masks"`, a masks folder) for `tokenized`, shard by shard as `sstoken score` names them."""
     import pyarrow.parquet as pq
 
-    from pipeline.artifacts.files import read_manifest
+    from pipeline.runtime.files import read_manifest
 
     folder, tokenized = Path(folder), Path(tokenized)
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,9 @@ def write_synthetic_run(
             "data": "tokenized", "scores": f"rounds/r{index:03d}/scores", "masks": f"rounds/r{index:03d}/masks",
             "checkpoint": f"rounds/r{index:03d}/train/checkpoint", "selection": {"method": "sstoken", "ratio": 0.6},
             "history": {"path": "base", "fingerprint": "h" * 16, "policy": history},
-            "summary": {"train_loss": 3.0 - 0.1 * index, "kept_ratio": 0.6},
+            "summary": {"train_loss": 3.0 - 0.1 * index, "kept": None, "trainable": None, "kept_ratio": 0.6,
+                        "history_computed": 0, "history_reused": 0, "score_s": 1.0, "select_s": 0.1, "train_s": 2.0,
+                        "rescore_to_train": 0.5},
         })
     record = {
         "version": 1, "created_at": "2026-01-01T00:00:00+00:00", "status": "done", "identity": "synthetic",
@@ -199,5 +202,5 @@ def write_synthetic_run(
         "history": {"policy": history}, "selection": {"method": "sstoken", "ratio": 0.6},
         "models": {"base": {"path": "base", "fingerprint": "b" * 16}, "reference": None}, "rounds": entries,
     }
-    (folder / "run.json").write_text(json.dumps(record, indent=2))
+    write_run_record(RunFolder(folder), record)  # checked against schemas/run.v1.schema.json, as the loop writes it
     return folder

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.cli import demo, eval, export, inspect, models, prepare, report, run, score, select, train, validate
-from pipeline.core.errors import UserError, refusal_from_os_error
+from pipeline.runtime.errors import UserError, refusal_from_os_error
 
 SUBCOMMANDS = (prepare, score, select, train, run, eval, models, demo, report, inspect, export, validate)
 
@@ -41,8 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(arguments.handler(arguments) or 0)
     except UserError as error:
         return _user_error(arguments, error)
-    except OSError as error:
-        refusal = refusal_from_os_error(error)
+    except OSError as error:  # the one place an OS refusal the user can fix becomes a user error
+        refusal = refusal_from_os_error(error, where=getattr(arguments, "output_folder", None))
         if refusal is None:
             raise
         return _user_error(arguments, refusal)

@@ -1,6 +1,6 @@
 """One helper that turns a stage into a subcommand, and the one way a stage's summary is printed.
 
-    register = stage_command("prepare", PrepareConfig, "pipeline.stages.prepare:run_prepare", help=..., description=...)
+    register = stage_command("prepare", PrepareConfig, "pipeline.data.prepare_stage:run_prepare", help=..., description=...)
 
 The flags come from the config class, the YAML file and flags fill it, the run function gets it,
 and what it returns (a `StageSummary`) is printed as a table. The run function is named as
@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.core.config import StageConfig, add_config_arguments, config_from_arguments
-from pipeline.core.errors import UserError, refusal_from_os_error
+from pipeline.runtime.config import StageConfig, add_config_arguments, config_from_arguments
 
 if TYPE_CHECKING:
-    from pipeline.artifacts.stage_output import StageSummary
+    from pipeline.runtime.stage_output import StageSummary
 
 # Prints what a run returned and gives the exit status (0: all well).
 Report = Callable[[Any, Console], int]
@@ -103,16 +102,9 @@ def stage_command(
 
     def handle(arguments: argparse.Namespace) -> int:
         config = config_from_arguments(config_class, arguments)
-        try:
-            result = run_function(run)(config)
-        except UserError:
-            raise
-        except OSError as error:
-            refusal = refusal_from_os_error(error, where=getattr(config, "output", None))
-            if refusal is None:
-                raise
-            raise refusal from error
-        return report(result, Console())
+        # Where an OS refusal that names no file happened (pyarrow's writers): `main` says so in its one line.
+        arguments.output_folder = getattr(config, "output", None)
+        return report(run_function(run)(config), Console())
 
     def register(commands: argparse._SubParsersAction) -> None:
         parser = commands.add_parser(name, help=help, description=description)

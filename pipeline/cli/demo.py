@@ -19,8 +19,8 @@ def _show_sample(console: Console, masks_dir: Path, tokenized_dir: Path, model: 
     """One multi-turn sample, kept tokens highlighted: the masks are something to look at, not a number."""
     import pyarrow.parquet as pq
 
-    from pipeline.cli.token_view import keep_view, legend
-    from pipeline.core.checkpoints import load_tokenizer
+    from pipeline.runtime.checkpoints import load_tokenizer
+    from pipeline.views.token_view import keep_view, legend
 
     tokenized = pq.read_table(sorted(tokenized_dir.glob("part-*.parquet"))[0]).to_pylist()
     masks = {r["sample_id"]: r for p in sorted(masks_dir.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()}
@@ -42,10 +42,11 @@ def _agreement_line(agreement: dict) -> str:
 def report(demo: DemoRun, console: Console) -> int:
     """Each round's loss and kept ratio, the masks' agreement, one sample of the last round, where the artifacts are."""
     result = demo.run
-    last = result.record["rounds"][-1]
-    root = result.folder.root
-    _show_sample(console, root / last["masks"], root / last["data"], Path(result.record["models"]["base"]["path"]))
-    console.print(rounds_table(result.record, root))
+    last = result.record.rounds[-1]
+    folder = result.folder
+    _show_sample(console, folder.inside(last.masks, "a masks folder"), folder.inside(last.data, "a data folder"),
+                 Path(result.record.models.base.path))
+    console.print(rounds_table(result.record, folder.root))
     if demo.agreement is not None:
         console.print(_agreement_line(demo.agreement), soft_wrap=True)
     console.print(artifacts_note(result), soft_wrap=True)

@@ -11,10 +11,10 @@ from rich.markdown import Markdown
 
 from pipeline.cli.command import stage_command
 from pipeline.cli.run import _ConfigFile
-from pipeline.loop.eval_config import EvalConfig
+from pipeline.eval.config import EvalConfig
 
 if TYPE_CHECKING:
-    from pipeline.loop.evaluate import EvalResult
+    from pipeline.eval.evaluate import EvalResult
 
 
 def report(result: EvalResult, console: Console) -> int:
@@ -27,7 +27,7 @@ def report(result: EvalResult, console: Console) -> int:
 _register = stage_command(
     "eval",
     EvalConfig,
-    "pipeline.loop.evaluate:run_eval",
+    "pipeline.eval.evaluate:run_eval",
     help="Every selection method through the loop over seeds, each model measured: eval.json, eval.md, eval.svg.",
     description="Run one corpus (the generated ground-truth task, or a natural corpus) through full, random, rel, attn, "
     "sstoken, rho1 and tokencleaning (the last two with a reference trained on a clean 20% slice), each from the same "

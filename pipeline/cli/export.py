@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pipeline.cli.command import stage_command
-from pipeline.stages.configs import ExportConfig
+from pipeline.training.export_config import ExportConfig
 
 register = stage_command(
     "export",
     ExportConfig,
-    "pipeline.stages.export:run_export",
+    "pipeline.training.export_stage:run_export",
     help="Write tokens and keep masks as training data (input_ids, attention_mask, labels) for any trainer.",
     description="Join --data (tokenized) and --masks (a scores or masks folder made from it) by sample id and write "
     "one row per sample: sample_id, source, input_ids, attention_mask and labels (input_ids where a token is kept, "

@@ -8,11 +8,11 @@ from rich.console import Console
 from rich.text import Text
 
 from pipeline.cli.command import stage_command
-from pipeline.cli.token_view import numbers_table, plain_legend, score_legend, score_scale, score_view
-from pipeline.stages.configs import InspectConfig
+from pipeline.views.inspect_config import InspectConfig
+from pipeline.views.token_view import numbers_table, plain_legend, score_legend, score_scale, score_view
 
 if TYPE_CHECKING:
-    from pipeline.loop.inspect import Inspection
+    from pipeline.views.inspect import Inspection
 
 
 def show(inspection: Inspection, console: Console) -> int:
@@ -41,7 +41,7 @@ def show(inspection: Inspection, console: Console) -> int:
 register = stage_command(
     "inspect",
     InspectConfig,
-    "pipeline.loop.inspect:inspect_samples",
+    "pipeline.views.inspect:inspect_samples",
     help="Show samples' tokens coloured by score (kept, dropped, context) with their numbers.",
     description="Print samples of a run folder (its last round, or --round N), a scores folder or a masks folder, "
     "token by token: targets on a background coloured by their score, kept ones bold, dropped ones struck "

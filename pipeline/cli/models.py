@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.core import model_zoo
+from pipeline.runtime import model_zoo
 
 
 def register(commands: argparse._SubParsersAction) -> None:

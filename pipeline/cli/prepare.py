@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from pipeline.cli.command import print_summary, stage_command
-from pipeline.stages.configs import PrepareConfig
+from pipeline.data.prepare_config import PrepareConfig
 
 if TYPE_CHECKING:
-    from pipeline.artifacts.stage_output import StageSummary
+    from pipeline.runtime.stage_output import StageSummary
 
 # Exit status when the corpus was written but some input gave no valid row.
 EXIT_INPUT_WITHOUT_ROWS = 3
@@ -25,7 +25,7 @@ def report(summary: StageSummary, console: Console) -> int:
 register = stage_command(
     "prepare",
     PrepareConfig,
-    "pipeline.stages.prepare:run_prepare",
+    "pipeline.data.prepare_stage:run_prepare",
     help="Tokenize a corpus with a chat template into Parquet shards.",
     description="Tokenize a corpus (JSONL, JSON, Parquet, datasets folders) into Parquet shards with "
     "trainable-token masks, a rejected-rows file and a manifest.",

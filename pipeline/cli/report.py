@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pipeline.cli.command import stage_command
-from pipeline.stages.configs import ReportConfig
+from pipeline.views.report_config import ReportConfig
 
 register = stage_command(
     "report",
     ReportConfig,
-    "pipeline.loop.report:run_report",
+    "pipeline.views.report:run_report",
     help="Write one self-contained HTML page about a run, a scores or masks folder, or an eval folder.",
     description="Totals (samples, targets, kept, rejected rows by reason, config and provenance), plots (REL, "
     "attention and score distributions, kept ratio per sample, by position in the response and by source, the "

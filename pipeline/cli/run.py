@@ -15,34 +15,36 @@ from pipeline.loop.run_config import RunConfig
 
 if TYPE_CHECKING:
     from pipeline.loop.rounds import RunResult
+    from pipeline.loop.run_folder import RunRecord
 
 
 def _figure(value: Any, digits: str = ".4g") -> str:
     return "-" if value is None else format(value, digits)
 
 
-def rounds_table(record: dict[str, Any], root: Path) -> Table:
+def rounds_table(record: RunRecord, root: Path) -> Table:
     """One row per round: its samples, selection, kept ratio, train loss, and the seconds of scoring and training
     (select's, a second or less, are in run.json). Narrow enough for an 80-column terminal."""
     table = Table(title=f"run → {root}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, caption="kept: share of trainable tokens kept; "
                   "loss: mean train loss of the round's optimizer steps; seconds of each stage in run.json")
     for column in ("round", "samples", "selection", "kept", "loss", "score s", "train s", "score/train"):
         table.add_column(column, justify="left" if column == "selection" else "right", no_wrap=True)
-    for entry in record["rounds"]:
-        summary = entry.get("summary", {})
-        selection = entry.get("selection", {}).get("method", "?") + (" warm-up" if entry.get("warmup") else "")
+    for entry in record.rounds:
+        summary = entry.summary
+        selection = (entry.selection.method if entry.selection else "?") + (" warm-up" if entry.warmup else "")
         table.add_row(
-            f"r{entry['round']:03d}", f"{entry['samples']:,}", selection, _figure(summary.get("kept_ratio"), ".3f"),
-            _figure(summary.get("train_loss"), ".3f"), _figure(summary.get("score_s"), ".1f"),
-            _figure(summary.get("train_s"), ".1f"), _figure(summary.get("rescore_to_train"), ".2f"),
+            f"r{entry.round:03d}", f"{entry.samples:,}", selection,
+            *(_figure(getattr(summary, name) if summary else None, digits) for name, digits in (
+                ("kept_ratio", ".3f"), ("train_loss", ".3f"), ("score_s", ".1f"), ("train_s", ".1f"),
+                ("rescore_to_train", ".2f"))),
         )
     return table
 
 
 def artifacts_note(result: RunResult) -> str:
     """Where the run's record and its last checkpoint are."""
-    last = result.record["rounds"][-1]
-    return f"run record: {result.folder.record}\nlast checkpoint: {result.folder.root / last['checkpoint']}"
+    last = result.record.rounds[-1]
+    return f"run record: {result.folder.record}\nlast checkpoint: {result.folder.inside(last.checkpoint, 'a checkpoint')}"
 
 
 def report(result: RunResult, console: Console) -> int:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pipeline.cli.command import stage_command
-from pipeline.stages.configs import SelectConfig
+from pipeline.selection.select_config import SelectConfig
 
 register = stage_command(
     "select",
     SelectConfig,
-    "pipeline.stages.select:run_select",
+    "pipeline.selection.select_stage:run_select",
     help="Re-select the keep masks of a scores folder by another method, ratio or granularity (no model run).",
     description="Recompute the score, keep and n_kept columns of every shard of a scores folder (made by "
     "`sstoken score`) from its stored signals (nll_cur, nll_hist, rel, attn), in place, and update its "

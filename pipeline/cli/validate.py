@@ -9,10 +9,10 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.cli.command import stage_command
-from pipeline.stages.configs import ValidateConfig
+from pipeline.validation.validate_config import ValidateConfig
 
 if TYPE_CHECKING:
-    from pipeline.artifacts.stage_output import StageSummary
+    from pipeline.runtime.stage_output import StageSummary
 
 # Exit status when validation found a problem (0: every check passed; 2: the path is no artifact folder).
 EXIT_PROBLEMS_FOUND = 4
@@ -45,7 +45,7 @@ def print_validation(summary: StageSummary, console: Console) -> int:
 register = stage_command(
     "validate",
     ValidateConfig,
-    "pipeline.stages.validate:run_validate",
+    "pipeline.validation.validate_stage:run_validate",
     help="Check artifact folders against their schemas and manifests (checksums, counts, alignment, joins).",
     description="Check FOLDER (an artifact folder, or every one found under a run folder): the manifest against "
     "manifest.v1, each listed file's checksum and row count, the data fingerprint, each shard against its schema, "

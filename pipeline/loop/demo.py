@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 import pipeline
-from pipeline.core.config import ConfigError
 from pipeline.loop.run_config import RoundUnit, RunConfig
+from pipeline.runtime.errors import UserError
 
 BUNDLED_CORPUS = Path(pipeline.__file__).resolve().parent.parent / "examples" / "corpus"
 
@@ -52,17 +52,17 @@ class DemoRun:
 
 def run_demo(config: DemoConfig) -> DemoRun:
     """Run the loop; then compare round 0's masks with round 1's."""
-    from pipeline.loop.compare import mask_agreement
     from pipeline.loop.rounds import run_loop
+    from pipeline.selection.compare import mask_agreement
 
     missing = [str(p) for p in config.corpus if not Path(p).exists()]
     if missing:
-        raise ConfigError(
+        raise UserError(
             f"demo corpus {', '.join(missing)} not found; run from a checkout of sstoken or pass --corpus PATH"
         )
     result = run_loop(config)
-    rounds = result.record["rounds"]
+    rounds, folder = result.record.rounds, result.folder
     agreement = None
     if len(rounds) >= 2:
-        agreement = mask_agreement(result.folder.root / rounds[0]["masks"], result.folder.root / rounds[1]["masks"])
+        agreement = mask_agreement(folder.inside(rounds[0].masks, "a masks folder"), folder.inside(rounds[1].masks, "a masks folder"))
     return DemoRun(run=result, agreement=agreement)

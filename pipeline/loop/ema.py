@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pipeline.artifacts.files import is_temporary
-from pipeline.core.checkpoints import CheckpointError, checkpoint_files
+from pipeline.runtime.checkpoints import checkpoint_files
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import is_temporary
 
 # safetensors dtype names of the torch dtypes a checkpoint holds.
 _DTYPE_NAMES = {
@@ -78,7 +79,7 @@ def average_tensor(history: torch.Tensor, current: torch.Tensor, alpha: float) -
 def _check_same_tensors(history: Path, current: Path, history_files: dict[str, Path], current_files: dict[str, Path]) -> None:
     if set(history_files) != set(current_files):
         odd = sorted(set(history_files) ^ set(current_files))[:3]
-        raise CheckpointError(
+        raise UserError(
             f"cannot average {history} and {current}: they hold different tensors ({', '.join(odd)}); "
             "the EMA history needs checkpoints of one architecture"
         )
@@ -100,7 +101,7 @@ def _write_averaged_file(
             old = pasts[history_files[name]].get_tensor(name)
             new = current.get_tensor(name)
             if list(old.shape) != list(new.shape):
-                raise CheckpointError(
+                raise UserError(
                     f"cannot average tensor {name}: shape {list(old.shape)} in {history_root}, {list(new.shape)} in {source.parent}"
                 )
             averaged = average_tensor(old, new, alpha)

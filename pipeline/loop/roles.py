@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engine.select_settings import SelectSettings
 from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RunFolder
+from pipeline.selection.select_settings import SelectSettings
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ round follows one linear learning-rate schedule (`schedule_start_step`, `schedul
 planned up front from the rounds' sample counts. The roles per method are in `pipeline.loop.roles`,
 the slices in `pipeline.loop.slices`, the layout and run.json in `pipeline.loop.run_folder`.
 
+The run folder goes through the stage runner (`pipeline.runtime.stage_runner`): locked, refused
+when it overlaps the corpus or a model or holds anything the run did not write; run.json (typed:
+`pipeline.loop.run_folder.RunRecord`, `schemas/run.v1.schema.json`) is its record.
+
 Resume: every stage is exactly-once on its own, so a killed run is finished by running it again.
 A round recorded done in run.json whose checkpoint is complete is skipped whole; in the round in
 flight a stage recorded done whose output's manifest is there is skipped, and any other stage is
@@ -16,28 +20,39 @@ One Ray session serves every stage of the run.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts.files import MANIFEST, exclusive_output, utc_now
-from pipeline.artifacts.stage_output import StageSummary
-from pipeline.artifacts.training_data import DataPlan
-from pipeline.core.checkpoints import checkpoint_fingerprint
-from pipeline.core.config import ConfigError
-from pipeline.core.fingerprint import sha256_json
-from pipeline.core.model_zoo import ensure_model
-from pipeline.core.ray_runtime import ray_session
 from pipeline.loop.ema import ema_checkpoint
 from pipeline.loop.roles import RoundRoles, round_roles
 from pipeline.loop.run_config import RunConfig
-from pipeline.loop.run_folder import RUN_RECORD_VERSION, RunFolder, read_run_record, write_run_record
-from pipeline.loop.run_stats import train_curve
+from pipeline.loop.run_folder import (
+    RUN_ENTRIES,
+    RUN_RECORD_VERSION,
+    RunFolder,
+    RunRecord,
+    read_run_record,
+    write_run_record,
+)
 from pipeline.loop.slices import corpus_ids, materialise_slice, sample_order, slice_bounds
-from pipeline.stages.configs import SelectConfig
+from pipeline.runtime.checkpoints import checkpoint_fingerprint
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import MANIFEST, utc_now
+from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.log import say
+from pipeline.runtime.model_zoo import ensure_model
+from pipeline.runtime.ray_session import ray_session
+from pipeline.runtime.stage_output import StageOutput, StageSummary
+from pipeline.runtime.stage_runner import Stage, local_inputs, run_stage
+from pipeline.scoring.score_config import ScoreJobConfig
+from pipeline.selection.select_config import SelectConfig
+from pipeline.training.train_config import TrainConfig
+from pipeline.training.train_metrics import train_curve
+from pipeline.training.training_data import DataPlan
 
 
 @dataclass(frozen=True)
@@ -57,11 +72,11 @@ class RoundSpec:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a run did: its folder, its record (run.json) and the prepare stage's summary."""
+    """What a run did: its folder, its record (run.json, typed) and the prepare stage's summary."""
 
     folder: RunFolder
-    record: dict[str, Any]
-    prepared: StageSummary
+    record: RunRecord
+    prepared: StageSummary | None
 
 
 def plan_rounds(config: RunConfig, samples: int) -> list[RoundSpec]:
@@ -86,7 +101,7 @@ def _refuse_stepless_rounds(config: RunConfig, specs: list[RoundSpec], steps: li
     """A round too small for one global batch would train nothing; say which and what to change."""
     for spec, count in zip(specs, steps):
         if count == 0:
-            raise ConfigError(
+            raise UserError(
                 f"round {spec.index} has {spec.samples} samples, fewer than train.batch_size {config.train.batch_size} "
                 f"/ train.epochs {config.train.epochs}: it would take no optimizer step; lower train.batch_size, or use "
                 "fewer slices or more samples"
@@ -104,33 +119,35 @@ def run_identity(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def say(message: str) -> None:
-    """One line of the run's log, on stderr (stdout carries the summary)."""
-    print(f"sstoken run: {message}", file=sys.stderr, flush=True)
-
-
 def _model_entry(path: Path) -> dict[str, str]:
     return {"path": str(path), "fingerprint": checkpoint_fingerprint(path)}
 
 
+def earlier_run(folder: RunFolder, identity: dict[str, Any]) -> RunRecord | None:
+    """The record of an earlier run of these settings in `folder` (None: a new run); another run's is refused, and a
+    run.json that is not a run record is one error naming it (never overwritten)."""
+    record = read_run_record(folder)
+    if record is not None and record.identity != sha256_json(identity):
+        changed = sorted(k for k in identity.keys() | record.settings.keys() if identity.get(k) != record.settings.get(k))
+        raise UserError(
+            f"{folder.root} holds a run made with other settings ({', '.join(changed) or 'code'} differ); "
+            "choose another output folder, or rerun with the settings it was started with"
+        )
+    return record
+
+
 class _Run:
-    """One run in progress: its config, folder, record and the models it started from."""
+    """One run in progress: its config, folder, record (run.json, a dict while it is written) and base model."""
 
-    def __init__(self, config: RunConfig, folder: RunFolder, base: Path):
+    def __init__(self, config: RunConfig, folder: RunFolder, base: Path, earlier: RunRecord | None):
         self.config, self.folder, self.base = config, folder, base
-        self.record = self._start_record()
+        self.record = self._start_record(earlier)
 
-    def _start_record(self) -> dict[str, Any]:
+    def _start_record(self, earlier: RunRecord | None) -> dict[str, Any]:
         identity = run_identity(self.config)
-        record = read_run_record(self.folder)
-        if record is not None and record.get("identity") != sha256_json(identity):
-            before = record.get("settings", {})
-            changed = sorted(k for k in identity.keys() | before.keys() if identity.get(k) != before.get(k))
-            raise ConfigError(
-                f"{self.folder.root} holds a run made with other settings ({', '.join(changed) or 'code'} differ); "
-                "choose another output folder, or rerun with the settings it was started with"
-            )
-        if record is None:
+        if earlier is not None:
+            record = earlier.as_json()
+        else:
             record = {
                 "version": RUN_RECORD_VERSION,
                 "created_at": utc_now(),
@@ -190,13 +207,13 @@ def _round_data(run: _Run, spec: RoundSpec, order: list[str]) -> Path:
 
 def _trained_reference(run: _Run) -> Path:
     """rho1 / tokencleaning with reference_corpus: the base trained on it with every trainable token."""
-    from pipeline.stages.prepare import run_prepare
-    from pipeline.stages.score import run_score_job
-    from pipeline.stages.train import run_train
+    from pipeline.data.prepare_stage import run_prepare
+    from pipeline.scoring.score_stage import run_score_job
+    from pipeline.training.train_stage import run_train
 
     config, folder, base = run.config, run.folder, run.base
     assert config.reference_corpus is not None
-    say(f"reference: training {base} on every trainable token of {', '.join(map(str, config.reference_corpus))}")
+    say("run", f"reference: training {base} on every trainable token of {', '.join(map(str, config.reference_corpus))}")
     run_prepare(config.prepare.model_copy(update={"input": config.reference_corpus, "output": folder.reference("tokenized")}))
     run_score_job(config.score.model_copy(update={
         "data": folder.reference("tokenized"), "current": base, "history": base, "output": folder.reference("scores"),
@@ -255,16 +272,43 @@ def _roles_entry(run: _Run, roles: RoundRoles) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class RoundStages:
+    """The stage configs of one round."""
+
+    score: ScoreJobConfig
+    select: SelectConfig
+    train: TrainConfig
+
+
+def round_stage_configs(
+    config: RunConfig, folder: RunFolder, index: int, data: Path, roles: RoundRoles, schedule: tuple[int, int]
+) -> RoundStages:
+    """Round `index`'s score, select and train configs: the run's sections with the round's data, models, paths,
+    selection and schedule filled in (everything else, the run's `ray:` section included, as the run gives it)."""
+    selection = roles.selection.model_dump()
+    return RoundStages(
+        score=config.score.model_copy(update={
+            "data": data, "current": roles.current, "history": roles.history, "output": folder.scores(index), **selection,
+        }),
+        select=SelectConfig(scores=folder.scores(index), output=folder.masks(index), **selection),
+        train=config.train.model_copy(update={
+            "data": data, "masks": folder.masks(index), "model": roles.train_from, "output": folder.train(index),
+            "schedule_start_step": schedule[0], "schedule_total_steps": schedule[1],
+        }),
+    )
+
+
 def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | None, schedule: tuple[int, int]) -> None:
-    from pipeline.stages.score import run_score_job
-    from pipeline.stages.select import run_select
-    from pipeline.stages.train import run_train
+    from pipeline.scoring.score_stage import run_score_job
+    from pipeline.selection.select_stage import run_select
+    from pipeline.training.train_stage import run_train
 
     config, folder, index = run.config, run.folder, spec.index
     entry = run.round_entry(spec)
     checkpoint = folder.checkpoint(index)
     if entry["status"] == "done" and (folder.train(index) / MANIFEST).is_file():
-        say(f"r{index:03d}: done earlier, kept ({folder.relative(checkpoint)})")
+        say("run", f"r{index:03d}: done earlier, kept ({folder.relative(checkpoint)})")
         return
     where = f", epoch {spec.epoch}" + (f", slice {spec.part}" if spec.part is not None else "")
     label = f"r{index:03d} (round {index + 1} of {config.rounds}{where})"
@@ -277,41 +321,41 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
               "checkpoint": folder.relative(checkpoint), "schedule": {"start_step": schedule[0], "total_steps": schedule[1]}}
     run.save()
     if roles.warmup is not None:
-        say(roles.warmup)
-    say(f"{label}: scoring {spec.samples} samples, current {roles.current}, history {roles.history}")
-    selection = roles.selection.model_dump()
-    run.stage(entry, "score", folder.scores(index), lambda: run_score_job(config.score.model_copy(update={
-        "data": data, "current": roles.current, "history": roles.history, "output": folder.scores(index), **selection,
-    })))
-    say(f"{label}: selecting ({roles.selection.method}) into {folder.relative(folder.masks(index))}")
-    run.stage(entry, "select", folder.masks(index), lambda: run_select(
-        SelectConfig(scores=folder.scores(index), output=folder.masks(index), **selection)
-    ))
-    say(f"{label}: training from {roles.train_from} (schedule steps from {schedule[0]} of {schedule[1]})")
-    run.stage(entry, "train", folder.train(index), lambda: run_train(config.train.model_copy(update={
-        "data": data, "masks": folder.masks(index), "model": roles.train_from, "output": folder.train(index),
-        "schedule_start_step": schedule[0], "schedule_total_steps": schedule[1],
-    })))
+        say("run", roles.warmup)
+    say("run", f"{label}: scoring {spec.samples} samples, current {roles.current}, history {roles.history}")
+    stages = round_stage_configs(config, folder, index, data, roles, schedule)
+    run.stage(entry, "score", folder.scores(index), lambda: run_score_job(stages.score))
+    say("run", f"{label}: selecting ({roles.selection.method}) into {folder.relative(folder.masks(index))}")
+    run.stage(entry, "select", folder.masks(index), lambda: run_select(stages.select))
+    say("run", f"{label}: training from {roles.train_from} (schedule steps from {schedule[0]} of {schedule[1]})")
+    run.stage(entry, "train", folder.train(index), lambda: run_train(stages.train))
     entry["checkpoint_fingerprint"] = checkpoint_fingerprint(checkpoint)
     entry["summary"] = _round_summary(entry, folder.train(index))
     entry["status"] = "done"
     run.save()
-    say(f"{label}: done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in entry["summary"].items()
+    say("run", f"{label}: done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in entry["summary"].items()
                                        if k in ("train_loss", "kept_ratio") and v is not None))
 
 
 def run_loop(config: RunConfig) -> RunResult:
-    """Prepare (if needed), then every round; a killed run resumes where it stopped. Returns the run's record."""
-    from pipeline.stages.prepare import run_prepare
+    """Prepare (if needed), then every round; a killed run resumes where it stopped. Returns the run's record.
+
+    The run folder goes through the stage runner like every stage's output: an output that overlaps the corpus or a
+    model, or that holds anything the run did not write (a run.json of someone else's included), is refused before
+    anything is written. It keeps its own record, run.json, instead of a manifest."""
+    from pipeline.data.prepare_stage import run_prepare
 
     folder = RunFolder(Path(config.output))
     base = Path(config.model) if Path(config.model).is_dir() else ensure_model(config.model)
-    score = config.score
-    object_store = score.object_store_mb * 1024**2 if score.object_store_mb else None
-    with exclusive_output(folder.root):
-        run = _Run(config, folder, base)
-        with ray_session(score.address, score.num_cpus, object_store, connect_timeout_s=score.connect_timeout_s):
-            prepared = run_prepare(config.prepare)
+    identity = run_identity(config)
+    runs: list[_Run] = []
+    prepared: list[StageSummary] = []
+
+    def work(out: StageOutput, earlier: RunRecord | None) -> None:
+        run = _Run(config, folder, base, earlier)
+        runs.append(run)
+        with ray_session(config.ray):
+            prepared.append(run_prepare(config.prepare))
             order = sample_order(corpus_ids(folder.tokenized), config.seed)[: config.samples]
             specs = plan_rounds(config, len(order))
             steps = [planned_steps(config, spec.samples) for spec in specs]
@@ -324,4 +368,8 @@ def run_loop(config: RunConfig) -> RunResult:
                 _run_round(run, spec, order, reference, (sum(steps[: spec.index]), sum(steps)))
         run.record["status"] = "done"
         run.save()
-    return RunResult(folder=folder, record=run.record, prepared=prepared)
+
+    inputs = [*config.corpus, base, *local_inputs(config.reference), *(config.reference_corpus or [])]
+    stage = Stage("run", folder.root, inputs=inputs, entries=RUN_ENTRIES)
+    run_stage(stage, work, ready=lambda: nullcontext(earlier_run(folder, identity)))
+    return RunResult(folder=folder, record=RunRecord.model_validate(runs[0].record), prepared=prepared[0])

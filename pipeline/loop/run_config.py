@@ -1,6 +1,7 @@
 """`RunConfig`: the settings of `sstoken run`, rounds of score -> select -> train in one run folder.
 
-Its sections are the stages' own configs (`prepare:`, `score:`, `select:`, `train:`), unchanged;
+Its sections are the stages' own configs (`prepare:`, `score:`, `select:`, `train:`), unchanged,
+and `ray:`, the one Ray session every stage of the run uses (a stage section cannot set its own);
 its top-level fields say what a round is, which model plays which role, and where the run lives.
 The paths that tie the stages together are filled in per round by the loop (they are shown here
 for round 0, and cannot be set), and so are the score stage's selection fields (from `select:`,
@@ -23,10 +24,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.core.config import SectionedConfig
-from pipeline.core.model_zoo import model_dir
-from pipeline.engine.select_settings import SelectSettings
-from pipeline.stages.configs import PrepareConfig, ScoreJobConfig, TrainConfig
+from pipeline.data.prepare_config import PrepareConfig
+from pipeline.runtime.config import SectionedConfig
+from pipeline.runtime.model_zoo import model_dir
+from pipeline.runtime.ray_settings import RaySettings
+from pipeline.scoring.score_config import ScoreJobConfig
+from pipeline.selection.select_settings import SelectSettings
+from pipeline.training.train_config import TrainConfig
 
 RoundUnit = Literal["slice", "epoch"]
 HistoryPolicy = Literal["base", "previous", "ema"]
@@ -57,6 +61,8 @@ class RunConfig(SectionedConfig):
         "score": ("data", "current", "history", "output", "history_cache", "cache_current_nll", "excess", *SELECTION_FIELDS),
         "train": ("data", "masks", "model", "output", "schedule_start_step", "schedule_total_steps"),
     }
+    # One Ray session serves every stage of a run: its settings are the run's `ray:` section, copied into each stage's.
+    shared_sections: ClassVar[dict[str, tuple[str, ...]]] = {"ray": ("score", "train")}
 
     output: Path = Field(Path("runs/run"), description="Run folder: run.json, tokenized/, history_cache/, rounds/rNNN/.")
     corpus: list[Path] = Field(description="Corpus files or folders to prepare (any input `sstoken prepare` reads).")
@@ -91,6 +97,9 @@ class RunConfig(SectionedConfig):
     reference_corpus: list[Path] | None = Field(
         None, description="rho1, tokencleaning: a clean corpus the run first trains the reference on (every trainable "
         "token, from the base model), instead of a given reference.",
+    )
+    ray: RaySettings = Field(
+        default_factory=RaySettings, description="The Ray cluster (or embedded Ray) and runner of every stage of the run."
     )
     prepare: PrepareConfig = Field(description="The prepare stage: the corpus into RUN/tokenized.")
     score: ScoreJobConfig = Field(description="The score stage of every round (its selection comes from select:).")

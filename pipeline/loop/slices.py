@@ -5,7 +5,7 @@
     materialise_slice(tokenized, order[a:b], RUN/rounds/r001/data, rows_per_shard)
 
 A slice is written as a tokenized folder of its own (shards, manifest, provenance), exactly once
-through `StageOutput`, so the score and train stages run on it unchanged. Its manifest records the
+through the stage runner, so the score and train stages run on it unchanged. Its manifest records the
 source corpus, which slice of which order it is, and `data_fingerprint` over its own shards (the
 fingerprint the score stage records and the trainer checks the masks against).
 
@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.artifacts.files import base_manifest, read_manifest, read_shard, shard_name
-from pipeline.artifacts.stage_output import StageOutput
-from pipeline.core.errors import UserError
-from pipeline.core.fingerprint import sha256_json
-
-
-class SliceError(UserError, ValueError):
-    """A slicing that cannot be done (more slices than samples); the message names the setting."""
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import base_manifest, read_manifest, read_shard, shard_name
+from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.stage_output import StageOutput
+from pipeline.runtime.stage_runner import Stage, run_stage
 
 
 def sample_order(sample_ids: Sequence[str], seed: int) -> list[str]:
@@ -43,9 +41,9 @@ def sample_order(sample_ids: Sequence[str], seed: int) -> list[str]:
 def slice_bounds(samples: int, slices: int) -> list[tuple[int, int]]:
     """`slices` contiguous [start, stop) parts covering range(samples); the first `samples % slices` are one longer."""
     if slices < 1:
-        raise SliceError(f"slices must be at least 1, not {slices}")
+        raise UserError(f"slices must be at least 1, not {slices}")
     if slices > samples:
-        raise SliceError(f"slices {slices} is more than the {samples} samples to cut; set slices to at most {samples}")
+        raise UserError(f"slices {slices} is more than the {samples} samples to cut; set slices to at most {samples}")
     size, extra = divmod(samples, slices)
     bounds, start = [], 0
     for index in range(slices):
@@ -76,7 +74,7 @@ def _rows_in_order(tokenized: Path, manifest: dict[str, Any], wanted: Sequence[s
     found = rows.column("sample_id").to_pylist()
     if len(found) != len(wanted):
         missing = sorted(set(wanted) - set(found))[:3]
-        raise SliceError(f"{tokenized} lacks sample ids {', '.join(missing)} of the slice; the corpus changed under the run")
+        raise UserError(f"{tokenized} lacks sample ids {', '.join(missing)} of the slice; the corpus changed under the run")
     return rows.take(sorted(range(len(found)), key=lambda i: position[found[i]]))
 
 
@@ -96,18 +94,18 @@ def materialise_slice(
     source = read_manifest(tokenized, kind="tokenized")
     source_key = sha256_json([[s["file"], s["sha256"]] for s in source["shards"]])
     identity = {"source": source_key, "ids": sha256_json(list(sample_ids)), "rows_per_shard": rows_per_shard}
-    with StageOutput(output, "tokenized", identity=identity, inputs=[tokenized]) as out:
-        finished = out.up_to_date()
-        if finished is not None:
-            return finished
-        rows = _rows_in_order(tokenized, source, sample_ids)
-        out.begin()
+
+    def gathered() -> AbstractContextManager[pa.Table]:
+        """The rows, gathered before anything is written (a sample id the corpus lacks is refused first)."""
+        return nullcontext(_rows_in_order(tokenized, source, sample_ids))
+
+    def work(out: StageOutput, rows: pa.Table) -> dict[str, Any]:
         shards = []
         for index, part in enumerate(_chunks(rows, rows_per_shard)):
             name, key = shard_name(index), sha256_json([identity, index])
             record = out.done(name, key) or out.commit(name, part, {"run_key": key})
             shards.append({"file": name, "rows": record["rows"], "sha256": record["sha256"]})
-        manifest = base_manifest("tokenized", {"slice_of": str(tokenized), "rows_per_shard": rows_per_shard}) | {
+        return base_manifest("tokenized", {"slice_of": str(tokenized), "rows_per_shard": rows_per_shard}) | {
             "tokenizer": source["tokenizer"],
             "input_fingerprint": source_key,
             "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in shards]),
@@ -120,4 +118,5 @@ def materialise_slice(
                 "trainable_tokens": int(pc.sum(rows.column("n_trainable")).as_py() or 0),
             },
         }
-        return out.finish(manifest)
+
+    return run_stage(Stage("tokenized", output, identity, inputs=[tokenized]), work, ready=gathered).manifest

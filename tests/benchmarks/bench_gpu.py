@@ -29,7 +29,7 @@ over the variant's load and run (cold: loads one model, frees it, loads the othe
 Agreement: ours (bf16) against the same variant in float32, same models and samples: share of
 targets with the same keep decision (ssToken, gamma 0.5, ratio 0.6, per sample), max |REL| and
 |attention| difference. Training row (1B shape by default): our masked SFT step
-(`pipeline.engine.train_step.train_step`, float32 master weights, bf16 autocast, full fine-tune,
+(`pipeline.training.train_step.train_step`, float32 master weights, bf16 autocast, full fine-tune,
 AdamW) on one batch of 8 x --tokens with 60% of the trainable tokens kept, against a plain Hugging
 Face step (model(input_ids, labels).loss.backward(), AdamW) on the same batch; MFU counts 6N per token.
 On CUDA the host syncs of one ours-warm micro-batch are counted with torch.cuda.set_sync_debug_mode.
@@ -59,10 +59,11 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from pipeline.engine.attention import turn_starts  # noqa: E402
-from pipeline.engine.scorer import Scorer, score_samples  # noqa: E402
-from pipeline.engine.select_settings import SelectSettings  # noqa: E402
-from pipeline.engine.settings import ScoreSettings  # noqa: E402
+from pipeline.scoring.attention import turn_starts  # noqa: E402
+from pipeline.scoring.score_settings import ScoreSettings  # noqa: E402
+from pipeline.scoring.scorer import Scorer  # noqa: E402
+from pipeline.selection.select_settings import SelectSettings  # noqa: E402
+from tests.sample_scores import score_samples  # noqa: E402
 
 transformers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
@@ -393,8 +394,8 @@ def bench_shape(shape: str, args, device: torch.device, gemm: float, folder: Pat
 
 
 def bench_train(folder: Path, config: LlamaConfig, args, device: torch.device, gemm: float) -> dict:
-    from pipeline.engine.masked_loss import masked_labels
-    from pipeline.engine.train_step import MicroBatch, autocast_precision, train_step
+    from pipeline.training.masked_loss import masked_labels
+    from pipeline.training.train_step import MicroBatch, autocast_precision, train_step
 
     ids, masks = make_samples(args.train_batch, args.tokens, config.vocab_size, seed=1)
     rng = np.random.default_rng(2)
@@ -548,7 +549,7 @@ def main() -> None:
 def real_model_agreement(args, device: torch.device, command: str) -> str:
     """ours cold in float32, bfloat16 (mixed) and bfloat16-full on a real checkpoint and its 5%-noised
     history (tests/benchmarks/bench_scorer.py builds it), on ChatML conversations of its tokenizer."""
-    from pipeline.core.checkpoints import load_tokenizer
+    from pipeline.runtime.checkpoints import load_tokenizer
     from tests.benchmarks.bench_scorer import history_checkpoint
     from tests.benchmarks.bench_scorer import make_samples as chat_samples
 

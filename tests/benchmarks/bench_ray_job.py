@@ -2,7 +2,7 @@
 
     python tests/benchmarks/bench_ray_job.py [--shards 4] [--rows 8] [--scale 4] [--rounds 2]
 
-Uses SmolLM2-135M when `pipeline.core.model_zoo` has it cached (`sstoken models fetch smollm2-135m`),
+Uses SmolLM2-135M when `pipeline.runtime.model_zoo` has it cached (`sstoken models fetch smollm2-135m`),
 else the tiny test model; says which. Current and history are the same checkpoint (one forward per
 batch on both paths). Runs alternate, in alternating order (the machine is noisy); per-round ratios and medians are printed:
 - in-process: Scorer + score_shard over every shard, model loading excluded;
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipeline.core.checkpoints import load_tokenizer  # noqa: E402
-from pipeline.core.ray_runtime import machine_cpus  # noqa: E402
-from pipeline.stages.score import ScoreJobConfig, run_score_job  # noqa: E402
+from pipeline.runtime.checkpoints import load_tokenizer  # noqa: E402
+from pipeline.runtime.ray_session import machine_cpus  # noqa: E402
+from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job  # noqa: E402
 from tests import tiny  # noqa: E402
 from tests.factories import write_tokenized  # noqa: E402
 
@@ -50,7 +50,7 @@ def pick_model(scratch: Path) -> tuple[Path, str]:
 
 
 def in_process(model: Path, data: Path, config: ScoreJobConfig) -> float:
-    from pipeline.engine.scorer import Scorer, score_shard
+    from pipeline.scoring.scorer import Scorer, score_shard
 
     settings = config.score_settings().model_copy(update={"threads": config.threads or machine_cpus()})
     selection = config.select_settings()

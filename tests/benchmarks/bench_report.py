@@ -24,8 +24,8 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path("/tmp/sstoken-bench-report"))
     arguments = parser.parse_args()
 
-    from pipeline.loop.report import run_report
-    from pipeline.stages.configs import ReportConfig
+    from pipeline.views.report import run_report
+    from pipeline.views.report_config import ReportConfig
     from tests import tiny
     from tests.score_factories import write_synthetic_scores, write_synthetic_tokenized
 

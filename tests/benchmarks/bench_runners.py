@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.core.model_zoo import ensure_model  # noqa: E402
-from pipeline.core.ray_runtime import ray_session  # noqa: E402
-from pipeline.core.checkpoints import load_tokenizer  # noqa: E402
-from pipeline.stages.score import ScoreJobConfig, run_score_job  # noqa: E402
-from pipeline.stages.train import TrainConfig, run_train  # noqa: E402
+from pipeline.runtime.checkpoints import load_tokenizer  # noqa: E402
+from pipeline.runtime.model_zoo import ensure_model  # noqa: E402
+from pipeline.runtime.ray_session import ray_session  # noqa: E402
+from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job  # noqa: E402
+from pipeline.training.train_stage import TrainConfig, run_train  # noqa: E402
 from tests.factories import write_keep_masks, write_tokenized  # noqa: E402
 
 
@@ -39,18 +39,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="Samples of the round (batch 4: samples / 4 steps).")
     arguments = parser.parse_args()
     model = ensure_model("smollm2-135m")
-    with tempfile.TemporaryDirectory() as folder, ray_session(None, None, None):
+    with tempfile.TemporaryDirectory() as folder, ray_session():
         root = Path(folder)
         data = write_tokenized(root / "tokenized", load_tokenizer(model), [arguments.samples], seed=0, scale=3)
         masks = write_keep_masks(root / "masks", data, ratio=0.6, seed=0)
         seconds: dict[str, dict[str, float]] = {"train": {}, "score": {}}
         for runner in ("ray", "process"):
             started = time.monotonic()
-            run_train(TrainConfig(data=data, masks=masks, model=model, output=root / f"train-{runner}", runner=runner,
+            run_train(TrainConfig(data=data, masks=masks, model=model, output=root / f"train-{runner}", ray={"runner": runner},
                                   batch_size=4, micro_batch_size=4, progress=False, checkpoint_every=100))
             seconds["train"][runner] = time.monotonic() - started
             started = time.monotonic()
-            run_score_job(ScoreJobConfig(data=data, current=model, output=root / f"score-{runner}", runner=runner,
+            run_score_job(ScoreJobConfig(data=data, current=model, output=root / f"score-{runner}", ray={"runner": runner},
                                          history_cache=root / f"cache-{runner}", workers=1, progress=False,
                                          method="attn"))
             seconds["score"][runner] = time.monotonic() - started

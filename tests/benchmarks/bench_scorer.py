@@ -1,7 +1,13 @@
 """Benchmark: the scoring engine against the naive reference on SmolLM2-135M-Instruct.
 
     python tests/benchmarks/bench_scorer.py            # about 10 minutes on 2 CPU cores
-    python tests/benchmarks/bench_scorer.py --quick    # one repeat, 512 tokens only
+    python tests/benchmarks/bench_scorer.py --quick    # about a minute: ours (defaults, warm) against plain HF
+
+`--quick` is the guard against a silent CPU regression of the engine: run it before every stop that
+touches pipeline/scoring and quote its ratio. It scores ~640-token chats with the current model alone
+(history NLLs cached: the steady state of a round) at the default settings, against `hf-sdpa` (a plain
+Hugging Face forward, SDPA, full float32 logits and log-softmax, one sample at a time) and against our
+scorer with the 16,384-token CPU micro-batches it used before the budget became `auto` (`-b16384`).
 
 Not collected by pytest (the name does not start with test_). Prints, per length:
 - tokens/s of each variant, median over interleaved repeats, and the ratio to the naive reference;
@@ -10,7 +16,7 @@ Not collected by pytest (the name does not start with test_). Prints, per length
   dtype, measured in this run;
 - keep-mask agreement of bfloat16 with float32.
 
-Variants: `naive` (tests/pipeline/engine/reference.py, the naive way the scoring issue defines: eager
+Variants: `hf-sdpa` (see --quick), `naive` (tests/pipeline/scoring/reference.py, the naive way the scoring issue defines: eager
 attention, two model(..., output_attentions=True) calls with full logits, both outputs held, one
 sample at a time, both models loaded once, outside the timing), `naive-lean` (the same numbers with
 the history call asking for no attentions and each output dropped once used: a stronger baseline,
@@ -58,7 +64,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from pipeline.engine.precision import MIXED_BFLOAT16  # noqa: E402
+from pipeline.scoring.precision import MIXED_BFLOAT16  # noqa: E402
 
 transformers_logging.disable_progress_bar()  # the cold variant loads two models per run
 
@@ -128,24 +134,45 @@ class Naive:
     each output dropped once used (same numbers; shown so the ratios can be read against both)."""
 
     def __init__(self, name: str, current: Path, history: Path):
-        from tests.pipeline.engine.reference import load_eager
+        from tests.pipeline.scoring.reference import load_eager
 
         self.name, self.lean = name, name == "naive-lean"
         self.current, self.history = load_eager(current), load_eager(history)
 
     def run(self, ids, masks):
-        from tests.pipeline.engine.reference import naive_scores
+        from tests.pipeline.scoring.reference import naive_scores
 
         return [naive_scores(self.current, self.history, x, m, lean=self.lean) for x, m in zip(ids, masks)]
 
 
-class Fast:
-    def __init__(self, current: Path, history: Path, dtype: str, warm: bool, max_batch_tokens: int):
-        from pipeline.engine.scorer import Scorer
-        from pipeline.engine.select_settings import SelectSettings
-        from pipeline.engine.settings import ScoreSettings
+class PlainHF:
+    """`hf-sdpa`: the plainest one-pass scorer, the current model only, SDPA, full float32 logits and
+    log-softmax, one sample at a time (the NLLs it gives are the warm pass's, without importance)."""
 
-        self.name = f"fast-{dtype}-{'warm' if warm else 'cold'}"
+    def __init__(self, current: Path):
+        from transformers import AutoModelForCausalLM
+
+        self.name = "hf-sdpa"
+        self.model = AutoModelForCausalLM.from_pretrained(current, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+    def run(self, ids, masks):
+        out = []
+        with torch.inference_mode():
+            for x, m in zip(ids, masks):
+                ids_t = torch.as_tensor(x)[None]
+                log_probs = torch.log_softmax(self.model(input_ids=ids_t).logits[0, :-1].float(), dim=-1)
+                nll = -log_probs.gather(1, ids_t[0, 1:, None])[:, 0]
+                out.append(nll.numpy()[m[1:]])
+        return out
+
+
+class Fast:
+    def __init__(self, current: Path, history: Path, dtype: str, warm: bool, max_batch_tokens: int | str):
+        from pipeline.scoring.score_settings import ScoreSettings
+        from pipeline.scoring.scorer import Scorer
+        from pipeline.selection.select_settings import SelectSettings
+
+        self.name = f"fast-{dtype}-{'warm' if warm else 'cold'}" + (f"-b{max_batch_tokens}" if max_batch_tokens != "auto" else "")
         self.current, self.history = current, history
         self.settings = ScoreSettings(dtype=dtype, device="cpu", max_batch_tokens=max_batch_tokens)
         self.selection = SelectSettings()
@@ -160,7 +187,7 @@ class Fast:
         """Phase 1: the history model alone computes its NLLs, then is released."""
         import gc
 
-        from pipeline.engine.scorer import Scorer
+        from pipeline.scoring.scorer import Scorer
 
         started = time.perf_counter()
         scorer = Scorer(self.history, self.settings, importance=False)
@@ -179,7 +206,8 @@ class Fast:
             self.run(ids, masks)
 
     def run(self, ids, masks):
-        from pipeline.engine.scorer import Scorer, score_samples
+        from pipeline.scoring.scorer import Scorer
+        from tests.sample_scores import score_samples
 
         sample_ids = [str(i) for i in range(len(ids))]
         if self.warm:
@@ -196,11 +224,14 @@ class Fast:
         return score_samples(self.scorer, sample_ids, ids, masks, self.selection, history_nll=history)
 
 
-def build_variant(name: str, current: Path, history: Path, max_batch_tokens: int):
+def build_variant(name: str, current: Path, history: Path, max_batch_tokens: int | str):
+    """A variant by name; `fast-DTYPE-MODE[-bN]` takes N tokens per CPU micro-batch (else `max_batch_tokens`)."""
+    if name == "hf-sdpa":
+        return PlainHF(current)
     if name.startswith("naive"):
         return Naive(name, current, history)
-    _, dtype, mode = name.split("-")
-    return Fast(current, history, dtype, mode == "warm", max_batch_tokens)
+    _, dtype, mode, *budget = name.split("-")
+    return Fast(current, history, dtype, mode == "warm", int(budget[0][1:]) if budget else max_batch_tokens)
 
 
 # -- FLOPs and GEMM -----------------------------------------------------------------------------
@@ -258,7 +289,7 @@ def child(arguments: argparse.Namespace) -> None:
     """Load one variant, score the samples once, print peak RSS in MiB as JSON."""
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     current, history = Path(arguments.model), Path(arguments.history)
-    from pipeline.core.checkpoints import load_tokenizer
+    from pipeline.runtime.checkpoints import load_tokenizer
 
     ids, masks = make_samples(load_tokenizer(current), arguments.child_length, arguments.child_count, seed=1)
     variant = build_variant(arguments.child, current, history, arguments.max_batch_tokens)
@@ -291,6 +322,14 @@ def peak_memory(arguments, variant: str, length: int, count: int) -> float:
 # -- main ---------------------------------------------------------------------------------------
 
 
+def code_version() -> str:
+    """The commit these figures are measured at (`+dirty` with uncommitted changes): README figures quote it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def keep_agreement(a, b, masks) -> float:
     same = sum(int((x.keep[m] == y.keep[m]).sum()) for x, y, m in zip(a, b, masks))
     return same / sum(int(m.sum()) for m in masks)
@@ -298,22 +337,24 @@ def keep_agreement(a, b, masks) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: pipeline.core.model_zoo smollm2-135m)")
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: pipeline.runtime.model_zoo smollm2-135m)")
     parser.add_argument("--history", type=Path, default=None, help="history folder (default: the model plus noise)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--tokens-per-length", type=int, default=2048, help="samples per length = this / length")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--max-batch-tokens", default="auto", type=lambda v: v if v == "auto" else int(v),
+                        help="CPU micro-batch tokens of the fast variants (default: the setting's default, auto)")
     parser.add_argument("--variants", nargs="+",
                         default=["naive", "naive-lean", "fast-float32-cold", "fast-float32-warm", "fast-bfloat16-cold", "fast-bfloat16-warm"])
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant subprocess memory runs")
-    parser.add_argument("--quick", action="store_true", help="one repeat at 512 tokens")
+    parser.add_argument("--quick", action="store_true",
+                        help="about a minute: fast-float32-warm (defaults) against hf-sdpa and fast-float32-warm-b16384, ~640 tokens")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-count", type=int, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.model is None:
-        from pipeline.core.model_zoo import ensure_model
+        from pipeline.runtime.model_zoo import ensure_model
 
         arguments.model = ensure_model("smollm2-135m")
     if arguments.history is None:
@@ -322,13 +363,14 @@ def main() -> None:
         child(arguments)
         return
     if arguments.quick:
-        arguments.lengths, arguments.repeats = [512], 1
+        arguments.lengths, arguments.repeats, arguments.tokens_per_length = [640], 3, 3200
+        arguments.variants, arguments.no_memory = ["hf-sdpa", "fast-float32-warm", "fast-float32-warm-b16384"], True
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {arguments.model}")
+    print(f"commit {code_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, model {arguments.model}")
     gemm_samples: dict[str, list[float]] = {"float32": [], "bfloat16": []}
 
-    from pipeline.core.checkpoints import load_tokenizer
+    from pipeline.runtime.checkpoints import load_tokenizer
 
     tokenizer = load_tokenizer(arguments.model)
     variants = [build_variant(v, arguments.model, arguments.history, arguments.max_batch_tokens) for v in arguments.variants]
@@ -357,6 +399,7 @@ def main() -> None:
         print("GEMM throughput (median so far): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in gemm.items()))
         naive_rate = tokens / statistics.median(timings["naive"]) if "naive" in timings else None
         lean_rate = tokens / statistics.median(timings["naive-lean"]) if "naive-lean" in timings else None
+        plain_rate = tokens / statistics.median(timings["hf-sdpa"]) if "hf-sdpa" in timings else None
         memory = {}
         if not arguments.no_memory:
             memory = {v.name: peak_memory(arguments, v.name, length, count) for v in variants}
@@ -367,6 +410,8 @@ def main() -> None:
                 line += f"  x{tokens / seconds / naive_rate:5.2f} vs naive"
             if lean_rate:
                 line += f" (x{tokens / seconds / lean_rate:5.2f} vs lean)"
+            if plain_rate:
+                line += f"  x{tokens / seconds / plain_rate:5.2f} vs hf-sdpa"
             if memory:
                 line += f"  peak {memory[variant.name]:7.0f} MiB"
                 if "naive" in memory:

@@ -14,7 +14,7 @@ Not collected by pytest. Prints:
     target: ours / TRL >= 1.0. TRL 1.16 on CPU: bf16 and gradient checkpointing off, and
     `skip_prepare_dataset` so it keeps our labels as they are (field notes);
 (c) a round's rescoring with the history NLLs cached (the score stage's current pass: NLL and
-    attention importance, then the per-sample selection, `engine.scorer.score_shard` with the
+    attention importance, then the per-sample selection, `scoring.scorer.score_shard` with the
     history table given) against the same round's training (b's seconds of optimizer steps over the
     same samples, one epoch); model loading and Ray start-up excluded on both sides;
     target: rescoring / training <= 0.4.
@@ -40,13 +40,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from pipeline.artifacts.training_data import DataPlan, build_index, load_samples, open_training_data  # noqa: E402
-from pipeline.core.checkpoints import load_tokenizer  # noqa: E402
-from pipeline.engine.finetune import FineTuned  # noqa: E402
-from pipeline.engine.masked_loss import masked_labels  # noqa: E402
-from pipeline.engine.train_settings import TrainSettings, warmup_steps  # noqa: E402
-from pipeline.engine.train_step import train_step  # noqa: E402
-from pipeline.stages.train_worker import RankJob, micro_batch, run_rank  # noqa: E402
+from pipeline.runtime.checkpoints import load_tokenizer  # noqa: E402
+from pipeline.training.finetune import FineTuned  # noqa: E402
+from pipeline.training.masked_loss import masked_labels  # noqa: E402
+from pipeline.training.train_settings import TrainSettings, warmup_steps  # noqa: E402
+from pipeline.training.train_step import train_step  # noqa: E402
+from pipeline.training.train_worker import RankJob, micro_batch, run_rank  # noqa: E402
+from pipeline.training.training_data import DataPlan, build_index, load_samples, open_training_data  # noqa: E402
 from tests.factories import write_keep_masks, write_tokenized  # noqa: E402
 
 MODEL = Path(os.environ.get("SSTOKEN_CACHE", Path.home() / ".cache" / "sstoken")) / "models" / "smollm2-135m"
@@ -183,10 +183,10 @@ def trl_sft(data: Path, masks: Path, settings: TrainSettings, steps: int, folder
 
 def rescoring(data: Path, threads: int | None) -> dict[str, float]:
     """Seconds of the current pass over the corpus with the history NLLs already cached (round r > 0)."""
-    from pipeline.artifacts.files import read_shard
-    from pipeline.engine.scorer import Scorer, nll_table, score_shard
-    from pipeline.engine.select_settings import SelectSettings
-    from pipeline.engine.settings import ScoreSettings
+    from pipeline.runtime.files import read_shard
+    from pipeline.scoring.score_settings import ScoreSettings
+    from pipeline.scoring.scorer import Scorer, nll_table, score_shard
+    from pipeline.selection.select_settings import SelectSettings
 
     tokenized = read_shard(data / "part-00000.parquet", "tokenized")
     scorer = Scorer(MODEL, ScoreSettings(threads=threads), importance=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.core.model_zoo import ensure_model
+from pipeline.runtime.model_zoo import ensure_model
 
 PARAGRAPH = (
     "The river runs through the middle of the old town, and on summer evenings people sit along "

@@ -12,12 +12,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.artifacts.files as files
-import pipeline.stages.prepare as prepare_stage
-from pipeline.artifacts.files import read_manifest
+import pipeline.runtime.files as files
+import pipeline.data.prepare_stage as prepare_stage
 from pipeline.cli import main
 from pipeline.cli.command import run_function, summary_table
-from pipeline.stages.prepare import PrepareError
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import read_manifest
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -39,14 +39,14 @@ def stderr_lines(capsys) -> list[str]:
 
 
 def test_every_command_runs_a_function_that_exists():
-    for path in ["pipeline.stages.prepare:run_prepare", "pipeline.stages.score:run_score_job",
-                 "pipeline.stages.select:run_select", "pipeline.stages.train:run_train", "pipeline.loop.demo:run_demo"]:
+    for path in ["pipeline.data.prepare_stage:run_prepare", "pipeline.scoring.score_stage:run_score_job",
+                 "pipeline.selection.select_stage:run_select", "pipeline.training.train_stage:run_train", "pipeline.loop.demo:run_demo"]:
         assert callable(run_function(path))
 
 
 def test_a_user_error_is_one_line_with_its_exit_status(prepare_args, monkeypatch, capsys):
     def refuse(config):
-        raise PrepareError("corpus X has no valid row\n(the second line of a long message)")
+        raise UserError("corpus X has no valid row\n(the second line of a long message)")
 
     monkeypatch.setattr(prepare_stage, "run_prepare", refuse)
     assert main(prepare_args) == 2
@@ -70,7 +70,7 @@ def test_a_bug_keeps_its_traceback(prepare_args, monkeypatch):
 
 def test_a_bug_exits_1_with_a_traceback_from_the_console_script(tmp_path, tokenizer_dir):
     script = (
-        "import sys, pipeline.stages.prepare as p\n"
+        "import sys, pipeline.data.prepare_stage as p\n"
         "p.run_prepare = lambda config: {}['missing']\n"
         "from pipeline.cli import main\n"
         "raise SystemExit(main(sys.argv[1:]))\n"
@@ -155,7 +155,7 @@ def test_summary_is_printed_as_one_table(prepare_args, capsys):
 def test_summary_table_rows_come_from_counts_details_and_timings():
     from rich.console import Console
 
-    from pipeline.artifacts.stage_output import StageSummary
+    from pipeline.runtime.stage_output import StageSummary
 
     summary = StageSummary(
         stage="select", output=Path("/s"), counts={"kept": 1234, "kept_ratio": 0.6},
@@ -199,6 +199,7 @@ def test_help_spells_out_none_and_sections(capsys):
     text = capsys.readouterr().out
     assert "--select.ratio" in text and "--train.lr" in text and "--prepare.max-length" in text
     assert "--prepare.output" not in text and "--score.ratio" not in text  # derived: the select: section sets it
+    assert "--ray.address" in text and "--train.address" not in text and "--score.ray" not in text  # one ray: section
 
 
 def test_max_length_none_from_the_command_line(prepare_args, capsys):
@@ -207,8 +208,8 @@ def test_max_length_none_from_the_command_line(prepare_args, capsys):
 
 
 def test_the_cluster_example_config_is_a_score_config():
-    from pipeline.core.config import load_config
-    from pipeline.stages.configs import ScoreJobConfig
+    from pipeline.runtime.config import load_config
+    from pipeline.scoring.score_config import ScoreJobConfig
 
     paths = {"data": "/d", "current": "/m", "history": "/h", "output": "/o"}
     config = load_config(ScoreJobConfig, REPO / "jobs" / "configs" / "cluster.example.yaml", paths)
@@ -232,3 +233,37 @@ def test_select_and_score_refuse_missing_folders_in_one_line(tmp_path, capsys, a
     lines = stderr_lines(capsys)
     assert len(lines) == 1 and lines[0].startswith(f"sstoken {argv[0]}: error: ")
     assert message.replace("{tmp}", str(tmp_path)) in lines[0]
+
+
+@pytest.mark.parametrize(
+    "command, required",
+    [
+        ("score", ["--data", "/d", "--current", "/m", "--output", "/o"]),
+        ("train", ["--data", "/d", "--masks", "/k", "--model", "/m", "--output", "/o"]),
+    ],
+)
+def test_single_stage_commands_take_their_ray_section_from_yaml_and_flags(tmp_path, command, required):
+    import yaml
+
+    from pipeline.cli import build_parser
+    from pipeline.runtime.config import config_from_arguments, load_config
+    from pipeline.runtime.ray_settings import RaySettings
+    from pipeline.scoring.score_config import ScoreJobConfig
+    from pipeline.training.train_config import TrainConfig
+
+    config_class = {"score": ScoreJobConfig, "train": TrainConfig}[command]
+    config_file = tmp_path / "stage.yaml"
+    config_file.write_text("ray:\n  address: 10.0.0.1:6379\n  object-store-mb: 300\n")
+    arguments = build_parser().parse_args(
+        [command, *required, "--config", str(config_file), "--ray.address", "10.0.0.2:6379", "--ray.connect-timeout-s", "5"]
+    )
+    config = config_from_arguments(config_class, arguments)
+    assert config.ray == RaySettings(address="10.0.0.2:6379", object_store_mb=300, connect_timeout_s=5)
+    # The resolved config (as saved in the manifest) read back as YAML is the same config.
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump(config.resolved()))
+    assert load_config(config_class, resolved) == config
+    # The old top-level spelling is refused with the place the setting has now.
+    config_file.write_text("address: 10.0.0.1:6379\n")
+    with pytest.raises(UserError, match=r"address is a setting of the ray: section: set ray.address \(--ray.address\)"):
+        config_from_arguments(config_class, build_parser().parse_args([command, *required, "--config", str(config_file)]))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.cli import main
-from pipeline.cli.token_view import score_view
-from tests.pipeline.artifacts.test_stats import literal_folders
+from pipeline.views.token_view import score_view
+from tests.pipeline.views.test_stats import literal_folders
 from tests.score_factories import write_synthetic_run
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.cli import build_parser, main
-from pipeline.core.config import config_from_arguments
 from pipeline.loop.run_config import RunConfig
+from pipeline.runtime.config import config_from_arguments
 
 
 def test_config_as_positional_or_flag_and_flags_win(tmp_path, llama_dir):

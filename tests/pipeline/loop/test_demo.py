@@ -11,12 +11,13 @@ from rich.console import Console
 
 from pipeline.cli import main
 from pipeline.cli.demo import report
-from pipeline.core.config import ConfigError, load_config
-from pipeline.engine.select_settings import SelectSettings
+from pipeline.data.prepare_config import PrepareConfig
 from pipeline.loop.demo import BUNDLED_CORPUS, DemoConfig, DemoRun
 from pipeline.loop.rounds import RunResult
-from pipeline.loop.run_folder import RunFolder
-from pipeline.stages.configs import PrepareConfig
+from pipeline.loop.run_folder import RunFolder, RunRecord
+from pipeline.runtime.config import load_config
+from pipeline.runtime.errors import UserError
+from pipeline.selection.select_settings import SelectSettings
 from tests.factories import write_tokenized
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -55,7 +56,7 @@ def test_demo_config_file_with_sections_and_flags(tmp_path, llama_dir):
     assert (config.prepare.max_length, config.select.ratio, config.score.ratio, config.train.lr) == (None, 0.3, 0.3, 0.001)
     assert config.samples == 12 and config.train.output == tmp_path / "run" / "rounds" / "r000" / "train"
     config_file.write_text("score:\n  output: /elsewhere\n")
-    with pytest.raises(ConfigError, match="score.output cannot be set"):
+    with pytest.raises(UserError, match="score.output cannot be set"):
         load_config(DemoConfig, config_file)
 
 
@@ -77,13 +78,20 @@ def test_the_report_prints_each_round_the_agreement_a_sample_and_where_things_ar
     keep = [[t and i % 2 == 0 for i, t in enumerate(r["trainable"])] for r in rows]
     pq.write_table(pa.table({"sample_id": [r["sample_id"] for r in rows], "keep": keep}), run.masks(1) / "part-00000.parquet")
     rounds = [
-        {"round": i, "samples": 3, "selection": {"method": method}, "warmup": "note" if i == 0 else None,
-         "data": "subset", "masks": f"rounds/r00{i}/masks", "checkpoint": f"rounds/r00{i}/train/checkpoint",
-         "summary": {"kept_ratio": 0.61, "train_loss": loss, "score_s": 10.0, "select_s": 0.2, "train_s": 40.0,
-                     "rescore_to_train": 0.25}}
+        {"round": i, "epoch": i, "slice": None, "samples": 3, "status": "done", "stages": {},
+         "selection": {"method": method}, "warmup": "note" if i == 0 else None,
+         "data": "subset", "scores": f"rounds/r00{i}/scores", "masks": f"rounds/r00{i}/masks",
+         "checkpoint": f"rounds/r00{i}/train/checkpoint",
+         "summary": {"kept_ratio": 0.61, "train_loss": loss, "kept": 10, "trainable": 16, "history_computed": 0,
+                     "history_reused": 0, "score_s": 10.0, "select_s": 0.2, "train_s": 40.0, "rescore_to_train": 0.25}}
         for i, (method, loss) in enumerate([("attn", 3.25), ("sstoken", 2.5)])
     ]
-    record = {"rounds": rounds, "models": {"base": {"path": str(llama_dir)}}}
+    record = RunRecord.model_validate({
+        "version": 1, "created_at": "2026-01-01T00:00:00+00:00", "updated_at": "2026-01-01T00:00:00+00:00",
+        "status": "done", "identity": "x", "settings": {}, "config": {}, "round_unit": "epoch",
+        "history": {"policy": "base"}, "selection": {"method": "sstoken"},
+        "models": {"base": {"path": str(llama_dir), "fingerprint": "b"}, "reference": None}, "rounds": rounds,
+    })
     agreement = {"samples": 3, "trainable": 40, "same_decision": 0.875, "kept_overlap": 0.75}
     console = Console(record=True, width=140)
     assert report(DemoRun(run=RunResult(folder=run, record=record, prepared=None), agreement=agreement), console) == 0

@@ -11,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import pipeline.loop.ema as ema
-from pipeline.core.checkpoints import CheckpointError, load_model
 from pipeline.loop.ema import ema_checkpoint
+from pipeline.runtime.checkpoints import load_model
+from pipeline.runtime.errors import UserError
 
 
 def _folder(path, files: dict[str, dict[str, torch.Tensor]]):
@@ -94,11 +95,11 @@ def test_ema_of_real_checkpoints_loads_as_a_model(tmp_path, llama_dir, llama_his
 def test_an_existing_ema_folder_is_kept_and_mismatched_checkpoints_refused(tmp_path):
     history = _folder(tmp_path / "h", {"model.safetensors": {"a": torch.zeros(2)}})
     current = _folder(tmp_path / "c", {"model.safetensors": {"b": torch.zeros(2)}})
-    with pytest.raises(CheckpointError, match="different tensors"):
+    with pytest.raises(UserError, match="different tensors"):
         ema_checkpoint(history, current, alpha=0.5, output=tmp_path / "ema")
     assert not (tmp_path / "ema").exists()
     wide = _folder(tmp_path / "w", {"model.safetensors": {"a": torch.zeros(3)}})
-    with pytest.raises(CheckpointError, match="shape"):
+    with pytest.raises(UserError, match="shape"):
         ema_checkpoint(history, wide, alpha=0.5, output=tmp_path / "ema")
     killed = tmp_path / ".ema.tmp-123-abcdef01"  # a build killed before its rename
     killed.mkdir()

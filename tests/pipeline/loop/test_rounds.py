@@ -11,13 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.artifacts.files import read_manifest
 from pipeline.cli import main
-from pipeline.core.checkpoints import checkpoint_fingerprint
-from pipeline.core.config import ConfigError
 from pipeline.loop.rounds import read_train_loss, run_loop
 from pipeline.loop.run_config import RunConfig
-from pipeline.loop.run_folder import RunFolder
+from pipeline.loop.run_folder import RUN_SCHEMA, RunFolder, read_run_record
+from pipeline.runtime.checkpoints import checkpoint_fingerprint
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import read_manifest
+from pipeline.runtime.schemas import validate_json
 
 WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris tokens are selected".split()
 
@@ -44,13 +45,12 @@ def run_settings(output: Path, corpus: Path, model: Path) -> dict:
 def finished(tmp_path_factory, llama_dir, ray_local) -> tuple[RunConfig, dict]:
     root = tmp_path_factory.mktemp("loop")
     settings = run_settings(root / "run", write_corpus(root / "corpus.jsonl", 16), llama_dir)
-    # Scoring and training in this process (the same shards as Ray actors, the same tensors as Ray Train:
-    # test_score_in_process and test_train show it) spares four actor and two Ray Train start-ups; the loop
-    # through Ray actors and Ray Train runs in the slow tests (test_run_recovery, the two-node run).
-    settings["score"]["runner"] = "process"
-    settings["train"]["runner"] = "process"
+    # The models in this process (the same shards and tensors as Ray actors and Ray Train: test_score_in_process
+    # and test_train show it) spare the actors' and Ray Train's start-ups; the loop through Ray actors and Ray
+    # Train runs in the slow tests (test_run_recovery, the two-node run).
+    settings["ray"] = {"runner": "process"}
     config = RunConfig(**settings)
-    return config, run_loop(config).record
+    return config, run_loop(config).record.as_json()
 
 
 def _ids(folder: Path) -> list[str]:
@@ -88,6 +88,8 @@ def test_two_slice_rounds_each_scored_by_the_model_that_has_not_trained_on_it(fi
         assert summary["score_s"] > 0 and summary["train_s"] > 0 and summary["rescore_to_train"] > 0
         assert entry["checkpoint_fingerprint"] == checkpoint_fingerprint(run.root / entry["checkpoint"])
     assert json.loads(run.record.read_text()) == record
+    validate_json(record, RUN_SCHEMA, "run.json")  # the schema holds the record the loop wrote
+    assert read_run_record(run).as_json() == record
 
 
 def test_rerun_keeps_finished_rounds_and_other_settings_are_refused(finished, capsys):
@@ -105,13 +107,13 @@ def test_rerun_keeps_finished_rounds_and_other_settings_are_refused(finished, ca
     assert weights.stat().st_mtime_ns == stamp
     again = json.loads(run.record.read_text())
     assert again["rounds"] == record["rounds"]
-    with pytest.raises(ConfigError, match="other settings \\(select differ\\)"):
+    with pytest.raises(UserError, match="other settings \\(select differ\\)"):
         run_loop(RunConfig(**settings | {"select": {"ratio": 0.3}}))
 
 
 def test_a_round_of_fewer_samples_than_a_batch_is_refused(tmp_path, llama_dir, ray_local):
     settings = run_settings(tmp_path / "run", write_corpus(tmp_path / "c.jsonl", 6), llama_dir)
-    with pytest.raises(ConfigError, match="round 0 has 3 samples, fewer than train.batch_size 4"):
+    with pytest.raises(UserError, match="round 0 has 3 samples, fewer than train.batch_size 4"):
         run_loop(RunConfig(**settings))
     assert not (tmp_path / "run" / "rounds").exists()
 
@@ -122,3 +124,39 @@ def test_checkpoints_of_the_rounds_differ(finished):
     first, second = (load_file(run.checkpoint(i) / "model.safetensors") for i in (0, 1))
     assert first.keys() == second.keys()
     assert any(not torch.equal(first[name], second[name]) for name in first)
+
+
+@pytest.mark.parametrize("case", ["user run.json", "foreign file", "run.json folder", "inside the corpus", "corpus inside"])
+def test_a_run_folder_the_run_did_not_make_is_refused_before_anything_is_written(tmp_path, llama_dir, capsys, case):
+    """Issue 20 item 4: `sstoken run --output` into an existing folder used to overwrite a user's run.json and
+    tolerate foreign files; output inside the corpus folder was refused but left run.json and .lock behind; a run.json
+    that is a folder gave a traceback. Now each is one line, exit 2, and the folder is left exactly as it was."""
+    corpus_folder = tmp_path / "corpus"
+    corpus_folder.mkdir()
+    corpus = write_corpus(corpus_folder / "c.jsonl", 8)
+    output = tmp_path / "run"
+    output.mkdir()
+    if case == "user run.json":
+        (output / "run.json").write_text('{"my": "notes"}')
+    elif case == "foreign file":
+        (output / "notes.txt").write_text("mine")
+    elif case == "run.json folder":
+        (output / "run.json").mkdir()
+    elif case == "inside the corpus":
+        output.rmdir()
+        output, corpus = corpus_folder / "run", corpus_folder  # the corpus given as its folder
+    else:
+        (output / "data").mkdir()
+        corpus = write_corpus(output / "data" / "c.jsonl", 8)
+    before = sorted(p.name for p in output.iterdir()) if output.exists() else None
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(run_settings(output, corpus, llama_dir), default=str))
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = {"user run.json": "did not write: run.json", "foreign file": "did not write: notes.txt",
+                "run.json folder": "did not write: run.json", "inside the corpus": "is inside the input folder",
+                "corpus inside": "c.jsonl is inside the output folder"}[case]
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert (sorted(p.name for p in output.iterdir()) if output.exists() else None) == before
+    if case == "user run.json":
+        assert (output / "run.json").read_text() == '{"my": "notes"}'

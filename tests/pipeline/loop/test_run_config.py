@@ -7,11 +7,15 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser
-from pipeline.core.config import ConfigError, config_from_arguments, load_config
 from pipeline.loop.roles import round_roles
-from pipeline.loop.rounds import plan_rounds, planned_steps, run_identity
+from pipeline.loop.rounds import plan_rounds, planned_steps, round_stage_configs, run_identity
 from pipeline.loop.run_config import RunConfig
 from pipeline.loop.run_folder import RunFolder, read_run_record, write_run_record
+from pipeline.runtime.config import config_from_arguments, load_config
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import ArtifactError
+from pipeline.runtime.ray_settings import RaySettings
+from pipeline.runtime.schemas import SchemaError
 
 
 def _config(tmp_path: Path, model: Path, **settings) -> RunConfig:
@@ -66,14 +70,14 @@ def test_rho1_stores_current_minus_history(tmp_path, llama_dir, llama_history_di
     ],
 )
 def test_bad_settings_are_refused_by_name(tmp_path, llama_dir, settings, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         load_config(RunConfig, None, {"output": tmp_path / "r", "corpus": [tmp_path / "c"], "model": str(llama_dir)} | settings)
 
 
 def test_corpus_and_model_are_required(tmp_path):
-    with pytest.raises(ConfigError, match="corpus: Field required"):
+    with pytest.raises(UserError, match="corpus: Field required"):
         load_config(RunConfig, None, {"model": str(tmp_path)})
-    with pytest.raises(ConfigError, match="model: Field required"):
+    with pytest.raises(UserError, match="model: Field required"):
         load_config(RunConfig, None, {"corpus": [tmp_path]})
 
 
@@ -136,23 +140,75 @@ def test_roles_of_the_baselines(tmp_path, llama_dir):
 def test_run_record_is_written_atomically_and_read_back(tmp_path):
     folder = RunFolder(tmp_path)
     assert read_run_record(folder) is None
-    written = write_run_record(folder, {"version": 1, "rounds": []})
-    assert read_run_record(folder) == written and "updated_at" in written
+    record = {"version": 1, "created_at": "2026-01-01T00:00:00+00:00", "status": "running", "identity": "x",
+              "settings": {}, "config": {}, "round_unit": "slice", "history": {"policy": "base"},
+              "selection": {"method": "sstoken"}, "models": {"base": {"path": "m", "fingerprint": "f"}, "reference": None},
+              "rounds": []}
+    written = write_run_record(folder, record)
+    assert read_run_record(folder).as_json() == written and "updated_at" in written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with pytest.raises(SchemaError, match="run.json does not match run.v1.schema.json at \\(top level\\): 'created_at'"):
+        write_run_record(folder, {"version": 1, "rounds": []})  # the writer checks the schema too
     (tmp_path / "run.json").write_text("{half")
-    assert read_run_record(folder) is None
+    with pytest.raises(ArtifactError, match="run.json is not a run record .*: not readable as JSON"):
+        read_run_record(folder)  # never taken for "no run yet" (which would write over it)
 
 
 def test_run_identity_ignores_where_and_how_the_stages_run(tmp_path, llama_dir):
     one = _config(tmp_path, llama_dir, score={"workers": 1, "progress": False}, train={"workers": 1})
     other = _config(tmp_path, llama_dir, score={"workers": 2}, train={"progress": False, "checkpoint_every": 3})
     assert run_identity(one) == run_identity(other)
+    assert run_identity(one) == run_identity(_config(tmp_path, llama_dir, ray={"address": "10.0.0.1:6379", "num_cpus": 3}))
     assert run_identity(one) != run_identity(_config(tmp_path, llama_dir, select={"ratio": 0.5}))
     assert run_identity(one) != run_identity(_config(tmp_path, llama_dir, train={"lr": 0.001}))
 
 
 def test_a_select_section_given_as_settings_reaches_the_score_section(tmp_path, llama_dir):
-    from pipeline.engine.select_settings import SelectSettings
+    from pipeline.selection.select_settings import SelectSettings
 
     config = _config(tmp_path, llama_dir, select=SelectSettings(method="random", ratio=0.2, seed=3))
     assert (config.score.method, config.score.ratio, config.score.seed) == ("random", 0.2, 3)
+
+
+# -- the ray: section: one Ray session for every stage of the run -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"train": {"address": "10.0.0.1:6379"}}, "train.address cannot be set in a stage section: set ray.address in the ray: section"),
+        ({"score": {"num_cpus": 4}}, "score.num_cpus cannot be set in a stage section: set ray.num_cpus in the ray: section"),
+        ({"score": {"object_store_mb": 512}}, r"set ray.object_store_mb in the ray: section \(--ray.object-store-mb\)"),
+        ({"train": {"runner": "process"}}, "train.runner cannot be set in a stage section: set ray.runner in the ray: section"),
+        ({"score": {"ray": {"address": "auto"}}}, "score.ray cannot be set in a stage section: set ray in the ray: section"),
+        ({"connect_timeout_s": 5}, r"connect_timeout_s is a setting of the ray: section: set ray.connect_timeout_s"),
+    ],
+)
+def test_cluster_settings_in_a_stage_section_are_refused_naming_the_ray_section(tmp_path, llama_dir, settings, message):
+    """Each stage used to take its own address, and the run silently opened Ray with score's: now one place, named."""
+    with pytest.raises(UserError, match=message):
+        load_config(RunConfig, None, {"output": tmp_path / "r", "corpus": [tmp_path / "c"], "model": str(llama_dir)} | settings)
+
+
+def test_the_ray_section_reaches_the_score_and_train_stage_of_every_round(tmp_path, llama_dir):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        f"model: {llama_dir}\ncorpus: [{tmp_path / 'c.jsonl'}]\nslices: 3\nepochs: 2\nhistory: previous\n"
+        "ray:\n  address: 10.0.0.1:6379\n  connect-timeout-s: 5\n"
+    )
+    argv = ["run", str(config_file), "--ray.address", "10.0.0.2:6379", "--ray.num-cpus", "3", "--ray.object-store-mb", "300"]
+    config = config_from_arguments(RunConfig, build_parser().parse_args(argv))
+    expected = RaySettings(address="10.0.0.2:6379", num_cpus=3, object_store_mb=300, connect_timeout_s=5)
+    assert config.ray == config.score.ray == config.train.ray == expected
+    folder = RunFolder(config.output)
+    specs = plan_rounds(config, 12)
+    assert len(specs) == 6
+    for spec in specs:
+        stages = round_stage_configs(config, folder, spec.index, folder.data(spec.index), _roles(config, spec.index), (0, 6))
+        assert stages.score.ray == stages.train.ray == expected, f"round {spec.index}"
+        assert stages.train.output == folder.train(spec.index)
+
+
+def test_without_a_ray_section_every_stage_runs_on_the_default(tmp_path, llama_dir):
+    config = _config(tmp_path, llama_dir, score={"workers": 1}, train={"lr": 0.001})
+    assert config.ray == config.score.ray == config.train.ray == RaySettings()

@@ -21,13 +21,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.artifacts.files import read_manifest
-from pipeline.core.fingerprint import sha256_file
-from pipeline.loop.compare import mask_agreement
 from pipeline.loop.rounds import run_loop
 from pipeline.loop.run_config import RunConfig
+from pipeline.runtime.files import read_manifest
+from pipeline.runtime.fingerprint import sha256_file
+from pipeline.selection.compare import mask_agreement
 from tests.pipeline.loop.test_rounds import run_settings, write_corpus
-from tests.pipeline.stages.test_score_recovery import (
+from tests.pipeline.scoring.test_score_recovery import (
     RAY_BIN, ROOT, _environment, _free_port, _kill_tree, _wait_for, count_alive_nodes,
 )
 
@@ -76,9 +76,8 @@ def reference(tmp_path_factory, llama_dir) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("reference")
     corpus = write_corpus(folder / "corpus.jsonl", 16)
     settings = run_settings(folder / "run", corpus, llama_dir)
-    settings["score"]["runner"] = settings["train"]["runner"] = "process"
-    record = run_loop(RunConfig(**settings)).record
-    assert record["status"] == "done"
+    settings["ray"] = {"runner": "process"}
+    assert run_loop(RunConfig(**settings)).record.status == "done"
     return folder / "run", corpus
 
 
@@ -119,7 +118,7 @@ def test_killed_at_random_moments_in_round_two_then_rerun_equals_an_uninterrupte
     assert all(torch.equal(tensors[name], expected_tensors[name]) for name in tensors)
     record = json.loads((output / "run.json").read_text())
     assert record["status"] == "done" and [r["status"] for r in record["rounds"]] == ["done", "done"]
-    assert record["config"]["score"]["runner"] == record["config"]["train"]["runner"] == "ray"
+    assert record["config"]["ray"]["runner"] == "ray"  # the killed runs and the rerun: Ray actors and Ray Train
     # Ray Train leaves the train stage's output as the process runner does (the layout test_train checks), with
     # the same counts (steps, kept tokens, tokens, final loss).
     for name in ("r000", "r001"):
@@ -153,7 +152,7 @@ def test_two_node_loopback_cluster_with_two_training_workers(reference, llama_di
         ray_start(f"--address={address}", "--node-ip-address=127.0.0.1")
         _wait_for(lambda: alive_nodes() == 2, 90, "the worker node")
         config = _config_file(tmp_path, output, corpus, llama_dir)
-        _finish(_start(config, "--score.address", address, "--train.workers", "2", environment=environment))
+        _finish(_start(config, "--ray.address", address, "--train.workers", "2", environment=environment))
     finally:
         for process in started:
             _kill_tree(process)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.artifacts.files import read_manifest, verify_shards
-from pipeline.core.fingerprint import sha256_json
-from pipeline.loop.slices import SliceError, corpus_ids, materialise_slice, sample_order, slice_bounds
+from pipeline.loop.slices import corpus_ids, materialise_slice, sample_order, slice_bounds
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import read_manifest, verify_shards
+from pipeline.runtime.fingerprint import sha256_json
 from tests.factories import write_tokenized
 
 
@@ -32,7 +33,7 @@ def test_slice_bounds_are_literal():
 
 
 def test_more_slices_than_samples_is_refused_by_name():
-    with pytest.raises(SliceError, match="slices 6 is more than the 5 samples"):
+    with pytest.raises(UserError, match="slices 6 is more than the 5 samples"):
         slice_bounds(5, 6)
 
 
@@ -70,5 +71,5 @@ def test_a_finished_slice_is_reused_and_a_damaged_one_redone(tmp_path, tokenizer
 
 def test_a_slice_of_ids_the_corpus_lacks_is_refused(tmp_path, tokenizer):
     corpus = write_tokenized(tmp_path / "tokenized", tokenizer, [3])
-    with pytest.raises(SliceError, match="lacks sample ids nope"):
+    with pytest.raises(UserError, match="lacks sample ids nope"):
         materialise_slice(corpus, ["nope"], tmp_path / "slice", rows_per_shard=2, description={})

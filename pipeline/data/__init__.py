@@ -1,0 +1,1 @@
+"""Corpus readers, conversations, chat rendering (ids + trainable), and the prepare stage."""

@@ -1,0 +1,108 @@
+"""Score tables with their `score`, `keep` and `n_kept` columns (re)computed from the stored signals.
+
+No model runs here. `selected_table` applies a selection method (`pipeline.selection.methods`) to
+one scores.v1 table: per sample it also picks the keep mask; for `--granularity global` the
+mask comes from `pipeline.selection.global_selection`, which ranks `CorpusSelection.shard_scores`.
+Every other column (the signals nll_cur, nll_hist, rel, attn) is left untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.selection.methods import RelStats, sample_keep, sample_score
+from pipeline.selection.select_settings import SelectSettings
+
+
+def flat_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The values of a list column, all rows concatenated."""
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False)
+
+
+def row_arrays(column: pa.ChunkedArray | pa.Array, dtype: type | np.dtype) -> list[np.ndarray]:
+    """Split a list<...> column into one numpy array per row."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(array))]
+
+
+def _list_lengths(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False)
+
+
+def _check_joined(scores: pa.Table, trainable: pa.ChunkedArray) -> None:
+    if _list_lengths(trainable).tolist() != _list_lengths(scores.column("rel")).tolist():
+        raise ValueError("score and trainable lists differ in length; they belong to different data")
+
+
+@dataclass(frozen=True)
+class CorpusSelection:
+    """A selection method resolved for one corpus: its settings and whether REL was found to be noise."""
+
+    settings: SelectSettings
+    rel_is_noise: bool = False
+
+    def sample_scores(self, scores: pa.Table, trainable: pa.ChunkedArray) -> list[np.ndarray]:
+        """Each row's score (full length, NaN off the targets) from the table's rel and attn columns."""
+        _check_joined(scores, trainable)
+        ids = scores.column("sample_id").to_pylist()
+        rel, attn = row_arrays(scores.column("rel"), np.float32), row_arrays(scores.column("attn"), np.float32)
+        masks = row_arrays(trainable, bool)
+        return [
+            sample_score(ids[row], rel[row], attn[row], masks[row], self.settings, self.rel_is_noise)
+            for row in range(len(ids))
+        ]
+
+    def shard_scores(self, scores: pa.Table, trainable: pa.ChunkedArray) -> np.ndarray:
+        """Every token's score, rows concatenated (what the global selection ranks)."""
+        rows = self.sample_scores(scores, trainable)
+        return np.concatenate(rows) if rows else np.zeros(0, np.float32)
+
+
+def shard_rel_stats(scores: pa.Table, trainable: pa.ChunkedArray) -> RelStats:
+    """REL statistics over one table's targets (merged across shards for the corpus-wide guard)."""
+    _check_joined(scores, trainable)
+    return RelStats.of(flat_values(scores.column("rel")), flat_values(trainable).astype(bool))
+
+
+def with_selection(scores: pa.Table, score: np.ndarray, keep: np.ndarray) -> pa.Table:
+    """`scores` with `score` and `keep` set from flat arrays (one entry per token, rows in order), `n_kept` recounted."""
+    lengths = _list_lengths(scores.column("keep"))
+    for name, values in (("score", score), ("keep", keep)):
+        if len(values) != int(lengths.sum()):
+            raise ValueError(f"{name} has {len(values)} entries for {int(lengths.sum())} tokens")
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), pa.int32())
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    n_kept = np.bincount(rows[keep], minlength=len(lengths)).astype(np.int32)
+    schema = scores.schema
+    columns = {
+        "score": pa.ListArray.from_arrays(offsets, pa.array(score, pa.float32())),
+        "keep": pa.ListArray.from_arrays(offsets, pa.array(keep, pa.bool_())),
+        "n_kept": pa.array(n_kept, pa.int32()),
+    }
+    table = scores
+    for name, column in columns.items():
+        field = schema.field(name)
+        table = table.set_column(schema.get_field_index(name), field, column.cast(field.type))
+    return table.replace_schema_metadata(schema.metadata)
+
+
+def selected_table(
+    scores: pa.Table, trainable: pa.ChunkedArray, selection: CorpusSelection, keep: np.ndarray | None = None
+) -> pa.Table:
+    """`scores` with score, keep and n_kept from `selection`: keep per sample (top-k of each), or the
+    flat `keep` a global selection found (granularity global)."""
+    rows = selection.sample_scores(scores, trainable)
+    if keep is None:
+        if selection.settings.granularity != "sample":
+            raise ValueError("a global selection passes its keep mask; this is a bug")
+        masks = row_arrays(trainable, bool)
+        keep_rows = [sample_keep(s, m, selection.settings) for s, m in zip(rows, masks)]
+        keep = np.concatenate(keep_rows) if keep_rows else np.zeros(0, bool)
+    score = np.concatenate(rows) if rows else np.zeros(0, np.float32)
+    return with_selection(scores, score, keep)

@@ -1,0 +1,187 @@
+"""Selection methods: one sample's stored signals -> its per-token score, and the guards around REL.
+
+Pure functions of numpy arrays (full length, NaN / False off the targets), so the score stage,
+the select stage and the tests share one definition of every method:
+
+    sstoken        gamma * REL_n + (1 - gamma) * attn           (REL_n: REL normalised as configured)
+    rel            REL_n                                        (sstoken at gamma 1)
+    attn           attn                                         (sstoken at gamma 0)
+    tokencleaning  REL, raw (history - current: loss(base) - loss(reference) with current = reference)
+    rho1           REL, raw (current - history: loss(current) - loss(reference) with history = reference)
+    full           1 at every target                            (keeps them all)
+    random         uniform [0, 1) per target, from (seed, sample_id)
+
+A score of NaN never reaches the ranking at a target: a signal a method needs but the scores do
+not hold (REL after a gamma-0 scoring, attention after a gamma-1 one) is refused by name, and so is
+a baseline over REL stored in the other direction (`excess_refusal`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.runtime.errors import UserError
+from pipeline.selection.select_settings import SelectSettings
+from pipeline.selection.selection import combine, keep_count, minmax_normalise, top_k_mask
+
+# |REL| below this at every target of the corpus is numerical noise, not a signal (nats). A re-saved
+# copy of a checkpoint gives ~1e-7 in float32; a single optimiser step of SFT moves NLLs by far
+# more than 1e-4 on some token of any real corpus.
+REL_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class RelStats:
+    """What the guards need to know about REL over the corpus: targets, the largest |REL|, targets without REL."""
+
+    targets: int = 0
+    abs_max: float = 0.0
+    missing: int = 0
+
+    @classmethod
+    def of(cls, rel: np.ndarray, trainable: np.ndarray) -> RelStats:
+        values = np.asarray(rel, dtype=np.float64)[np.asarray(trainable, dtype=bool)]
+        finite = values[~np.isnan(values)]
+        return cls(int(len(values)), float(np.abs(finite).max()) if len(finite) else 0.0, int(len(values) - len(finite)))
+
+    def merge(self, other: RelStats) -> RelStats:
+        return RelStats(self.targets + other.targets, max(self.abs_max, other.abs_max), self.missing + other.missing)
+
+    @property
+    def is_noise(self) -> bool:
+        """Every target's |REL| is below REL_FLOOR (and there is at least one target)."""
+        return self.targets > 0 and self.abs_max < REL_FLOOR
+
+
+def same_checkpoint_refusal(settings: SelectSettings) -> None:
+    """Refuse a REL-only selection when current and history are one checkpoint (REL is 0 everywhere)."""
+    if settings.rel_only:
+        raise UserError(
+            f"method {settings.method}{' with gamma 1' if settings.method == 'sstoken' else ''} ranks by REL alone, "
+            "but current and history are the same checkpoint: every REL is 0, every score would tie, and the "
+            "position tie-break would keep the first ceil(ratio * n) tokens of each response. Pass a history "
+            "checkpoint that differs (e.g. the base model), or use gamma < 1 (attention decides) or --method attn"
+        )
+
+
+# The direction of the stored REL (`sstoken score --excess`) a baseline is defined on.
+REQUIRED_EXCESS = {"tokencleaning": "history_minus_current", "rho1": "current_minus_history"}
+
+
+def excess_refusal(settings: SelectSettings, excess: str, source: str) -> None:
+    """Refuse a baseline whose excess loss is the opposite of the REL `source` stores (`excess`):
+    ranking it would keep exactly the tokens the method means to drop."""
+    required = REQUIRED_EXCESS.get(settings.method)
+    if required is None or excess == required:
+        return
+    roles = {
+        "rho1": "current = the model being trained, --history = the reference model",
+        "tokencleaning": "current = the newer reference model, --history = the base model",
+    }[settings.method]
+    raise UserError(
+        f"method {settings.method} ranks REL = {required.replace('_minus_', ' - ')} ({roles}), but {source} stores "
+        f"REL as {excess.replace('_minus_', ' - ')}; rescore with `sstoken score --excess {required}`"
+    )
+
+
+def rel_guard(settings: SelectSettings, stats: RelStats) -> list[str]:
+    """The warnings a selection over REL with these corpus statistics carries; refuses a REL-only one.
+
+    REL below REL_FLOOR at every target is treated as zero (see `sample_score`): for sstoken with
+    0 < gamma < 1 attention then decides alone, which is worth a warning, not an error.
+    """
+    if not settings.uses_rel:
+        return []
+    if stats.missing:
+        raise UserError(
+            f"method {settings.method} needs REL, but {stats.missing} of {stats.targets} targets have none: these "
+            "scores were made with --signals needed and a method without REL; rescore with --signals all"
+        )
+    if not stats.is_noise:
+        return []
+    finding = (
+        f"every trainable token has |REL| < {REL_FLOOR:g} nats (largest {stats.abs_max:.3g}): the history and "
+        "current checkpoints give the same losses (a re-saved copy?), so REL is noise and is treated as 0"
+    )
+    if settings.rel_only:
+        raise UserError(
+            f"{finding}; method {settings.method} ranks by REL alone and would keep the first tokens of each "
+            "response by tie-break. Use a history checkpoint that differs, or gamma < 1 / --method attn"
+        )
+    return [f"{finding}; selection is attention-only"]
+
+
+def sample_seed(seed: int, sample_id: str) -> np.random.Generator:
+    """The random method's generator for one sample: depends on (seed, sample_id) only, not on shards."""
+    digest = hashlib.sha256(sample_id.encode("utf-8")).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+
+
+def _needed(values: np.ndarray, trainable: np.ndarray, signal: str, sample_id: str, why: str) -> np.ndarray:
+    if np.isnan(values[trainable]).any():
+        raise UserError(f"sample {sample_id!r}: {signal} is NaN at a target, but the selection needs it; {why}")
+    return values
+
+
+def _rel_term(rel: np.ndarray, trainable: np.ndarray, settings: SelectSettings, sample_id: str, noise: bool) -> np.ndarray:
+    rel = _needed(
+        np.asarray(rel, dtype=np.float32), trainable, "rel", sample_id,
+        "these scores were made with --signals needed and a method without REL: rescore with --signals all",
+    )
+    if noise:
+        rel = np.where(trainable, np.float32(0.0), np.float32(np.nan)).astype(np.float32)
+    if settings.rel_normalisation == "none":
+        return np.where(trainable, rel, np.float32(np.nan)).astype(np.float32)
+    return minmax_normalise(rel, trainable)
+
+
+def sample_score(
+    sample_id: str,
+    rel: np.ndarray,
+    attn: np.ndarray,
+    trainable: np.ndarray,
+    settings: SelectSettings,
+    rel_is_noise: bool = False,
+) -> np.ndarray:
+    """One sample's float32 score (NaN off the targets) under `settings.method`.
+
+    `rel_is_noise` is the corpus-wide finding of `rel_guard`: REL then counts as 0 at every target.
+    """
+    trainable = np.asarray(trainable, dtype=bool)
+    method = settings.method
+    if method == "full":
+        return np.where(trainable, np.float32(1.0), np.float32(np.nan)).astype(np.float32)
+    if method == "random":
+        out = np.full(len(trainable), np.nan, dtype=np.float32)
+        out[trainable] = sample_seed(settings.seed, sample_id).random(int(trainable.sum()), dtype=np.float32)
+        return out
+    attention = None
+    if settings.uses_attention:
+        attention = _needed(
+            np.asarray(attn, dtype=np.float32), trainable, "attn", sample_id,
+            "these scores were made with --signals needed and a method without attention: rescore with --signals all",
+        )
+    rel_term = _rel_term(rel, trainable, settings, sample_id, rel_is_noise) if settings.uses_rel else None
+    if attention is None:
+        return rel_term
+    if rel_term is None:
+        return np.where(trainable, attention, np.float32(np.nan)).astype(np.float32)
+    return combine(rel_term, attention, settings.gamma)
+
+
+def selection_size(settings: SelectSettings, n_trainable: int) -> int:
+    """How many of n trainable tokens a selection keeps: ceil(ratio * n); floor for tokencleaning, as
+    their code does (`int(n * ratio)`); all for full. rho1 takes ceil: Rho-1's paper says "top k%"
+    and its training code is not public, so it rounds like every method without a published rule."""
+    if settings.method == "tokencleaning":
+        return min(n_trainable, math.floor(round(settings.ratio * n_trainable, 9)))
+    return keep_count(settings.keep_ratio, n_trainable)
+
+
+def sample_keep(score: np.ndarray, trainable: np.ndarray, settings: SelectSettings) -> np.ndarray:
+    """The per-sample keep mask: the method's `selection_size` highest scores, ties to the earlier position."""
+    return top_k_mask(score, trainable, selection_size(settings, int(np.count_nonzero(trainable))))

@@ -1,0 +1,117 @@
+"""How tokens are selected from stored signals: the select stage's settings, free of torch and numpy.
+
+`sstoken select`, `sstoken score` and a run config's `select:` section all fill this one model.
+What each method does with it is in `pipeline.selection.methods`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import model_validator
+
+from pipeline.runtime.config import StageConfig, setting
+
+Method = Literal["sstoken", "rel", "attn", "full", "random", "tokencleaning", "rho1"]
+Normalise = Literal["per_sample", "none"]
+
+# Methods that rank by REL alone: with no REL signal (same checkpoint, or REL below the floor
+# everywhere) every score ties and the position tie-break would keep the first tokens of each response.
+# sstoken joins them at gamma 1.
+REL_ONLY_METHODS = ("rel", "tokencleaning", "rho1")
+# Methods that rank raw REL (nats), never normalised: the baselines as their authors define them.
+RAW_REL_METHODS = ("tokencleaning", "rho1")
+
+
+class SelectSettings(StageConfig):
+    """Which trainable tokens to keep, from the signals a score stage stored.
+
+    None of these is part of the score stage's run key: the signals do not depend on them (which
+    signals are computed does; the score stage keys that itself), so a new value only re-selects.
+    """
+
+    method: Method = setting(
+        "sstoken",
+        description="sstoken: gamma * REL_n + (1 - gamma) * attn; rel: REL_n only (gamma 1); attn: attention only "
+        "(gamma 0); full: every trainable token; random: ratio of them at random (seeded); tokencleaning: raw REL "
+        "(history - current), top floor(ratio * n); rho1: raw REL stored with --excess current_minus_history "
+        "(Rho-1's loss(current) - loss(reference), history = the reference), top ceil(ratio * n).",
+        run_key=False,
+    )
+    gamma: float = setting(
+        0.5, ge=0.0, le=1.0, run_key=False,
+        description="sstoken only: weight of the normalised excess loss; 1 - gamma weighs attention.",
+    )
+    ratio: float = setting(
+        0.6, gt=0.0, le=1.0, run_key=False,
+        description="Fraction of trainable tokens to keep (ceil; floor for tokencleaning; full: 1).",
+    )
+    granularity: Literal["sample", "global"] = setting(
+        "sample", run_key=False,
+        description="Keep the top ratio of each sample's trainable tokens, or of the whole corpus.",
+    )
+    normalise: Literal["auto", "per_sample", "none"] = setting(
+        "auto", run_key=False,
+        description="How REL is scaled before ranking: per_sample min-max (the paper) or none (raw nats); "
+        "auto: none for tokencleaning and rho1, per_sample otherwise. See docs/method.md for global granularity.",
+    )
+    seed: int = setting(
+        0, ge=0, run_key=False, description="random only: seed; each sample's draw depends on (seed, sample_id)."
+    )
+
+    @model_validator(mode="after")
+    def _normalise_fits_method(self) -> SelectSettings:
+        if self.method in RAW_REL_METHODS and self.normalise == "per_sample":
+            raise ValueError(
+                f"method {self.method} ranks raw REL without normalisation; use --method rel --normalise per_sample "
+                "for normalised REL"
+            )
+        return self
+
+    @property
+    def rel_weight(self) -> float:
+        """Weight of the REL term in the score: gamma for sstoken, 1 for the REL-only methods, else 0."""
+        if self.method == "sstoken":
+            return self.gamma
+        return 1.0 if self.method in REL_ONLY_METHODS else 0.0
+
+    @property
+    def uses_rel(self) -> bool:
+        return self.rel_weight > 0.0
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.method == "attn" or (self.method == "sstoken" and self.gamma < 1.0)
+
+    @property
+    def rel_only(self) -> bool:
+        """True when REL alone decides the ranking (REL-only methods, sstoken at gamma 1)."""
+        return self.rel_weight == 1.0
+
+    @property
+    def rel_normalisation(self) -> Normalise | None:
+        """The normalisation REL gets (None when REL plays no part)."""
+        if not self.uses_rel:
+            return None
+        if self.normalise != "auto":
+            return self.normalise
+        return "none" if self.method in RAW_REL_METHODS else "per_sample"
+
+    @property
+    def keep_ratio(self) -> float:
+        return 1.0 if self.method == "full" else self.ratio
+
+    def selection_key(self) -> dict[str, Any]:
+        """The settings that decide the keep masks, canonical: what manifests and shard records carry.
+
+        Settings a method ignores are left out (gamma for rel, seed for sstoken, ...), so two
+        settings that select the same tokens have the same key.
+        """
+        key: dict[str, Any] = {"method": self.method, "ratio": self.keep_ratio, "granularity": self.granularity}
+        if self.method == "sstoken":
+            key["gamma"] = self.gamma
+        if self.uses_rel:
+            key["normalise"] = self.rel_normalisation
+        if self.method == "random":
+            key["seed"] = self.seed
+        return key

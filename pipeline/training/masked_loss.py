@@ -1,0 +1,59 @@
+"""The SFT loss on kept tokens: labels from keep masks, and the NLL sum a global batch is normalised by.
+
+Labels follow the unshifted Hugging Face convention: `labels[i] = input_ids[i]` where `keep[i]`,
+-100 elsewhere, and token i is predicted from the hidden state at i-1 (the model, or here
+`target_nll`, does the shift). Position 0 is never a target: nothing precedes it.
+
+The loss of one optimizer step is the mean NLL over the kept tokens of the WHOLE global batch
+(every accumulation micro-batch on every rank): each micro-batch contributes
+`sum of its kept-token NLLs / kept tokens of the global batch`, and the gradients of all
+micro-batches and ranks are SUMMED. That is transformers 5's `num_items_in_batch` semantics; a mean
+per micro-batch instead would weigh a token of a short-response micro-batch more than one of a
+long-response micro-batch, and the update would depend on how the batch was split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.scoring.device_budget import GPU_MAX_CHUNK_ELEMENTS
+from pipeline.scoring.nll import LOGIT_CHUNK_ELEMENTS, output_head, target_nll
+
+IGNORE_INDEX = -100
+
+
+def masked_labels(input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """labels [B, T]: input_ids where keep, IGNORE_INDEX elsewhere and at position 0."""
+    labels = torch.where(keep.bool(), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    labels[..., 0] = IGNORE_INDEX
+    return labels
+
+
+def kept_count(labels: torch.Tensor) -> int:
+    """Targets among `labels`: what a global batch's loss is normalised by."""
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def decoder_of(model: Any) -> torch.nn.Module:
+    """The model body without the LM head (`model.model` for Llama, Qwen2, ...)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def masked_nll_sum(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """(sum of -log P(x_i | x_<i) over the targets of `labels`, number of targets) for one micro-batch.
+
+    The LM head runs on the hidden states that predict a target only (`pipeline.scoring.nll`), with a
+    float32 log-softmax: no [B, T, V] logits, no head FLOPs on tokens that are not kept. Autograd keeps
+    every chunk's logits for the backward whatever the chunk size, so on CUDA the chunks are large
+    (few, tensor-core-sized GEMMs); on CPU they stay at 64 MiB.
+    """
+    targets = labels != IGNORE_INDEX
+    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    head, softcap = output_head(model)
+    chunk = GPU_MAX_CHUNK_ELEMENTS if hidden.device.type == "cuda" else LOGIT_CHUNK_ELEMENTS
+    nll = target_nll(hidden, input_ids, targets, head, softcap, chunk)
+    return nll.sum(), int(targets.sum())

@@ -1,0 +1,287 @@
+"""The SFT stage: tokens + keep masks + a starting model in, a fine-tuned Hugging Face checkpoint out, on Ray Train.
+
+    run_train(TrainConfig(data=TOKENIZED, masks=SCORES_OR_MASKS, model=MODEL, output=DIR)) -> StageSummary
+
+Output layout:
+    DIR/checkpoint/     the trained model: safetensors (LoRA merged), config.json, tokenizer files
+    DIR/metrics.jsonl   one JSON line per optimizer step: step, loss, kept_tokens, tokens, tokens_per_s, lr, ...
+    DIR/train/          Ray Train storage (resumable checkpoints) while the run is unfinished; removed at the end
+    DIR/manifest.json   written last: config, data/masks/model fingerprints, the final checkpoint's, figures
+
+The loss is the mean NLL over the kept tokens of each global batch (pipeline.training.masked_loss),
+one optimizer step per global batch, on `workers` data-parallel ranks (`pipeline.training.train_worker`)
+of a Ray Train v2 `TorchTrainer` (or, with `runner: process`, one worker in this process:
+`pipeline.training.train_in_process`): one embedded worker by default (`ray_session`, so a caller can
+run score and train in one Ray session), `--workers N [--use-gpu]` on a cluster. Each rank reads its
+own rows of the Parquet shards (Ray Data is not used: it stalls when the workers hold every CPU).
+
+Exactly once through the stage runner (`pipeline.runtime.stage_runner`: locked; files it did not
+write refused; checkpoint/ and metrics.jsonl its entries, train/ scratch). A killed run resumes
+from its last reported checkpoint (`train/run-<identity>`), and since the data order, learning
+rate and dropout are pure functions of the step, it ends with the tensors an uninterrupted run
+has, whichever checkpoint the Ray Train controller kept. The final checkpoint is written under
+train/ and installed as checkpoint/ when complete; a rerun of a finished output whose checkpoint
+is unchanged returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from pipeline.runtime.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.files import base_manifest
+from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints
+from pipeline.runtime.ray_session import RayRuntime, machine_cpus, node_cpus, ray_session, task_error_cause
+from pipeline.runtime.stage_output import StageOutput, StageSummary
+from pipeline.runtime.stage_runner import Stage, run_stage
+from pipeline.training.train_config import TrainConfig
+from pipeline.training.train_in_process import fit_in_process
+from pipeline.training.train_settings import accumulation_steps
+from pipeline.training.train_worker import FINAL, RankJob, ray_train_loop, schedule_of
+from pipeline.training.training_data import DataPlan, build_index, open_training_data
+
+__all__ = ["TrainConfig", "run_train"]
+
+CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
+WORK = "train"
+
+
+def _check_model(config: TrainConfig, tokenizer_fingerprint: str) -> str:
+    """The starting model's fingerprint, after checking it is a Hugging Face folder with the data's tokenizer."""
+    checkpoint_files(config.model)
+    found = tokenizer_fingerprints(load_tokenizer(config.model, trust_remote_code=config.trust_remote_code))["tokenizer"]
+    if found != tokenizer_fingerprint:
+        raise UserError(
+            f"{config.data} was tokenized with another tokenizer (fingerprint {tokenizer_fingerprint[:12]}) than the "
+            f"model in {config.model} ({found[:12]}); rerun `sstoken prepare` with this model's tokenizer"
+        )
+    return checkpoint_fingerprint(config.model)
+
+
+def _plan(config: TrainConfig, samples: int) -> DataPlan:
+    try:
+        accumulation_steps(config.batch_size, config.micro_batch_size, config.workers)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    plan = DataPlan(samples, config.batch_size, config.micro_batch_size, config.workers, config.seed, config.epochs)
+    if plan.steps == 0:
+        raise UserError(
+            f"batch_size {config.batch_size} is more than the {samples} samples with kept tokens x epochs "
+            f"{config.epochs:g}: not one optimizer step; lower batch_size or raise epochs"
+        )
+    return plan
+
+
+def _cpus_per_worker(config: TrainConfig, runtime: RayRuntime) -> float:
+    """CPUs each worker reserves; refuses what an embedded Ray can never hold (Ray would wait forever)."""
+    cpus = config.cpus_per_worker
+    if cpus is None:
+        largest = max(node_cpus(), default=1.0)
+        cpus = max(1.0, min(largest, float(int(runtime.cpus // config.workers))))
+    if runtime.embedded and config.workers * cpus > runtime.cpus:
+        raise UserError(
+            f"--workers {config.workers} x {cpus:g} CPUs exceed the embedded Ray's {runtime.cpus:g} CPUs; lower "
+            "--workers or --cpus-per-worker, raise --ray.num-cpus, or run on a cluster (--ray.address)"
+        )
+    if config.use_gpu and runtime.gpus < config.workers:
+        raise UserError(
+            f"--use-gpu with --workers {config.workers} needs {config.workers} GPUs; the Ray cluster has {runtime.gpus:g}"
+        )
+    return cpus
+
+
+def _process_cpus(config: TrainConfig) -> float:
+    """runner process: the torch threads of the one worker (its CPUs), at most this machine's."""
+    return min(float(machine_cpus()), config.cpus_per_worker or float(config.ray.num_cpus or machine_cpus()))
+
+
+class _MetricsProgress:
+    """A rich progress bar on stderr fed by tailing metrics.jsonl (rank 0 writes it), in a thread."""
+
+    def __init__(self, enabled: bool, path: Path, total: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.path, self.total = path, total
+        self.bar = Progress(
+            TextColumn("training steps"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[figures]}"),
+            TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
+        )
+        self.task = self.bar.add_task("train", total=total, figures="")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> _MetricsProgress:
+        self.bar.start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._update()
+        self.bar.stop()
+
+    def _follow(self) -> None:
+        while not self.stop.wait(0.5):
+            self._update()
+
+    def _update(self) -> None:
+        try:
+            lines = self.path.read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else None
+        except (OSError, ValueError):
+            return  # not written yet, or a line half written: the next poll sees it
+        if last is not None:
+            figures = f"loss {last['loss']:.3f}  {last['tokens_per_s']:,.0f} tokens/s  lr {last['lr']:.2e}"
+            self.bar.update(self.task, completed=last["step"], figures=figures)
+
+
+def _fit(config: TrainConfig, job: RankJob, cpus: float, work: Path, run_name: str) -> None:
+    """Run the Ray Train v2 TorchTrainer to its end (resuming the run's last checkpoint); raise the workers' error."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config=job.as_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(work.resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+    )
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as error:
+        failures = [task_error_cause(failure) for _, failure in sorted(error.worker_failures.items())]
+        user = next((f for f in failures if isinstance(f, UserError)), None)
+        if user is not None:
+            raise user from None
+        raise
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_train(config: TrainConfig) -> StageSummary:
+    """Fine-tune `config.model` on the kept tokens of `config.data`; returns the run's summary."""
+    started = time.monotonic()
+    output = Path(config.output)
+    source = open_training_data(config.data, config.masks)
+    model_fp = _check_model(config, source.tokenizer_fingerprint)
+    index = build_index(source)
+    plan = _plan(config, index.samples)
+    identity = {
+        "settings": config.train_settings().run_key_settings(),
+        "data": source.data_key,
+        "masks": source.masks_key,
+        "model": model_fp,
+    }
+    in_process = config.ray.runner == "process"
+    work_folder = output / WORK
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def session() -> Iterator[float]:
+        """The Ray session (none for the process runner), then the CPUs each worker gets: nothing in the output
+        is touched before the cluster answered and the settings fit it."""
+        with nullcontext() if in_process else ray_session(config.ray) as runtime:
+            yield _process_cpus(config) if in_process else _cpus_per_worker(config, runtime)
+
+    def work(out: StageOutput, cpus: float) -> dict[str, Any]:
+        timings["checks_s"] = time.monotonic() - started
+        final_fp = out.installed(CHECKPOINT, checkpoint_fingerprint)  # a killed run had already put it in place
+        if final_fp is None:
+            job = RankJob(
+                data=str(Path(config.data).resolve()), masks=str(Path(config.masks).resolve()),
+                model=str(Path(config.model).resolve()), metrics=str((output / METRICS).resolve()),
+                work=str(work_folder.resolve()), settings=config.train_settings().model_dump(), workers=config.workers,
+                threads=max(1, int(cpus)), use_gpu=config.use_gpu, trust_remote_code=config.trust_remote_code,
+            )
+            work_folder.mkdir(exist_ok=True)
+            fit_started = time.monotonic()
+            with _MetricsProgress(config.progress, output / METRICS, plan.steps):
+                if in_process:
+                    fit_in_process(job, work_folder)
+                else:
+                    _fit(config, job, cpus, work_folder, f"run-{out.identity[:16]}")
+            timings["fit_s"] = time.monotonic() - fit_started
+            final = work_folder / FINAL
+            if not final.is_dir():
+                raise RuntimeError(f"training ended without its final checkpoint in {final}; this is a bug, please report it")
+            final_fp = checkpoint_fingerprint(final)
+            out.install(CHECKPOINT, final, final_fp)
+        timings["total_s"] = time.monotonic() - started
+        return _manifest(config, source, index, plan, model_fp, final_fp, output, timings)
+
+    def checkpoint_unchanged(out: StageOutput, manifest: dict[str, Any]) -> bool:
+        return out.installed(CHECKPOINT, checkpoint_fingerprint) == manifest["checkpoints"]["final"]["fingerprint"]
+
+    # train/ (Ray Train's resumable state) is scratch: removed once the checkpoint is in place.
+    stage = Stage("train", output, identity, inputs=[Path(config.data), Path(config.masks), Path(config.model)],
+                  overwrite=config.overwrite, entries=(CHECKPOINT, METRICS), scratch=(WORK,))
+    run = run_stage(stage, work, ready=session, complete=checkpoint_unchanged)
+    return _summary(config, output, run.manifest, reused=run.reused)
+
+
+def _manifest(config, source, index, plan: DataPlan, model_fp: str, final_fp: str, output: Path, timings) -> dict[str, Any]:
+    metrics = _metrics(output / METRICS)
+    total, warmup = schedule_of(config.train_settings(), plan.steps)
+    return base_manifest("train", config.resolved()) | {
+        "tokenizer": source.tokenized_manifest["tokenizer"],
+        "input_fingerprint": sha256_json([source.data_key, source.masks_key]),
+        "inputs": [
+            {"kind": "tokenized", "path": str(config.data), "data_fingerprint": source.data_key},
+            {"kind": source.masks_manifest["kind"], "path": str(config.masks), "data_fingerprint": source.masks_key},
+        ],
+        "checkpoints": {
+            "start": {"path": str(config.model), "fingerprint": model_fp},
+            "final": {"path": str(output / CHECKPOINT), "fingerprint": final_fp},
+        },
+        "shards": [],
+        "schedule": {"start_step": config.schedule_start_step, "total_steps": total, "warmup_steps": warmup},
+        "counts": {
+            "samples": index.samples,
+            "samples_without_kept_tokens": index.without_kept,
+            "steps": plan.steps,
+            "kept_tokens": sum(m["kept_tokens"] for m in metrics),
+            "tokens": sum(m["tokens"] for m in metrics),
+            "final_loss": metrics[-1]["loss"] if metrics else 0.0,
+        },
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _summary(config: TrainConfig, output: Path, manifest: dict[str, Any], reused: bool) -> StageSummary:
+    counts = manifest["counts"]
+    timings = manifest.get("timings", {})
+    fit = timings.get("fit_s")
+    return StageSummary(
+        stage="train",
+        output=output,
+        counts=dict(counts),
+        timings=dict(timings),
+        details={
+            "checkpoint": str(output / CHECKPOINT),
+            "finetune": config.finetune,
+            "workers": config.workers,
+            # Ray Train start-up and model loading included.
+            "tokens_per_s": counts["tokens"] / fit if fit else 0.0,
+        },
+        reused=reused,
+    )

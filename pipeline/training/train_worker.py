@@ -1,0 +1,184 @@
+"""One training rank: reads its own micro-batches, runs the steps, logs metrics and reports checkpoints.
+
+`run_rank` knows nothing of Ray: it gets its rank, the world size, a folder to resume from (or
+None) and a `report(metrics, checkpoint_folder_or_None)` callback. `ray_train_loop` is the Ray
+Train v2 `train_loop_per_worker` that wires them to `ray.train.get_context`, `get_checkpoint` and
+`report`; tests run `run_rank` in-process.
+
+Determinism, so that a killed run resumed from ANY of its checkpoints ends with the same tensors:
+the data order is a pure function of (seed, epoch) (`pipeline.training.training_data.DataPlan`),
+the learning rate a pure function of the step, torch is seeded per (seed, step, rank) before each
+step (LoRA dropout), and a checkpoint holds the trainable weights, the AdamW moments and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.scoring.batching import right_padded
+from pipeline.training.finetune import FineTuned
+from pipeline.training.masked_loss import masked_labels
+from pipeline.training.train_settings import TrainSettings, learning_rate, warmup_steps
+from pipeline.training.train_step import MicroBatch, autocast_precision, step_seed, train_step
+from pipeline.training.training_data import DataPlan, SampleIndex, build_index, load_samples, open_training_data
+
+# The rank-0 folder the final Hugging Face checkpoint is written to (renamed from FINAL_PARTIAL when complete).
+FINAL = "final"
+FINAL_PARTIAL = "final-partial"
+
+Report = Callable[[dict[str, Any], "Path | None"], None]
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """What every rank needs, as plain values (it travels to Ray workers)."""
+
+    data: str
+    masks: str
+    model: str
+    metrics: str  # OUTPUT/metrics.jsonl (rank 0 writes it)
+    work: str  # OUTPUT/train: the final checkpoint is written under it
+    settings: dict[str, Any]
+    workers: int
+    threads: int | None = None
+    use_gpu: bool = False
+    trust_remote_code: bool = False
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(**self.settings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def schedule_of(settings: TrainSettings, steps: int) -> tuple[int, int]:
+    """(total steps, warm-up steps) of the learning-rate schedule this run is part of."""
+    total = settings.schedule_total_steps or settings.schedule_start_step + steps
+    return total, warmup_steps(total, settings.warmup_ratio)
+
+
+def micro_batch(rows: dict[int, tuple[np.ndarray, np.ndarray]], positions: np.ndarray) -> MicroBatch:
+    ids, keep = zip(*(rows[int(p)] for p in positions))
+    input_ids, attention_mask = right_padded(ids)
+    keep_mask, _ = right_padded([k.astype(np.int64) for k in keep])
+    return MicroBatch(input_ids, attention_mask, masked_labels(input_ids, keep_mask.bool()))
+
+
+def _rewind_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of steps up to `step` (a resumed run logs the later ones again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    temporary = path.with_name(path.name + ".rewind")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    temporary.replace(path)
+
+
+def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: Report, device: torch.device) -> None:
+    """Train from `resume` (or the start) to the plan's last step; rank 0 writes metrics and the final folder."""
+    if job.threads and device.type == "cpu":
+        torch.set_num_threads(job.threads)
+    settings = job.train_settings()
+    source = open_training_data(Path(job.data), Path(job.masks))
+    index = build_index(source)
+    plan = DataPlan(index.samples, settings.batch_size, settings.micro_batch_size, world, settings.seed, settings.epochs)
+    total, warmup = schedule_of(settings, plan.steps)
+    tuned = FineTuned(job.model, settings, device, trust_remote_code=job.trust_remote_code)
+    optimizer = tuned.optimizer()
+    step = tuned.load_state(resume, optimizer) if resume is not None else 0
+    metrics_path = Path(job.metrics)
+    if rank == 0:
+        _rewind_metrics(metrics_path, step)
+    rows = _rank_rows(source, index, plan, rank, step)
+    precision = autocast_precision(settings.dtype, device)
+    while step < plan.steps:
+        batches = [micro_batch(rows, p).to(device) for p in plan.micro_batches(step, rank, index.lengths)]
+        torch.manual_seed(step_seed(settings.seed, step, rank))
+        lr = learning_rate(settings.schedule_start_step + step, settings.lr, total, warmup)
+        started = time.monotonic()
+        result = train_step(tuned.model, optimizer, batches, lr, settings.max_grad_norm, precision)
+        seconds = time.monotonic() - started
+        step += 1
+        metrics = {
+            "step": step,
+            "loss": result.loss,
+            "kept_tokens": result.kept_tokens,
+            "tokens": result.tokens,
+            "tokens_per_s": result.tokens / max(seconds, 1e-9),
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "seconds": seconds,
+        }
+        if rank == 0:
+            with metrics_path.open("a") as log:
+                log.write(json.dumps(metrics) + "\n")
+        if step % settings.checkpoint_every == 0 or step == plan.steps:
+            _report_checkpoint(tuned, optimizer, step, rank, metrics, report)
+    if rank == 0:
+        _write_final(tuned, job)
+
+
+def _rank_rows(source, index: SampleIndex, plan: DataPlan, rank: int, start: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """This rank's samples for the steps still to run, read from the shards once."""
+    wanted = [p for step in range(start, plan.steps) for batch in plan.micro_batches(step, rank, index.lengths) for p in batch]
+    return load_samples(source, index, np.asarray(wanted, dtype=np.int64))
+
+
+def _report_checkpoint(tuned: FineTuned, optimizer, step: int, rank: int, metrics: dict[str, Any], report: Report) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the resumable state (identical on every rank)."""
+    if rank != 0:
+        report(metrics, None)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="sstoken-train-state-"))
+    try:
+        tuned.save_state(folder, optimizer, step)
+        report(metrics, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_final(tuned: FineTuned, job: RankJob) -> None:
+    """The final Hugging Face folder under OUTPUT/train/, complete before it takes its name."""
+    partial, final = Path(job.work) / FINAL_PARTIAL, Path(job.work) / FINAL
+    shutil.rmtree(partial, ignore_errors=True)
+    tuned.save_pretrained(partial, Path(job.model), trust_remote_code=job.trust_remote_code)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+
+
+def ray_train_loop(spec: dict[str, Any]) -> None:
+    """Ray Train v2 `train_loop_per_worker`: this worker's rank, resume checkpoint and report, then `run_rank`."""
+    import ray.train
+    import ray.train.torch
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars would reach the job's log
+    context = ray.train.get_context()
+    job = RankJob(**spec)
+    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
+
+    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        run_rank(job, context.get_world_rank(), context.get_world_size(), None, report, device)
+        return
+    with checkpoint.as_directory() as folder:
+        resume = Path(tempfile.mkdtemp(prefix="sstoken-train-resume-"))
+        shutil.copytree(folder, resume, dirs_exist_ok=True)
+    try:
+        run_rank(job, context.get_world_rank(), context.get_world_size(), resume, report, device)
+    finally:
+        shutil.rmtree(resume, ignore_errors=True)

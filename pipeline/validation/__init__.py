@@ -1,0 +1,1 @@
+"""`sstoken validate`: artifact folders checked against their schemas, manifests and the alignment contract."""

@@ -1,0 +1,181 @@
+"""`sstoken report`: the page of a run, a scores folder and an eval folder; opened in headless chromium when present.
+
+The browser test skips when no chromium is found, and fails instead when SSTOKEN_REQUIRE_BROWSER=1 (CI sets it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.views.report_page import GENERATOR
+from pipeline.views.score_colours import score_level
+from tests.pipeline.views.test_stats import literal_folders
+from tests.score_factories import write_synthetic_run
+
+EVAL = {
+    "kind": "eval", "schema_version": 1, "config": {"seeds": [0, 1]}, "corpus": "task", "seeds": [0, 1],
+    "methods": ["full", "sstoken"], "rows": ["base", "full", "sstoken"],
+    "measures": [{"key": "heldout_nll", "label": "held-out NLL", "higher_is_better": False}],
+    "table": [{"method": "full", "values": {"heldout_nll": {"mean": 1.234, "std": 0.05, "n": 2}}},
+              {"method": "sstoken", "values": {"heldout_nll": {"mean": 1.111, "std": 0.02, "n": 2}}}],
+    "selection_by_round": [{"method": "sstoken", "round": 1, "selection": "sstoken",
+                            "corrupted_dropped": {"mean": 0.81, "std": 0.01, "n": 2},
+                            "clean_dropped": {"mean": 0.3, "std": 0.02, "n": 2}, "auroc": {"mean": 0.77, "std": 0.03, "n": 2}}],
+    "wall_s": 10.0, "cells_wall_s": 100.0, "cells_run": 4,
+}
+
+
+def browser() -> str | None:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and Path("/usr/bin/chromium").exists():
+        found = "/usr/bin/chromium"
+    return found
+
+
+@pytest.fixture(scope="module")
+def run_page(tmp_path_factory, tokenizer_dir) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    run = write_synthetic_run(root / "run", tokenizer_dir, samples=30, rounds=2)
+    assert main(["report", str(run), "--output", str(root / "report.html")]) == 0
+    return root / "report.html"
+
+
+def embedded(page: Path) -> dict:
+    text = page.read_text()
+    return json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S).group(1))
+
+
+def test_the_page_is_self_contained(run_page):
+    text = run_page.read_text()
+    assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing fetched
+    assert text.count("<svg") >= 6  # distributions, per sample, position, source, tokens, loss
+    for heading in ("Totals", "Rejected rows (3", "Plots", "Samples", "Rounds", "history policy: <b>base</b>"):
+        assert heading in text
+    assert "duplicate</td><td>2" in text and "invalid_json</td><td>1" in text
+
+
+def test_the_page_embeds_tokens_and_their_numbers(run_page):
+    data = embedded(run_page)
+    groups = {s["why"] for s in data["samples"]}
+    assert {"highest score", "lowest score", "middle score", "random"} <= groups
+    sample = data["samples"][0]
+    assert len(sample["pieces"]) == len(sample["t"]) and sample["kept"] == sum(row[0] == 2 for row in sample["t"])
+    assert len(data["index"]["ids"]) == 30
+    highest = [s["mean_score"] for s in data["samples"] if s["why"] == "highest score"]
+    assert highest == sorted(highest, reverse=True) and highest[0] == max(data["index"]["mean_score"])
+
+
+def test_the_token_budget_bounds_the_page(tmp_path, tokenizer_dir):
+    run = write_synthetic_run(tmp_path / "run", tokenizer_dir, samples=200, rounds=1)
+    assert main(["report", str(run), "--output", str(tmp_path / "small.html"), "--embed-tokens", "1000"]) == 0
+    data = embedded(tmp_path / "small.html")
+    assert sum(len(s["pieces"]) for s in data["samples"]) <= 1000 + 4096 and len(data["index"]["ids"]) == 200
+
+
+def test_a_slice_of_a_corpus_shows_the_rows_the_corpus_rejected(tmp_path, tokenizer_dir):
+    from pipeline.runtime.files import read_manifest, write_manifest
+    from tests.score_factories import write_synthetic_scores, write_synthetic_tokenized
+
+    corpus = write_synthetic_tokenized(tmp_path / "corpus", tokenizer_dir, samples=4, mean_tokens=10)
+    part = write_synthetic_tokenized(tmp_path / "slice", tokenizer_dir, samples=4, mean_tokens=10, rejected=False)
+    write_manifest(part, read_manifest(part) | {"inputs": [{"kind": "tokenized", "path": str(corpus)}]})
+    scores = write_synthetic_scores(tmp_path / "scores", part)
+    assert main(["report", str(scores), "--output", str(tmp_path / "page.html")]) == 0
+    assert f"Rejected rows (3, when the corpus was prepared: {corpus})" in (tmp_path / "page.html").read_text()
+
+
+def test_an_eval_folder_renders_its_tables_and_plot(tmp_path):
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "eval.json").write_text(json.dumps(EVAL))
+    (folder / "eval.svg").write_text('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"><text>plot</text></svg>')
+    assert main(["report", str(folder), "--output", str(tmp_path / "eval.html")]) == 0
+    text = (tmp_path / "eval.html").read_text()
+    assert "held-out NLL (↓)" in text and "1.234 ± 0.05" in text and "1.111 ± 0.02" in text
+    assert "0.81 ± 0.01" in text and "0.77 ± 0.03" in text and "<text>plot</text>" in text and "<?xml" not in text
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"), ("not an artifact", "is not an sstoken artifact folder"),
+    ("bad eval", "eval.json does not match eval.v1.schema.json at (top level): 'schema_version' is a required"),
+    ("foreign output", "exists and is not an sstoken report"),
+    ("output folder", "is a folder"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, message):
+    _, scores = literal_folders(tmp_path)
+    output = tmp_path / "page.html"
+    folder = {"missing": tmp_path / "nothing", "not an artifact": tmp_path / "empty"}.get(case, scores)
+    (tmp_path / "empty").mkdir()
+    if case == "bad eval":
+        folder = tmp_path / "eval"
+        folder.mkdir()
+        (folder / "eval.json").write_text('{"kind": "other"}')
+    if case == "foreign output":
+        output.write_text("my notes")
+    if case == "output folder":
+        output = tmp_path
+    assert main(["report", str(folder), "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    if case == "foreign output":
+        assert output.read_text() == "my notes"
+
+
+def test_a_report_replaces_its_own_page(tmp_path):
+    _, scores = literal_folders(tmp_path)
+    output = tmp_path / "page.html"
+    output.write_text(f"<!DOCTYPE html><html><head><meta charset=\"utf-8\">{GENERATOR}</head>old page</html>")
+    assert main(["report", str(scores), "--output", str(output)]) == 0
+    assert "old page" not in output.read_text() and "sstoken report" in output.read_text()
+
+
+def test_score_levels_split_the_scale():
+    assert [score_level(v, 0.0, 1.0) for v in (-1.0, 0.0, 0.5, 0.99, 2.0, float("nan"))] == [0, 0, 3, 6, 6, 0]
+
+
+def test_the_page_in_headless_chromium(run_page, tmp_path):
+    executable = browser()
+    if executable is None:
+        if os.environ.get("SSTOKEN_REQUIRE_BROWSER") == "1":
+            pytest.fail("SSTOKEN_REQUIRE_BROWSER=1 but no chromium found (apt-get install chromium)")
+        pytest.skip("no chromium found")
+    if os.environ.get("SSTOKEN_REQUIRE_BROWSER") == "1":
+        from playwright import sync_api
+    else:
+        sync_api = pytest.importorskip("playwright.sync_api")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable)
+        page = chromium.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_())
+        page.goto(run_page.as_uri())
+        assert page.locator("svg").count() >= 6
+        assert page.locator('[data-group="highest score"] .sample').count() == 5
+        assert page.locator(".t.k").count() > 0 and page.locator(".t.d").count() > 0 and page.locator(".t.c").count() > 0
+        kept = page.locator('[data-group="highest score"] .t.k').first
+        kept.hover()
+        tip = page.locator("#tip")
+        assert tip.is_visible()
+        sample_id = page.locator('[data-group="highest score"] .sample').first.get_attribute("data-sample")
+        data = embedded(run_page)
+        sample = next(s for s in data["samples"] if s["id"] == sample_id)
+        row = sample["t"][int(kept.get_attribute("data-i"))]
+        text = tip.inner_text()
+        assert "kept" in text
+        for name, value in zip(("nll_cur", "nll_hist", "rel", "attn", "score"), row[1:]):
+            assert re.search(rf"{name}\s+{re.escape(f'{value:.4g}'[:4])}", text), (name, value, text)
+        page.fill("#search", data["index"]["ids"][-1])
+        assert page.locator("#found").inner_text().strip()
+        page.screenshot(path=str(tmp_path / "report.png"))
+        chromium.close()
+    assert errors == []
+    assert (tmp_path / "report.png").stat().st_size > 10_000
