@@ -45,6 +45,21 @@ def precision_name(choice: str, device: torch.device | str = "cpu") -> str:
     raise ValueError(f"unknown dtype {choice!r}: expected auto, float32, bfloat16 or bfloat16-full")
 
 
+def cpu_bfloat16_note(name: str) -> str | None:
+    """A note when a bf16 mode is asked for on a CPU (this process's) with no native bf16 instructions.
+
+    Without AVX512_BF16 or AMX, PyTorch emulates bf16 matmuls: on an AVX2-only machine the mixed mode
+    measured about 5x slower than float32 (README, Performance).
+    """
+    if name == FLOAT32:
+        return None
+    capabilities = torch.cpu.get_capabilities()
+    if any(capabilities.get(flag, False) for flag in ("avx512_bf16", "amx_bf16", "sve_bf16", "bf16")):
+        return None
+    return (f"dtype {name} on a CPU without native bfloat16 (no AVX512_BF16 or AMX): expect it several times "
+            "slower than float32; dtype auto is float32 on CPU")
+
+
 def load_dtype(name: str) -> torch.dtype | str:
     """What to load a checkpoint as: float32, or for the bf16 modes the checkpoint's own dtype ("auto"),
     so a bf16 checkpoint never passes through float32 in full (half the loading memory)."""

@@ -61,7 +61,7 @@ from pipeline.runtime.ray_session import (
 )
 from pipeline.runtime.stage_output import StageOutput, StageSummary
 from pipeline.runtime.stage_runner import Stage, local_inputs, run_stage
-from pipeline.scoring.precision import precision_name
+from pipeline.scoring.precision import cpu_bfloat16_note, precision_name
 from pipeline.scoring.score_config import ScoreJobConfig
 from pipeline.scoring.score_settings import ScoreSettings, signals_to_compute
 from pipeline.scoring.score_shards import ShardTask, check_shard, fill_history_cache, history_missing, score_one_shard
@@ -417,6 +417,8 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
                 node_cpus(), runtime.gpus, config.workers, config.cpus_per_worker, config.gpus_per_worker
             )
             notes.extend(workers_note(config.workers, workers, cpus, config.gpus_per_worker))
+            if config.gpus_per_worker == 0 or config.device == "cpu":
+                notes.extend(filter(None, [cpu_bfloat16_note(precision_name(config.dtype, "cpu"))]))
         if history_todo:
             with _Progress(config.progress, len(history_todo), "phase 1/2 history NLLs") as progress:
                 phases["history"] = _run_actor_pool("history", history_todo, config, workers, cpus, progress)

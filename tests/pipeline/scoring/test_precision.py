@@ -12,6 +12,7 @@ from pipeline.scoring.precision import (
     MIXED_BFLOAT16,
     apply_precision,
     compute_precision,
+    cpu_bfloat16_note,
     full_precision,
     load_dtype,
     precision_name,
@@ -193,3 +194,21 @@ def test_full_bf16_scores_stay_close_to_float32(llama_dir):
     attn_diff = max(np.abs(a.attn[m] - b.attn[m]).max() for a, b, m in zip(exact, full, masks))
     assert 0 < nll_diff < FULL_NLL_ATOL  # > 0: the mode really ran in bf16
     assert 0 < attn_diff < FULL_ATTN_ATOL
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "name", "noted"),
+    [
+        ({"avx2": True}, MIXED_BFLOAT16, True),
+        ({"avx2": True}, FULL_BFLOAT16, True),
+        ({"avx2": True}, FLOAT32, False),
+        ({"avx512_bf16": True}, MIXED_BFLOAT16, False),
+        ({"amx_bf16": True}, FULL_BFLOAT16, False),
+    ],
+)
+def test_a_bf16_mode_on_a_cpu_without_native_bf16_is_noted(monkeypatch, capabilities, name, noted):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    note = cpu_bfloat16_note(name)
+    assert (note is not None) == noted
+    if noted:
+        assert name in note and "AVX512_BF16" in note
