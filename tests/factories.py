@@ -52,6 +52,11 @@ def conversation_row(tokenizer: Any, sample_id: str, rng: random.Random, turns: 
     }
 
 
+# Shard sizes of the session's scored corpus (tests/conftest.py `scored_corpus`); tests name them in messages
+# such as "part-00001.parquet has 99 rows, the file has 7".
+SCORED_SHARDS = [4, 7, 3, 6]
+
+
 def write_tokenized(
     folder: Path, tokenizer: Any, shard_rows: list[int], seed: int = 0, scale: int = 1
 ) -> Path:

@@ -1,6 +1,10 @@
 """Slow: `sstoken run` killed with SIGKILL at random moments in round 2 and rerun, and a run on a two-node
 loopback cluster with 2 training workers. Both end with the artifacts of an uninterrupted run.
 
+The uninterrupted run scores and trains in this process (runner process), the others through Ray actors and
+Ray Train: the kill test's exact equality is also the check that the runners end with the same shards and
+tensors over two rounds (test_score_in_process shows it for one scoring in the fast suite).
+
 Processes are ended by their ids (process groups and recorded descendants), never by name.
 """
 
@@ -17,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.loop.rounds import run_loop
+from pipeline.loop.run_config import RunConfig
 from pipeline.runtime.files import read_manifest
 from pipeline.runtime.fingerprint import sha256_file
 from pipeline.selection.compare import mask_agreement
@@ -64,10 +70,14 @@ def _artifacts(run: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, llama_dir) -> tuple[Path, Path]:
-    """An uninterrupted run (and the corpus it ran on)."""
+    """An uninterrupted run (and the corpus it ran on), scored and trained in this process (runner process; the
+    stages' Ray tasks on an embedded Ray the run stops when done, so no Ray of ours runs beside the cluster
+    test): seconds, where a run through Ray actors and Ray Train takes minutes."""
     folder = tmp_path_factory.mktemp("reference")
     corpus = write_corpus(folder / "corpus.jsonl", 16)
-    _finish(_start(_config_file(folder, folder / "run", corpus, llama_dir)))
+    settings = run_settings(folder / "run", corpus, llama_dir)
+    settings["ray"] = {"runner": "process"}
+    assert run_loop(RunConfig(**settings)).record.status == "done"
     return folder / "run", corpus
 
 
@@ -108,6 +118,14 @@ def test_killed_at_random_moments_in_round_two_then_rerun_equals_an_uninterrupte
     assert all(torch.equal(tensors[name], expected_tensors[name]) for name in tensors)
     record = json.loads((output / "run.json").read_text())
     assert record["status"] == "done" and [r["status"] for r in record["rounds"]] == ["done", "done"]
+    assert record["config"]["ray"]["runner"] == "ray"  # the killed runs and the rerun: Ray actors and Ray Train
+    # Ray Train leaves the train stage's output as the process runner does (the layout test_train checks), with
+    # the same counts (steps, kept tokens, tokens, final loss).
+    for name in ("r000", "r001"):
+        trains = [run / "rounds" / name / "train" for run in (output, expected_run)]
+        listing = [sorted(p.name for p in train.iterdir()) for train in trains]
+        assert listing[0] == listing[1] == [".lock", "_progress", "checkpoint", "manifest.json", "metrics.jsonl"]
+        assert read_manifest(trains[0], kind="train")["counts"] == read_manifest(trains[1], kind="train")["counts"]
 
 
 def test_two_node_loopback_cluster_with_two_training_workers(reference, llama_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""`score.runner: process`: the score stage's models in this process, the same shards as its Ray actors write."""
+"""`ray.runner: process`: the score stage's models in this process, the same shards as its Ray actors write."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.runtime.files import read_manifest
+from pipeline.scoring import scorer as scorer_module
 from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job
 from tests.factories import write_tokenized
 
@@ -32,7 +33,19 @@ def _flat(values: list) -> list:
 
 
 def test_the_process_runner_writes_the_shards_the_actors_write(ray_local, corpus, llama_dir, llama_history_dir, tmp_path):
-    actors = _score(corpus, tmp_path / "ray", llama_dir, llama_history_dir, "ray")
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded in the driver")
+
+    with pytest.MonkeyPatch.context() as patch:  # runner ray: the models load in the actors only, never here
+        patch.setattr(scorer_module.Scorer, "__init__", refuse)
+        actors = _score(corpus, tmp_path / "ray", llama_dir, llama_history_dir, "ray")
+    # The actor pool (the fast suite's one full run of it; the other score tests run the models in process):
+    # phase 1 fills the history cache with only the history model loaded, phase 2 scores with only the current
+    # model, each actor loads its model once (not once per shard).
+    for phase in ("history", "score"):
+        pool = actors.details["phases"][phase]
+        assert pool["shards"] == 2 and pool["model_loads"] == pool["actors"] >= 1 and pool["forwards"] >= 2, (phase, pool)
+    assert (actors.counts["history_computed"], actors.counts["history_reused"]) == (2, 0)
     local = _score(corpus, tmp_path / "process", llama_dir, llama_history_dir, "process")
     assert local.counts == actors.counts and local.counts["history_computed"] == 2  # shards
     assert local.details["phases"]["history"]["shards"] == 2 and local.details["phases"]["score"]["shards"] == 2

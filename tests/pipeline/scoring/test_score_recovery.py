@@ -20,8 +20,10 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.cli import main
 from pipeline.runtime.files import read_manifest, verify_shards
 from pipeline.runtime.fingerprint import sha256_file
+from pipeline.runtime.ray_session import machine_cpus
 from tests.factories import write_tokenized
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -105,7 +107,12 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_artifacts(corpus, 
         assert process.returncode == 0, log
         return False
 
-    run(tmp_path / "reference", tmp_path / "reference-cache")
+    # The uninterrupted run, in this process (runner process, the same shards as the actors write; the stage's
+    # Ray tasks on an embedded Ray it stops when done, so no Ray of ours runs beside the cluster tests): the
+    # killed runs below, through Ray actors, must end with exactly its shards.
+    reference_command = _score_command(corpus, llama_dir, llama_history_dir, tmp_path / "reference", tmp_path / "reference-cache")
+    threads = str(min(4, machine_cpus()))  # an actor's: up to 4 CPUs of the one node
+    assert main(["score", *reference_command, "--ray.runner", "process", "--threads", threads]) == 0
     reference = _artifacts(tmp_path / "reference", corpus)
 
     output, cache = tmp_path / "killed", tmp_path / "killed-cache"

@@ -1,4 +1,9 @@
-"""The score job on a shared local Ray: artifacts, resume, global selection, refusals, accounting."""
+"""The score job on the session's local Ray: artifacts, resume, global selection, refusals, accounting.
+
+The models run in this process (`ray.runner: process`; the Ray tasks that check and select shards still run on
+the session Ray): both runners write the same shards (test_score_in_process.py, which also runs the actor
+pool's two phases). The shared scored corpus (tests/conftest.py) is the first run; reruns work on copies.
+"""
 
 from __future__ import annotations
 
@@ -23,28 +28,27 @@ from pipeline.runtime.stage_output import PROGRESS
 from pipeline.scoring.score_stage import ScoreJobConfig, plan_workers, run_score_job, workers_note
 from pipeline.scoring.scorer import Scorer, nll_table, score_shard
 from tests import tiny
-from tests.factories import write_tokenized
-
-SHARDS = [5, 7, 3, 6]
+from tests.factories import SCORED_SHARDS as SHARDS, write_tokenized
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer) -> Path:
-    return write_tokenized(tmp_path_factory.mktemp("tokenized"), tokenizer, SHARDS, seed=3)
+def corpus(scored_corpus) -> Path:
+    return scored_corpus.data
 
 
 def _config(corpus: Path, output: Path, llama_dir: Path, history: Path | None, **overrides) -> ScoreJobConfig:
     return ScoreJobConfig(
         data=corpus, current=llama_dir, history=history, output=output,
-        history_cache=output.parent / f"{output.name}-cache", progress=False, **overrides,
+        history_cache=output.parent / f"{output.name}-cache", progress=False, **({"ray": {"runner": "process"}} | overrides),
     )
 
 
 @pytest.fixture(scope="module")
-def sample_run(ray_local, corpus, llama_dir, llama_history_dir, tmp_path_factory):
-    output = tmp_path_factory.mktemp("scores") / "out"
-    config = _config(corpus, output, llama_dir, llama_history_dir)
-    return config, run_score_job(config)
+def sample_run(scored_corpus, llama_dir, llama_history_dir):
+    """The shared scored corpus: its config (runner process) and the summary of its first run."""
+    config = scored_corpus.config
+    assert (config.current, config.history, config.ray.runner) == (llama_dir, llama_history_dir, "process")
+    return config, scored_corpus.summary
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -307,14 +311,16 @@ def test_corrupt_tokenized_shard_is_refused(ray_local, corpus, llama_dir, tmp_pa
         run_score_job(_config(data, tmp_path / "out", llama_dir, None))
 
 
-def test_engine_errors_reach_the_caller_as_they_are(ray_local, corpus, llama_dir, tmp_path):
+@pytest.mark.parametrize("runner", ["ray", "process"])
+def test_engine_errors_reach_the_caller_as_they_are(ray_local, corpus, llama_dir, tmp_path, runner):
+    """Raised where the model loads: in a Ray actor's constructor (re-raised by its first call as itself), or here."""
     with pytest.raises(UserError, match="layer 7 is out of range"):
-        run_score_job(_config(corpus, tmp_path / "out", llama_dir, None, layer=7))
+        run_score_job(_config(corpus, tmp_path / "out", llama_dir, None, layer=7, ray={"runner": runner}))
 
 
 def test_an_engine_user_error_is_one_line_through_the_cli(ray_local, corpus, llama_dir, tmp_path, capsys):
     arguments = ["--data", str(corpus), "--current", str(llama_dir), "--output", str(tmp_path / "out"),
-                 "--history-cache", str(tmp_path / "cache"), "--layer", "7", "--no-progress"]
+                 "--history-cache", str(tmp_path / "cache"), "--layer", "7", "--no-progress", "--ray.runner", "process"]
     assert main(["score", *arguments]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("sstoken score: error: layer 7 is out of range") and "Traceback" not in error
@@ -336,10 +342,12 @@ def test_output_holding_another_artifact_is_refused(corpus, llama_dir, tmp_path)
 
 def test_cli_and_job_entrypoint_share_one_code_path(sample_run, capsys, tmp_path):
     config, _ = sample_run
+    output = tmp_path / "out"
+    shutil.copytree(config.output, output)  # the finished folder, rerun through the CLI (a copy: it is shared)
     settings = tmp_path / "score.yaml"
     settings.write_text(f"gamma: 0.5\nratio: 0.6\nhistory: {config.history}\nhistory_cache: {config.history_cache}\n")
     arguments = ["--config", str(settings), "--data", str(config.data), "--current", str(config.current),
-                 "--output", str(config.output), "--no-progress"]
+                 "--output", str(output), "--no-progress", "--ray.runner", "process"]
     assert main(["score", *arguments]) == 0
     printed = capsys.readouterr().out
     assert re.search(rf"samples\W+{sum(SHARDS)}\b", printed) and re.search(rf"shards skipped\W+{len(SHARDS)}\b", printed)
@@ -428,7 +436,8 @@ def test_changed_shard_under_an_unchanged_fingerprint_misses_the_history_cache(s
     write_manifest(data, manifest)
     output = tmp_path / "out"
     shutil.copytree(config.output, output)
-    changed = config.model_copy(update={"data": data, "output": output})
+    shutil.copytree(config.history_cache, tmp_path / "cache")  # this run fills it for the changed data
+    changed = config.model_copy(update={"data": data, "output": output, "history_cache": tmp_path / "cache"})
     with pytest.raises(ArtifactError, match="made from other inputs or settings; pass --overwrite"):
         run_score_job(changed)
     summary = run_score_job(changed.model_copy(update={"overwrite": True}))

@@ -23,32 +23,35 @@ from pipeline.runtime.errors import UserError
 from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.select_stage import STARTED_FROM, run_select
 from pipeline.selection.selection_shards import SAME_CHECKPOINT_NOTE
-from tests.factories import kill_on_commit, write_tokenized
-
-SHARDS = [4, 6, 3]
+from tests.factories import SCORED_SHARDS as SHARDS, kill_on_commit
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer) -> Path:
-    return write_tokenized(tmp_path_factory.mktemp("tokenized"), tokenizer, SHARDS, seed=7)
+def corpus(scored_corpus) -> Path:
+    return scored_corpus.data
 
 
 def _score(corpus: Path, output: Path, current: Path, history: Path | None, cache: Path, **settings) -> Path:
+    """The models in this process (the same shards as Ray actors write: test_score_in_process)."""
     run_score_job(ScoreJobConfig(
-        data=corpus, current=current, history=history, output=output, history_cache=cache, progress=False, **settings
+        data=corpus, current=current, history=history, output=output, history_cache=cache, progress=False,
+        ray={"runner": "process"}, **settings
     ))
     return output
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("history-cache")
+def cache(scored_corpus) -> Path:
+    """The shared history cache (the history model's NLLs): scorings here only read it."""
+    return scored_corpus.cache
 
 
 @pytest.fixture(scope="module")
-def scored(ray_local, corpus, cache, llama_dir, llama_history_dir, tmp_path_factory) -> Path:
-    """The default scoring: REL = history - current (ssToken, TokenCleaning)."""
-    return _score(corpus, tmp_path_factory.mktemp("scores") / "default", llama_dir, llama_history_dir, cache)
+def scored(scored_corpus) -> Path:
+    """The default scoring: REL = history - current (ssToken, TokenCleaning). Shared: `select --output` leaves it
+    as it is (checked here), in-place selections work on copies."""
+    assert (scored_corpus.config.method, scored_corpus.config.excess) == ("sstoken", "history_minus_current")
+    return scored_corpus.scores
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,35 +22,36 @@ from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.select_stage import run_select
 from pipeline.selection.selection_shards import SAME_CHECKPOINT_NOTE
 from tests import tiny
-from tests.factories import kill_on_commit, write_tokenized
-
-SHARDS = [4, 6, 3]
+from tests.factories import SCORED_SHARDS as SHARDS, kill_on_commit
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer) -> Path:
-    return write_tokenized(tmp_path_factory.mktemp("tokenized"), tokenizer, SHARDS, seed=5)
+def corpus(scored_corpus) -> Path:
+    return scored_corpus.data
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("history-cache")
+def cache(scored_corpus) -> Path:
+    """The shared history cache: fresh scorings here with the same history model only read it."""
+    return scored_corpus.cache
 
 
 def _score(corpus: Path, output: Path, current: Path, history: Path | None, cache: Path, **settings) -> ScoreJobConfig:
+    """A fresh scoring, the models in this process (the same shards as Ray actors write: test_score_in_process)."""
     config = ScoreJobConfig(
-        data=corpus, current=current, history=history, output=output, history_cache=cache, progress=False, **settings
+        data=corpus, current=current, history=history, output=output, history_cache=cache, progress=False,
+        ray={"runner": "process"}, **settings
     )
     run_score_job(config)
     return config
 
 
 @pytest.fixture(scope="module")
-def scored(ray_local, corpus, cache, llama_dir, llama_history_dir, tmp_path_factory) -> Path:
-    """Default scoring (sstoken, gamma 0.5): every signal stored."""
-    output = tmp_path_factory.mktemp("scores") / "default"
-    _score(corpus, output, llama_dir, llama_history_dir, cache)
-    return output
+def scored(scored_corpus, llama_dir, llama_history_dir) -> Path:
+    """Default scoring (sstoken, gamma 0.5): every signal stored. Shared: tests select on copies of it."""
+    config = scored_corpus.config
+    assert (config.current, config.history, config.method, config.signals) == (llama_dir, llama_history_dir, "sstoken", "all")
+    return scored_corpus.scores
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -57,14 +59,20 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    """Building a Scorer (loading a model) in this process fails the test. The score stage's models
-    run in Ray actors, other processes, so a fresh scoring next to it is unaffected."""
+def no_model():
+    """`with no_model():` building a Scorer (loading a model) in this process fails the test. Only the
+    selection runs inside it: the fresh scorings next to it load their models in this process."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded in the driver")
 
-    monkeypatch.setattr(scorer_module.Scorer, "__init__", refuse)
+    @contextmanager
+    def forbidden():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(scorer_module.Scorer, "__init__", refuse)
+            yield
+
+    return forbidden
 
 
 def _copy(folder: Path, target: Path) -> Path:
@@ -81,14 +89,16 @@ def test_reselecting_is_byte_identical_to_scoring_fresh(
 ):
     """Same signals (sstoken, 0 < gamma < 1): every shard is byte-identical to a fresh scoring, and no model runs."""
     folder = _copy(scored, tmp_path / "reselected")
-    summary = run_select(SelectConfig(scores=folder, **settings))
+    with no_model():
+        summary = run_select(SelectConfig(scores=folder, **settings))
     assert summary.stage == "select" and summary.counts["shards_rewritten"] == len(SHARDS)
     manifest = read_manifest(folder, kind="scores")
     verify_shards(folder, manifest)
     assert manifest["selection"]["method"] == "sstoken" and manifest["config"]["ratio"] == settings.get("ratio", 0.6)
     assert manifest["selection"]["granularity"] == settings.get("granularity", "sample")
     before = _digests(folder)
-    assert run_select(SelectConfig(scores=folder, **settings)).counts["shards_rewritten"] == 0
+    with no_model():
+        assert run_select(SelectConfig(scores=folder, **settings)).counts["shards_rewritten"] == 0
     assert _digests(folder) == before
 
     fresh = _score(corpus, tmp_path / "fresh", llama_dir, llama_history_dir, cache, **settings)
@@ -104,7 +114,8 @@ def test_another_method_on_the_same_signals_is_byte_identical(
     """rel and tokencleaning use the same signals (REL only): scoring with one and selecting the other
     equals scoring with the other."""
     rel = _score(corpus, tmp_path / "rel", llama_dir, llama_history_dir, cache, method="rel")
-    summary = run_select(SelectConfig(scores=rel.output, method="tokencleaning", granularity="global", ratio=0.5))
+    with no_model():
+        summary = run_select(SelectConfig(scores=rel.output, method="tokencleaning", granularity="global", ratio=0.5))
     assert summary.counts["shards_rewritten"] == len(SHARDS)
     fresh = _score(corpus, tmp_path / "tc", llama_dir, llama_history_dir, cache, method="tokencleaning",
                    granularity="global", ratio=0.5)
@@ -120,7 +131,8 @@ def test_every_method_reselected_is_byte_identical_to_scoring_with_it(
     """Every signal is stored by default, so any method selected afterwards gives the very shards a
     fresh scoring with that method writes."""
     folder = _copy(scored, tmp_path / "all-signals")
-    run_select(SelectConfig(scores=folder, method=method, ratio=0.4, seed=11))
+    with no_model():
+        run_select(SelectConfig(scores=folder, method=method, ratio=0.4, seed=11))
     fresh = _score(corpus, tmp_path / "fresh", llama_dir, llama_history_dir, cache, method=method, ratio=0.4, seed=11)
     assert _digests(folder) == _digests(fresh.output)
     assert read_manifest(folder, kind="scores")["selection"] == read_manifest(fresh.output, kind="scores")["selection"]
@@ -133,7 +145,8 @@ def test_with_only_the_needed_signals_the_selection_columns_still_match(
     """`signals: needed` stores only what the method uses (attn: no REL, rel: no attention): its
     score, keep and n_kept equal a re-selection of the full signal set with that method."""
     folder = _copy(scored, tmp_path / "all-signals")
-    run_select(SelectConfig(scores=folder, method=method, ratio=0.4))
+    with no_model():
+        run_select(SelectConfig(scores=folder, method=method, ratio=0.4))
     lean = _score(corpus, tmp_path / "lean", llama_dir, llama_history_dir, cache, method=method, ratio=0.4,
                   signals="needed")
     missing = "rel" if method == "attn" else "attn"
@@ -150,7 +163,8 @@ def test_with_only_the_needed_signals_the_selection_columns_still_match(
 def test_random_is_reproducible_and_seeded(scored, tmp_path, no_model):
     one, two, other = (_copy(scored, tmp_path / name) for name in ("one", "two", "other"))
     for folder, seed in ((one, 3), (two, 3), (other, 4)):
-        run_select(SelectConfig(scores=folder, method="random", seed=seed))
+        with no_model():
+            run_select(SelectConfig(scores=folder, method="random", seed=seed))
     assert _digests(one) == _digests(two) != _digests(other)
     manifest = read_manifest(one, kind="scores")
     assert manifest["selection"] == {"method": "random", "ratio": 0.6, "granularity": "sample", "seed": 3,
@@ -189,9 +203,9 @@ def near_copy(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
 
 
 def test_rel_below_the_floor_is_treated_as_zero_with_a_warning(
-    ray_local, corpus, cache, llama_dir, near_copy, tmp_path
+    ray_local, corpus, llama_dir, near_copy, tmp_path
 ):
-    config = _score(corpus, tmp_path / "near", llama_dir, near_copy, cache)
+    config = _score(corpus, tmp_path / "near", llama_dir, near_copy, tmp_path / "cache")  # not the shared cache: new NLLs
     manifest = read_manifest(config.output, kind="scores")
     rel = np.concatenate([np.concatenate(pq.read_table(p).column("rel").to_pylist()) for p in sorted(config.output.glob("part-*"))])
     assert 0 < np.nanmax(np.abs(rel)) < 1e-4  # the checkpoints differ, by noise only
@@ -219,13 +233,15 @@ def test_a_killed_select_is_finished_by_selecting_again(scored, tmp_path, no_mod
     from pipeline.selection import selection_shards
 
     expected = _copy(scored, tmp_path / "expected")
-    run_select(SelectConfig(scores=expected, method="random", ratio=0.3))
+    with no_model():
+        run_select(SelectConfig(scores=expected, method="random", ratio=0.3))
     killed = _copy(scored, tmp_path / "killed")
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+    with no_model(), pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
         kill_on_commit(patch, selection_shards, 2)
         run_select(SelectConfig(scores=killed, method="random", ratio=0.3))
     assert not (killed / "manifest.json").exists()  # incomplete, and says so
-    summary = run_select(SelectConfig(scores=killed, method="random", ratio=0.3))
+    with no_model():
+        summary = run_select(SelectConfig(scores=killed, method="random", ratio=0.3))
     assert summary.counts["shards_rewritten"] == len(SHARDS) - 1
     assert _digests(killed) == _digests(expected)
     assert read_manifest(killed, kind="scores")["selection"] == read_manifest(expected, kind="scores")["selection"]
@@ -287,10 +303,12 @@ def test_select_in_place_on_a_copy_without_progress_records_is_refused_before_an
         if path.name.endswith(".parquet") or path.name == "manifest.json":
             shutil.copy2(path, copied / path.name)
     before = {p.name: sha256_file(p) for p in copied.iterdir()}
-    assert main(["select", "--scores", str(copied), "--method", "random", "--ratio", "0.3"]) == 2
+    with no_model():
+        assert main(["select", "--scores", str(copied), "--method", "random", "--ratio", "0.3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "part-00000.parquet has no progress record" in err and "--output" in err and len(err.splitlines()) == 1
     assert {p.name: sha256_file(p) for p in copied.iterdir()} == before  # not even a lock file
-    assert main(["select", "--scores", str(copied), "--method", "random", "--ratio", "0.3",
-                 "--output", str(tmp_path / "masks")]) == 0  # selecting apart only reads the shards
+    with no_model():
+        assert main(["select", "--scores", str(copied), "--method", "random", "--ratio", "0.3",
+                     "--output", str(tmp_path / "masks")]) == 0  # selecting apart only reads the shards
     assert {p.name: sha256_file(p) for p in copied.iterdir()} == before

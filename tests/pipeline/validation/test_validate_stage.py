@@ -14,25 +14,25 @@ import pytest
 from pipeline.runtime.files import ArtifactError, write_parquet
 from pipeline.runtime.fingerprint import sha256_file
 from pipeline.runtime.stage_output import StageSummary
-from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job
 from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.select_stage import run_select
 from pipeline.training.export_stage import ExportConfig, run_export
 from pipeline.validation.validate_stage import ValidateConfig, run_validate
-from tests.factories import write_keep_masks, write_tokenized
-
-SHARDS = [4, 3]
+from tests.factories import write_keep_masks
 
 
 @pytest.fixture(scope="module")
-def artifacts(ray_local, tmp_path_factory, tokenizer, llama_dir) -> Path:
-    """A folder of real artifacts: tokenized/, scores/, a history cache (the model's NLLs, kept for a later
-    round), masks/ and export/. One checkpoint (round 0): one actor pool, the test's main cost."""
+def artifacts(scored_corpus, tmp_path_factory) -> Path:
+    """A folder of real artifacts: tokenized/, scores/ and the history cache (the session's scored corpus,
+    copied, its manifests naming the copies), masks/ and export/ made from them here."""
     root = tmp_path_factory.mktemp("artifacts")
-    write_tokenized(root / "tokenized", tokenizer, SHARDS, seed=11)
-    run_score_job(ScoreJobConfig(data=root / "tokenized", current=llama_dir, output=root / "scores",
-                                 history_cache=root / "cache", cache_current_nll=True, ratio=0.5, workers=1,
-                                 progress=False))
+    shared = scored_corpus.data.parent
+    assert (scored_corpus.data, scored_corpus.scores, scored_corpus.cache) == (
+        shared / "tokenized", shared / "scores", shared / "cache")
+    shutil.copytree(scored_corpus.data, root / "tokenized")
+    scored_corpus.copy_scores(root / "scores")
+    shutil.copytree(scored_corpus.cache, root / "cache")
+    _repoint(root, shared)
     run_select(SelectConfig(scores=root / "scores", output=root / "masks", method="random", ratio=0.3))
     run_export(ExportConfig(data=root / "tokenized", masks=root / "masks", format="jsonl", output=root / "export"))
     return root
