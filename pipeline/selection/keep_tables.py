@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from pipeline.selection.methods import RelStats, sample_keep, sample_score
 from pipeline.selection.select_settings import SelectSettings
+from pipeline.selection.token_labels import read_token_labels, sample_drop
 
 
 def flat_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -53,8 +54,12 @@ class CorpusSelection:
         ids = scores.column("sample_id").to_pylist()
         rel, attn = row_arrays(scores.column("rel"), np.float32), row_arrays(scores.column("attn"), np.float32)
         masks = row_arrays(trainable, bool)
+        drops: list[np.ndarray | None] = [None] * len(ids)
+        if self.settings.labels is not None:
+            labels = read_token_labels(self.settings.labels)
+            drops = [sample_drop(labels, ids[row], masks[row], self.settings.labels) for row in range(len(ids))]
         return [
-            sample_score(ids[row], rel[row], attn[row], masks[row], self.settings, self.rel_is_noise)
+            sample_score(ids[row], rel[row], attn[row], masks[row], self.settings, self.rel_is_noise, drops[row])
             for row in range(len(ids))
         ]
 
