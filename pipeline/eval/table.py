@@ -159,7 +159,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Corpus: {report['corpus']}; seeds {', '.join(map(str, report['seeds']))} (mean ± sample std over seeds); "
         f"model {report['config']['model']}; cells' wall time {report['cells_wall_s']:,.0f} s "
         f"(this call {report['wall_s']:,.0f} s)."
-        + (f" Exact match generates up to {generation} tokens (the longest held-out answer + a margin)." if generation else ""),
+        + (f" Exact match generates up to {generation} tokens ("
+           + ("max_new_tokens" if report["config"].get("max_new_tokens") else "the longest held-out answer + a margin")
+           + ")." if generation else ""),
         *_power_lines(report),
         "",
         "| method | " + " | ".join(m["label"] + (" ↓" if m["higher_is_better"] is False else " ↑" if m["higher_is_better"] else "")
