@@ -29,10 +29,12 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 import pipeline
 from pipeline.data.prepare_config import PrepareConfig
+from pipeline.eval.ground_truth import CORRUPTION_KINDS
+from pipeline.eval.worked_problems import PROBLEM_KINDS
 from pipeline.eval.rows import DEFAULT_ROWS, FULL, ORACLE, ROWS, row
 from pipeline.loop.run_config import RoundUnit, RunConfig
 from pipeline.runtime.config import SectionedConfig, StageConfig
@@ -59,6 +61,22 @@ class TaskSettings(StageConfig):
         0.2, gt=0.0, le=1.0, description="Clean conversations of the reference (rho1), as a share of task.train: "
         "problems of their own, disjoint from the training and held-out ones."
     )
+    kinds: list[str] = Field(
+        default_factory=lambda: list(PROBLEM_KINDS), description=f"Problem kinds, in equal shares: {', '.join(PROBLEM_KINDS)}."
+    )
+    corruptions: list[str] = Field(
+        default_factory=lambda: list(CORRUPTION_KINDS),
+        description=f"Corruption kinds, in equal shares over the corrupted conversations: {', '.join(CORRUPTION_KINDS)}.",
+    )
+
+    @field_validator("kinds", "corruptions")
+    @classmethod
+    def _known_kinds(cls, chosen: list[str], info: ValidationInfo) -> list[str]:
+        known = PROBLEM_KINDS if info.field_name == "kinds" else CORRUPTION_KINDS
+        unknown = [kind for kind in chosen if kind not in known]
+        if unknown or not chosen or len(set(chosen)) != len(chosen):
+            raise ValueError(f"give each of {', '.join(known)} at most once (got {', '.join(chosen) or 'none'})")
+        return chosen
 
 
 class NaturalSettings(StageConfig):

@@ -65,7 +65,8 @@ def _task_data(config: EvalConfig, seed: int, folder: Path, base: Path) -> SeedD
 
     task = generate_task(
         seed, config.task_train, config.task_heldout, corrupt_fraction=config.task.corrupt_fraction,
-        reference_fraction=config.task.reference_fraction,
+        reference_fraction=config.task.reference_fraction, kinds=tuple(config.task.kinds),
+        corruptions=tuple(config.task.corruptions),
     )
     train, heldout = folder / "train.jsonl", folder / "heldout.jsonl"
     _write_if_changed(train, _lines(task.train))

@@ -231,6 +231,8 @@ def test_a_second_call_redoes_nothing_and_a_cell_killed_before_its_measures_is_m
         ({"slices": 3}, "full_tokens, a select.ratio share of task.train, over 3 slices gives 4 samples"),
         ({"select": {"method": "rel"}}, "select.method cannot be set"),
         ({"select": {"labels": "x.parquet"}}, "select.labels cannot be set"),
+        ({"task": {"kinds": ["algebra"]}}, "give each of arithmetic, unit_conversion, sorting at most once"),
+        ({"task": {"corruptions": []}}, "give each of wrong_result, random_tokens"),
         ({"train": {"epochs": 2}}, "train.epochs cannot be set"),
         ({"score": {"runner": "ray"}}, "score.runner cannot be set in a stage section: set ray.runner in the ray: section"),
     ],
