@@ -171,8 +171,8 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["table"]:
         lines.append(f"| {row['method']} | " + " | ".join(_cell(row["values"].get(m["key"]), m["key"]) for m in measures) + " |")
     if report["corpus"] == "task":
-        lines += ["", f"Selection measures pool {COUNTED} (the same samples for every row, each scored by a model that "
-                  "has not trained on it). AUROC within: clean vs corrupted tokens of each corrupted sample, averaged "
+        lines += ["", f"Selection measures pool {COUNTED} (the same samples for every row but full_tokens, each scored "
+                  "by a model that has not trained on it). AUROC within: clean vs corrupted tokens of each corrupted sample, averaged "
                   "(0.5 chance, the oracle 1); corrupted dropped / oracle's: what the oracle could drop with the same "
                   "kept budget (per sample, or per round for a global selection); pooled AUROC for global selection only."]
     if report["kinds"]:
