@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pipeline.selection.select_settings import Method
+
 Granularity = Literal["sample", "global"]
 
 
@@ -34,7 +36,7 @@ class Row:
     """One row: the selection method, and what its cells set besides the eval's own sections."""
 
     name: str
-    method: str  # the selection method (`pipeline.selection.select_settings.Method`)
+    method: Method  # the selection method
     about: str
     granularity: Granularity | None = None  # None: the eval's select.granularity
     history: Literal["base", "ema"] = "base"

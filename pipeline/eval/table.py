@@ -226,7 +226,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
             axis.set_ylim(low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
     for axis in list(axes.flat)[len(measures):]:
         axis.axis("off")
-    figure.suptitle(f"sstoken eval ({report['corpus']}, {len(report['seeds'])} seeds, mean ± std)", fontsize=10)
+    # The plot travels alone: it carries the gate's word, so nobody ranks bars the eval cannot tell apart.
+    passing = [gate["label"] for gate in report["power"] if gate["passes"]]
+    gate = (f"power gate passed on {', '.join(passing)}" if passing
+            else "power gate failed: cannot tell methods apart at this size, do not rank")
+    figure.suptitle(f"sstoken eval ({report['corpus']}, {len(report['seeds'])} seeds, mean ± std; {gate})", fontsize=10)
     figure.tight_layout()
     temporary = path.with_name(path.name + ".partial")
     figure.savefig(temporary, format="svg")

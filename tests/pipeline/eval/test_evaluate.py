@@ -179,6 +179,7 @@ def test_markdown_table_and_plot(evaluated):
     assert "AUROC within corrupted samples, by corruption kind" in text
     svg = (config.output / "eval.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert "power gate failed: cannot tell methods apart at this size, do not rank" in svg
 
 
 def test_report_renders_the_eval_folder(evaluated, tmp_path):
