@@ -1,28 +1,32 @@
-"""`sstoken eval`: every selection method through the loop, seed by seed, each model then measured.
+"""`sstoken eval`: every row of the table (a way of training) through the loop, seed by seed, each model measured.
 
     run_eval(EvalConfig(...)) -> EvalResult    # EVAL/eval.json, eval.md, eval.svg
 
 Layout of the eval folder:
-    data/seed-N/             the seed's train.jsonl, heldout.jsonl, reference.jsonl (`pipeline.eval.data`)
-    cells/seed-N/METHOD/     the cell's `sstoken run` folder (run.json, tokenized/, rounds/rNNN/...)
-    cells/seed-N/METHOD.measures.json   the cell's measures, written last
-    cells/seed-N/reference/  rho1 and tokencleaning: the reference's run (the clean slice, every token)
+    data/seed-N/             the seed's train.jsonl, heldout.jsonl, reference.jsonl (`pipeline.eval.data`), and
+                             for the task tokenized/ and token_labels.parquet (the oracle's input, the measures' truth)
+    cells/seed-N/ROW/        the cell's `sstoken run` folder (run.json, tokenized/, rounds/rNNN/...)
+    cells/seed-N/ROW.measures.json      the cell's measures, written last
+    cells/seed-N/reference/  rho1: the reference's run (its clean set, every token)
     cells/seed-N/base.measures.json     the base model's held-out figures (before any training)
 
-A cell is done when its measures file (`pipeline.eval.records`, `schemas/measures.v1.schema.json`) is there
-and names the cell's identity (the run's settings
-and the measures' own): a rerun skips it without loading a model. A cell killed before that is
-finished by `run_loop`'s own resume (finished rounds and stages kept) and then measured. All cells
-share one Ray session.
+A cell is done when its measures file (`pipeline.eval.records`, `schemas/measures.v2.schema.json`) is there
+and names the cell's identity (the run's settings and the measures' own): a rerun skips it without
+loading a model; a file of another identity (other settings, an older version) is measured again.
+A cell killed before that is finished by `run_loop`'s own resume (finished rounds and stages
+kept) and then measured. All cells share one Ray session.
 
-Per cell: held-out clean NLL and (corpus task) exact match of the last round's model; per round,
-the selection quality against the known corrupted tokens (`pipeline.eval.measures`); the
-seconds of scoring (score + select) and training summed over the rounds (run.json), and the kept
-tokens its training saw (the train stages' manifests).
+Per cell: held-out clean NLL and (corpus task) exact match of the last round's model; the
+selection against the known corrupted tokens (`pipeline.eval.selection_measures`) per round and over
+the rounds that count (the first pass's slices after the warm-up slice 0: the same samples for every
+row, each scored by a model that has not trained on it); the seconds of scoring (score + select) and
+training summed over the rounds (run.json), the kept tokens and the optimizer steps its training
+took (the train stages' manifests).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -32,19 +36,19 @@ from typing import Any
 
 from pipeline.eval.config import EvalConfig
 from pipeline.eval.data import SeedData, seed_data
-from pipeline.eval.records import CellMeasures, EvalReport, read_measures, write_measures
-from pipeline.loop.run_config import REFERENCE_METHODS, RunConfig
-from pipeline.loop.run_folder import RoundSummary, RunFolder, RunRecord
+from pipeline.eval.records import MEASURES_VERSION, CellMeasures, EvalReport, read_measures, write_measures
+from pipeline.eval.rows import ROWS
+from pipeline.loop.run_config import RunConfig
+from pipeline.loop.run_folder import RoundEntry, RoundSummary, RunFolder, RunRecord
 from pipeline.runtime.checkpoints import checkpoint_fingerprint
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import ArtifactError, read_manifest, read_shard
-from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.fingerprint import sha256_file, sha256_json
 from pipeline.runtime.log import say
 from pipeline.runtime.model_zoo import ensure_model
 from pipeline.runtime.ray_session import ray_session
 from pipeline.scoring.score_settings import ScoreSettings
 
-MEASURES_VERSION = 1
 REFERENCE = "reference"
 BASE = "base"
 
@@ -68,32 +72,41 @@ def measures_path(config: EvalConfig, seed: int, name: str) -> Path:
 
 
 def _top_level(config: EvalConfig, seed: int, name: str, corpus: Path) -> dict[str, Any]:
-    return {"output": cell_folder(config, seed, name), "corpus": [corpus], "model": config.model,
-            "round_unit": "epoch", "seed": seed}
+    return {"output": cell_folder(config, seed, name), "corpus": [corpus], "model": config.model, "seed": seed}
 
 
 def reference_run_config(config: EvalConfig, data: SeedData) -> RunConfig:
-    """The seed's reference: the base trained on the clean slice, every trainable token, reference_epochs passes."""
+    """The seed's reference: the base trained on its clean set (disjoint from training), every trainable token,
+    reference_epochs passes, in one round."""
     sections = config.cell_sections()
     return RunConfig(
-        **_top_level(config, data.seed, REFERENCE, data.reference), epochs=1, ray=sections["ray"],
+        **_top_level(config, data.seed, REFERENCE, data.reference), round_unit="epoch", epochs=1, ray=sections["ray"],
         prepare=sections["prepare"], score=sections["score"],
         select=sections["select"] | {"method": "full", "seed": data.seed},
         train=sections["train"] | {"seed": data.seed, "epochs": config.reference_epochs},
     )
 
 
-def cell_run_config(config: EvalConfig, data: SeedData, method: str, reference: Path | None) -> RunConfig:
-    """The `sstoken run` of one cell; `full` trains a select.ratio share of the samples a round (the same budget)."""
-    sections = config.cell_sections()
-    top = _top_level(config, data.seed, method, data.train) | {"epochs": config.rounds}
-    if method in REFERENCE_METHODS:
+def cell_run_config(config: EvalConfig, data: SeedData, name: str, reference: Path | None) -> RunConfig:
+    """The `sstoken run` of one cell: the row's method and settings (`pipeline.eval.rows`), the eval's rounds, one
+    pass of each round's training over its samples (every row the same samples and steps, but full_tokens)."""
+    row, sections = ROWS[name], config.cell_sections()
+    top = _top_level(config, data.seed, name, data.train) | {
+        "round_unit": config.round_unit, "epochs": config.epochs, "history": row.history, "warmup": row.warmup}
+    if config.round_unit == "slice":
+        top["slices"] = config.slices
+    if row.reference:
         top["reference"] = reference
-    epochs = config.select.ratio if method == "full" else 1.0
+    if row.token_matched:
+        top["samples"] = config.token_matched(data.samples)
+    select = sections["select"] | {"method": row.method, "seed": data.seed}
+    if row.granularity is not None:
+        select["granularity"] = row.granularity
+    if row.needs_labels:
+        select["labels"] = data.labels
     return RunConfig(
-        **top, ray=sections["ray"], prepare=sections["prepare"], score=sections["score"],
-        select=sections["select"] | {"method": method, "seed": data.seed},
-        train=sections["train"] | {"seed": data.seed, "epochs": epochs},
+        **top, ray=sections["ray"], prepare=sections["prepare"], score=sections["score"], select=select,
+        train=sections["train"] | {"seed": data.seed, "epochs": 1.0},
     )
 
 
@@ -106,12 +119,22 @@ def _score_settings(config: EvalConfig) -> ScoreSettings:
 
 def _measure_identity(config: EvalConfig, data: SeedData) -> dict[str, Any]:
     heldout = sha256_json(data.heldout.read_text())
-    return {"version": MEASURES_VERSION, "heldout": heldout, "labelled": data.labelled,
-            "max_new_tokens": config.max_new_tokens if data.labelled else None, "nll": _score_settings(config).resolved()}
+    labels = sha256_file(data.labels) if data.labels is not None else None
+    return {"version": MEASURES_VERSION, "heldout": heldout, "labels": labels, "max_new_tokens": data.max_new_tokens,
+            "nll": _score_settings(config).resolved()}
 
 
 def _read_done(path: Path, identity: str) -> CellMeasures | None:
-    """The cell's measures when it is done with this identity (a malformed file is one error naming it)."""
+    """The cell's measures when it is done with this identity. A file of another identity (other settings, or
+    another version of the measures) is to be measured again; a malformed one is one error naming it."""
+    if not path.is_file():
+        return read_measures(path)  # None when absent; a folder in its place is an error naming it
+    try:
+        written = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        written = None
+    if isinstance(written, dict) and written.get("identity") != identity:
+        return None
     done = read_measures(path)
     return done if done is not None and done.identity == identity else None
 
@@ -121,18 +144,18 @@ def _finite(value: float) -> float | None:
 
 
 def heldout_figures(config: EvalConfig, data: SeedData, model: Path) -> dict[str, float | None]:
-    """Held-out clean NLL (and exact match for the task) of one model."""
+    """Held-out clean NLL (and exact match for the task, with room for the longest answer) of one model."""
     from pipeline.eval.measures import exact_match, heldout_nll
 
     figures = {"heldout_nll": _finite(heldout_nll(model, data.heldout, _score_settings(config)))}
-    if data.labelled:
-        accuracy = exact_match(model, data.heldout, max_new_tokens=config.max_new_tokens, dtype=config.score.dtype,
+    if data.max_new_tokens is not None:
+        accuracy = exact_match(model, data.heldout, max_new_tokens=data.max_new_tokens, dtype=config.score.dtype,
                                threads=config.score.threads)
         figures["exact_match"] = _finite(accuracy)
     return figures
 
 
-def _column(folder: Path, kind: str, column: str) -> dict[str, list]:
+def column_by_sample(folder: Path, kind: str, column: str) -> dict[str, list]:
     """sample_id -> one list column of an artifact folder's shards."""
     manifest = read_manifest(folder, kind)
     values: dict[str, list] = {}
@@ -142,29 +165,67 @@ def _column(folder: Path, kind: str, column: str) -> dict[str, list]:
     return values
 
 
-def selection_by_round(run: RunFolder, record: RunRecord, train_jsonl: Path) -> list[dict[str, Any]]:
-    """Per round: corrupted and clean tokens dropped, and the AUROC of the round's score (its selection's)."""
-    from pipeline.eval.ground_truth_labels import corrupted_token_mask
-    from pipeline.eval.measures import selection_quality
+def measured_rounds(record: RunRecord) -> list[int]:
+    """The rounds the selection measures pool: the first pass's slices after the warm-up slice 0 (the same samples
+    for every row, each scored by a model that has not trained on it); with one slice or epoch rounds, round 0."""
+    first_pass = [entry for entry in record.rounds if entry.epoch == 0]
+    after_warmup = [entry.round for entry in first_pass if (entry.slice or 0) > 0]
+    return after_warmup or [first_pass[0].round]
 
-    labels = corrupted_token_mask(run.tokenized, train_jsonl)
-    corrupted = dict(zip(labels["sample_id"].to_list(), labels["corrupted"].to_list()))
-    trainable = _column(run.tokenized, "tokenized", "trainable")
-    rounds = []
+
+def _corruption_kinds(train_jsonl: Path) -> dict[str, str | None]:
+    """sample_id -> the corruption kind of the training row (None: clean)."""
+    from pipeline.eval.ground_truth import read_jsonl
+
+    return {str(row["id"]): (row["corruption"][0]["kind"] if row.get("corruption") else None)
+            for row in read_jsonl(train_jsonl)}
+
+
+def _labels(run: RunFolder, data: SeedData) -> dict[str, Any]:
+    """The seed's token labels, after checking that the cell prepared the very tokens they were made for."""
+    from pipeline.selection.token_labels import read_token_labels
+
+    assert data.labels is not None and data.tokenized is not None
+    labelled = read_manifest(data.tokenized, "tokenized")["data_fingerprint"]
+    if read_manifest(run.tokenized, "tokenized")["data_fingerprint"] != labelled:
+        raise ArtifactError(f"{run.tokenized} holds other tokens than {data.tokenized}, which the labels "
+                            f"{data.labels} were made for; remove {run.root} and run the eval again")
+    return read_token_labels(data.labels)
+
+
+def selection_measures(run: RunFolder, record: RunRecord, data: SeedData, granularity: str
+                       ) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
+    """The selection measures over the rounds that count, and per round (`pipeline.eval.selection_measures`)."""
+    from pipeline.eval.ground_truth import CORRUPTION_KINDS
+    from pipeline.eval.selection_measures import SelectionTally, selection_tally
+
+    corrupted, kinds = _labels(run, data), _corruption_kinds(data.train)
+    trainable = column_by_sample(run.tokenized, "tokenized", "trainable")
+    counted = measured_rounds(record)
+    total, by_round = SelectionTally(), []
     for entry in record.rounds:
-        index = entry.round
-        keep = _column(run.masks(index), "masks", "keep")
-        score = _column(run.scores(index), "scores", "score")
+        keep = column_by_sample(run.masks(entry.round), "masks", "keep")
+        score = column_by_sample(run.masks(entry.round), "masks", "score")  # what the selection ranked
         ids = sorted(keep)
-        quality = selection_quality([keep[i] for i in ids], [score[i] for i in ids], [trainable[i] for i in ids],
-                                    [corrupted[i] for i in ids])
-        rounds.append({"round": index, "selection": entry.selection.method, "warmup": entry.warmup is not None,
-                       **{name: _finite(value) for name, value in quality.items()}})
-    return rounds
+        tally = selection_tally([keep[i] for i in ids], [score[i] for i in ids], [trainable[i] for i in ids],
+                                [corrupted[i] for i in ids], kinds=[kinds.get(i) for i in ids], granularity=granularity)
+        if entry.round in counted:
+            total = total.merge(tally)
+        by_round.append({"round": entry.round, "selection": _selection_method(entry), "warmup": entry.warmup is not None,
+                         "measured": entry.round in counted}
+                        | {name: _finite(value) for name, value in tally.figures().items()})
+    present = [kind for kind in CORRUPTION_KINDS if any(k == kind for k, _ in total.within)]  # the measured kinds
+    return {name: _finite(value) for name, value in total.figures(present).items()}, by_round
 
 
-def _kept_tokens_seen(run: RunFolder, record: RunRecord) -> int:
-    return sum(read_manifest(run.train(entry.round), "train")["counts"]["kept_tokens"] for entry in record.rounds)
+def _selection_method(entry: RoundEntry) -> str:
+    return entry.selection.method if entry.selection is not None else "?"
+
+
+def _train_counts(run: RunFolder, record: RunRecord) -> dict[str, int]:
+    """Kept tokens and optimizer steps of the cell's training, summed over its rounds."""
+    counts = [read_manifest(run.train(entry.round), "train")["counts"] for entry in record.rounds]
+    return {"kept_tokens": sum(c["kept_tokens"] for c in counts), "steps": sum(c["steps"] for c in counts)}
 
 
 def _summaries(record: RunRecord, run: RunFolder) -> list[RoundSummary]:
@@ -175,18 +236,19 @@ def _summaries(record: RunRecord, run: RunFolder) -> list[RoundSummary]:
     return [entry.summary for entry in record.rounds if entry.summary is not None]
 
 
-def cell_measures(config: EvalConfig, data: SeedData, record: RunRecord, run: RunFolder) -> dict[str, Any]:
-    """The measures of a finished cell: its last model on the held-out rows, its selection per round, its costs."""
+def cell_measures(config: EvalConfig, data: SeedData, record: RunRecord, run: RunFolder,
+                  granularity: str) -> dict[str, Any]:
+    """The measures of a finished cell: its last model on the held-out rows, its selection, its costs."""
     summaries = _summaries(record, run)
     values: dict[str, Any] = heldout_figures(config, data, run.checkpoint(record.rounds[-1].round))
     values |= {
         "score_s": round(sum(s.score_s + s.select_s for s in summaries), 3),
         "train_s": round(sum(s.train_s for s in summaries), 3),
-        "kept_tokens": _kept_tokens_seen(run, record),
-    }
-    by_round = selection_by_round(run, record, data.train) if data.labelled else []
-    if by_round:
-        values |= {name: by_round[-1][name] for name in ("corrupted_dropped", "clean_dropped", "auroc")}
+    } | _train_counts(run, record)
+    by_round: list[dict[str, Any]] = []
+    if data.labelled:
+        pooled, by_round = selection_measures(run, record, data, granularity)
+        values |= pooled
     return {"values": values, "selection_by_round": by_round}
 
 
@@ -205,11 +267,11 @@ class _Cells:
             say("eval", f"seed {seed} {name}: done earlier, kept ({path.name})")
             return done
         started = time.monotonic()
-        measures = {"identity": key, "seed": seed, "method": name} | work()
+        measures = {"schema_version": MEASURES_VERSION, "identity": key, "seed": seed, "method": name} | work()
         measures["wall_s"] = round(time.monotonic() - started, 3)
         written = write_measures(path, measures)
         self.run += 1
-        shown = {k: v for k, v in written.values.items() if k in ("heldout_nll", "exact_match", "auroc")}
+        shown = {k: v for k, v in written.values.items() if k in ("heldout_nll", "exact_match", "auroc_within")}
         say("eval", f"seed {seed} {name}: measured in {written.wall_s:.0f} s: "
             + ", ".join(f"{k} {v:.4g}" if v is not None else f"{k} -" for k, v in shown.items()))
         return written
@@ -222,15 +284,15 @@ def _run_cell(cells: _Cells, data: SeedData, name: str, run_config: RunConfig) -
     identity = {"run": run_identity(run_config), "measures": _measure_identity(config, data)}
 
     def work() -> dict[str, Any]:
-        say("eval", f"seed {data.seed} {name}: {config.rounds if name != REFERENCE else 1} round(s) in {run_config.output}")
+        say("eval", f"seed {data.seed} {name}: {run_config.rounds} round(s) in {run_config.output}")
         result = run_loop(run_config)
-        return cell_measures(config, data, result.record, result.folder)
+        return cell_measures(config, data, result.record, result.folder, run_config.select.granularity)
 
     return cells.measured(data.seed, name, identity, work)
 
 
 def _reference_model(cells: _Cells, data: SeedData) -> tuple[CellMeasures, Path]:
-    """The seed's reference: its measures (its training time) and checkpoint (trained once, for rho1 and tokencleaning)."""
+    """The seed's reference: its measures (its training time) and checkpoint (trained once, for the rho1 rows)."""
     from pipeline.loop.rounds import run_identity, run_loop
 
     run_config = reference_run_config(cells.config, data)
@@ -238,7 +300,7 @@ def _reference_model(cells: _Cells, data: SeedData) -> tuple[CellMeasures, Path]
     identity = {"run": run_identity(run_config), "measures": _measure_identity(cells.config, data)}
 
     def work() -> dict[str, Any]:
-        say("eval", f"seed {data.seed} reference: training the base on {data.reference}")
+        say("eval", f"seed {data.seed} reference: training the base on {data.reference} (disjoint from training)")
         result = run_loop(run_config)
         return {"values": {"train_s": _summaries(result.record, result.folder)[0].train_s}, "selection_by_round": []}
 
@@ -268,16 +330,20 @@ def run_eval(config: EvalConfig) -> EvalResult:
     base = Path(config.model) if Path(config.model).is_dir() else ensure_model(config.model)
     cells = _Cells(config)
     measures: list[CellMeasures] = []
+    generation: dict[int, int | None] = {}
     with ray_session(config.ray):
         for seed in config.seeds:
-            data = seed_data(config, seed)
+            data = seed_data(config, seed, base)
+            generation[seed] = data.max_new_tokens
             measures.append(_base_measures(cells, data, base))
             reference = None
-            if set(config.methods) & set(REFERENCE_METHODS):
+            if any(ROWS[name].reference for name in config.methods):
                 reference_measures, reference = _reference_model(cells, data)
                 measures.append(reference_measures)
             for method in config.methods:
                 measures.append(_run_cell(cells, data, method, cell_run_config(config, data, method, reference)))
-    report = write_eval(config, measures, wall_s=time.monotonic() - started, cells_run=cells.run)
+    report = write_eval(config, measures, wall_s=time.monotonic() - started, cells_run=cells.run,
+                        max_new_tokens={str(seed): generate for seed, generate in generation.items()})
     say("eval", f"{cells.run} cell(s) run now, {cells.reused} done earlier; table in {Path(config.output) / 'eval.md'}")
+    say("eval", report.verdict)
     return EvalResult(Path(config.output), report, cells.run, cells.reused)

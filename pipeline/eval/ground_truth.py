@@ -12,10 +12,12 @@ characters of that assistant message:
 - `prompt_copy`: the user's question copied into the answer between two sentences.
 
 Beside the training rows it makes held-out clean problems with their answers (for held-out NLL and
-exact match) and the clean reference slice: the uncorrupted versions of a seeded
-`reference_fraction` (20%) of the training conversations, same ids, for the reference model of
-the rho1 and tokencleaning baselines (the paper fine-tunes its reference on a clean 20% slice of
-the same data). Everything comes from `seed` alone: the same seed makes the same rows.
+exact match) and the clean reference set: `reference_fraction` (20%) as many clean conversations
+as training ones, made of their own problems (no prompt of it is in the training or held-out
+rows), for the reference model of the rho1 baseline (a reference fine-tuned on clean data of the
+same kind; trained on clean twins of training conversations it would know which of their tokens
+are clean, and leak the answer). Every prompt of the three sets is distinct. Everything comes
+from `seed` alone: the same seed makes the same rows.
 """
 
 from __future__ import annotations
@@ -201,32 +203,41 @@ def generate_task(
             "answer": answer_of(problem),
         })
 
-    # Separate streams: the conversations (and the reference slice) are the same for every
-    # corrupt_fraction, so a task at fraction f is the clean task with corruptions applied.
+    # Separate streams: the conversations are the same for every corrupt_fraction, so a task at
+    # fraction f is the clean task with corruptions applied.
     corrupted = _rng(seed, "corrupted").sample(range(n_train), round(corrupt_fraction * n_train))
     corruption_of = {index: corruptions[j % len(corruptions)] for j, index in enumerate(corrupted)}
-    two_turn = set(_rng(seed, "two_turn").sample(range(n_train), round(two_turn_fraction * n_train)))
-    reference = sorted(_rng(seed, "reference").sample(range(n_train), round(reference_fraction * n_train)))
-
-    draw, corrupt = _rng(seed, "train"), _rng(seed, "corrupt")
-    train, clean = [], []
-    for i in range(n_train):
-        kind = kinds[i % len(kinds)]
-        turns = [problems.draw(kind, draw) for _ in range(2 if i in two_turn else 1)]
+    corrupt = _rng(seed, "corrupt")
+    train = []
+    for i, turns in enumerate(_conversations(problems, kinds, seed, "train", n_train, two_turn_fraction)):
         contents = [render(problem).text for problem in turns]
-        clean.append(_conversation(turns, contents))
         spans: list[dict[str, Any]] = []
         if i in corruption_of:
             turn = corrupt.randrange(len(turns))
             contents[turn], where = CORRUPTERS[corruption_of[i]](turns[turn], corrupt)
             spans = [{"turn": turn, "start": start, "end": end, "kind": corruption_of[i]} for start, end in where]
-        train.append({"id": f"train-{i:06d}", "source": kind, "messages": _conversation(turns, contents),
+        train.append({"id": f"train-{i:06d}", "source": turns[0].kind, "messages": _conversation(turns, contents),
                       "corruption": spans})
-    clean_reference = [{"id": train[i]["id"], "source": train[i]["source"], "messages": clean[i]} for i in reference]
+    # Drawn after the training rows from the same pool of unseen prompts, so it changes none of them.
+    clean_reference = [
+        {"id": f"reference-{i:06d}", "source": turns[0].kind,
+         "messages": _conversation(turns, [render(problem).text for problem in turns])}
+        for i, turns in enumerate(_conversations(problems, kinds, seed, "reference", round(reference_fraction * n_train),
+                                                 two_turn_fraction))
+    ]
     settings = {"seed": seed, "n_train": n_train, "n_heldout": n_heldout, "corrupt_fraction": corrupt_fraction,
                 "kinds": list(kinds), "corruptions": list(corruptions), "reference_fraction": reference_fraction,
                 "two_turn_fraction": two_turn_fraction}
     return GroundTruthTask(train, heldout, clean_reference, settings, _counts(train, heldout, clean_reference))
+
+
+def _conversations(problems: _Problems, kinds: tuple[str, ...], seed: int, purpose: str, count: int,
+                   two_turn_fraction: float) -> list[list[Problem]]:
+    """`count` conversations' problems (kinds in turn; a seeded `two_turn_fraction` of them with two exchanges)."""
+    two_turn = set(_rng(seed, f"{purpose}:two_turn" if purpose != "train" else "two_turn").sample(
+        range(count), round(two_turn_fraction * count)))
+    draw = _rng(seed, purpose)
+    return [[problems.draw(kinds[i % len(kinds)], draw) for _ in range(2 if i in two_turn else 1)] for i in range(count)]
 
 
 def _conversation(turns: list[Problem], contents: list[str]) -> list[dict[str, str]]:

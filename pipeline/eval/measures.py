@@ -1,17 +1,14 @@
-"""What an evaluation measures: selection quality against known corrupted tokens, held-out NLL, exact match.
+"""What an evaluation measures of a model: held-out NLL and exact match (the selection's: `selection_measures`).
 
-- `selection_quality`: of the trainable tokens, the share of corrupted ones a selection dropped,
-  the share of clean ones it dropped, and the AUROC of the score at ranking clean tokens above
-  corrupted ones (ties count one half), all over one round's tokens.
 - `heldout_nll`: a model's mean NLL per response token over held-out clean conversations
   (token-weighted), through the engine's `Scorer` (length-sorted, right-padded micro-batches).
 - `exact_match`: the share of held-out problems whose greedy generation states the right answer
-  in the task's "So the answer is X." form, generated in left-padded batches.
+  in the task's "So the answer is X." form, generated in left-padded batches, with room for the
+  longest answer (`longest_answer_tokens`): a cut-off generation cannot be right.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,64 +29,6 @@ from pipeline.scoring.batching import length_sorted_batches
 from pipeline.scoring.precision import MIXED_BFLOAT16, compute_precision, load_dtype, precision_name, to_mixed_precision
 from pipeline.scoring.score_settings import ScoreSettings
 from pipeline.scoring.scorer import Scorer
-
-
-# --- selection quality --------------------------------------------------------------------
-
-
-def _flat(values: Any, dtype: Any) -> np.ndarray:
-    """One array over all tokens: per-sample arrays are laid end to end, a flat array is kept."""
-    if isinstance(values, np.ndarray) and values.dtype != object:
-        return values.astype(dtype, copy=False).ravel()
-    values = list(values)
-    if not values:
-        return np.zeros(0, dtype=dtype)
-    if np.ndim(values[0]) == 0:  # a flat list of scalars
-        return np.asarray(values, dtype=dtype)
-    return np.concatenate([np.asarray(v, dtype=dtype).ravel() for v in values])
-
-
-def auroc(score: np.ndarray, positive: np.ndarray) -> float:
-    """P(score of a random positive > score of a random negative), ties counting one half (Mann-Whitney U).
-
-    NaN when either class is empty.
-    """
-    score, positive = np.asarray(score, dtype=np.float64), np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1
-    average_rank = first_rank + (counts - 1) / 2.0  # tied values share the mean of their ranks
-    rank_sum = float(average_rank[inverse][positive].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-
-
-def selection_quality(keep: Any, score: Any, trainable: Any, corrupted: Any) -> dict[str, float]:
-    """{"corrupted_dropped", "clean_dropped", "auroc"} over the trainable tokens of one round.
-
-    Each argument is one array over all tokens or a sequence of per-sample arrays (aligned, same
-    lengths). A higher score means "keep"; a token whose score is NaN (a method that scores
-    nothing) takes no part in the AUROC. A share whose class is empty, and an AUROC without both
-    classes, is NaN.
-    """
-    arrays = {"keep": _flat(keep, bool), "score": _flat(score, np.float64),
-              "trainable": _flat(trainable, bool), "corrupted": _flat(corrupted, bool)}
-    lengths = {name: len(a) for name, a in arrays.items()}
-    if len(set(lengths.values())) != 1:
-        raise UserError(f"keep, score, trainable and corrupted must line up token for token, got lengths {lengths}")
-    keep, score, trainable, corrupted = arrays.values()
-    if (corrupted & ~trainable).any():
-        raise UserError("a corrupted flag is set on a token that is not trainable; labels and tokens do not line up")
-    if (keep & ~trainable).any():
-        raise UserError("keep is set on a token that is not trainable; masks and tokens do not line up")
-    bad, good = trainable & corrupted, trainable & ~corrupted
-    scored = trainable & ~np.isnan(score)
-    return {
-        "corrupted_dropped": float((bad & ~keep).sum() / bad.sum()) if bad.any() else math.nan,
-        "clean_dropped": float((good & ~keep).sum() / good.sum()) if good.any() else math.nan,
-        "auroc": auroc(score[scored], ~corrupted[scored]),
-    }
 
 
 # --- held-out NLL -------------------------------------------------------------------------
@@ -226,6 +165,18 @@ def greedy_answers(model_dir: Path | str, heldout: Path | Sequence[dict[str, Any
                 texts[index] = tokenizer.decode(output[row, width:], skip_special_tokens=True)
     return [Generation(str(row.get("id", index)), text, extract_answer(text), row["answer"])
             for index, (row, text) in enumerate(zip(rows, texts))]
+
+
+def longest_answer_tokens(model_dir: Path | str, heldout: Path | Sequence[dict[str, Any]],
+                          trust_remote_code: bool = False) -> int:
+    """Tokens of the longest last assistant message of the held-out rows, in the model's tokenizer (what a
+    generation must produce before the end-of-turn token; add a margin for the template's own tokens)."""
+    tokenizer = chat_tokenizer(model_dir, trust_remote_code)
+    longest = 0
+    for index, row in enumerate(_rows(heldout)):
+        answer = [m for m in _messages(row, index) if m["role"] == "assistant"][-1]["content"]
+        longest = max(longest, len(tokenizer(answer, add_special_tokens=False)["input_ids"]))
+    return longest
 
 
 def exact_match(model_dir: Path | str, heldout: Path | Sequence[dict[str, Any]], max_new_tokens: int = 96,

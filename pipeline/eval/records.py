@@ -1,7 +1,11 @@
 """The eval's two records, typed: a cell's measures file and the eval folder's eval.json.
 
-    read_measures(path) -> CellMeasures      # cells/seed-N/NAME.measures.json (`schemas/measures.v1.schema.json`)
-    read_eval(folder) -> EvalReport          # EVAL/eval.json (`schemas/eval.v1.schema.json`)
+    read_measures(path) -> CellMeasures      # cells/seed-N/NAME.measures.json (`schemas/measures.v2.schema.json`)
+    read_eval(folder) -> EvalReport          # EVAL/eval.json (`schemas/eval.v2.schema.json`)
+
+Version 2 (this one): slice rounds measured after the warm-up, the oracle and the power gate,
+selection measures that fit per-sample selection (AUROC within corrupted samples, drop share of
+the oracle's, pooled AUROC for a global selection only), kept tokens and optimizer steps.
 
 Both are checked against their schema when written and when read; a file that is a folder, not
 JSON, or does not match is one error naming the file and the field (`sstoken report EVAL` exits 2).
@@ -18,8 +22,10 @@ from pipeline.runtime.files import read_json_record, write_json_atomic
 from pipeline.runtime.schemas import validate_json
 
 EVAL_RECORD = "eval.json"
-EVAL_SCHEMA = "eval.v1.schema.json"
-MEASURES_SCHEMA = "measures.v1.schema.json"
+EVAL_VERSION = 2
+MEASURES_VERSION = 2
+EVAL_SCHEMA = f"eval.v{EVAL_VERSION}.schema.json"
+MEASURES_SCHEMA = f"measures.v{MEASURES_VERSION}.schema.json"
 
 
 class _Record(BaseModel):
@@ -36,14 +42,17 @@ class RoundSelection(_Record):
     round: int
     selection: str
     warmup: bool
+    measured: bool  # one of the rounds the cell's selection measures pool
     corrupted_dropped: float | None
-    clean_dropped: float | None
-    auroc: float | None
+    drop_share: float | None
+    auroc_within: float | None
+    auroc_pooled: float | None
 
 
 class CellMeasures(_Record):
-    """A cell's measures file: what `sstoken eval` measured for one method (or the reference, or the base) and seed."""
+    """A cell's measures file: what `sstoken eval` measured for one row (or the reference, or the base) and seed."""
 
+    schema_version: Literal[2]
     identity: str
     seed: int
     method: str
@@ -73,16 +82,31 @@ class RoundSpread(_Record):
     method: str
     round: int
     selection: str
+    measured: bool
     corrupted_dropped: Spread
-    clean_dropped: Spread
-    auroc: Spread
+    drop_share: Spread
+    auroc_within: Spread
+    auroc_pooled: Spread
+
+
+class PowerGate(_Record):
+    """One outcome measure's gate: does oracle - full exceed 3 x the seed spread (`pipeline.eval.power`)?"""
+
+    key: str
+    label: str
+    seeds: int
+    difference: float | None
+    spread: float | None
+    threshold: float | None
+    passes: bool
+    verdict: str
 
 
 class EvalReport(_Record):
-    """eval.json: the table of measures over seeds, and the selection quality per round."""
+    """eval.json: the table of measures over seeds, the power gate and its verdict, the selection per round."""
 
     kind: Literal["eval"]
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     config: dict[str, Any]
     corpus: Literal["task", "natural"]
     seeds: list[int]
@@ -90,6 +114,12 @@ class EvalReport(_Record):
     rows: list[str]
     measures: list[Measure]
     table: list[TableRow]
+    power: list[PowerGate]
+    spread_definition: str
+    verdict: str
+    ranking: dict[str, list[str]]
+    kinds: list[str]
+    max_new_tokens: dict[str, int | None]
     selection_by_round: list[RoundSpread]
     wall_s: float
     cells_wall_s: float

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from pipeline.selection.methods import RelStats, nan_at_targets, sample_keep, sample_score
 from pipeline.selection.select_settings import SelectSettings
+from pipeline.selection.token_labels import read_token_labels, sample_drop
 
 
 def flat_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -58,8 +59,12 @@ class CorpusSelection:
             for name in ("nll_cur", "nll_hist")
         )
         masks = row_arrays(trainable, bool)
+        drops: list[np.ndarray | None] = [None] * len(ids)
+        if self.settings.labels is not None:
+            labels = read_token_labels(self.settings.labels)
+            drops = [sample_drop(labels, ids[row], masks[row], self.settings.labels) for row in range(len(ids))]
         return [
-            sample_score(ids[row], rel[row], attn[row], masks[row], self.settings, self.rel_is_noise,
+            sample_score(ids[row], rel[row], attn[row], masks[row], self.settings, self.rel_is_noise, drops[row],
                          nll_cur=nll_cur[row], nll_hist=nll_hist[row])
             for row in range(len(ids))
         ]

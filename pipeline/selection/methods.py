@@ -10,6 +10,8 @@ the select stage and the tests share one definition of every method:
     rho1           REL, raw (current - history: loss(current) - loss(reference) with history = reference)
     full           1 at every target                            (keeps them all)
     random         uniform [0, 1) per target, from (seed, sample_id)
+    oracle         random's draw, plus 1 at every target the token labels do not flag (`drop`): the known-bad
+                   tokens rank below every other, so they are dropped first, the rest at random
 
 A score of NaN never reaches the ranking at a target: a signal a method needs that is NaN at a target
 is refused, naming the column, the sample, the position and what it points to (`nan_at_targets`: not
@@ -196,21 +198,28 @@ def sample_score(
     trainable: np.ndarray,
     settings: SelectSettings,
     rel_is_noise: bool = False,
+    drop: np.ndarray | None = None,
     nll_cur: np.ndarray | None = None,
     nll_hist: np.ndarray | None = None,
 ) -> np.ndarray:
     """One sample's float32 score (NaN off the targets) under `settings.method`.
 
     `rel_is_noise` is the corpus-wide finding of `rel_guard`: REL then counts as 0 at every target.
+    `drop`: oracle only, the sample's known-bad tokens (`pipeline.selection.token_labels.sample_drop`).
     `nll_cur`, `nll_hist`: the sample's NLLs, when at hand, only to say why a needed signal is NaN.
     """
     trainable = np.asarray(trainable, dtype=bool)
     method = settings.method
     if method == "full":
         return np.where(trainable, np.float32(1.0), np.float32(np.nan)).astype(np.float32)
-    if method == "random":
+    if method in ("random", "oracle"):
         out = np.full(len(trainable), np.nan, dtype=np.float32)
         out[trainable] = sample_seed(settings.seed, sample_id).random(int(trainable.sum()), dtype=np.float32)
+        if method == "oracle":
+            if drop is None:
+                raise UserError(f"sample {sample_id!r}: the oracle selection needs its token labels; this is a bug")
+            # Clean targets score in [1, 2), known-bad ones in [0, 1): bad first out, then random.
+            out[trainable & ~drop] += np.float32(1.0)
         return out
     attention = None
     if settings.uses_attention:

@@ -6,13 +6,15 @@ What each method does with it is in `pipeline.selection.methods`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import model_validator
 
 from pipeline.runtime.config import StageConfig, setting
+from pipeline.runtime.fingerprint import sha256_file
 
-Method = Literal["sstoken", "rel", "attn", "full", "random", "tokencleaning", "rho1"]
+Method = Literal["sstoken", "rel", "attn", "full", "random", "tokencleaning", "rho1", "oracle"]
 Normalise = Literal["per_sample", "none"]
 
 # Methods that rank by REL alone: with no REL signal (same checkpoint, or REL below the floor
@@ -35,7 +37,8 @@ class SelectSettings(StageConfig):
         description="sstoken: gamma * REL_n + (1 - gamma) * attn; rel: REL_n only (gamma 1); attn: attention only "
         "(gamma 0); full: every trainable token; random: ratio of them at random (seeded); tokencleaning: raw REL "
         "(history - current), top floor(ratio * n); rho1: raw REL stored with --excess current_minus_history "
-        "(Rho-1's loss(current) - loss(reference), history = the reference), top ceil(ratio * n).",
+        "(Rho-1's loss(current) - loss(reference), history = the reference), top ceil(ratio * n); oracle: a yardstick "
+        "that knows the bad tokens (--labels): drops them first, then at random (seeded as random).",
         run_key=False,
     )
     gamma: float = setting(
@@ -56,7 +59,12 @@ class SelectSettings(StageConfig):
         "auto: none for tokencleaning and rho1, per_sample otherwise. See docs/method.md for global granularity.",
     )
     seed: int = setting(
-        0, ge=0, run_key=False, description="random only: seed; each sample's draw depends on (seed, sample_id)."
+        0, ge=0, run_key=False, description="random, oracle: seed; each sample's draw depends on (seed, sample_id)."
+    )
+    labels: Path | None = setting(
+        None, run_key=False,
+        description="oracle only: a token labels file (schemas/token_labels.v1.json: sample_id, drop) flagging the "
+        "known-bad tokens of every sample (`sstoken eval` writes one from its ground-truth task).",
     )
 
     @model_validator(mode="after")
@@ -66,6 +74,8 @@ class SelectSettings(StageConfig):
                 f"method {self.method} ranks raw REL without normalisation; use --method rel --normalise per_sample "
                 "for normalised REL"
             )
+        if (self.method == "oracle") != (self.labels is not None):
+            raise ValueError("method oracle needs labels (a token labels file), and labels are for method oracle only")
         return self
 
     @property
@@ -112,6 +122,9 @@ class SelectSettings(StageConfig):
             key["gamma"] = self.gamma
         if self.uses_rel:
             key["normalise"] = self.rel_normalisation
-        if self.method == "random":
+        if self.method in ("random", "oracle"):
             key["seed"] = self.seed
+        if self.labels is not None:
+            # The labels decide the masks: their content, not only their path, is part of the key.
+            key["labels"] = sha256_file(self.labels) if Path(self.labels).is_file() else f"missing: {self.labels}"
         return key

@@ -169,22 +169,34 @@ def _measure_cell(value: Spread | None) -> str:
     return f"{value.mean:.4g} ± {value.std:.2g}" if value.std is not None else f"{value.mean:.4g}"
 
 
+def _gate_figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
 def render_eval(folder: Path) -> str:
     """The eval folder's page: the table of measures (mean ± std over seeds), the selection by round, eval.svg."""
     record = read_eval(folder)  # a malformed eval.json: one error naming the file and the field
     measures = record.measures
-    header = ["method"] + [f"{m.label} ({'↑' if m.higher_is_better else '↓'})" for m in measures]
+    header = ["method"] + [m.label + {True: " (↑)", False: " (↓)", None: ""}[m.higher_is_better] for m in measures]
     rows = [[entry.method] + [_measure_cell(entry.values.get(m.key)) for m in measures] for entry in record.table]
-    selection = [[entry.method, f"r{entry.round:03d}", _measure_cell(entry.corrupted_dropped),
-                  _measure_cell(entry.clean_dropped), _measure_cell(entry.auroc)]
+    gates = [[gate.label, _gate_figure(gate.difference), _gate_figure(gate.spread), _gate_figure(gate.threshold),
+              str(gate.seeds), "yes" if gate.passes else "no"] for gate in record.power]
+    selection = [[entry.method, f"r{entry.round:03d}", entry.selection, "yes" if entry.measured else "no",
+                  _measure_cell(entry.corrupted_dropped), _measure_cell(entry.drop_share),
+                  _measure_cell(entry.auroc_within), _measure_cell(entry.auroc_pooled)]
                  for entry in record.selection_by_round]
     svg_path = Path(folder) / "eval.svg"
     # The folder's file, not ours: shown as an image, which cannot script the page or fetch anything.
     plot = svg_image(svg_path.read_bytes(), "eval.svg: the measures by method") if svg_path.is_file() else ""
     sections = [
         f"<h1>sstoken eval</h1><p class=\"muted\">{escape(folder)} · methods: {escape(', '.join(record.methods))}</p>",
+        f"<p><strong>{escape(record.verdict)}</strong></p>",
+        "<h2>Power gate</h2>" + (f"<p class=\"muted\">spread: {escape(record.spread_definition)}</p>" + table(
+            ["measure", "oracle − full", "spread", "3 × spread", "seeds", "tells methods apart"], gates)
+            if gates else "<p class=\"muted\">no oracle row</p>"),
         "<h2>Measures (mean ± std over seeds)</h2>" + table(header, rows),
-        "<h2>Selection by round</h2>" + (table(["method", "round", "corrupted dropped", "clean dropped", "AUROC"], selection)
+        "<h2>Selection by round</h2>" + (table(["method", "round", "selection", "counted", "corrupted dropped",
+                                                "dropped / oracle's", "AUROC within", "pooled AUROC"], selection)
                                          if selection else "<p class=\"muted\">none recorded</p>"),
         f"<h2>Plot</h2><div class=\"plot\">{plot}</div>" if plot else "<p class=\"muted\">no eval.svg</p>",
         f"<details><summary>config</summary><pre>{escape(json.dumps(record.config, indent=2))}</pre></details>",

@@ -88,13 +88,20 @@ def test_heldout_problems_are_clean_answered_and_never_trained_on():
     assert generate_task(3, 10, 60).heldout == task.heldout
 
 
-def test_the_reference_slice_is_the_clean_version_of_a_fifth_of_train():
-    task = generate_task(4, 50, 0, corrupt_fraction=1.0)
-    clean = {row["id"]: row for row in generate_task(4, 50, 0, corrupt_fraction=0.0).train}
-    assert len(task.clean_reference) == 10
+def test_the_reference_set_is_clean_problems_of_its_own_disjoint_from_train_and_heldout():
+    task = generate_task(4, 50, 12, corrupt_fraction=1.0)
+    assert len(task.clean_reference) == 10 and task.counts["clean_reference"] == 10
+    prompts = {name: {m["content"] for row in rows for m in row["messages"] if m["role"] == "user"}
+               for name, rows in (("train", task.train), ("heldout", task.heldout), ("reference", task.clean_reference))}
+    assert not prompts["reference"] & prompts["train"] and not prompts["reference"] & prompts["heldout"]
+    assert not {row["id"] for row in task.clean_reference} & {row["id"] for row in task.train}
     for row in task.clean_reference:
-        assert row["messages"] == clean[row["id"]]["messages"]
         assert "corruption" not in row
+        for user, assistant in zip(row["messages"][::2], row["messages"][1::2]):  # a worked answer, uncorrupted
+            assert extract_answer(assistant["content"]) is not None and user["role"] == "user"
+    assert {row["source"] for row in task.clean_reference} == {"arithmetic", "unit_conversion", "sorting"}
+    # the training rows do not depend on the reference set's size
+    assert generate_task(4, 50, 12, corrupt_fraction=1.0, reference_fraction=0.5).train == task.train
 
 
 def test_read_jsonl_round_trips_and_names_a_bad_line(tmp_path):

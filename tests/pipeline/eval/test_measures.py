@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -7,62 +5,10 @@ import torch
 from pipeline.data.prepare_config import PrepareConfig
 from pipeline.data.prepare_stage import run_prepare
 from pipeline.eval.ground_truth import generate_task
-from pipeline.eval.measures import Generation, auroc, exact_match, greedy_answers, heldout_nll, selection_quality
+from pipeline.eval.measures import Generation, exact_match, greedy_answers, heldout_nll, longest_answer_tokens
 from pipeline.runtime.errors import UserError
 from tests import tiny
 from tests.task_factories import write_task
-
-
-# --- AUROC and selection quality on literal tokens ---------------------------------------
-
-
-def test_auroc_against_a_hand_count_with_ties():
-    # clean scores 3, 2, 2 against corrupted 2, 1: of the 6 pairs, 4 are won, 2 tied (2 vs 2): 5/6
-    assert auroc(np.array([3, 2, 2, 2, 1]), np.array([True, True, True, False, False])) == pytest.approx(5 / 6)
-    assert auroc(np.array([1.0, 1.0, 1.0]), np.array([True, False, True])) == 0.5  # all tied
-    assert auroc(np.array([0.9, 0.8, 0.1]), np.array([True, True, False])) == 1.0
-    assert auroc(np.array([0.1, 0.2, 0.9]), np.array([True, True, False])) == 0.0
-    assert math.isnan(auroc(np.array([0.1, 0.2]), np.array([True, True])))
-
-
-def test_selection_quality_over_per_sample_arrays():
-    nan = np.nan
-    # sample 0: position 0 and 1 are context; sample 1: one context token, four targets
-    trainable = [[False, False, True, True, True], [False, True, True, True, True]]
-    corrupted = [[False, False, True, False, False], [False, False, True, True, False]]
-    score = [[nan, nan, 0.1, 0.9, 0.5], [nan, 0.7, 0.2, 0.7, 0.3]]
-    keep = [[False, False, False, True, True], [False, True, False, True, False]]
-    quality = selection_quality(keep, score, trainable, corrupted)
-    # corrupted tokens: (0,2) dropped, (1,2) dropped, (1,3) kept -> 2/3 dropped
-    # clean tokens: (0,3) kept, (0,4) kept, (1,1) kept, (1,4) dropped -> 1/4 dropped
-    assert quality["corrupted_dropped"] == pytest.approx(2 / 3)
-    assert quality["clean_dropped"] == pytest.approx(1 / 4)
-    # clean 0.9, 0.5, 0.7, 0.3 against corrupted 0.1, 0.2, 0.7: wins 4+4 (0.9), 2+... counted by hand:
-    # 0.9 beats 3; 0.5 beats 2; 0.7 beats 2 and ties 1; 0.3 beats 2 -> (3 + 2 + 2.5 + 2) / 12
-    assert quality["auroc"] == pytest.approx(9.5 / 12)
-    flat = selection_quality(np.concatenate(keep), np.concatenate(score), np.concatenate(trainable), np.concatenate(corrupted))
-    assert flat == quality
-
-
-def test_a_method_that_scores_every_token_alike_has_auroc_one_half_and_nan_scores_are_left_out():
-    trainable = [False, True, True, True]
-    corrupted = [False, True, False, False]
-    assert selection_quality([False, True, True, True], [np.nan, 1.0, 1.0, 1.0], trainable, corrupted) == {
-        "corrupted_dropped": 0.0, "clean_dropped": 0.0, "auroc": 0.5}
-    unscored = selection_quality([False, True, True, True], [np.nan, np.nan, 0.3, 0.2], trainable, corrupted)
-    assert math.isnan(unscored["auroc"])  # the only corrupted token has no score
-    no_corruption = selection_quality([False, True, False, True], [np.nan, 0.1, 0.2, 0.3], trainable, [False] * 4)
-    assert math.isnan(no_corruption["corrupted_dropped"]) and no_corruption["clean_dropped"] == pytest.approx(1 / 3)
-
-
-@pytest.mark.parametrize("keep, corrupted, message", [
-    ([True, True], [False, False, False], "line up token for token"),
-    ([True, False, True], [True, False, False], "corrupted flag is set on a token that is not trainable"),
-    ([True, True, True], [False, False, False], "keep is set on a token that is not trainable"),
-])
-def test_misaligned_inputs_are_refused(keep, corrupted, message):
-    with pytest.raises(UserError, match=message):
-        selection_quality(keep, [0.1, 0.2, 0.3], [False, True, True], corrupted)
 
 
 # --- held-out NLL ---------------------------------------------------------------------------
@@ -191,3 +137,15 @@ def test_generation_comparison_and_bad_held_out_rows(llama_dir):
         greedy_answers(llama_dir, [{"id": "q", "messages": messages}])
     with pytest.raises(UserError, match="max_new_tokens is 0"):
         exact_match(llama_dir, [{"id": "q", "messages": messages, "answer": "1"}], max_new_tokens=0)
+
+
+def test_exact_match_has_room_for_the_longest_held_out_answer(tokenizer, llama_dir, heldout_task):
+    from pipeline.eval.ground_truth import read_jsonl
+
+    rows = read_jsonl(heldout_task.heldout)
+    answers = [len(tokenizer(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"]) for r in rows]
+    assert longest_answer_tokens(llama_dir, rows) == max(answers) > 20  # a worked answer, not a fixed 40 or 48
+    two_turn = {"id": "t", "messages": [*rows[0]["messages"], {"role": "user", "content": "And?"},
+                                        {"role": "assistant", "content": "Yes."}], "answer": "x"}
+    # The answer generated is the conversation's last assistant message.
+    assert longest_answer_tokens(llama_dir, [two_turn]) == len(tokenizer("Yes.", add_special_tokens=False)["input_ids"])

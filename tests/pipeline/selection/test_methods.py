@@ -13,6 +13,7 @@ from pipeline.selection.methods import (
     RelStats,
     excess_refusal,
     rel_guard,
+    sample_keep,
     sample_score,
     same_checkpoint_refusal,
     selection_size,
@@ -207,3 +208,38 @@ def test_selection_key_names_only_what_the_method_uses():
         "method": "random", "ratio": 0.6, "granularity": "sample", "seed": 7
     }
     assert "normalise" not in SelectSettings(method="attn").selection_key()
+
+
+def test_the_oracle_drops_the_labelled_tokens_first_then_at_random(tmp_path):
+    trainable = np.array([False, True, True, True, True, True, True])
+    drop = np.array([False, False, True, False, True, False, False])
+    settings = SelectSettings(method="oracle", ratio=0.5, seed=3, labels=tmp_path / "labels.parquet")
+    score = sample_score("s", np.full(7, np.nan), np.full(7, np.nan), trainable, settings, drop=drop)
+    assert np.isnan(score[0]) and (score[trainable & drop] < 1).all() and (score[trainable & ~drop] >= 1).all()
+    # the random part is random's own draw for this sample and seed
+    random = sample_score("s", np.full(7, np.nan), np.full(7, np.nan), trainable, settings.model_copy(
+        update={"method": "random", "labels": None}))
+    np.testing.assert_allclose(score[trainable] - (~drop[trainable]).astype(np.float32), random[trainable], atol=1e-6)
+    keep = sample_keep(score, trainable, settings)  # keeps 3 of 6: three of the four clean targets
+    assert keep.sum() == 3 and not (keep & drop).any()
+    # a budget larger than the clean tokens keeps every clean one, then labelled ones
+    keep = sample_keep(score, trainable, settings.model_copy(update={"ratio": 0.8}))  # 5 of 6
+    assert keep.sum() == 5 and keep[trainable & ~drop].all()
+    with pytest.raises(UserError, match="needs its token labels"):
+        sample_score("s", np.full(7, np.nan), np.full(7, np.nan), trainable, settings)
+
+
+def test_oracle_needs_labels_and_labels_are_for_the_oracle_only(tmp_path):
+    with pytest.raises(ValidationError, match="method oracle needs labels"):
+        SelectSettings(method="oracle")
+    with pytest.raises(ValidationError, match="method oracle needs labels"):
+        SelectSettings(method="random", labels=tmp_path / "labels.parquet")
+    labels = tmp_path / "labels.parquet"
+    key = SelectSettings(method="oracle", seed=2, labels=labels).selection_key()
+    assert key == {"method": "oracle", "ratio": 0.6, "granularity": "sample", "seed": 2, "labels": f"missing: {labels}"}
+    from pipeline.selection.token_labels import write_token_labels
+
+    write_token_labels(labels, ["a"], [[False, True]])
+    first = SelectSettings(method="oracle", labels=labels).selection_key()["labels"]
+    write_token_labels(labels, ["a"], [[False, False]])
+    assert len(first) == 64 and SelectSettings(method="oracle", labels=labels).selection_key()["labels"] != first

@@ -312,3 +312,59 @@ def test_select_in_place_on_a_copy_without_progress_records_is_refused_before_an
         assert main(["select", "--scores", str(copied), "--method", "random", "--ratio", "0.3",
                      "--output", str(tmp_path / "masks")]) == 0  # selecting apart only reads the shards
     assert {p.name: sha256_file(p) for p in copied.iterdir()} == before
+
+
+def _label_every_third_target(corpus: Path, path: Path, skip: str | None = None, short: str | None = None) -> Path:
+    """A token labels file flagging every third target of each sample (`skip`: leave that sample out; `short`: give
+    it one flag too few)."""
+    from pipeline.selection.token_labels import write_token_labels
+
+    ids, drops = [], []
+    for part in sorted(corpus.glob("part-*.parquet")):
+        table = pq.read_table(part, columns=["sample_id", "trainable"])
+        for sample_id, trainable in zip(table.column("sample_id").to_pylist(), table.column("trainable").to_pylist()):
+            drop = np.zeros(len(trainable), bool)
+            drop[np.flatnonzero(trainable)[::3]] = True
+            if sample_id != skip:
+                ids.append(sample_id)
+                drops.append(drop[:-1] if sample_id == short else drop)
+    write_token_labels(path, ids, drops)
+    return path
+
+
+def test_the_oracle_drops_the_labelled_tokens_and_equals_scoring_with_it(
+    ray_local, scored, corpus, cache, llama_dir, llama_history_dir, tmp_path, no_model
+):
+    labels = _label_every_third_target(corpus, tmp_path / "labels.parquet")
+    folder = _copy(scored, tmp_path / "oracle")
+    run_select(SelectConfig(scores=folder, method="oracle", labels=labels, ratio=0.5, seed=2))
+    flagged = {}
+    for part in sorted(folder.glob("part-*.parquet")):
+        table = pq.read_table(part, columns=["sample_id", "keep", "n_trainable", "n_kept"])
+        for sample_id, keep, n, kept in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            flagged[sample_id] = keep
+            assert kept == int(np.ceil(0.5 * n - 1e-9))
+    from pipeline.selection.token_labels import read_token_labels
+
+    drops = read_token_labels(labels)
+    # a third of the targets flagged, half dropped: no flagged token is kept
+    assert all(not (np.asarray(flagged[i]) & drops[i]).any() for i in flagged)
+    assert read_manifest(folder, kind="scores")["selection"]["labels"] == sha256_file(labels)
+    fresh = _score(corpus, tmp_path / "fresh", llama_dir, llama_history_dir, cache, method="oracle", labels=labels,
+                   ratio=0.5, seed=2)
+    assert _digests(folder) == _digests(fresh.output)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("skip", "has no row in the token labels"),
+    ("short", "do not line up with its tokens"),
+    ("missing", "does not exist; the oracle selection needs a token labels file"),
+])
+def test_oracle_labels_that_do_not_fit_the_corpus_are_refused_by_sample(scored, corpus, tmp_path, no_model, case, message):
+    first = pq.read_table(next(iter(sorted(corpus.glob("part-*.parquet")))), columns=["sample_id"]).column(0)[0].as_py()
+    labels = tmp_path / "labels.parquet"
+    if case != "missing":
+        _label_every_third_target(corpus, labels, **{case: first})
+    folder = _copy(scored, tmp_path / "oracle")
+    with pytest.raises(UserError, match=message):
+        run_select(SelectConfig(scores=folder, method="oracle", labels=labels, output=tmp_path / "masks"))

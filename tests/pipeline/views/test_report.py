@@ -21,14 +21,22 @@ from tests.pipeline.views.test_stats import literal_folders
 from tests.score_factories import write_synthetic_run
 
 EVAL = {
-    "kind": "eval", "schema_version": 1, "config": {"seeds": [0, 1]}, "corpus": "task", "seeds": [0, 1],
-    "methods": ["full", "sstoken"], "rows": ["base", "full", "sstoken"],
-    "measures": [{"key": "heldout_nll", "label": "held-out NLL", "higher_is_better": False}],
+    "kind": "eval", "schema_version": 2, "config": {"seeds": [0, 1]}, "corpus": "task", "seeds": [0, 1],
+    "methods": ["oracle", "full", "sstoken"], "rows": ["base", "oracle", "full", "sstoken"],
+    "measures": [{"key": "heldout_nll", "label": "held-out NLL", "higher_is_better": False},
+                 {"key": "steps", "label": "optimizer steps", "higher_is_better": None}],
     "table": [{"method": "full", "values": {"heldout_nll": {"mean": 1.234, "std": 0.05, "n": 2}}},
               {"method": "sstoken", "values": {"heldout_nll": {"mean": 1.111, "std": 0.02, "n": 2}}}],
-    "selection_by_round": [{"method": "sstoken", "round": 1, "selection": "sstoken",
+    "power": [{"key": "heldout_nll", "label": "held-out NLL", "seeds": 2, "difference": -0.0123, "spread": 0.0456,
+               "threshold": 0.1368, "passes": False, "verdict": "held-out NLL: cannot tell methods apart at this size"}],
+    "spread_definition": "sample standard deviation over seeds of the paired per-seed differences oracle - full",
+    "verdict": "Power gate failed: this eval cannot tell methods apart at this size.", "ranking": {}, "kinds": [],
+    "max_new_tokens": {"0": 60, "1": 58},
+    "selection_by_round": [{"method": "sstoken", "round": 1, "selection": "sstoken", "measured": True,
                             "corrupted_dropped": {"mean": 0.81, "std": 0.01, "n": 2},
-                            "clean_dropped": {"mean": 0.3, "std": 0.02, "n": 2}, "auroc": {"mean": 0.77, "std": 0.03, "n": 2}}],
+                            "drop_share": {"mean": 0.9, "std": 0.02, "n": 2},
+                            "auroc_within": {"mean": 0.77, "std": 0.03, "n": 2},
+                            "auroc_pooled": {"mean": None, "std": None, "n": 0}}],
     "wall_s": 10.0, "cells_wall_s": 100.0, "cells_run": 4,
 }
 
@@ -102,6 +110,9 @@ def test_an_eval_folder_renders_its_tables_and_plot(tmp_path):
     assert "held-out NLL (↓)" in text and "1.234 ± 0.05" in text and "1.111 ± 0.02" in text
     assert "0.81 ± 0.01" in text and "0.77 ± 0.03" in text
     assert b"<text>plot</text>" in shown_svg(text)
+    # the power gate and its verdict: the page says the eval cannot rank the methods
+    assert "Power gate failed: this eval cannot tell methods apart at this size." in text
+    assert "-0.0123" in text and "0.1368" in text and "paired per-seed differences" in text
 
 
 def shown_svg(page: str) -> bytes:
@@ -150,7 +161,7 @@ def test_ids_and_sources_cannot_break_the_embedded_json(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"), ("not an artifact", "is not an sstoken artifact folder"),
-    ("bad eval", "eval.json does not match eval.v1.schema.json at (top level): 'schema_version' is a required"),
+    ("bad eval", "eval.json does not match eval.v2.schema.json at (top level): 'schema_version' is a required"),
     ("foreign output", "exists and is not an sstoken report"),
     ("output folder", "is a folder"),
 ])

@@ -1,0 +1,84 @@
+"""The rows of the eval's table: each a way of training, a selection method with the run settings that make it.
+
+    ROWS["rho1_global"] -> Row(method="rho1", granularity="global", reference=True, ...)
+
+A row is what `methods:` in an eval config lists. Most rows are a selection method as is; the
+baselines come twice, as their authors publish them (corpus-wide top-k, `_global`) and per sample
+(`_sample`, the granularity ssToken uses), so a difference between them is not the granularity's.
+
+- oracle: the yardstick. It knows the corrupted tokens (the task's token labels) and drops them
+  first, then at random, keeping the same number of tokens as every other method; the power gate
+  compares it with `full` to say whether this eval can tell methods apart at all.
+- full: every trainable token of the same samples in the same optimizer steps (steps-matched);
+  full_tokens: every token of a select.ratio share of the samples, each seen once (token-matched,
+  fewer steps).
+- rho1_*: REL = loss(current) - loss(reference), the reference trained first on clean problems
+  disjoint from the training set.
+- tokencleaning_*: the authors' self-evolving form: slice k is scored by the base model against the
+  model trained on slices < k, and slice 0 (where the two are one model) is trained on every token,
+  as their script does.
+- sstoken (history base) and sstoken_ema (history an EMA of the weights), rel and attn: round 0 (the
+  warm-up slice, where REL is 0) is trained on the attention-only selection, as the paper starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.selection.select_settings import Method
+
+Granularity = Literal["sample", "global"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row: the selection method, and what its cells set besides the eval's own sections."""
+
+    name: str
+    method: Method  # the selection method
+    about: str
+    granularity: Granularity | None = None  # None: the eval's select.granularity
+    history: Literal["base", "ema"] = "base"
+    warmup: Literal["attn", "full"] = "attn"
+    reference: bool = False  # trains against the seed's reference model (rho1)
+    token_matched: bool = False  # trains on ceil(select.ratio * n) of the samples (full_tokens)
+    needs_labels: bool = False  # knows the ground truth: only on a corpus with labels (the task)
+
+
+ROWS: dict[str, Row] = {row.name: row for row in (
+    Row("oracle", "oracle", "drops the known corrupted tokens first, then at random (the ceiling)", needs_labels=True),
+    Row("oracle_global", "oracle", "the oracle over the whole corpus (the ceiling of a global selection)",
+        granularity="global", needs_labels=True),
+    Row("full", "full", "every trainable token of the same samples, same steps (steps-matched)"),
+    Row("full_tokens", "full", "every token of a select.ratio share of the samples, each once (token-matched)",
+        token_matched=True),
+    Row("random", "random", "select.ratio of each sample's tokens at random"),
+    Row("attn", "attn", "attention importance only (ssToken at gamma 0)"),
+    Row("rel", "rel", "retrospective excess loss only, history the base (ssToken at gamma 1)"),
+    Row("sstoken", "sstoken", "gamma REL_n + (1 - gamma) attention, history the base model"),
+    Row("sstoken_ema", "sstoken", "ssToken with an EMA of the weights as history", history="ema"),
+    Row("rho1_global", "rho1", "Rho-1 excess loss against a reference, corpus-wide top-k (as published)",
+        granularity="global", reference=True),
+    Row("rho1_sample", "rho1", "Rho-1 excess loss against a reference, top-k per sample", granularity="sample",
+        reference=True),
+    Row("tokencleaning_global", "tokencleaning", "TokenCleaning self-evolving, corpus-wide top-k (as published)",
+        granularity="global", warmup="full"),
+    Row("tokencleaning_sample", "tokencleaning", "TokenCleaning self-evolving, top-k per sample",
+        granularity="sample", warmup="full"),
+)}
+# The default `methods:` of an eval: every row but the variants a decisive run adds when it wants them.
+DEFAULT_ROWS: tuple[str, ...] = tuple(name for name in ROWS if name not in ("oracle_global", "full_tokens", "sstoken_ema"))
+# Renamed rows: an old config that lists them gets told the new names.
+RENAMED = {"rho1": "rho1_global or rho1_sample", "tokencleaning": "tokencleaning_global or tokencleaning_sample"}
+# The power gate compares these two rows (`pipeline.eval.power`).
+ORACLE, FULL = "oracle", "full"
+
+
+def row(name: str) -> Row:
+    """The row of that name; an unknown one is one error listing the known rows."""
+    if name in ROWS:
+        return ROWS[name]
+    if name in RENAMED:
+        raise ValueError(f"{name} is now two rows: {RENAMED[name]} (corpus-wide top-k as published, or per sample)")
+    raise ValueError(f"unknown method {name!r}; the rows are {', '.join(ROWS)}")
