@@ -50,7 +50,7 @@ from typing import Any
 from pipeline.eval.worked_problems import ANSWER_SENTENCE, MAKERS, UNITS, Problem, render
 from pipeline.runtime.fingerprint import sha256_json
 
-TASK_MODEL_VERSION = 1
+TASK_MODEL_VERSION = 2
 NAME = "task-llama"
 
 USER, ASSISTANT, SYSTEM, END, PAD, UNK = "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|pad|>", "<|unk|>"
@@ -128,6 +128,40 @@ def _pick(kind: str, choose: Callable[[list[int]], int]) -> Callable[[random.Ran
     return make
 
 
+# The task's own kinds in other words: the same computations and worked steps, other prompts and
+# sentences (only "So the answer is X." is shared). Pretrained on these, the model knows how to work
+# the problems; the fine-tune teaches the task's wording, which it learns in a few steps, so what a
+# selection keeps out of the rest of the pass (the corrupted spans) decides how the model ends.
+_REWORDINGS = tuple((re.compile(pattern), replacement) for pattern, replacement in (
+    (r"^(?:What is|Compute|Calculate) (.*)[?.]$", r"Work out \1."),
+    (r"^First, ", "Step 1: "),
+    (r"^Then, ", "Step 2: "),
+    (r"^Convert (.*) to (\w+)\.$", r"Express \1 in \2."),
+    (r"^How many (\w+) are in (.*)\?$", r"Express \2 in \1."),
+    (r"^One (\w+) is (\{\w+\}) (\w+), so (\{\w+\}) (\w+) is \4 \* \2 = (\{\w+\}) \3\.$",
+     r"A \1 has \2 \3, and \4 * \2 = \6, so \4 \5 make \6 \3."),
+    (r"^(?:Sort these numbers from smallest to largest|Put these numbers in increasing order): (.*)$",
+     r"Arrange in ascending order: \1"),
+    (r"^The smallest is ", "Lowest first: "),
+    (r"^Next is ", "After that: "),
+))
+
+
+def reword(text: str) -> str:
+    for pattern, replacement in _REWORDINGS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _reworded(make: Callable[[random.Random], Problem]) -> Callable[[random.Random], Problem]:
+    def make_reworded(rng: random.Random) -> Problem:
+        problem = make(rng)
+        return Problem(problem.kind, reword(problem.prompt), problem.givens, problem.steps,
+                       tuple(reword(sentence) for sentence in problem.sentences))
+
+    return make_reworded
+
+
 SKILLS: dict[str, Callable[[random.Random], Problem]] = {
     "sum": sum_skill,
     "difference": difference_skill,
@@ -136,8 +170,9 @@ SKILLS: dict[str, Callable[[random.Random], Problem]] = {
     "smallest": _pick("smallest", min),
     "largest": _pick("largest", max),
 }
-# What a recipe may pretrain on: the skills, and (for experiments) the task's own kinds.
-PRETRAIN_MAKERS: dict[str, Callable[[random.Random], Problem]] = {**SKILLS, **MAKERS}
+REWORDED: dict[str, Callable[[random.Random], Problem]] = {f"reworded_{kind}": _reworded(make) for kind, make in MAKERS.items()}
+# What a recipe may pretrain on: the skills, the task's kinds reworded, and (for experiments) the task's own kinds.
+PRETRAIN_MAKERS: dict[str, Callable[[random.Random], Problem]] = {**SKILLS, **REWORDED, **MAKERS}
 
 
 # --- the recipe ---------------------------------------------------------------------------
@@ -152,8 +187,8 @@ class TaskModelRecipe:
     heads: int = 4
     intermediate: int = 384
     max_positions: int = 512
-    pretrain_kinds: tuple[str, ...] = tuple(SKILLS)
-    conversations: int = 48_000  # pretraining conversations (one pass)
+    pretrain_kinds: tuple[str, ...] = ("sum", "product", "smallest", *REWORDED)
+    conversations: int = 19_200  # pretraining conversations (one pass)
     two_turn_fraction: float = 0.25
     batch_size: int = 32
     lr: float = 2e-3
