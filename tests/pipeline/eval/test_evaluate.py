@@ -253,7 +253,7 @@ def test_cells_are_keyed_on_the_base_models_weights_not_its_path(tmp_path, llama
 
     base = Path(shutil.copytree(llama_dir, tmp_path / "base"))
     config = smoke_config(tmp_path / "out", base)
-    data = seed_data(config, 0)
+    data = seed_data(config, 0, base)
     monkeypatch.setattr(evaluate, "heldout_figures", lambda config, data, model: {"heldout_nll": 1.0})
     cells = evaluate._Cells(config)
     before = run_identity(evaluate.cell_run_config(config, data, "sstoken", None))
