@@ -18,7 +18,7 @@ from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.select_stage import run_select
 from pipeline.training.export_stage import ExportConfig, run_export
 from pipeline.validation.validate_stage import ValidateConfig, run_validate
-from tests.factories import write_keep_masks
+from tests.factories import write_keep_masks, write_tokenized
 
 
 @pytest.fixture(scope="module")
