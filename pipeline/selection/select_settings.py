@@ -68,7 +68,7 @@ class SelectSettings(StageConfig):
     min_prob: float | None = setting(
         None, gt=0.0, le=1.0, run_key=False,
         description="confidence only: keep only targets with exp(-nll_cur) >= min_prob, within the ratio's top count "
-        "(the ratio caps, the threshold drops: ratio 1 keeps exactly the targets above the threshold).",
+        "(the ratio caps, the threshold drops: ratio 1 keeps exactly the targets at or above the threshold).",
     )
     seed: int = setting(
         0, ge=0, run_key=False, description="random, oracle: seed; each sample's draw depends on (seed, sample_id)."
