@@ -42,6 +42,8 @@ def score_samples(
     )
     out = []
     for s, mask in zip(signals, trainable):
-        score = sample_score(s.sample_id, s.rel, s.attn, mask, selection)
-        out.append(SampleScores(s.sample_id, s.nll_cur, s.nll_hist, s.rel, s.attn, score, sample_keep(score, mask, selection)))
+        score = sample_score(s.sample_id, s.rel, s.attn, mask, selection, nll_cur=s.nll_cur, nll_hist=s.nll_hist,
+                             entropy_cur=s.entropy_cur)
+        keep = sample_keep(score, mask, selection)
+        out.append(SampleScores(s.sample_id, s.nll_cur, s.nll_hist, s.rel, s.attn, s.entropy_cur, score, keep))
     return out

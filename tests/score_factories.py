@@ -117,7 +117,9 @@ def _signals(trainable: np.ndarray, sample: np.ndarray, rng: np.random.Generator
         values[off] = np.nan
     attn[off] = np.nan
     keep = _keep_top(score, trainable, sample, ratio)
-    return {"nll_cur": nll_cur, "nll_hist": nll_hist, "rel": rel.astype(np.float32), "attn": attn, "score": score, "keep": keep}
+    entropy = np.where(trainable, 0.5 * nll_cur + attn, np.nan).astype(np.float32)  # no draw: the others stay as they were
+    return {"nll_cur": nll_cur, "nll_hist": nll_hist, "rel": rel.astype(np.float32), "attn": attn, "entropy_cur": entropy,
+            "score": score, "keep": keep}
 
 
 def write_synthetic_scores(folder: Path, tokenized: Path, seed: int = 0, ratio: float = 0.6, kind: str = "scores") -> Path:

@@ -8,8 +8,9 @@ for round 0, and cannot be set), and so are the score stage's selection fields (
 so a method is stated once) and the train stage's place in the one learning-rate schedule.
 
 Roles per method (current and history are the score stage's two checkpoints):
-- sstoken, rel, attn, full, random: current = the model before this round (the base model in
-  round 0), history = the `history` policy's model (base, previous or ema).
+- sstoken, rel, attn, full, random, loss, confidence, entropy: current = the model before this round (the
+  base model in round 0), history = the `history` policy's model (base, previous or ema; loss, confidence
+  and entropy rank the current model's own signals and use no history).
 - rho1: current = the model before this round, history = the reference (`reference`, or a model
   the run first trains on `reference_corpus` with every trainable token); excess current - history.
 - tokencleaning: history = the base model; current = the reference when one is given (the fixed

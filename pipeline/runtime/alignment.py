@@ -16,17 +16,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.runtime.schemas import optional_columns
+
 IGNORE_INDEX = -100
 # Per-token list columns of each kind; the float ones hold NaN off the targets.
 LIST_COLUMNS = {
     "tokenized": ("input_ids", "trainable"),
-    "scores": ("nll_cur", "nll_hist", "rel", "attn", "score", "keep"),
+    "scores": ("nll_cur", "nll_hist", "rel", "attn", "entropy_cur", "score", "keep"),
     "masks": ("score", "keep"),
     "export": ("input_ids", "attention_mask", "labels"),
     "history_nll": ("nll",),
 }
-FLOAT_COLUMNS = {"scores": ("nll_cur", "nll_hist", "rel", "attn", "score"), "masks": ("score",), "history_nll": ("nll",)}
+FLOAT_COLUMNS = {
+    "scores": ("nll_cur", "nll_hist", "rel", "attn", "entropy_cur", "score"), "masks": ("score",), "history_nll": ("nll",)
+}
 # manifest count -> what it counts in the shards ("rows", or the column it sums)
+
+def _columns(kind: str, table: pa.Table, names: tuple[str, ...]) -> list[str]:
+    """`names` less the optional columns a file written before they existed lacks (`schemas/README.md`)."""
+    absent = optional_columns(kind) - set(table.column_names)
+    return [name for name in names if name not in absent]
+
 
 def example(ids: list[str], count: int, where: str) -> str:
     return f"{count} sample{'s' if count != 1 else ''} of {where} (e.g. {ids[0]!r})"
@@ -53,7 +63,7 @@ def alignment_problems(kind: str, table: pa.Table, where: str, trainable: pa.Chu
     problems: list[str] = []
     ids = table.column("sample_id").to_pylist()
     n_tokens = table.column("n_tokens").to_numpy() if "n_tokens" in table.column_names else None
-    for name in LIST_COLUMNS[kind]:
+    for name in _columns(kind, table, LIST_COLUMNS[kind]):
         lengths = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
         expected = n_tokens if n_tokens is not None else lengths
         bad = np.flatnonzero(lengths != expected)
@@ -79,7 +89,7 @@ def alignment_problems(kind: str, table: pa.Table, where: str, trainable: pa.Chu
         problems += keep_problems(table, where, trainable)
         if target is not None and "n_trainable" in table.column_names:
             problems += _row_count(table, starts, target, "n_trainable", "the tokenized trainable", where)
-    for name in FLOAT_COLUMNS.get(kind, ()):
+    for name in _columns(kind, table, FLOAT_COLUMNS.get(kind, ())):
         values, offsets = flat_lists(table, name)
         nan = np.isnan(values.astype(np.float64))
         if target is None:

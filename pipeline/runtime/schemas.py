@@ -38,13 +38,33 @@ def _arrow_type(name: str) -> pa.DataType:
 
 
 @cache
+def _definition(name: str, version: int = 1) -> dict[str, Any]:
+    return json.loads((SCHEMA_DIR / f"{name}.v{version}.json").read_text())
+
+
+@cache
 def arrow_schema(name: str, version: int = 1) -> pa.Schema:
-    """The Arrow schema defined by `schemas/{name}.v{version}.json`."""
-    definition = json.loads((SCHEMA_DIR / f"{name}.v{version}.json").read_text())
+    """The Arrow schema defined by `schemas/{name}.v{version}.json`: every column a writer writes."""
+    definition = _definition(name, version)
     return pa.schema(
         [pa.field(f["name"], _arrow_type(f["type"]), nullable=f.get("nullable", True)) for f in definition["fields"]],
         metadata={"sstoken_schema": f"{name}.v{version}"},
     )
+
+
+@cache
+def optional_columns(name: str, version: int = 1) -> frozenset[str]:
+    """Columns marked `optional` in the schema file: added after files of this version were written, so a
+    reader accepts a file without them (writers always write them)."""
+    return frozenset(f["name"] for f in _definition(name, version)["fields"] if f.get("optional", False))
+
+
+def present_schema(name: str, columns: list[str]) -> pa.Schema:
+    """The schema `name` less the optional columns absent from `columns`: what a file with those columns is cast
+    to, so an older file keeps its own layout when rewritten."""
+    full = arrow_schema(name)
+    absent = [f.name for f in full if f.name in optional_columns(name) and f.name not in columns]
+    return pa.schema([f for f in full if f.name not in absent], metadata=full.metadata)
 
 
 MANIFEST_SCHEMA = "manifest.v1.schema.json"
@@ -76,14 +96,18 @@ def validate_manifest(manifest: dict[str, Any], source: str = "manifest") -> Non
 
 
 def table_from_rows(rows: list[dict[str, Any]], name: str) -> pa.Table:
-    """Build a table with exactly the schema's columns and types."""
-    return pa.Table.from_pylist(rows, schema=arrow_schema(name))
+    """Build a table with exactly the schema's columns and types (an optional column only when the rows have it)."""
+    given = sorted({key for row in rows for key in row})
+    return pa.Table.from_pylist(rows, schema=present_schema(name, given) if rows else arrow_schema(name))
 
 
 def validate_table(table: pa.Table, name: str, source: str = "table") -> None:
-    """Every schema column must be present with its type, and non-nullable columns free of nulls."""
+    """Every schema column must be present with its type (an optional one may be absent), and non-nullable
+    columns free of nulls."""
     expected = arrow_schema(name)
     for field in expected:
+        if field.name not in table.column_names and field.name in optional_columns(name):
+            continue
         if field.name not in table.column_names:
             raise SchemaError(f"{source}: column '{field.name}' required by {name}.v1 is missing")
         actual = table.schema.field(field.name).type

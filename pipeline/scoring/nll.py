@@ -4,6 +4,11 @@ Target token i is predicted from the hidden state at i-1, so the LM head runs on
 `hidden[b, i-1]` for the targets alone: no [B, T, V] logits, and no head FLOPs on context tokens.
 The head runs in its weights' dtype (bf16 on tensor cores in the full-bf16 mode); the log-softmax
 is always float32, since the log-sum-exp over a vocabulary is where bf16 rounding would show.
+
+The predictive entropy of each target row, when asked, comes from the same chunk's float32 log-softmax
+(`-sum(p * log p)` over the vocabulary): no second head pass, no more memory than the cross-entropy's own
+log-softmax, only one exp and one product-sum over the chunk, small beside the head's matmul (D multiply-adds
+per logit).
 """
 
 from __future__ import annotations
@@ -41,17 +46,41 @@ def gathered_nll(
     B*T rows (b*T + i - 1 for target (b, i)), `labels` [N] the target ids. The chunk count follows
     from N alone, so nothing here waits for the device.
     """
+    return gathered_nll_entropy(hidden, predicting, labels, head, softcap, chunk_elements, entropy=False)[0]
+
+
+def gathered_nll_entropy(
+    hidden: torch.Tensor,
+    predicting: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    softcap: float | None = None,
+    chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
+    *,
+    entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`gathered_nll`'s fp32 [N] NLLs and, with `entropy`, each row's predictive entropy in nats (fp32 [N],
+    from the same float32 log-softmax; else None). The NLLs are the same bits either way: cross-entropy is
+    the negated log-softmax at the label."""
     rows = hidden.reshape(-1, hidden.shape[-1])
     count = predicting.shape[0]
     out = torch.empty(count, dtype=torch.float32, device=hidden.device)
+    entropies = torch.empty(count, dtype=torch.float32, device=hidden.device) if entropy else None
     step = max(1, chunk_elements // head.weight.shape[0])
     for start in range(0, count, step):
         chunk = rows[predicting[start : start + step]]
         logits = head(chunk.to(head.weight.dtype)).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        out[start : start + step] = torch.nn.functional.cross_entropy(logits, labels[start : start + step], reduction="none")
-    return out
+        targets = labels[start : start + step]
+        if entropies is None:
+            out[start : start + step] = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            continue
+        log_probs = torch.log_softmax(logits, dim=-1)
+        del logits  # at most two [chunk, V] float32 buffers at a time, as cross_entropy holds
+        out[start : start + step] = -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        entropies[start : start + step] = -(log_probs.exp().mul_(log_probs)).sum(dim=-1)
+    return out, entropies
 
 
 def target_nll(

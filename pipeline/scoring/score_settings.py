@@ -20,10 +20,11 @@ class ScoreSettings(StageConfig):
 
     signals: Literal["all", "needed"] = Field(
         "all",
-        description="Signals to compute and store: all (REL, when history differs from current, and attention), so "
+        description="Signals to compute and store: all (REL, when history differs from current, attention, and the current model's entropy), so "
         "`sstoken select` can later apply any method to them, byte-identical to scoring with it; needed: only what "
-        "--method uses (no history pass for attention-only methods, no attention capture for REL-only ones): faster, "
-        "but a later selection that needs a missing signal is refused.",
+        "--method uses (no history pass for attention-only methods and loss, confidence, entropy; no attention capture "
+        "for REL-only ones; the entropy only for entropy, though it costs no extra pass): faster, but a later "
+        "selection that needs a missing signal is refused.",
     )
     layer: int = Field(-1, description="Decoder layer whose attention gives importance; negative counts from the last.")
     excess: Literal["history_minus_current", "current_minus_history"] = Field(
@@ -66,13 +67,22 @@ class ScoreSettings(StageConfig):
 
 @dataclass(frozen=True)
 class SignalSet:
-    """Which signals a score run computes and stores, besides the current NLL it always has."""
+    """Which signals a score run computes and stores, besides the current NLL it always has.
+
+    rel: a history pass (unless cached or the same checkpoint); attention: the importance capture in the
+    current pass; entropy: the current model's predictive entropy, from the logits the current NLL is taken
+    from (no extra pass)."""
 
     rel: bool
     attention: bool
+    entropy: bool = False
 
 
 def signals_to_compute(signals: str, selection: SelectSettings) -> SignalSet:
     """`all`: every signal; `needed`: those `selection`'s method uses."""
     everything = signals == "all"
-    return SignalSet(rel=everything or selection.uses_rel, attention=everything or selection.uses_attention)
+    return SignalSet(
+        rel=everything or selection.uses_rel,
+        attention=everything or selection.uses_attention,
+        entropy=everything or selection.uses_entropy,
+    )

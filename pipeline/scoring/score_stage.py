@@ -29,7 +29,7 @@ phases and an actor holds one model at a time (two fp32 models would double each
    cached NLLs): actors load the history checkpoint and fill the cache for those shards, one
    atomic file each; a shard whose cache file validates is skipped, so a killed phase 1 resumes.
 2. score: fresh actors load the current checkpoint and write the signals (nll_cur, nll_hist, rel,
-   attn) with the cached history NLLs, and the per-sample selection.
+   attn, entropy_cur) with the cached history NLLs, and the per-sample selection.
 Then the select step (`pipeline.selection.selection_shards`, the same code `sstoken select` runs)
 checks the method against the corpus (REL floor) and rewrites only shards whose selection differs.
 The summary's `phases` says, per phase, shards done, actors, model loads and forwards run.
@@ -110,8 +110,11 @@ class ShardScoringActor:
         # `ready` to raise as an ordinary task error, which the driver reports as it is.
         self.error: Exception | None = None
         try:
-            importance = phase == "score" and signals_to_compute(settings.signals, selection).attention
-            self.scorer = Scorer(checkpoint, settings, importance=importance)
+            # Attention and entropy come from the current pass only; the history pass gives NLLs alone.
+            wanted = signals_to_compute(settings.signals, selection)
+            current = phase == "score"
+            self.scorer = Scorer(checkpoint, settings, importance=current and wanted.attention,
+                                 entropy=current and wanted.entropy)
         except Exception as error:  # noqa: BLE001 - re-raised by ready()
             self.error = error
 

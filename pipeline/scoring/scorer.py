@@ -6,16 +6,20 @@ needs two checkpoints runs two passes, so only one model is ever resident:
 
     history = Scorer(history_path, settings, importance=False)
     table = nll_table(history, tokenized)                      # history_nll.v1 (what the cache stores)
-    current = Scorer(current_path, settings, importance=selection.uses_attention)
+    current = Scorer(current_path, settings, importance=selection.uses_attention, entropy=selection.uses_entropy)
     scores = score_shard(current, tokenized, selection, history_nll=table)   # scores.v1
 
-`score_shard` writes the signals (nll_cur, nll_hist, rel, attn) and the per-sample selection of
+`score_shard` writes the signals (nll_cur, nll_hist, rel, attn, entropy_cur) and the per-sample selection of
 `pipeline.selection.methods` (score, keep); the select stage recomputes score and keep from the
 signals without a model. Nothing here knows about Ray.
 
 Work skipped on purpose (the score stage stores every signal unless told `signals: needed`):
 - no importance asked (signals needed, gamma 1, REL-only methods): no attention capture (attn is NaN).
-- REL not stored (signals needed, gamma 0, attn, full, random): no history pass (nll_hist, rel NaN).
+- REL not stored (signals needed, gamma 0, attn, full, random, loss, confidence, entropy): no history pass
+  (nll_hist, rel NaN).
+- no entropy asked (signals needed and a method other than entropy; always in the history pass): entropy_cur
+  is NaN. Asked, it costs no second head pass: it comes from the log-softmax of the chunk the NLL is taken
+  from (`pipeline.scoring.nll.gathered_nll_entropy`).
 - current and history the same checkpoint: no history pass; nll_hist equals nll_cur, rel is 0.
 - history NLLs cached: no history pass.
 """
@@ -25,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +42,7 @@ from pipeline.runtime.schemas import arrow_schema
 from pipeline.scoring.attention import REQUEST_KWARG, ImportanceRequest, register_importance_attention
 from pipeline.scoring.batching import length_sorted_batches
 from pipeline.scoring.device_budget import device_budget
-from pipeline.scoring.nll import gathered_nll, output_head
+from pipeline.scoring.nll import gathered_nll_entropy, output_head
 from pipeline.scoring.precision import FULL_BFLOAT16, apply_precision, compute_precision, load_dtype, precision_name
 from pipeline.scoring.score_settings import ScoreSettings, SignalSet
 from pipeline.scoring.scoring_batch import plan_scoring_batch, split_counts, upload
@@ -48,11 +52,21 @@ from pipeline.selection.select_settings import SelectSettings
 
 @dataclass
 class TokenSignals:
-    """One model's signals for one sample, full length: NLL, and importance (None when not asked)."""
+    """One model's signals for one sample, full length: NLL, importance and entropy (None when not asked)."""
 
     sample_id: str
     nll: np.ndarray
     attn: np.ndarray | None
+    entropy: np.ndarray | None = None
+
+
+class BatchSignals(NamedTuple):
+    """One micro-batch's target values per sample (n_trainable each): NLL, importance and entropy (None when
+    this Scorer does not compute them)."""
+
+    nll: list[np.ndarray]
+    attn: list[np.ndarray] | None
+    entropy: list[np.ndarray] | None
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -93,16 +107,18 @@ def _full_length(mask: np.ndarray, values: np.ndarray | None) -> np.ndarray:
 
 
 class Scorer:
-    """Holds one checkpoint and gives per-token NLLs (and importance, when built with importance=True).
+    """Holds one checkpoint and gives per-token NLLs (and importance, when built with importance=True; the
+    predictive entropy, when built with entropy=True).
 
     Attributes a driver uses: `fingerprint`, `dtype_name` (the resolved precision mode, part of the
     history cache key), `device`, `budget` (micro-batch tokens and chunk sizes on that device),
     `forward_count` (micro-batch forwards run so far), `model_loads` (always 1).
     """
 
-    def __init__(self, checkpoint: Path | str, settings: ScoreSettings, importance: bool):
+    def __init__(self, checkpoint: Path | str, settings: ScoreSettings, importance: bool, entropy: bool = False):
         self.settings = settings
         self.importance = importance
+        self.entropy = entropy
         self.device = resolve_device(settings.device)
         self.dtype_name = precision_name(settings.dtype, self.device)
         if self.device.type == "cpu":
@@ -160,9 +176,9 @@ class Scorer:
 
     # -- one micro-batch ------------------------------------------------------------------------
 
-    def forward(self, ids: list[np.ndarray], masks: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    def forward(self, ids: list[np.ndarray], masks: list[np.ndarray]) -> BatchSignals:
         """One right-padded micro-batch: target NLLs (fp32, n_trainable per sample) and, when this
-        Scorer computes importance, the target importances (same shape); else None.
+        Scorer computes them, the target importances and entropies (same shape); else None.
 
         Indices come from the host (`pipeline.scoring.scoring_batch`), results go back in one copy:
         nothing in between waits for the device."""
@@ -184,20 +200,24 @@ class Scorer:
             ).last_hidden_state
         self.forward_count += 1
         head, softcap = output_head(self.model)
-        nll = gathered_nll(
+        nll, entropy = gathered_nll_entropy(
             hidden, upload(plan.predicting, device), upload(plan.labels, device), head, softcap,
-            self.budget.logit_chunk_elements,
+            self.budget.logit_chunk_elements, entropy=self.entropy,
         )
-        if request is None:
-            return split_counts(nll.cpu().numpy(), plan.counts), None
-        if request.result is None:
-            raise RuntimeError(
-                f"layer {self.layer_idx} never reached the importance attention function; "
-                f"{type(self.model).__name__} may not use transformers' attention interface"
-            )
-        importance = request.result.reshape(-1)[upload(plan.importance_index, device)]
-        both = torch.stack([nll, importance]).cpu().numpy()  # the one copy back of this micro-batch
-        return split_counts(both[0], plan.counts), split_counts(both[1], plan.counts)
+        importance = None
+        if request is not None:
+            if request.result is None:
+                raise RuntimeError(
+                    f"layer {self.layer_idx} never reached the importance attention function; "
+                    f"{type(self.model).__name__} may not use transformers' attention interface"
+                )
+            importance = request.result.reshape(-1)[upload(plan.importance_index, device)]
+        rows = [nll, *(t for t in (importance, entropy) if t is not None)]
+        copied = torch.stack(rows).cpu().numpy()  # the one copy back of this micro-batch
+        values = iter(split_counts(row, plan.counts) for row in copied)
+        nlls = next(values)
+        return BatchSignals(nlls, next(values) if importance is not None else None,
+                            next(values) if entropy is not None else None)
 
     # -- many samples ---------------------------------------------------------------------------
 
@@ -209,10 +229,12 @@ class Scorer:
         results: list[TokenSignals | None] = [None] * len(ids)
         with torch.inference_mode():
             for batch in length_sorted_batches([len(x) for x in ids], self.budget.batch_tokens):
-                nlls, importances = self.forward([ids[i] for i in batch], [masks[i] for i in batch])
+                found = self.forward([ids[i] for i in batch], [masks[i] for i in batch])
                 for slot, index in enumerate(batch):
-                    attn = _full_length(masks[index], importances[slot]) if importances is not None else None
-                    results[index] = TokenSignals(sample_ids[index], _full_length(masks[index], nlls[slot]), attn)
+                    mask = masks[index]
+                    attn = _full_length(mask, found.attn[slot]) if found.attn is not None else None
+                    entropy = _full_length(mask, found.entropy[slot]) if found.entropy is not None else None
+                    results[index] = TokenSignals(sample_ids[index], _full_length(mask, found.nll[slot]), attn, entropy)
         return results  # type: ignore[return-value]
 
 
@@ -228,6 +250,7 @@ class SampleSignals:
     nll_hist: np.ndarray
     rel: np.ndarray
     attn: np.ndarray
+    entropy_cur: np.ndarray
 
 
 def combine_signals(
@@ -242,7 +265,8 @@ def combine_signals(
     """The current pass's signals joined with the history NLLs (full length, input order).
 
     REL is `nll_hist - nll_cur` (history_minus_current) or the reverse. With the same checkpoint
-    nll_hist is nll_cur and REL is 0; when REL is not used, nll_hist and rel are NaN.
+    nll_hist is nll_cur and REL is 0; when REL is not used, nll_hist and rel are NaN; so are attn and
+    entropy_cur where the current pass did not compute them.
     """
     if uses_rel and not same_checkpoint and history_nll is None:
         raise ValueError("REL needs the history NLLs: run the history pass (nll_table) first and pass them in")
@@ -269,7 +293,8 @@ def combine_signals(
             nll_hist = np.where(mask, nll_hist, np.float32(np.nan)).astype(np.float32)
         rel = nll_hist - signals.nll if excess == "history_minus_current" else signals.nll - nll_hist
         attn = signals.attn if signals.attn is not None else nan
-        out.append(SampleSignals(signals.sample_id, signals.nll, nll_hist, rel.astype(np.float32), attn))
+        entropy = signals.entropy if signals.entropy is not None else nan
+        out.append(SampleSignals(signals.sample_id, signals.nll, nll_hist, rel.astype(np.float32), attn, entropy))
     return out
 
 
@@ -327,7 +352,7 @@ def signals_table(signals: list[SampleSignals], trainable: Sequence[np.ndarray])
     return pa.Table.from_arrays(
         [
             pa.array([s.sample_id for s in signals], pa.string()),
-            *(lists(name) for name in ("nll_cur", "nll_hist", "rel", "attn")),
+            *(lists(name) for name in ("nll_cur", "nll_hist", "rel", "attn", "entropy_cur")),
             _list_column([np.full(n, np.nan, np.float32) for n in lengths], pa.float32()),
             _list_column([np.zeros(n, bool) for n in lengths], pa.bool_()),
             pa.array(lengths, pa.int32()),
@@ -354,11 +379,14 @@ def score_shard(
     and the checkpoints differ. A global selection is made afterwards over every shard; here its
     keep stays per sample. The selection assumes REL is a signal: the corpus-wide floor check is
     the select step's (`pipeline.selection.methods.rel_guard`). `signals`: which signals to store
-    (default: those the selection uses); attention comes from the Scorer, so it must compute importance.
+    (default: those the selection uses); attention and entropy come from the Scorer, so it must compute them.
     """
-    signals = signals or SignalSet(rel=selection.uses_rel, attention=selection.uses_attention)
+    signals = signals or SignalSet(rel=selection.uses_rel, attention=selection.uses_attention,
+                                   entropy=selection.uses_entropy)
     if signals.attention and not scorer.importance:
         raise ValueError("the signals to store need attention importance but the Scorer was built with importance=False")
+    if signals.entropy and not scorer.entropy:
+        raise ValueError("the signals to store need the entropy but the Scorer was built with entropy=False")
     sample_ids, input_ids, trainable = _tokenized_columns(tokenized)
     cached = _history_by_sample(history_nll, sample_ids) if history_nll is not None and signals.rel else None
     stored = combine_signals(

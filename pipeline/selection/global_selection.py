@@ -35,15 +35,18 @@ import pyarrow.parquet as pq
 
 from pipeline.runtime.errors import UserError
 from pipeline.selection.keep_tables import CorpusSelection, flat_values, selected_table
-from pipeline.selection.methods import selection_size as method_selection_size
+from pipeline.selection.methods import min_prob_mask, selection_size as method_selection_size
 from pipeline.selection.selection import sortable_keys
 
 BINS = 1 << 16
 
 
-def joined_shard(score_path: Path, tokenized_path: Path) -> tuple[pa.Table, pa.ChunkedArray]:
-    """(the score shard's signal columns, the tokenized shard's trainable column), checked to be one data."""
-    scores = pq.read_table(score_path, columns=["sample_id", "rel", "attn"])
+def joined_shard(
+    score_path: Path, tokenized_path: Path, columns: list[str] | None = None
+) -> tuple[pa.Table, pa.ChunkedArray]:
+    """(the score shard's signal `columns`, default sample_id, rel, attn; the tokenized shard's trainable
+    column), checked to be one data."""
+    scores = pq.read_table(score_path, columns=columns or ["sample_id", "rel", "attn"])
     tokenized = pq.read_table(tokenized_path, columns=["sample_id", "trainable"])
     if not scores.column("sample_id").equals(tokenized.column("sample_id")):
         raise UserError(f"{score_path} and {tokenized_path} hold different sample ids or row orders")
@@ -54,7 +57,7 @@ def joined_shard(score_path: Path, tokenized_path: Path) -> tuple[pa.Table, pa.C
 
 def trainable_keys(score_path: Path, tokenized_path: Path, selection: CorpusSelection) -> np.ndarray:
     """Keys of one shard's trainable tokens under `selection`, in row order then position order."""
-    scores, trainable = joined_shard(score_path, tokenized_path)
+    scores, trainable = joined_shard(score_path, tokenized_path, selection.columns)
     mask = flat_values(trainable).astype(bool)
     return sortable_keys(selection.shard_scores(scores, trainable)[mask])
 
@@ -130,15 +133,18 @@ def apply_threshold(
     """Pass 4: the score table with `score`/`keep`/`n_kept` rewritten to the global selection.
 
     Keeps trainable tokens whose key exceeds `threshold`, plus the first `take_ties` tokens whose
-    key equals it, in row then position order. `threshold=None` keeps nothing (k = 0).
+    key equals it, in row then position order. `threshold=None` keeps nothing (k = 0). Confidence with
+    min_prob then drops the kept targets below the threshold, as per sample.
     """
     mask = flat_values(trainable).astype(bool)
     keep = np.zeros(len(mask), dtype=bool)
     if threshold is not None:
         positions = np.flatnonzero(mask)
-        keys = sortable_keys(selection.shard_scores(scores, trainable)[positions])
+        score = selection.shard_scores(scores, trainable)
+        keys = sortable_keys(score[positions])
         keep[positions[keys > threshold]] = True
         keep[positions[keys == threshold][:take_ties]] = True
+        keep = min_prob_mask(keep, score, selection.settings)
     return selected_table(scores, trainable, selection, keep)
 
 

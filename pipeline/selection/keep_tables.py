@@ -3,7 +3,7 @@
 No model runs here. `selected_table` applies a selection method (`pipeline.selection.methods`) to
 one scores.v1 table: per sample it also picks the keep mask; for `--granularity global` the
 mask comes from `pipeline.selection.global_selection`, which ranks `CorpusSelection.shard_scores`.
-Every other column (the signals nll_cur, nll_hist, rel, attn) is left untouched.
+Every other column (the signals nll_cur, nll_hist, rel, attn, entropy_cur) is left untouched.
 """
 
 from __future__ import annotations
@@ -48,15 +48,22 @@ class CorpusSelection:
     settings: SelectSettings
     rel_is_noise: bool = False
 
+    @property
+    def columns(self) -> list[str]:
+        """The score-shard columns the method's score is computed from (what the global passes read)."""
+        ranked = self.settings.ranked_signal
+        return ["sample_id", "rel", "attn", *([ranked] if ranked else [])]
+
     def sample_scores(self, scores: pa.Table, trainable: pa.ChunkedArray) -> list[np.ndarray]:
-        """Each row's score (full length, NaN off the targets) from the table's rel and attn columns."""
+        """Each row's score (full length, NaN off the targets) from the table's signal columns."""
         _check_joined(scores, trainable)
         ids = scores.column("sample_id").to_pylist()
         rel, attn = row_arrays(scores.column("rel"), np.float32), row_arrays(scores.column("attn"), np.float32)
-        # The NLLs only say why a needed signal is NaN; a reader of rel and attn alone (global passes) goes without.
-        nll_cur, nll_hist = (
+        # loss, confidence and entropy rank nll_cur and entropy_cur; for the others the NLLs only say why a needed
+        # signal is NaN, and a reader of rel and attn alone (global passes) goes without.
+        nll_cur, nll_hist, entropy_cur = (
             row_arrays(scores.column(name), np.float32) if name in scores.column_names else [None] * len(ids)
-            for name in ("nll_cur", "nll_hist")
+            for name in ("nll_cur", "nll_hist", "entropy_cur")
         )
         masks = row_arrays(trainable, bool)
         drops: list[np.ndarray | None] = [None] * len(ids)
@@ -65,7 +72,7 @@ class CorpusSelection:
             drops = [sample_drop(labels, ids[row], masks[row], self.settings.labels) for row in range(len(ids))]
         return [
             sample_score(ids[row], rel[row], attn[row], masks[row], self.settings, self.rel_is_noise, drops[row],
-                         nll_cur=nll_cur[row], nll_hist=nll_hist[row])
+                         nll_cur=nll_cur[row], nll_hist=nll_hist[row], entropy_cur=entropy_cur[row])
             for row in range(len(ids))
         ]
 

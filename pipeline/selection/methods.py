@@ -12,6 +12,11 @@ the select stage and the tests share one definition of every method:
     random         uniform [0, 1) per target, from (seed, sample_id)
     oracle         random's draw, plus 1 at every target the token labels do not flag (`drop`): the known-bad
                    tokens rank below every other, so they are dropped first, the rest at random
+    loss           nll_cur                                      (the current model's hardest tokens first)
+    confidence     -nll_cur = log P_cur(x_i | x_<i)             (its most probable tokens first, ProFit);
+                   with min_prob P, a kept target must also have P_cur >= P (`min_prob_mask`): the ratio
+                   caps the count, the threshold drops the improbable ones from it
+    entropy        entropy_cur                                  (its most uncertain predictions first)
 
 A score of NaN never reaches the ranking at a target: a signal a method needs that is NaN at a target
 is refused, naming the column, the sample, the position and what it points to (`nan_at_targets`: not
@@ -136,6 +141,14 @@ def _nan_at(values: np.ndarray | None, position: int) -> bool | None:
     return None if values is None else bool(np.isnan(values[position]))
 
 
+def min_prob_mask(keep: np.ndarray, score: np.ndarray, settings: SelectSettings) -> np.ndarray:
+    """`keep` less the targets below confidence's probability threshold: exp(-nll_cur) >= min_prob, compared
+    as log P = score >= ln(min_prob) (float64), so no exp underflows. Unchanged without a threshold."""
+    if settings.min_prob is None:
+        return keep
+    return keep & (np.asarray(score, dtype=np.float64) >= math.log(settings.min_prob))
+
+
 def nan_at_targets(
     signal: str, sample_id: str, values: np.ndarray, trainable: np.ndarray,
     nll_cur: np.ndarray | None = None, nll_hist: np.ndarray | None = None,
@@ -150,6 +163,9 @@ def nan_at_targets(
     count, targets, first = len(bad), int(trainable.sum()), int(bad[0])
     where = f"sample {sample_id!r}: {signal} is NaN at {count} of {targets} targets (first at position {first})"
     every = count == targets
+    if signal == "nll_cur":
+        return (f"{where}: the current checkpoint gives NaN losses (NaN or infinite weights?), or the shard was "
+                "edited or damaged: check it, then score again")
     if _nan_at(nll_cur, first):
         return (f"{where}; nll_cur is NaN there too: the current checkpoint gives NaN losses (NaN or infinite "
                 "weights?): check it, then score again")
@@ -201,15 +217,19 @@ def sample_score(
     drop: np.ndarray | None = None,
     nll_cur: np.ndarray | None = None,
     nll_hist: np.ndarray | None = None,
+    entropy_cur: np.ndarray | None = None,
 ) -> np.ndarray:
     """One sample's float32 score (NaN off the targets) under `settings.method`.
 
     `rel_is_noise` is the corpus-wide finding of `rel_guard`: REL then counts as 0 at every target.
     `drop`: oracle only, the sample's known-bad tokens (`pipeline.selection.token_labels.sample_drop`).
-    `nll_cur`, `nll_hist`: the sample's NLLs, when at hand, only to say why a needed signal is NaN.
+    `nll_cur`, `nll_hist`: the sample's NLLs, when at hand: what loss and confidence rank, and for the other
+    methods what says why a needed signal is NaN. `entropy_cur`: what entropy ranks.
     """
     trainable = np.asarray(trainable, dtype=bool)
     method = settings.method
+    if settings.ranked_signal is not None:
+        return _current_signal_score(sample_id, trainable, settings, nll_cur, nll_hist, entropy_cur)
     if method == "full":
         return np.where(trainable, np.float32(1.0), np.float32(np.nan)).astype(np.float32)
     if method in ("random", "oracle"):
@@ -233,6 +253,21 @@ def sample_score(
     return combine(rel_term, attention, settings.gamma)
 
 
+def _current_signal_score(
+    sample_id: str, trainable: np.ndarray, settings: SelectSettings,
+    nll_cur: np.ndarray | None, nll_hist: np.ndarray | None, entropy_cur: np.ndarray | None,
+) -> np.ndarray:
+    """loss, confidence, entropy: the ranked column as it is (confidence: negated, so the probable rank first)."""
+    signal = settings.ranked_signal
+    values = nll_cur if signal == "nll_cur" else entropy_cur
+    if values is None:
+        raise UserError(f"sample {sample_id!r}: method {settings.method} ranks {signal}, which was not read; this is a bug")
+    values = _needed(np.asarray(values, dtype=np.float32), trainable, str(signal), sample_id, nll_cur, nll_hist)
+    # 0 - nll, not -nll: a zero NLL gives +0.0, whose key sorts with the other zeros (-0.0 would sort below them).
+    ranked = np.float32(0.0) - values if settings.method == "confidence" else values
+    return np.where(trainable, ranked, np.float32(np.nan)).astype(np.float32)
+
+
 def selection_size(settings: SelectSettings, n_trainable: int) -> int:
     """How many of n trainable tokens a selection keeps: ceil(ratio * n); floor for tokencleaning, as
     their code does (`int(n * ratio)`); all for full. rho1 takes ceil: Rho-1's paper says "top k%"
@@ -243,5 +278,7 @@ def selection_size(settings: SelectSettings, n_trainable: int) -> int:
 
 
 def sample_keep(score: np.ndarray, trainable: np.ndarray, settings: SelectSettings) -> np.ndarray:
-    """The per-sample keep mask: the method's `selection_size` highest scores, ties to the earlier position."""
-    return top_k_mask(score, trainable, selection_size(settings, int(np.count_nonzero(trainable))))
+    """The per-sample keep mask: the method's `selection_size` highest scores, ties to the earlier position
+    (confidence with min_prob: less those below the threshold)."""
+    keep = top_k_mask(score, trainable, selection_size(settings, int(np.count_nonzero(trainable))))
+    return min_prob_mask(keep, score, settings)

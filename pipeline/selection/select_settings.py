@@ -14,7 +14,9 @@ from pydantic import model_validator
 from pipeline.runtime.config import StageConfig, setting
 from pipeline.runtime.fingerprint import sha256_file
 
-Method = Literal["sstoken", "rel", "attn", "full", "random", "tokencleaning", "rho1", "oracle"]
+Method = Literal[
+    "sstoken", "rel", "attn", "full", "random", "tokencleaning", "rho1", "oracle", "loss", "confidence", "entropy"
+]
 Normalise = Literal["per_sample", "none"]
 
 # Methods that rank by REL alone: with no REL signal (same checkpoint, or REL below the floor
@@ -23,6 +25,8 @@ Normalise = Literal["per_sample", "none"]
 REL_ONLY_METHODS = ("rel", "tokencleaning", "rho1")
 # Methods that rank raw REL (nats), never normalised: the baselines as their authors define them.
 RAW_REL_METHODS = ("tokencleaning", "rho1")
+# Methods that rank one stored signal of the current model as it is (no history, no attention), and that signal.
+CURRENT_SIGNAL_METHODS = {"loss": "nll_cur", "confidence": "nll_cur", "entropy": "entropy_cur"}
 
 
 class SelectSettings(StageConfig):
@@ -38,7 +42,10 @@ class SelectSettings(StageConfig):
         "(gamma 0); full: every trainable token; random: ratio of them at random (seeded); tokencleaning: raw REL "
         "(history - current), top floor(ratio * n); rho1: raw REL stored with --excess current_minus_history "
         "(Rho-1's loss(current) - loss(reference), history = the reference), top ceil(ratio * n); oracle: a yardstick "
-        "that knows the bad tokens (--labels): drops them first, then at random (seeded as random).",
+        "that knows the bad tokens (--labels): drops them first, then at random (seeded as random); loss: the highest "
+        "nll_cur (the current model's hardest tokens); confidence: the lowest nll_cur (its most probable tokens, "
+        "ProFit), optionally only those with probability >= --min-prob; entropy: the highest entropy_cur (its most "
+        "uncertain predictions).",
         run_key=False,
     )
     gamma: float = setting(
@@ -58,6 +65,11 @@ class SelectSettings(StageConfig):
         description="How REL is scaled before ranking: per_sample min-max (the paper) or none (raw nats); "
         "auto: none for tokencleaning and rho1, per_sample otherwise. See docs/method.md for global granularity.",
     )
+    min_prob: float | None = setting(
+        None, gt=0.0, le=1.0, run_key=False,
+        description="confidence only: keep only targets with exp(-nll_cur) >= min_prob, within the ratio's top count "
+        "(the ratio caps, the threshold drops: ratio 1 keeps exactly the targets at or above the threshold).",
+    )
     seed: int = setting(
         0, ge=0, run_key=False, description="random, oracle: seed; each sample's draw depends on (seed, sample_id)."
     )
@@ -74,6 +86,8 @@ class SelectSettings(StageConfig):
                 f"method {self.method} ranks raw REL without normalisation; use --method rel --normalise per_sample "
                 "for normalised REL"
             )
+        if self.min_prob is not None and self.method != "confidence":
+            raise ValueError(f"min_prob is for method confidence only, not method {self.method}")
         if (self.method == "oracle") != (self.labels is not None):
             raise ValueError("method oracle needs labels (a token labels file), and labels are for method oracle only")
         return self
@@ -92,6 +106,15 @@ class SelectSettings(StageConfig):
     @property
     def uses_attention(self) -> bool:
         return self.method == "attn" or (self.method == "sstoken" and self.gamma < 1.0)
+
+    @property
+    def uses_entropy(self) -> bool:
+        return self.method == "entropy"
+
+    @property
+    def ranked_signal(self) -> str | None:
+        """The stored column a current-signal method ranks (loss, confidence: nll_cur; entropy: entropy_cur)."""
+        return CURRENT_SIGNAL_METHODS.get(self.method)
 
     @property
     def rel_only(self) -> bool:
@@ -124,6 +147,8 @@ class SelectSettings(StageConfig):
             key["normalise"] = self.rel_normalisation
         if self.method in ("random", "oracle"):
             key["seed"] = self.seed
+        if self.min_prob is not None:
+            key["min_prob"] = self.min_prob
         if self.labels is not None:
             # The labels decide the masks: their content, not only their path, is part of the key.
             key["labels"] = sha256_file(self.labels) if Path(self.labels).is_file() else f"missing: {self.labels}"

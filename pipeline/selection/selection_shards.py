@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import read_shard
 from pipeline.runtime.fingerprint import sha256_file
-from pipeline.runtime.schemas import arrow_schema
+from pipeline.runtime.schemas import arrow_schema, present_schema
 from pipeline.runtime.stage_output import commit_shard, read_record
 from pipeline.selection import global_selection
 from pipeline.selection.global_selection import ParallelMap, serial_map
@@ -69,8 +69,10 @@ def selection_record(settings: SelectSettings, rel_is_noise: bool = False) -> di
 
 
 def _joined(shard: SelectShard) -> tuple[Any, Any]:
-    """The shard's scores (canonical schema, so a rewrite is byte-identical to a fresh write) and its trainable column."""
-    scores = read_shard(shard.path, "scores").cast(arrow_schema("scores"))
+    """The shard's scores (canonical schema, so a rewrite is byte-identical to a fresh write; a shard written before
+    an optional column existed keeps its columns) and its trainable column."""
+    scores = read_shard(shard.path, "scores")
+    scores = scores.cast(present_schema("scores", scores.column_names))
     tokenized = pq.read_table(shard.tokenized_path, columns=["sample_id", "trainable"])
     if not scores.column("sample_id").equals(tokenized.column("sample_id")):
         raise UserError(f"{shard.path} and {shard.tokenized_path} list different samples; rerun `sstoken score`")
@@ -159,6 +161,25 @@ class SelectionOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
+def refuse_missing_column(shards: Sequence[SelectShard], settings: SelectSettings) -> None:
+    """Refuse, naming the column and the first shard, a method whose ranked column a shard lacks (entropy over
+    scores written before entropy_cur was stored)."""
+    column = settings.ranked_signal
+    if column is None:
+        return
+    for shard in shards:
+        try:
+            names = pq.read_schema(shard.path).names
+        except (pa.ArrowException, OSError):
+            continue  # an unreadable shard is refused by name where it is read
+        if column not in names:
+            raise UserError(
+                f"method {settings.method} ranks {column}, which {shard.path} lacks: its scores were written before "
+                f"sstoken stored {column}; rescore the corpus with `sstoken score` (it stores {column} by default), "
+                "then select"
+            )
+
+
 def plan_selection(
     shards: Sequence[SelectShard],
     settings: SelectSettings,
@@ -170,8 +191,9 @@ def plan_selection(
 
     Refuses a REL-only method over one checkpoint, REL missing at targets, and a REL-only method
     whose REL is below the floor everywhere; for other methods REL below the floor counts as 0 and
-    the plan carries a warning.
+    the plan carries a warning; refuses a method whose ranked column the shards lack.
     """
+    refuse_missing_column(shards, settings)
     if same_checkpoint and settings.uses_rel:
         same_checkpoint_refusal(settings)
         # REL is 0 by construction (nll_hist is nll_cur), not noise of two near-identical checkpoints.

@@ -465,3 +465,38 @@ def test_an_unreachable_cluster_fails_fast_and_touches_no_output(sample_run, tmp
     assert len(lines) == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in lines[0], result.stderr
     assert "\x1b" not in result.stderr and "Traceback" not in result.stderr
     assert (output / "manifest.json").read_bytes() == manifest
+
+
+def _flat(table, name: str) -> np.ndarray:
+    return np.concatenate(table.column(name).to_numpy(zero_copy_only=False)).astype(np.float64)
+
+
+def test_the_current_entropy_is_stored_with_every_signal_and_follows_signals_needed(
+    sample_run, corpus, llama_dir, llama_history_dir, tmp_path, capsys
+):
+    """`signals: all` stores entropy_cur (NaN exactly off the targets); `needed` stores it for method entropy alone,
+    with no history pass and no attention capture, and a later selection by entropy over scores without it is
+    refused naming the column."""
+    config, _ = sample_run
+    assert read_manifest(config.output, kind="scores")["signals"] == {
+        "rel": True, "attention": True, "entropy": True, "layer": -1, "excess": "history_minus_current"
+    }
+    lean = run_score_job(_config(corpus, tmp_path / "entropy", llama_dir, llama_history_dir, method="entropy",
+                                 signals="needed"))
+    assert lean.counts["shards_scored"] == len(SHARDS)
+    assert read_manifest(tmp_path / "entropy", kind="scores")["signals"]["entropy"] is True
+    assert not (tmp_path / "entropy-cache").exists()  # no history pass: nothing cached
+    for part in sorted(corpus.glob("part-*.parquet")):
+        targets = np.concatenate(pq.read_table(part).column("trainable").to_numpy(zero_copy_only=False)).astype(bool)
+        full, entropy_only = pq.read_table(config.output / part.name), pq.read_table(tmp_path / "entropy" / part.name)
+        assert (np.isnan(_flat(full, "entropy_cur")) == ~targets).all()
+        np.testing.assert_allclose(_flat(entropy_only, "entropy_cur"), _flat(full, "entropy_cur"), rtol=1e-5,
+                                   equal_nan=True)
+        assert np.isnan(_flat(entropy_only, "attn")).all() and np.isnan(_flat(entropy_only, "rel")).all()
+
+    run_score_job(_config(corpus, tmp_path / "loss", llama_dir, llama_history_dir, method="loss", signals="needed"))
+    assert np.isnan(_flat(pq.read_table(tmp_path / "loss" / "part-00000.parquet"), "entropy_cur")).all()
+    capsys.readouterr()
+    assert main(["select", "--scores", str(tmp_path / "loss"), "--method", "entropy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "entropy_cur is NaN at" in err and "--signals needed" in err and len(err.splitlines()) == 1

@@ -69,13 +69,16 @@ def test_one_copy_back_per_micro_batch(llama_dir):
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 300, n) for n in (40, 33, 21)]
     masks = [np.arange(len(x)) % 3 == 1 for x in ids]
-    for importance in (True, False):
-        scorer = Scorer(llama_dir, ScoreSettings(device="cpu", dtype="bfloat16-full"), importance=importance)
+    for importance, entropy in ((True, True), (True, False), (False, True), (False, False)):
+        scorer = Scorer(llama_dir, ScoreSettings(device="cpu", dtype="bfloat16-full"), importance=importance,
+                        entropy=entropy)
         with torch.inference_mode(), EngineSyncs() as syncs:
-            nlls, attn = scorer.forward(ids, masks)
-        assert syncs.calls == ["cpu", "numpy"], importance
-        assert [len(n) for n in nlls] == [int(m.sum()) for m in masks]
-        assert (attn is not None) == importance
+            found = scorer.forward(ids, masks)
+        assert syncs.calls == ["cpu", "numpy"], (importance, entropy)
+        assert [len(n) for n in found.nll] == [int(m.sum()) for m in masks]
+        assert (found.attn is not None) == importance and (found.entropy is not None) == entropy
+        if entropy:
+            assert [len(e) for e in found.entropy] == [int(m.sum()) for m in masks]
 
 
 def test_the_sync_detector_sees_a_device_query(llama_dir):

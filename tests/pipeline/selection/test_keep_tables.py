@@ -19,7 +19,7 @@ def _scores_table(rel: list[np.ndarray], attn: list[np.ndarray]) -> pa.Table:
     nan = [np.full(len(r), np.nan, dtype=np.float32) for r in rel]
     return pa.Table.from_arrays(
         [pa.array([f"s{i}" for i in range(len(rel))]), _lists(nan, pa.float32()), _lists(nan, pa.float32()),
-         _lists(rel, pa.float32()), _lists(attn, pa.float32()), _lists(nan, pa.float32()),
+         _lists(rel, pa.float32()), _lists(attn, pa.float32()), _lists(nan, pa.float32()), _lists(nan, pa.float32()),
          _lists([np.zeros(len(r), bool) for r in rel], pa.bool_()),
          pa.array([len(r) for r in rel], pa.int32()), pa.array([0] * len(rel), pa.int32()),
          pa.array([0] * len(rel), pa.int32())],

@@ -124,7 +124,7 @@ def test_another_method_on_the_same_signals_is_byte_identical(
     assert summary.counts["kept"] == int(0.5 * trainable)  # floor, as TokenCleaning's code
 
 
-@pytest.mark.parametrize("method", ["random", "full", "attn", "rel", "tokencleaning"])
+@pytest.mark.parametrize("method", ["random", "full", "attn", "rel", "tokencleaning", "loss", "confidence", "entropy"])
 def test_every_method_reselected_is_byte_identical_to_scoring_with_it(
     ray_local, scored, corpus, cache, llama_dir, llama_history_dir, tmp_path, method, no_model
 ):
