@@ -38,13 +38,25 @@ def _arrow_type(name: str) -> pa.DataType:
 
 
 @cache
+def _definition(name: str, version: int) -> dict[str, Any]:
+    return json.loads((SCHEMA_DIR / f"{name}.v{version}.json").read_text())
+
+
+@cache
 def arrow_schema(name: str, version: int = 1) -> pa.Schema:
-    """The Arrow schema defined by `schemas/{name}.v{version}.json`."""
-    definition = json.loads((SCHEMA_DIR / f"{name}.v{version}.json").read_text())
+    """The Arrow schema defined by `schemas/{name}.v{version}.json` (every field, optional ones included: what is written)."""
+    definition = _definition(name, version)
     return pa.schema(
         [pa.field(f["name"], _arrow_type(f["type"]), nullable=f.get("nullable", True)) for f in definition["fields"]],
         metadata={"sstoken_schema": f"{name}.v{version}"},
     )
+
+
+@cache
+def optional_fields(name: str, version: int = 1) -> frozenset[str]:
+    """Fields marked `"optional": true`: added after folders were written without them; a reader fills them
+    (e.g. masks' `weight` from `keep`), and a table may lack them."""
+    return frozenset(f["name"] for f in _definition(name, version)["fields"] if f.get("optional", False))
 
 
 MANIFEST_SCHEMA = "manifest.v1.schema.json"
@@ -76,14 +88,21 @@ def validate_manifest(manifest: dict[str, Any], source: str = "manifest") -> Non
 
 
 def table_from_rows(rows: list[dict[str, Any]], name: str) -> pa.Table:
-    """Build a table with exactly the schema's columns and types."""
-    return pa.Table.from_pylist(rows, schema=arrow_schema(name))
+    """Build a table with exactly the schema's columns and types (an optional column only when some row has it)."""
+    schema = arrow_schema(name)
+    absent = [f for f in optional_fields(name) if rows and not any(f in row for row in rows)]
+    for field in absent:
+        schema = schema.remove(schema.get_field_index(field))
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def validate_table(table: pa.Table, name: str, source: str = "table") -> None:
-    """Every schema column must be present with its type, and non-nullable columns free of nulls."""
+    """Every schema column must be present with its type (an optional one may be absent), and non-nullable
+    columns free of nulls."""
     expected = arrow_schema(name)
     for field in expected:
+        if field.name not in table.column_names and field.name in optional_fields(name):
+            continue
         if field.name not in table.column_names:
             raise SchemaError(f"{source}: column '{field.name}' required by {name}.v1 is missing")
         actual = table.schema.field(field.name).type

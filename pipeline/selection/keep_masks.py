@@ -1,12 +1,17 @@
 """Keep masks for a trainer, read alike from either folder that holds them.
 
-    source, masks = read_keep_masks(folder)      # masks: sample_id, keep (list<bool>)
+    source, masks = read_keep_masks(folder)      # masks: sample_id, keep (list<bool>), weight (list<float32>)
 
 `folder` is a scores folder (`sstoken score`, or `sstoken select` in place: the masks sit beside
 the signals) or a masks folder (`sstoken select --output`: the masks apart). Either way `source`
 says what the masks were made from, so a trainer can refuse masks of other data or another
 tokenizer before it pairs a single token: `source.tokenized_fingerprint` is the `data_fingerprint`
 of the tokenized folder that was scored, `source.tokenizer_fingerprint` its tokenizer's.
+
+Every reader gets a per-token `weight` beside `keep` (the loss is sum(w_i * nll_i) / sum(w_i)): the
+shard's own `weight` column (masks.v1, optional) where it has one, else `keep` as float32 (1 where
+kept, 0 elsewhere). So masks written before the column existed, and scores folders (scores.v1 has no
+weight column: every selection stored in place is binary), read as weight 1 on every kept token.
 """
 
 from __future__ import annotations
@@ -15,15 +20,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.runtime.files import MANIFEST, ArtifactError, read_manifest, verify_listed_shard
+from pipeline.runtime.alignment import WEIGHT
 from pipeline.runtime.schemas import arrow_schema
 
 # Artifact kinds whose shards carry a `keep` column; their table schema has the kind's name.
 KEEP_MASK_KINDS = ("scores", "masks")
 MASK_COLUMNS = ["sample_id", "keep"]
+WEIGHT_TYPE = pa.list_(pa.float32())
+
+
+def weight_column(table: pa.Table) -> pa.ChunkedArray:
+    """The per-token loss weight of a table with a keep column: its own `weight`, or keep as float32 (1 where kept,
+    0 elsewhere) when it has none (a binary selection, or masks written before the column existed)."""
+    if WEIGHT in table.column_names:
+        return table.column(WEIGHT)
+    return table.column("keep").cast(WEIGHT_TYPE)
+
+
+def with_weight(table: pa.Table) -> pa.Table:
+    """`table` with its `weight` column, filled from keep when it has none (appended last)."""
+    return table if WEIGHT in table.column_names else table.append_column(pa.field(WEIGHT, WEIGHT_TYPE, False),
+                                                                           weight_column(table))
+
+
+def flat_weights(keep: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+    """The float32 weights a selection stores: `weight` (a weighted method's, one per token) or keep as 0/1."""
+    return keep.astype(np.float32) if weight is None else np.asarray(weight, dtype=np.float32)
+
+
+def _stored_mask_columns(path: Path) -> list[str]:
+    """sample_id, keep, and weight where the shard stores one."""
+    return MASK_COLUMNS + ([WEIGHT] if WEIGHT in pq.read_schema(path).names else [])
+
+
+def read_mask_columns(path: Path) -> pa.Table:
+    """sample_id, keep and weight (filled from keep when the shard has none) of one scores or masks shard."""
+    return with_weight(pq.read_table(path, columns=_stored_mask_columns(path)))
 
 
 @dataclass(frozen=True)
@@ -75,27 +112,32 @@ def keep_masks_source(folder: Path) -> KeepMasksSource:
 
 
 def read_keep_mask_shard(source: KeepMasksSource, entry: dict[str, Any]) -> pa.Table:
-    """One listed shard's sample_id and keep columns, after checking the file against its manifest entry."""
+    """One listed shard's sample_id, keep and weight columns, after checking the file against its manifest entry."""
     verify_listed_shard(source.folder, entry)
     path = source.folder / entry["file"]
     try:
-        table = pq.read_table(path, columns=MASK_COLUMNS)
+        table = pq.read_table(path, columns=_stored_mask_columns(path))
     except (pa.ArrowException, OSError) as error:
         raise ArtifactError(f"{path} has no readable sample_id and keep columns: {error}") from error
-    expected = arrow_schema(source.kind).field
-    for name in MASK_COLUMNS:
+    expected = _mask_schema(source.kind).field
+    for name in table.column_names:
         if table.schema.field(name).type != expected(name).type or table.column(name).null_count:
             raise ArtifactError(
                 f"{path}: column '{name}' is {table.schema.field(name).type} with {table.column(name).null_count} "
                 f"nulls, {source.kind}.v1 requires {expected(name).type} without nulls; rerun the stage that made it"
             )
-    return table
+    return with_weight(table)
+
+
+def _mask_schema(kind: str) -> pa.Schema:
+    """sample_id, keep (the kind's types) and weight: what `read_keep_mask_shard` returns."""
+    return pa.schema([*(arrow_schema(kind).field(name) for name in MASK_COLUMNS), arrow_schema("masks").field(WEIGHT)])
 
 
 def read_keep_masks(folder: Path) -> tuple[KeepMasksSource, pa.Table]:
-    """(provenance, every listed shard's sample_id and keep in manifest order) of a scores or masks folder."""
+    """(provenance, every listed shard's sample_id, keep and weight in manifest order) of a scores or masks folder."""
     source = keep_masks_source(folder)
     tables = [read_keep_mask_shard(source, entry) for entry in source.manifest["shards"]]
-    schema = pa.schema([arrow_schema(source.kind).field(name) for name in MASK_COLUMNS])
+    schema = _mask_schema(source.kind)
     table = pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
     return source, table

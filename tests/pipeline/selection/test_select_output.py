@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
@@ -18,7 +19,7 @@ from pipeline.runtime.schemas import arrow_schema
 from pipeline.runtime.stage_output import record_path
 from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job
 from pipeline.selection import selection_shards
-from pipeline.selection.keep_masks import read_keep_masks
+from pipeline.selection.keep_masks import read_keep_masks, with_weight
 from pipeline.runtime.errors import UserError
 from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.select_stage import STARTED_FROM, run_select
@@ -86,8 +87,10 @@ def test_masks_apart_equal_the_selection_in_place_and_leave_the_scores_untouched
     run_select(SelectConfig(scores=in_place, **settings))
     assert sorted(_digests(masks)) == sorted(_digests(in_place))  # the same shard names
     for part in sorted(masks.glob("part-*.parquet")):
-        table, expected = pq.read_table(part), pq.read_table(in_place / part.name)
+        # the scores folder stores no weight: it reads as keep (1 where kept, 0 elsewhere), which the masks hold
+        table, expected = pq.read_table(part), with_weight(pq.read_table(in_place / part.name))
         assert table.schema.names == arrow_schema("masks").names
+        assert table.column("weight").type == pa.list_(pa.float32())
         for name in arrow_schema("masks").names:  # NaN off the targets: compared as arrays, NaN equal to NaN
             got, want = table.column(name).to_pylist(), expected.column(name).to_pylist()
             assert len(got) == len(want), (part.name, name)
