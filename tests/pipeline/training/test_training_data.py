@@ -31,7 +31,8 @@ def test_index_joins_by_sample_id_with_lengths_and_kept_counts(tokenized, masks)
     index = build_index(source)
     assert index.samples + index.without_kept == sum(SHARDS)
     rows = load_samples(source, index, np.arange(index.samples))
-    for position, (ids, keep) in rows.items():
+    for position, (ids, keep, weight) in rows.items():
+        np.testing.assert_array_equal(weight, keep.astype(np.float32))  # masks without weights: weight = keep
         assert len(ids) == len(keep) == index.lengths[position]
         assert keep[1:].sum() == index.kept[position] > 0
 
@@ -94,7 +95,7 @@ def test_sample_ids_without_masks_are_refused(tokenized, tmp_path):
 def test_masks_keeping_a_token_that_is_no_target_are_refused(tokenized, tmp_path, where, message):
     """The manifest is sealed over the edited masks (checksums match): the join checks keep against trainable."""
     edited = write_keep_masks(tmp_path / "masks", tokenized, keep_off_targets=where)
-    with pytest.raises(ArtifactError, match=f"keeps tokens that are no training targets of .*: {message}"):
+    with pytest.raises(ArtifactError, match=f"keeps or weighs tokens against the alignment contract of .*: {message}"):
         build_index(open_training_data(tokenized, edited))
 
 
