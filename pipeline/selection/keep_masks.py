@@ -9,9 +9,10 @@ tokenizer before it pairs a single token: `source.tokenized_fingerprint` is the 
 of the tokenized folder that was scored, `source.tokenizer_fingerprint` its tokenizer's.
 
 Every reader gets a per-token `weight` beside `keep` (the loss is sum(w_i * nll_i) / sum(w_i)): the
-shard's own `weight` column (masks.v1, optional) where it has one, else `keep` as float32 (1 where
-kept, 0 elsewhere). So masks written before the column existed, and scores folders (scores.v1 has no
-weight column: every selection stored in place is binary), read as weight 1 on every kept token.
+shard's own `weight` column (masks.v1, optional) where it has one, else `keep` as float32
+(`pipeline.runtime.mask_weights`). So masks written before the column existed, and scores folders
+(scores.v1 has no weight column: every selection stored in place is binary), read as weight 1 on
+every kept token.
 """
 
 from __future__ import annotations
@@ -20,47 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.runtime.files import MANIFEST, ArtifactError, read_manifest, verify_listed_shard
-from pipeline.runtime.alignment import WEIGHT
+from pipeline.runtime.mask_weights import MASK_COLUMNS, WEIGHT, stored_mask_columns, with_weight
 from pipeline.runtime.schemas import arrow_schema
 
 # Artifact kinds whose shards carry a `keep` column; their table schema has the kind's name.
 KEEP_MASK_KINDS = ("scores", "masks")
-MASK_COLUMNS = ["sample_id", "keep"]
-WEIGHT_TYPE = pa.list_(pa.float32())
-
-
-def weight_column(table: pa.Table) -> pa.ChunkedArray:
-    """The per-token loss weight of a table with a keep column: its own `weight`, or keep as float32 (1 where kept,
-    0 elsewhere) when it has none (a binary selection, or masks written before the column existed)."""
-    if WEIGHT in table.column_names:
-        return table.column(WEIGHT)
-    return table.column("keep").cast(WEIGHT_TYPE)
-
-
-def with_weight(table: pa.Table) -> pa.Table:
-    """`table` with its `weight` column, filled from keep when it has none (appended last)."""
-    return table if WEIGHT in table.column_names else table.append_column(pa.field(WEIGHT, WEIGHT_TYPE, False),
-                                                                           weight_column(table))
-
-
-def flat_weights(keep: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
-    """The float32 weights a selection stores: `weight` (a weighted method's, one per token) or keep as 0/1."""
-    return keep.astype(np.float32) if weight is None else np.asarray(weight, dtype=np.float32)
-
-
-def _stored_mask_columns(path: Path) -> list[str]:
-    """sample_id, keep, and weight where the shard stores one."""
-    return MASK_COLUMNS + ([WEIGHT] if WEIGHT in pq.read_schema(path).names else [])
-
-
-def read_mask_columns(path: Path) -> pa.Table:
-    """sample_id, keep and weight (filled from keep when the shard has none) of one scores or masks shard."""
-    return with_weight(pq.read_table(path, columns=_stored_mask_columns(path)))
 
 
 @dataclass(frozen=True)
@@ -116,7 +85,7 @@ def read_keep_mask_shard(source: KeepMasksSource, entry: dict[str, Any]) -> pa.T
     verify_listed_shard(source.folder, entry)
     path = source.folder / entry["file"]
     try:
-        table = pq.read_table(path, columns=_stored_mask_columns(path))
+        table = pq.read_table(path, columns=stored_mask_columns(path))
     except (pa.ArrowException, OSError) as error:
         raise ArtifactError(f"{path} has no readable sample_id and keep columns: {error}") from error
     expected = _mask_schema(source.kind).field

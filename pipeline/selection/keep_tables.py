@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.runtime.alignment import WEIGHT, weight_flags
-from pipeline.selection.keep_masks import flat_weights
+from pipeline.runtime.mask_weights import flat_weights
 from pipeline.selection.methods import RelStats, nan_at_targets, sample_keep, sample_score
 from pipeline.selection.select_settings import SelectSettings
 from pipeline.selection.token_labels import read_token_labels, sample_drop

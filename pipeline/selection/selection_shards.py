@@ -30,7 +30,7 @@ from pipeline.runtime.schemas import arrow_schema
 from pipeline.runtime.stage_output import commit_shard, read_record
 from pipeline.selection import global_selection
 from pipeline.selection.global_selection import ParallelMap, serial_map
-from pipeline.selection.keep_masks import with_weight
+from pipeline.runtime.mask_weights import with_weight
 from pipeline.selection.keep_tables import CorpusSelection, selected_table, shard_rel_stats
 from pipeline.selection.methods import RelStats, rel_guard, same_checkpoint_refusal
 from pipeline.selection.select_settings import SelectSettings

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.runtime.schemas import arrow_schema
-from pipeline.selection.keep_masks import WEIGHT_TYPE, read_mask_columns
+from pipeline.runtime.mask_weights import WEIGHT_TYPE, read_mask_columns
 from pipeline.training.masked_loss import IGNORE_INDEX, masked_labels
 from pipeline.training.training_data import TrainingSource
 from pipeline.runtime.files import ArtifactError

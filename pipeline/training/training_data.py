@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from pipeline.runtime.alignment import keep_problems
 from pipeline.runtime.files import ArtifactError, read_manifest, verify_shards
 from pipeline.runtime.fingerprint import sha256_json
-from pipeline.selection.keep_masks import KeepMasksSource, keep_masks_source, read_keep_mask_shard, read_mask_columns
+from pipeline.runtime.mask_weights import read_mask_columns
+from pipeline.selection.keep_masks import KeepMasksSource, keep_masks_source, read_keep_mask_shard
 
 
 @dataclass(frozen=True)

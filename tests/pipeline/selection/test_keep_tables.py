@@ -82,7 +82,7 @@ def test_mismatched_lengths_are_refused(table_and_masks):
 
 
 def test_a_binary_selection_weighs_each_kept_token_1_and_a_weighted_one_stores_its_weights(table_and_masks):
-    from pipeline.selection.keep_masks import with_weight
+    from pipeline.runtime.mask_weights import with_weight
 
     table, trainable, *_ = table_and_masks
     selection = CorpusSelection(SelectSettings(method="attn", ratio=0.5))
@@ -103,7 +103,7 @@ def test_a_binary_selection_weighs_each_kept_token_1_and_a_weighted_one_stores_i
     (lambda w, k: np.where(k, -1, w), "weight negative"),
 ])
 def test_a_weighted_selection_with_bad_weights_is_refused(table_and_masks, change, message):
-    from pipeline.selection.keep_masks import with_weight
+    from pipeline.runtime.mask_weights import with_weight
 
     table, trainable, *_ = table_and_masks
     selected = selected_table(table, trainable, CorpusSelection(SelectSettings(method="attn", ratio=0.5)))

@@ -19,7 +19,8 @@ from pipeline.runtime.schemas import arrow_schema
 from pipeline.runtime.stage_output import record_path
 from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job
 from pipeline.selection import selection_shards
-from pipeline.selection.keep_masks import read_keep_masks, with_weight
+from pipeline.runtime.mask_weights import with_weight
+from pipeline.selection.keep_masks import read_keep_masks
 from pipeline.runtime.errors import UserError
 from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.select_stage import STARTED_FROM, run_select
