@@ -249,7 +249,7 @@ def test_read_keep_masks_reads_scores_and_masks_folders_alike(scored, corpus, tm
         assert source.tokenizer_fingerprint == tokenized["tokenizer"]["fingerprint"]
         assert source.chat_template_fingerprint == tokenized["tokenizer"]["chat_template_fingerprint"]
         assert source.tokenized_path == corpus and source.selection["method"] == "random"
-    assert from_scores.column_names == ["sample_id", "keep"] and from_scores.equals(from_masks)
+    assert from_scores.column_names == ["sample_id", "keep", "weight"] and from_scores.equals(from_masks)
     assert from_masks.num_rows == sum(SHARDS)
 
     with pytest.raises(ArtifactError, match="holds a 'tokenized' artifact, not keep masks"):
