@@ -141,3 +141,27 @@ def test_ranks_split_each_global_batch_by_length_whatever_the_worker_count():
 def test_a_plan_with_fewer_samples_than_a_batch_has_no_step():
     assert DataPlan(samples=3, batch_size=4, micro_batch_size=2, workers=1, seed=0, epochs=1.0).steps == 0
 
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda weight, keep: -1.0 if not keep else weight, "'weight' negative: a weight is below 0"),
+    (lambda weight, keep: 0.0 if keep else weight, "'weight' where kept: a weight is not > 0 where keep is true"),
+    (lambda weight, keep: float("inf") if keep else weight, "'weight' not finite"),
+])
+def test_masks_with_bad_weights_are_refused_naming_the_problem(tokenized, tmp_path, change, message):
+    """The weights are checked with the keep mask in the trainer's join (a resealed manifest passes the checksums)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.runtime.files import read_manifest, write_manifest, write_parquet_atomic
+
+    folder = write_keep_masks(tmp_path / "masks", tokenized, weights="random")
+    manifest = read_manifest(folder)
+    entry = manifest["shards"][0]
+    rows = pq.read_table(folder / entry["file"]).to_pylist()
+    rows[0]["weight"] = [change(w, k) for w, k in zip(rows[0]["weight"], rows[0]["keep"])]
+    table = pa.Table.from_pylist(rows, schema=pq.read_schema(folder / entry["file"]))
+    entry["sha256"] = write_parquet_atomic(table, folder / entry["file"])
+    write_manifest(folder, manifest)
+    with pytest.raises(ArtifactError, match=rf"keeps or weighs tokens against the alignment contract of .*: {message}"):
+        build_index(open_training_data(tokenized, folder))
