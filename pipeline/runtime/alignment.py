@@ -114,8 +114,6 @@ def keep_problems(table: pa.Table, where: str, trainable: pa.ChunkedArray | None
     return problems
 
 
-
-
 def weight_flags(weight: np.ndarray, kept: np.ndarray, target: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
     """(problem, flagged tokens) of flat per-token weights against the flat keep mask (and the targets, when known):
     finite, >= 0, 0 off the targets, 0 where not kept, > 0 where kept. Empty flags mean the weights hold."""

@@ -6,11 +6,11 @@ mask comes from `pipeline.selection.global_selection`, which ranks `CorpusSelect
 Every other column (the signals nll_cur, nll_hist, rel, attn) is left untouched.
 
 Weights (the seam for a weighted method): every method today is binary, and its weight is keep as
-float32 (`keep_masks.flat_weights`). A weighted method supplies one more flat float32 array, `weight`,
+float32 (`runtime.mask_weights.flat_weights`). A weighted method supplies one more flat float32 array, `weight`,
 one entry per token beside `keep` (finite, >= 0, 0 where keep is false, > 0 where it is true), and
 passes it to `with_selection(..., weight=...)` (from `selected_table`, as the per-sample keep masks
 are passed today), which checks it and stores it in the table's `weight` column. A selection apart
-(`select --output`) selects over the scores with a `weight` column added (`keep_masks.with_weight`), so
+(`select --output`) selects over the scores with a `weight` column added (`runtime.mask_weights.with_weight`), so
 `selection_shards.mask_table` writes it into masks.v1. A scores table stores it only once scores.v1 has
 a `weight` column (the scorer's `signals_table` writing zeros there); until then `with_selection`
 refuses a weight for it rather than drop it.

@@ -26,11 +26,11 @@ import pyarrow.parquet as pq
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import read_shard
 from pipeline.runtime.fingerprint import sha256_file
+from pipeline.runtime.mask_weights import with_weight
 from pipeline.runtime.schemas import arrow_schema
 from pipeline.runtime.stage_output import commit_shard, read_record
 from pipeline.selection import global_selection
 from pipeline.selection.global_selection import ParallelMap, serial_map
-from pipeline.runtime.mask_weights import with_weight
 from pipeline.selection.keep_tables import CorpusSelection, selected_table, shard_rel_stats
 from pipeline.selection.methods import RelStats, rel_guard, same_checkpoint_refusal
 from pipeline.selection.select_settings import SelectSettings

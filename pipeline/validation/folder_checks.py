@@ -36,9 +36,9 @@ import pyarrow.compute as pc
 
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import MANIFEST, read_data_file, read_manifest, refuse_repeated_sample_ids, verify_listed_shard
+from pipeline.runtime.mask_weights import read_mask_columns
 from pipeline.runtime.schemas import arrow_schema, optional_fields, validate_table
 from pipeline.runtime.stage_output import PROGRESS, listed_entries
-from pipeline.runtime.mask_weights import read_mask_columns
 from pipeline.training.training_data import join_samples, open_training_data, shards_key
 from pipeline.runtime.alignment import IGNORE_INDEX, alignment_problems, example, flat_lists, rows_where
 
@@ -255,7 +255,8 @@ def _weights_differ(shards: list[_Shard], weight_by_id: pl.DataFrame) -> list[st
     differ: list[str] = []
     for shard in shards:
         weight = _aligned(shard, weight_by_id, "weight")
-        if weight is None:
+        if weight is None or not np.array_equal(pc.list_value_length(weight).to_numpy(zero_copy_only=False),
+                                                pc.list_value_length(shard.table.column("weights")).to_numpy(zero_copy_only=False)):
             differ += shard.table.column("sample_id").to_pylist()
             continue
         exported, offsets = flat_lists(shard.table, "weights")
