@@ -93,11 +93,13 @@ def write_tokenized(
 
 def write_keep_masks(
     folder: Path, tokenized: Path, ratio: float = 0.5, seed: int = 0, kind: str = "scores", shift_length: int = 0,
-    keep_off_targets: str | None = None,
+    keep_off_targets: str | None = None, weights: str | None = None,
 ) -> Path:
     """A minimal masks artifact (kind scores or masks) for `tokenized`: each trainable token kept with
     probability `ratio` (seeded); `shift_length` adds that many entries to every mask, and `keep_off_targets`
-    ("position 0" or "prompt") keeps that token of the first sample (broken artifacts, consistently sealed)."""
+    ("position 0" or "prompt") keeps that token of the first sample (broken artifacts, consistently sealed).
+    `weights`: no weight column (None, as written before weights existed), "ones" (1 where kept) or "random"
+    (seeded, in [0.25, 2) where kept), 0 elsewhere."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -113,9 +115,14 @@ def write_keep_masks(
         keep = [[t and rng.random() < ratio for t in row["trainable"]] + [False] * shift_length for row in rows]
         if keep_off_targets is not None and not shards:
             keep[0][0 if keep_off_targets == "position 0" else rows[0]["trainable"].index(False, 1)] = True
+        columns = {}
+        if weights is not None:
+            columns["weight"] = pa.array([[(1.0 if weights == "ones" else 0.25 + 1.75 * rng.random()) if k else 0.0
+                                           for k in row] for row in keep], type=pa.list_(pa.float32()))
         table = pa.table({
             "sample_id": [row["sample_id"] for row in rows],
             "keep": pa.array(keep, type=pa.list_(pa.bool_())),
+            **columns,
             "n_kept": pa.array([sum(k) for k in keep], type=pa.int32()),
             "n_trainable": pa.array([sum(row["trainable"]) for row in rows], type=pa.int32()),
         })

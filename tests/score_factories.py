@@ -147,7 +147,8 @@ def write_synthetic_scores(folder: Path, tokenized: Path, seed: int = 0, ratio: 
         for name, values in signals.items():
             columns[name] = _lists(offsets, values, pa.bool_() if name == "keep" else pa.float32())
         columns |= {"n_tokens": table.column("n_tokens").combine_chunks(), "n_trainable": table.column("n_trainable").combine_chunks(),
-                    "n_kept": pa.array(n_kept, pa.int32())}
+                    "n_kept": pa.array(n_kept, pa.int32()),
+                    "weight": _lists(offsets, signals["keep"].astype(np.float32), pa.float32())}  # masks: binary, weight = keep
         out = pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
         digest = write_parquet_atomic(out, folder / entry["file"])
         shards.append({"file": entry["file"], "rows": out.num_rows, "sha256": digest})

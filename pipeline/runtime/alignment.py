@@ -5,7 +5,8 @@
 
 Every per-token list is len(input_ids) long; position 0 is never a target (trainable, keep false, a
 label -100, a float NaN); keep only where trainable; floats NaN exactly off the targets (a signal not
-computed is NaN at every target); the per-row counts (n_trainable, n_kept) are their lists'. Exports:
+computed is NaN at every target); the per-row counts (n_trainable, n_kept) are their lists'; weights (masks'
+`weight`, exports' `weights`, when present) finite, >= 0, 0 off the targets and where not kept, > 0 where kept. Exports:
 labels are -100 or their token, and only where trainable; the attention mask is 1. Each problem names
 the property, how many samples and one sample id.
 """
@@ -19,12 +20,14 @@ import pyarrow.compute as pc
 from pipeline.runtime.schemas import optional_columns
 
 IGNORE_INDEX = -100
-# Per-token list columns of each kind; the float ones hold NaN off the targets.
+WEIGHT = "weight"  # masks' per-token loss weight (exports call theirs `weights`); optional in both schemas
+WEIGHT_COLUMNS = (WEIGHT, "weights")
+# Per-token list columns of each kind (the weights only when the table has them); the float ones hold NaN off the targets.
 LIST_COLUMNS = {
     "tokenized": ("input_ids", "trainable"),
-    "scores": ("nll_cur", "nll_hist", "rel", "attn", "entropy_cur", "score", "keep"),
-    "masks": ("score", "keep"),
-    "export": ("input_ids", "attention_mask", "labels"),
+    "scores": ("nll_cur", "nll_hist", "rel", "attn", "entropy_cur", "score", "keep", "weight"),
+    "masks": ("score", "keep", "weight"),
+    "export": ("input_ids", "attention_mask", "labels", "weights"),
     "history_nll": ("nll",),
 }
 FLOAT_COLUMNS = {
@@ -33,8 +36,9 @@ FLOAT_COLUMNS = {
 # manifest count -> what it counts in the shards ("rows", or the column it sums)
 
 def _columns(kind: str, table: pa.Table, names: tuple[str, ...]) -> list[str]:
-    """`names` less the optional columns a file written before they existed lacks (`schemas/README.md`)."""
-    absent = optional_columns(kind) - set(table.column_names)
+    """`names` less the optional columns a file written before they existed lacks (`schemas/README.md`) and the
+    weights a table without them reads as its keep."""
+    absent = (optional_columns(kind) | set(WEIGHT_COLUMNS)) - set(table.column_names)
     return [name for name in names if name not in absent]
 
 
@@ -114,8 +118,40 @@ def keep_problems(table: pa.Table, where: str, trainable: pa.ChunkedArray | None
     keep = keep.astype(bool)
     problems = _position_zero(table, offsets, keep, "keep", where)
     problems += _row_count(table, offsets, keep, "n_kept", "keep", where)
-    return problems + _off_targets(table, offsets, keep, trainable, "keep off the targets: keep is true where trainable "
-                                   "is false", where)
+    problems += _off_targets(table, offsets, keep, trainable, "keep off the targets: keep is true where trainable "
+                             "is false", where)
+    if WEIGHT in table.column_names:
+        problems += weight_problems(table, WEIGHT, keep, offsets, trainable, where)
+    return problems
+
+
+def weight_flags(weight: np.ndarray, kept: np.ndarray, target: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
+    """(problem, flagged tokens) of flat per-token weights against the flat keep mask (and the targets, when known):
+    finite, >= 0, 0 off the targets, 0 where not kept, > 0 where kept. Empty flags mean the weights hold."""
+    weight = weight.astype(np.float64)
+    finite = np.isfinite(weight)
+    off_target = np.zeros(len(weight), bool) if target is None else ~target.astype(bool)
+    return [
+        ("weight not finite: a weight is NaN or infinite", ~finite),
+        ("weight negative: a weight is below 0", finite & (weight < 0)),
+        ("weight off the targets: a weight is not 0 where trainable is false", finite & off_target & (weight != 0)),
+        ("weight where not kept: a weight is not 0 where keep is false", finite & ~off_target & ~kept & (weight != 0)),
+        ("weight where kept: a weight is not > 0 where keep is true", finite & kept & (weight <= 0)),
+    ]
+
+
+def weight_problems(
+    table: pa.Table, name: str, kept: np.ndarray, offsets: np.ndarray, trainable: pa.ChunkedArray | None, where: str
+) -> list[str]:
+    """`weight_flags` of the table's weight column `name` (aligned with the flat `kept`), as problems naming rows."""
+    weight, _ = flat_lists(table, name)
+    target = None if trainable is None else flat_lists(pa.table({"t": trainable}), "t")[0].astype(bool)
+    problems = []
+    for problem, flags in weight_flags(weight, kept, target):
+        if flags.any():
+            rows = rows_where(table, offsets, flags)
+            problems.append(f"{problem.replace('weight', repr(name), 1)} in {example(rows, len(rows), where)}")
+    return problems
 
 
 def _off_targets(
@@ -176,4 +212,6 @@ def _export_problems(table: pa.Table, where: str, trainable: pa.ChunkedArray | N
     if (mask != 1).any():
         rows = rows_where(table, offsets, mask != 1)
         problems.append(f"attention mask: not 1 at every token in {example(rows, len(rows), where)}")
+    if "weights" in table.column_names:
+        problems += weight_problems(table, "weights", labelled, offsets, trainable, where)
     return problems + _row_count(table, offsets, labelled, "n_kept", "labels != -100", where)

@@ -4,6 +4,16 @@ No model runs here. `selected_table` applies a selection method (`pipeline.selec
 one scores.v1 table: per sample it also picks the keep mask; for `--granularity global` the
 mask comes from `pipeline.selection.global_selection`, which ranks `CorpusSelection.shard_scores`.
 Every other column (the signals nll_cur, nll_hist, rel, attn, entropy_cur) is left untouched.
+
+Weights (the seam for a weighted method): every method today is binary, and its weight is keep as
+float32 (`runtime.mask_weights.flat_weights`). A weighted method supplies one more flat float32 array, `weight`,
+one entry per token beside `keep` (finite, >= 0, 0 where keep is false, > 0 where it is true), and
+passes it to `with_selection(..., weight=...)` (from `selected_table`, as the per-sample keep masks
+are passed today), which checks it and stores it in the table's `weight` column. A selection apart
+(`select --output`) selects over the scores with a `weight` column added (`runtime.mask_weights.with_weight`), so
+`selection_shards.mask_table` writes it into masks.v1. A scores table stores it only once scores.v1 has
+a `weight` column (the scorer's `signals_table` writing zeros there); until then `with_selection`
+refuses a weight for it rather than drop it.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.runtime.alignment import WEIGHT, weight_flags
+from pipeline.runtime.mask_weights import flat_weights
 from pipeline.selection.methods import RelStats, nan_at_targets, sample_keep, sample_score
 from pipeline.selection.select_settings import SelectSettings
 from pipeline.selection.token_labels import read_token_labels, sample_drop
@@ -98,12 +110,15 @@ def shard_rel_stats(scores: pa.Table, trainable: pa.ChunkedArray) -> RelStats:
     return RelStats.of(rel, targets, first_missing)
 
 
-def with_selection(scores: pa.Table, score: np.ndarray, keep: np.ndarray) -> pa.Table:
-    """`scores` with `score` and `keep` set from flat arrays (one entry per token, rows in order), `n_kept` recounted."""
+def with_selection(scores: pa.Table, score: np.ndarray, keep: np.ndarray, weight: np.ndarray | None = None) -> pa.Table:
+    """`scores` with `score` and `keep` set from flat arrays (one entry per token, rows in order), `n_kept` recounted;
+    and its `weight` column, when it has one, from `weight` (a weighted method's) or keep as 0/1."""
     lengths = _list_lengths(scores.column("keep"))
-    for name, values in (("score", score), ("keep", keep)):
+    for name, values in (("score", score), ("keep", keep), ("weight", keep if weight is None else weight)):
         if len(values) != int(lengths.sum()):
             raise ValueError(f"{name} has {len(values)} entries for {int(lengths.sum())} tokens")
+    if weight is not None:
+        _refuse_bad_weight(scores, weight, keep)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), pa.int32())
     rows = np.repeat(np.arange(len(lengths)), lengths)
     n_kept = np.bincount(rows[keep], minlength=len(lengths)).astype(np.int32)
@@ -113,11 +128,24 @@ def with_selection(scores: pa.Table, score: np.ndarray, keep: np.ndarray) -> pa.
         "keep": pa.ListArray.from_arrays(offsets, pa.array(keep, pa.bool_())),
         "n_kept": pa.array(n_kept, pa.int32()),
     }
+    if WEIGHT in schema.names:
+        columns[WEIGHT] = pa.ListArray.from_arrays(offsets, pa.array(flat_weights(keep, weight), pa.float32()))
     table = scores
     for name, column in columns.items():
         field = schema.field(name)
         table = table.set_column(schema.get_field_index(name), field, column.cast(field.type))
     return table.replace_schema_metadata(schema.metadata)
+
+
+def _refuse_bad_weight(scores: pa.Table, weight: np.ndarray, keep: np.ndarray) -> None:
+    """A weighted method's weights must fit the keep mask and have a column to go to (one line naming the problem)."""
+    if WEIGHT not in scores.column_names:
+        raise ValueError("a weighted selection needs a 'weight' column in the table it writes (scores.v1 has none yet); "
+                         "select into a masks folder (`sstoken select --output`)")
+    for problem, flags in weight_flags(np.asarray(weight), keep.astype(bool)):
+        if flags.any():
+            raise ValueError(f"the selection's {problem} at {int(flags.sum())} tokens (first at flat position "
+                             f"{int(np.flatnonzero(flags)[0])}); this is a bug in the selection method")
 
 
 def selected_table(

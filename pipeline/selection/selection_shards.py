@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import read_shard
 from pipeline.runtime.fingerprint import sha256_file
+from pipeline.runtime.mask_weights import with_weight
 from pipeline.runtime.schemas import arrow_schema, present_schema
 from pipeline.runtime.stage_output import commit_shard, read_record
 from pipeline.selection import global_selection
@@ -86,9 +87,10 @@ def rel_stats_of_shard(shard: SelectShard) -> RelStats:
 
 
 def mask_table(selected: pa.Table) -> pa.Table:
-    """The masks.v1 columns of a selected scores table (the signals stay in the scores folder)."""
+    """The masks.v1 columns of a selected scores table (the signals stay in the scores folder), with its weight
+    (keep as 0/1 when the selection gave none)."""
     schema = arrow_schema("masks")
-    return selected.select(schema.names).cast(schema)
+    return with_weight(selected).select(schema.names).cast(schema)
 
 
 def _source_record(shard: SelectShard, existing: dict[str, Any] | None) -> dict[str, Any]:
@@ -132,6 +134,8 @@ def rewrite_selection(
     ):
         return existing
     scores, trainable = _joined(shard)
+    if shard.output_folder is not None:
+        scores = with_weight(scores)  # the selection's weights go to the mask shard (scores.v1 has no weight column)
     if selection.settings.granularity == "global":
         table = global_selection.apply_threshold(scores, trainable, selection, threshold, ties)
     else:

@@ -2,7 +2,7 @@
 
     run_export(ExportConfig(data=TOKENIZED, masks=SCORES_OR_MASKS, format="hf", output=OUT)) -> StageSummary
 
-Each row holds sample_id, source, input_ids, attention_mask, labels (`schemas/export.v1.json`):
+Each row holds sample_id, source, input_ids, attention_mask, labels, weights (`schemas/export.v1.json`):
 the unshifted Hugging Face labels, -100 wherever a token is not kept and always at position 0, so
 `model(input_ids=..., labels=...)`, the HF `Trainer` and TRL's `SFTTrainer` (with
 `dataset_kwargs={"skip_prepare_dataset": True}`) train on exactly the kept tokens. The checks and

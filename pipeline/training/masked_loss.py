@@ -10,6 +10,12 @@ The loss of one optimizer step is the mean NLL over the kept tokens of the WHOLE
 micro-batches and ranks are SUMMED. That is transformers 5's `num_items_in_batch` semantics; a mean
 per micro-batch instead would weigh a token of a short-response micro-batch more than one of a
 long-response micro-batch, and the update would depend on how the batch was split.
+
+Weights: with per-token weights w (the masks' `weight`, 0 where not kept) the loss is
+`sum(w_i * nll_i) / sum(w_i)` over the global batch, the same accumulation with the weighted sum in
+the numerator and the weight total in place of the kept count. Every binary selection weighs each
+kept token 1, and then the weighted loss IS the kept-token mean bit for bit (w * nll is nll, the sum
+runs in the same order, and the weight total is the kept count): no separate unweighted path.
 """
 
 from __future__ import annotations
@@ -32,8 +38,16 @@ def masked_labels(input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def kept_count(labels: torch.Tensor) -> int:
-    """Targets among `labels`: what a global batch's loss is normalised by."""
+    """Targets among `labels`."""
     return int((labels != IGNORE_INDEX).sum())
+
+
+def target_weight(labels: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """The weight total of the targets among `labels` (their count without weights): what a global batch's loss
+    is normalised by."""
+    if weights is None:
+        return float(kept_count(labels))
+    return float(weights[labels != IGNORE_INDEX].double().sum())
 
 
 def decoder_of(model: Any) -> torch.nn.Module:
@@ -42,9 +56,11 @@ def decoder_of(model: Any) -> torch.nn.Module:
 
 
 def masked_nll_sum(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """(sum of -log P(x_i | x_<i) over the targets of `labels`, number of targets) for one micro-batch.
+    """(sum of w_i * -log P(x_i | x_<i) over the targets of `labels`, number of targets) for one micro-batch;
+    `weights` [B, T] (float32, 0 off the targets), or None for 1 at every target.
 
     The LM head runs on the hidden states that predict a target only (`pipeline.scoring.nll`), with a
     float32 log-softmax: no [B, T, V] logits, no head FLOPs on tokens that are not kept. Autograd keeps
@@ -56,4 +72,6 @@ def masked_nll_sum(
     head, softcap = output_head(model)
     chunk = GPU_MAX_CHUNK_ELEMENTS if hidden.device.type == "cuda" else LOGIT_CHUNK_ELEMENTS
     nll = target_nll(hidden, input_ids, targets, head, softcap, chunk)
+    if weights is not None:
+        nll = nll * weights[targets].to(nll.dtype)  # same order as the targets: row-major, like target_nll's
     return nll.sum(), int(targets.sum())

@@ -2,9 +2,10 @@
 
     result = train_step(model, optimizer, micro_batches, lr=..., max_grad_norm=1.0)
 
-Every micro-batch's loss is `NLL sum / kept tokens of the global batch` (pipeline.training.masked_loss),
-so summing gradients over accumulation micro-batches and over ranks gives the gradient of the mean
-NLL over the global batch's kept tokens. Across ranks the gradients are summed with one all-reduce
+Every micro-batch's loss is `weighted NLL sum / weight total of the global batch`
+(pipeline.training.masked_loss; with every kept token weighing 1, `NLL sum / kept tokens`), so summing
+gradients over accumulation micro-batches and over ranks gives the gradient of
+sum(w_i * nll_i) / sum(w_i) over the global batch's kept tokens. Across ranks the gradients are summed with one all-reduce
 after accumulation instead of DistributedDataParallel: DDP AVERAGES over ranks (which would divide
 by the world size a second time) and syncs only when the forward runs through its wrapper, while
 this step calls the decoder and the head separately. One flat all-reduce per step costs the same
@@ -24,19 +25,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.training.masked_loss import kept_count, masked_nll_sum
+from pipeline.training.masked_loss import kept_count, masked_nll_sum, target_weight
 
 
 @dataclass
 class MicroBatch:
-    """One rank's forward: right-padded ids, attention mask and labels (IGNORE_INDEX off the kept tokens)."""
+    """One rank's forward: right-padded ids, attention mask and labels (IGNORE_INDEX off the kept tokens), and the
+    kept tokens' loss weights (float32, 0 elsewhere; None: each weighs 1)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    weights: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> MicroBatch:
-        return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        weights = None if self.weights is None else self.weights.to(device)
+        return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), weights)
 
     @property
     def tokens(self) -> int:
@@ -47,7 +51,7 @@ class MicroBatch:
 class StepResult:
     """What one optimizer step did, over the whole global batch (all ranks)."""
 
-    loss: float  # mean NLL over the global batch's kept tokens
+    loss: float  # sum(w_i * nll_i) / sum(w_i) over the global batch's kept tokens (their mean NLL when all w_i are 1)
     kept_tokens: int
     tokens: int  # tokens run through the model (padding excluded)
     grad_norm: float
@@ -98,17 +102,18 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def accumulate_gradients(
     model: torch.nn.Module,
     micro_batches: Sequence[MicroBatch],
-    global_kept: int,
+    global_kept: float,
     precision: contextlib.AbstractContextManager | None = None,
 ) -> float:
-    """Forward and backward every micro-batch with loss = NLL sum / `global_kept`; returns the NLL sum.
+    """Forward and backward every micro-batch with loss = weighted NLL sum / `global_kept` (the global batch's
+    weight total: its kept-token count when every weight is 1); returns the weighted NLL sum.
 
     Gradients add up in `.grad` (zero them before a step); the masked-versus-unmasked benchmark times this.
     """
     total = 0.0
     for batch in micro_batches:
         with precision if precision is not None else contextlib.nullcontext():
-            nll_sum, _ = masked_nll_sum(model, batch.input_ids, batch.attention_mask, batch.labels)
+            nll_sum, _ = masked_nll_sum(model, batch.input_ids, batch.attention_mask, batch.labels, batch.weights)
         (nll_sum / global_kept).backward()
         total += float(nll_sum.detach())
     return total
@@ -124,28 +129,31 @@ def train_step(
 ) -> StepResult:
     """One optimizer step over this rank's accumulation micro-batches (the other ranks run theirs).
 
-    The kept-token count of the global batch is summed over ranks first, so every rank divides by
-    the same number; gradients are then summed over ranks, clipped, and AdamW steps at `lr`.
+    The kept-token count and weight total of the global batch are summed over ranks first, so every rank divides
+    by the same number; gradients are then summed over ranks, clipped, and AdamW steps at `lr`.
     """
     parameters = trainable_parameters(model)
     device = parameters[0].device  # NCCL reduces tensors on the GPU only
     local = torch.tensor(
-        [sum(kept_count(b.labels) for b in micro_batches), sum(b.tokens for b in micro_batches)],
+        [sum(kept_count(b.labels) for b in micro_batches), sum(b.tokens for b in micro_batches),
+         sum(target_weight(b.labels, b.weights) for b in micro_batches)],
         dtype=torch.float64, device=device,
     )
-    global_kept, global_tokens = (int(v) for v in sum_across_ranks(local).tolist())
-    if global_kept == 0:
-        raise ValueError("a global batch without kept tokens: the data plan should have left such samples out")
+    kept, tokens, global_weight = sum_across_ranks(local).tolist()
+    global_kept, global_tokens = int(kept), int(tokens)
+    if global_kept == 0 or not global_weight > 0:
+        raise ValueError("a global batch without kept tokens or with weight total 0: the data plan should have left "
+                         "such samples out")
     optimizer.zero_grad(set_to_none=False)
     for parameter in parameters:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
-    nll_sum = accumulate_gradients(model, micro_batches, global_kept, precision)
+    nll_sum = accumulate_gradients(model, micro_batches, global_weight, precision)
     sum_gradients_across_ranks(parameters)
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm is not None else float("inf"))
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    loss = sum_across_ranks(torch.tensor([nll_sum], dtype=torch.float64, device=device)).item() / global_kept
+    loss = sum_across_ranks(torch.tensor([nll_sum], dtype=torch.float64, device=device)).item() / global_weight
     return StepResult(loss=loss, kept_tokens=global_kept, tokens=global_tokens, grad_norm=float(norm))
 

@@ -29,11 +29,11 @@ import torch
 from pipeline.runtime.errors import UserError
 from pipeline.scoring.batching import right_padded
 from pipeline.training.finetune import FineTuned
-from pipeline.training.masked_loss import masked_labels
+from pipeline.training.masked_loss import IGNORE_INDEX, masked_labels
 from pipeline.training.train_metrics import rewind_metrics
 from pipeline.training.train_settings import TrainSettings, learning_rate, warmup_steps
 from pipeline.training.train_step import MicroBatch, StepResult, autocast_precision, step_seed, train_step
-from pipeline.training.training_data import DataPlan, SampleIndex, build_index, load_samples, open_training_data
+from pipeline.training.training_data import DataPlan, SampleIndex, SampleRow, build_index, load_samples, open_training_data
 
 # The rank-0 folder the final Hugging Face checkpoint is written to (renamed from FINAL_PARTIAL when complete).
 FINAL = "final"
@@ -92,11 +92,20 @@ def schedule_of(settings: TrainSettings, steps: int) -> tuple[int, int]:
     return total, warmup_steps(total, settings.warmup_ratio)
 
 
-def micro_batch(rows: dict[int, tuple[np.ndarray, np.ndarray]], positions: np.ndarray) -> MicroBatch:
-    ids, keep = zip(*(rows[int(p)] for p in positions))
-    input_ids, attention_mask = right_padded(ids)
-    keep_mask, _ = right_padded([k.astype(np.int64) for k in keep])
-    return MicroBatch(input_ids, attention_mask, masked_labels(input_ids, keep_mask.bool()))
+def micro_batch(rows: dict[int, tuple[np.ndarray, ...]], positions: np.ndarray) -> MicroBatch:
+    """The right-padded micro-batch of `rows` (input_ids, keep[, weight]) at `positions`; without weights (or with
+    `load_samples`' rows) each kept token weighs 1; weights are 0 off the kept tokens and on padding."""
+    samples = [rows[int(p)] for p in positions]
+    input_ids, attention_mask = right_padded([s[0] for s in samples])
+    keep_mask, _ = right_padded([s[1].astype(np.int64) for s in samples])
+    labels = masked_labels(input_ids, keep_mask.bool())
+    weights = None
+    if all(len(s) > 2 for s in samples):
+        padded = torch.zeros(labels.shape, dtype=torch.float32)
+        for row, sample in enumerate(samples):
+            padded[row, : len(sample[2])] = torch.from_numpy(np.asarray(sample[2], dtype=np.float32))
+        weights = torch.where(labels != IGNORE_INDEX, padded, torch.zeros_like(padded))
+    return MicroBatch(input_ids, attention_mask, labels, weights)
 
 
 def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: Report, device: torch.device) -> None:
@@ -145,7 +154,7 @@ def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: R
         _write_final(tuned, job)
 
 
-def _rank_rows(source, index: SampleIndex, plan: DataPlan, rank: int, start: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _rank_rows(source, index: SampleIndex, plan: DataPlan, rank: int, start: int) -> dict[int, SampleRow]:
     """This rank's samples for the steps still to run, read from the shards once."""
     wanted = [p for step in range(start, plan.steps) for batch in plan.micro_batches(step, rank, index.lengths) for p in batch]
     return load_samples(source, index, np.asarray(wanted, dtype=np.int64))

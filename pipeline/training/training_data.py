@@ -4,7 +4,7 @@
     index = build_index(source)                                    # one row per sample with kept tokens
     plan = DataPlan(samples=index.samples, batch_size=8, micro_batch_size=4, workers=2, seed=0, epochs=1.0)
     for rank-local micro-batches: plan.micro_batches(step, rank, index.lengths) -> sample positions
-    rows = load_samples(source, index, positions)                  # input_ids and keep, read by the rank itself
+    rows = load_samples(source, index, positions)                  # input_ids, keep and weight, read by the rank itself
 
 The masks folder is either a scores folder (`sstoken score` / `sstoken select` in place) or a masks
 folder (`sstoken select --output`); both manifests record the tokenizer fingerprint and the
@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from pipeline.runtime.alignment import keep_problems
 from pipeline.runtime.files import ArtifactError, read_manifest, verify_shards
 from pipeline.runtime.fingerprint import sha256_json
+from pipeline.runtime.mask_weights import read_mask_columns
 from pipeline.selection.keep_masks import KeepMasksSource, keep_masks_source, read_keep_mask_shard
 
 
@@ -133,7 +134,7 @@ def _masks_frame(source: TrainingSource) -> pl.DataFrame:
         frames.append(_with_place(keep, entry["file"]).with_columns(
             pl.col("keep").list.len().alias("mask_length"),
             pl.col("keep").list.slice(1).list.sum().fill_null(0).alias("kept"),
-        ).drop("keep"))
+        ).drop("keep", "weight"))
     return pl.concat(frames)
 
 
@@ -179,12 +180,12 @@ def _refuse_keep_off_targets(source: TrainingSource, joined: pl.DataFrame) -> No
     problems: list[str] = []
     for (file, file_mask), group in joined.group_by(["file", "file_mask"], maintain_order=True):
         trainable = pq.read_table(source.tokenized / file, columns=["trainable"]).column("trainable")
-        keep = pq.read_table(source.masks / file_mask, columns=["sample_id", "keep"])
+        keep = read_mask_columns(source.masks / file_mask)  # the weights are checked with the keep mask
         problems += keep_problems(keep.take(group["row_mask"].to_list()), file_mask, trainable.take(group["row"].to_list()))
     if problems:
         raise ArtifactError(
-            f"{source.masks} keeps tokens that are no training targets of {source.tokenized}: {'; '.join(problems[:3])}; "
-            "the masks were edited: select them again (`sstoken select`) or rescore"
+            f"{source.masks} keeps or weighs tokens against the alignment contract of {source.tokenized}: "
+            f"{'; '.join(problems[:3])}; the masks were edited: select them again (`sstoken select`) or rescore"
         )
 
 
@@ -247,17 +248,21 @@ class DataPlan:
         return [chunks[index] for index in range(rank, len(chunks), self.workers)]
 
 
-def load_samples(source: TrainingSource, index: SampleIndex, positions: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """input_ids and keep of the given index positions, read from their shards (each shard once)."""
+SampleRow = tuple[np.ndarray, np.ndarray, np.ndarray]  # input_ids (int64), keep (bool), weight (float32)
+
+
+def load_samples(source: TrainingSource, index: SampleIndex, positions: np.ndarray) -> dict[int, SampleRow]:
+    """input_ids, keep and weight (keep as 0/1 for masks without weights) of the given index positions, read from
+    their shards (each shard once)."""
     wanted = sorted({int(p) for p in positions})
     by_shard: dict[tuple[str, str], list[int]] = {}
     for position in wanted:
         key = (index.tokenized_place[position][0], index.masks_place[position][0])
         by_shard.setdefault(key, []).append(position)
-    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    rows: dict[int, SampleRow] = {}
     for (token_file, mask_file), members in by_shard.items():
         tokens = pq.read_table(source.tokenized / token_file, columns=["sample_id", "input_ids"])
-        masks = pq.read_table(source.masks / mask_file, columns=["sample_id", "keep"])
+        masks = read_mask_columns(source.masks / mask_file)
         token_rows = tokens.take([index.tokenized_place[p][1] for p in members]).to_pylist()
         mask_rows = masks.take([index.masks_place[p][1] for p in members]).to_pylist()
         for position, token_row, mask_row in zip(members, token_rows, mask_rows):
@@ -267,7 +272,8 @@ def load_samples(source: TrainingSource, index: SampleIndex, positions: np.ndarr
                                         "training; rerun sstoken train")
             ids = np.asarray(token_row["input_ids"], dtype=np.int64)
             keep = np.asarray(mask_row["keep"], dtype=bool)
-            if len(ids) != len(keep):
-                raise ArtifactError(f"sample {expected!r}: {len(ids)} tokens, {len(keep)} mask entries")
-            rows[position] = (ids, keep)
+            weight = np.asarray(mask_row["weight"], dtype=np.float32)
+            if not len(ids) == len(keep) == len(weight):
+                raise ArtifactError(f"sample {expected!r}: {len(ids)} tokens, {len(keep)} mask entries, {len(weight)} weights")
+            rows[position] = (ids, keep, weight)
     return rows

@@ -36,7 +36,8 @@ import pyarrow.compute as pc
 
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import MANIFEST, read_data_file, read_manifest, refuse_repeated_sample_ids, verify_listed_shard
-from pipeline.runtime.schemas import arrow_schema, validate_table
+from pipeline.runtime.mask_weights import read_mask_columns
+from pipeline.runtime.schemas import arrow_schema, optional_columns, validate_table
 from pipeline.runtime.stage_output import PROGRESS, listed_entries
 from pipeline.training.training_data import join_samples, open_training_data, shards_key
 from pipeline.runtime.alignment import IGNORE_INDEX, alignment_problems, example, flat_lists, rows_where
@@ -141,7 +142,9 @@ def _schema(kind: str, shards: list[_Shard]) -> list[str] | str:
         try:
             table = shard.table
             if shard.file.endswith(".jsonl"):  # JSON has no int widths: the values must fit the schema's
-                table = table.select(arrow_schema(kind).names).cast(arrow_schema(kind))
+                schema = arrow_schema(kind)
+                present = [f for f in schema if f.name in table.column_names or f.name not in optional_columns(kind)]
+                table = table.select([f.name for f in present]).cast(pa.schema(present, metadata=schema.metadata))
             validate_table(table, kind, source=shard.file)
         except (UserError, pa.ArrowException, KeyError) as error:
             problems.append(f"{shard.file}: {error}")
@@ -230,22 +233,60 @@ def _export_labels_match_masks(folder: Path, manifest: dict[str, Any], shards: l
     if paths.get("tokenized") is None or masks_path is None or not (masks_path / MANIFEST).is_file():
         return "skipped: the masks it was made from are not here"
     source = open_training_data(paths["tokenized"], masks_path)
-    keep_by_id = _column_by_id(masks_path, source.masks_manifest, "keep")
+    masks_by_id = _masks_by_id(masks_path, source.masks_manifest)
+    differ = _labels_differ(shards, masks_by_id)
+    if differ:
+        return [f"labels are not the keep masks of {masks_path} in {example(differ, len(differ), str(folder))}"]
+    weights = [s for s in shards if "weights" in s.table.column_names]
+    differ = _weights_differ(weights, masks_by_id)
+    if differ:
+        return [f"weights are not the weights of {masks_path} at the labels in {example(differ, len(differ), str(folder))}"]
+    return f"labels are the keep masks of {masks_path}" + (", weights their weights" if weights else "")
+
+
+def _masks_by_id(folder: Path, manifest: dict[str, Any]) -> pl.DataFrame:
+    """sample_id, keep and weight (keep as 0/1 where the shards store none) of every shard a manifest lists."""
+    return pl.concat([pl.from_arrow(read_mask_columns(folder / s["file"])) for s in manifest["shards"]])
+
+
+def _aligned_flat(shard: _Shard, by_id: pl.DataFrame, column: str, like: str) -> np.ndarray | None:
+    """`column` of `by_id` in the shard's row order, flat; None when a sample has no row there or another length
+    than the shard's list column `like`."""
+    values = _aligned(shard, by_id, column)
+    if values is None or not np.array_equal(pc.list_value_length(values).to_numpy(zero_copy_only=False),
+                                            pc.list_value_length(shard.table.column(like)).to_numpy(zero_copy_only=False)):
+        return None
+    return flat_lists(pa.table({column: values}), column)[0]
+
+
+def _weights_differ(shards: list[_Shard], masks_by_id: pl.DataFrame) -> list[str]:
+    """Sample ids whose exported weights are not the masks' weights at their labels (0 elsewhere)."""
     differ: list[str] = []
     for shard in shards:
-        keep = _aligned(shard, keep_by_id, "keep")
-        if keep is None or not np.array_equal(pc.list_value_length(keep).to_numpy(zero_copy_only=False),
-                                               pc.list_value_length(shard.table.column("labels")).to_numpy(zero_copy_only=False)):
+        weight = _aligned_flat(shard, masks_by_id, "weight", "weights")
+        if weight is None:
+            differ += shard.table.column("sample_id").to_pylist()
+            continue
+        exported, offsets = flat_lists(shard.table, "weights")
+        labels, _ = flat_lists(shard.table, "labels")
+        expected = np.where(labels != IGNORE_INDEX, weight, 0).astype(np.float32)
+        differ += rows_where(shard.table, offsets, exported.astype(np.float32) != expected)
+    return differ
+
+
+def _labels_differ(shards: list[_Shard], masks_by_id: pl.DataFrame) -> list[str]:
+    """Sample ids whose labels are not where their keep masks keep (position 0 aside)."""
+    differ: list[str] = []
+    for shard in shards:
+        keep = _aligned_flat(shard, masks_by_id, "keep", "labels")
+        if keep is None:
             differ += shard.table.column("sample_id").to_pylist()
             continue
         labels, offsets = flat_lists(shard.table, "labels")
-        expected, _ = flat_lists(pa.table({"keep": keep}), "keep")
-        expected = expected.astype(bool)
+        expected = keep.astype(bool)
         expected[offsets[:-1][offsets[:-1] < offsets[1:]]] = False  # position 0 is never a label
         differ += rows_where(shard.table, offsets, (labels != IGNORE_INDEX) != expected)
-    if differ:
-        return [f"labels are not the keep masks of {masks_path} in {example(differ, len(differ), str(folder))}"]
-    return f"labels are the keep masks of {masks_path}"
+    return differ
 
 
 def _train_checkpoint(folder: Path, manifest: dict[str, Any]) -> list[str] | str:

@@ -122,7 +122,7 @@ def trl_sft(data: Path, masks: Path, settings: TrainSettings, steps: int, folder
     rows = load_samples(source, index, np.arange(index.samples))
     records = []
     for position in range(index.samples):
-        ids, keep = rows[position]
+        ids, keep, _ = rows[position]
         labels = masked_labels(torch.as_tensor(ids)[None], torch.as_tensor(keep)[None])[0]
         records.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
     dataset = Dataset.from_list(records)

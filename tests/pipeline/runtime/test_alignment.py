@@ -57,3 +57,40 @@ def test_export_labels_are_their_token_or_minus_100_and_only_at_targets():
     assert any("labels off the targets" in p for p in _problems(row | {"labels": [-100, 8, -100, 10, 11], "n_kept": 3}, "export"))
     assert any("position 0: 'labels'" in p for p in _problems(row | {"labels": [7, -100, -100, 10, 11], "n_kept": 3}, "export"))
     assert any("attention mask: not 1" in p for p in _problems(row | {"attention_mask": [1, 1, 1, 1, 0]}, "export"))
+
+
+# Weights: finite, >= 0, 0 off the targets and where not kept, > 0 where kept (keep: tokens 3 and 4).
+SOUND_WEIGHT = [0.0, 0.0, 0.0, 0.5, 2.0]
+
+
+def test_weights_that_fit_the_keep_mask_pass_and_a_table_without_them_reads_as_keep():
+    assert _problems(_masks_row(weight=SOUND_WEIGHT)) == [] and _problems(_masks_row(weight=SOUND_WEIGHT), trainable=None) == []
+    assert "weight" not in table_from_rows([_masks_row()], "masks").column_names  # an optional column, absent
+
+
+@pytest.mark.parametrize("weight, message", [
+    ([0.0, 0.0, 0.0, NAN, 1.0], "'weight' not finite: a weight is NaN or infinite in 1 sample of part-00000.parquet (e.g. 'a')"),
+    ([0.0, 0.0, 0.0, math.inf, 1.0], "'weight' not finite"),
+    ([0.0, 0.0, -1.0, 1.0, 1.0], "'weight' negative: a weight is below 0"),
+    ([0.0, 0.5, 0.0, 1.0, 1.0], "'weight' off the targets: a weight is not 0 where trainable is false"),
+    ([0.0, 0.0, 0.5, 1.0, 1.0], "'weight' where not kept: a weight is not 0 where keep is false"),
+    ([0.0, 0.0, 0.0, 0.0, 1.0], "'weight' where kept: a weight is not > 0 where keep is true"),
+    ([0.0, 0.0, 0.0, 1.0], "length: 'weight' is not len(input_ids) long"),
+])
+def test_each_weight_violation_is_named(weight, message):
+    problems = _problems(_masks_row(weight=weight))
+    assert any(message in p for p in problems), problems
+
+
+def test_without_targets_a_weight_off_keep_is_still_named():
+    problems = _problems(_masks_row(weight=[0.0, 0.5, 0.0, 1.0, 1.0]), trainable=None)
+    assert any("'weight' where not kept" in p for p in problems), problems
+
+
+def test_export_weights_are_checked_against_the_labels():
+    row = {"sample_id": "a", "source": "s", "input_ids": [7, 8, 9, 10, 11], "attention_mask": [1] * 5,
+           "labels": [-100, -100, -100, 10, 11], "weights": SOUND_WEIGHT, "n_tokens": 5, "n_kept": 2}
+    assert _problems(row, "export") == []
+    assert any("'weights' where kept: a weight is not > 0" in p
+               for p in _problems(row | {"weights": [0.0, 0.0, 0.0, 0.0, 1.0]}, "export"))
+    assert any("'weights' where not kept" in p for p in _problems(row | {"weights": [0.0, 0.0, 1.0, 1.0, 1.0]}, "export"))

@@ -48,3 +48,17 @@ def test_manifest_is_validated_on_write_and_read(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest | {"schema_version": 2}))
     with pytest.raises(SchemaError, match="schema_version"):
         read_manifest(tmp_path)
+
+
+def test_an_optional_column_may_be_absent_but_not_of_another_type():
+    from pipeline.runtime.schemas import optional_columns
+
+    assert optional_columns("masks") == {"weight"} and optional_columns("export") == {"weights"}
+    assert optional_columns("scores") == {"entropy_cur"}
+    row = {"sample_id": "a", "score": [float("nan"), 0.5], "keep": [False, True], "n_tokens": 2, "n_trainable": 1,
+           "n_kept": 1}
+    validate_table(table_from_rows([row], "masks"), "masks")  # masks written before weights existed
+    validate_table(table_from_rows([row | {"weight": [0.0, 1.0]}], "masks"), "masks")
+    wrong = table_from_rows([row], "masks").append_column("weight", pa.array([[0, 1]], pa.list_(pa.int32())))
+    with pytest.raises(SchemaError, match=r"column 'weight' is list<item: int32>, masks.v1 requires list<item: float>"):
+        validate_table(wrong, "masks")

@@ -79,3 +79,43 @@ def test_mismatched_lengths_are_refused(table_and_masks):
         selected_table(one, other, CorpusSelection(SelectSettings()))
     with pytest.raises(ValueError, match="global selection passes its keep mask"):
         selected_table(one, table_and_masks[1].slice(0, 1), CorpusSelection(SelectSettings(granularity="global")))
+
+
+def test_a_binary_selection_weighs_each_kept_token_1_and_a_weighted_one_stores_its_weights(table_and_masks):
+    from pipeline.runtime.mask_weights import with_weight
+
+    table, trainable, *_ = table_and_masks
+    selection = CorpusSelection(SelectSettings(method="attn", ratio=0.5))
+    binary = selected_table(with_weight(table), trainable, selection)
+    keep = flat_values(binary.column("keep")).astype(bool)
+    np.testing.assert_array_equal(flat_values(binary.column("weight")), keep.astype(np.float32))
+    score = flat_values(binary.column("score"))
+    weight = np.where(keep, np.arange(len(keep), dtype=np.float32) + 0.5, 0).astype(np.float32)
+    weighted = with_selection(with_weight(table), score, keep, weight)
+    np.testing.assert_array_equal(flat_values(weighted.column("weight")), weight)
+    assert weighted.column("keep").equals(binary.column("keep"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w, k: np.where(k, 0, w), "weight where kept: a weight is not > 0 where keep is true"),
+    (lambda w, k: np.where(~k, 1, w), "weight where not kept: a weight is not 0 where keep is false"),
+    (lambda w, k: np.where(k, np.nan, w), "weight not finite"),
+    (lambda w, k: np.where(k, -1, w), "weight negative"),
+])
+def test_a_weighted_selection_with_bad_weights_is_refused(table_and_masks, change, message):
+    from pipeline.runtime.mask_weights import with_weight
+
+    table, trainable, *_ = table_and_masks
+    selected = selected_table(table, trainable, CorpusSelection(SelectSettings(method="attn", ratio=0.5)))
+    keep, score = flat_values(selected.column("keep")).astype(bool), flat_values(selected.column("score"))
+    with pytest.raises(ValueError, match=message):
+        with_selection(with_weight(table), score, keep, change(keep.astype(np.float32), keep).astype(np.float32))
+
+
+def test_weights_for_a_scores_table_are_refused_not_dropped(table_and_masks):
+    table, trainable, *_ = table_and_masks
+    selected = selected_table(table, trainable, CorpusSelection(SelectSettings(method="attn", ratio=0.5)))
+    keep, score = flat_values(selected.column("keep")).astype(bool), flat_values(selected.column("score"))
+    assert "weight" not in selected.column_names
+    with pytest.raises(ValueError, match="a weighted selection needs a 'weight' column"):
+        with_selection(table, score, keep, keep.astype(np.float32))

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
@@ -18,6 +19,7 @@ from pipeline.runtime.schemas import arrow_schema
 from pipeline.runtime.stage_output import record_path
 from pipeline.scoring.score_stage import ScoreJobConfig, run_score_job
 from pipeline.selection import selection_shards
+from pipeline.runtime.mask_weights import with_weight
 from pipeline.selection.keep_masks import read_keep_masks
 from pipeline.runtime.errors import UserError
 from pipeline.selection.select_config import SelectConfig
@@ -86,8 +88,10 @@ def test_masks_apart_equal_the_selection_in_place_and_leave_the_scores_untouched
     run_select(SelectConfig(scores=in_place, **settings))
     assert sorted(_digests(masks)) == sorted(_digests(in_place))  # the same shard names
     for part in sorted(masks.glob("part-*.parquet")):
-        table, expected = pq.read_table(part), pq.read_table(in_place / part.name)
+        # the scores folder stores no weight: it reads as keep (1 where kept, 0 elsewhere), which the masks hold
+        table, expected = pq.read_table(part), with_weight(pq.read_table(in_place / part.name))
         assert table.schema.names == arrow_schema("masks").names
+        assert table.column("weight").type == pa.list_(pa.float32())
         for name in arrow_schema("masks").names:  # NaN off the targets: compared as arrays, NaN equal to NaN
             got, want = table.column(name).to_pylist(), expected.column(name).to_pylist()
             assert len(got) == len(want), (part.name, name)
@@ -245,7 +249,7 @@ def test_read_keep_masks_reads_scores_and_masks_folders_alike(scored, corpus, tm
         assert source.tokenizer_fingerprint == tokenized["tokenizer"]["fingerprint"]
         assert source.chat_template_fingerprint == tokenized["tokenizer"]["chat_template_fingerprint"]
         assert source.tokenized_path == corpus and source.selection["method"] == "random"
-    assert from_scores.column_names == ["sample_id", "keep"] and from_scores.equals(from_masks)
+    assert from_scores.column_names == ["sample_id", "keep", "weight"] and from_scores.equals(from_masks)
     assert from_masks.num_rows == sum(SHARDS)
 
     with pytest.raises(ArtifactError, match="holds a 'tokenized' artifact, not keep masks"):

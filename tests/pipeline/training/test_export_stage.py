@@ -137,7 +137,7 @@ def test_train_and_export_refuse_masks_keeping_a_token_that_is_no_target(tokeniz
         arguments = [*command, "--data", str(tokenized), "--masks", str(edited), "--output", str(tmp_path / command[0])]
         assert main(arguments) == 2
         (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sstoken")]
-        assert f"{edited} keeps tokens that are no training targets of {tokenized}" in err
+        assert f"{edited} keeps or weighs tokens against the alignment contract of {tokenized}" in err
         assert not (tmp_path / command[0] / "manifest.json").exists()
     # validate flags such folders too (test_validate_stage: "keep at position 0", "keep off trainable").
 

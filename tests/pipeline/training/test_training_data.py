@@ -31,7 +31,8 @@ def test_index_joins_by_sample_id_with_lengths_and_kept_counts(tokenized, masks)
     index = build_index(source)
     assert index.samples + index.without_kept == sum(SHARDS)
     rows = load_samples(source, index, np.arange(index.samples))
-    for position, (ids, keep) in rows.items():
+    for position, (ids, keep, weight) in rows.items():
+        np.testing.assert_array_equal(weight, keep.astype(np.float32))  # masks without weights: weight = keep
         assert len(ids) == len(keep) == index.lengths[position]
         assert keep[1:].sum() == index.kept[position] > 0
 
@@ -94,7 +95,7 @@ def test_sample_ids_without_masks_are_refused(tokenized, tmp_path):
 def test_masks_keeping_a_token_that_is_no_target_are_refused(tokenized, tmp_path, where, message):
     """The manifest is sealed over the edited masks (checksums match): the join checks keep against trainable."""
     edited = write_keep_masks(tmp_path / "masks", tokenized, keep_off_targets=where)
-    with pytest.raises(ArtifactError, match=f"keeps tokens that are no training targets of .*: {message}"):
+    with pytest.raises(ArtifactError, match=f"keeps or weighs tokens against the alignment contract of .*: {message}"):
         build_index(open_training_data(tokenized, edited))
 
 
@@ -140,3 +141,27 @@ def test_ranks_split_each_global_batch_by_length_whatever_the_worker_count():
 def test_a_plan_with_fewer_samples_than_a_batch_has_no_step():
     assert DataPlan(samples=3, batch_size=4, micro_batch_size=2, workers=1, seed=0, epochs=1.0).steps == 0
 
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda weight, keep: -1.0 if not keep else weight, "'weight' negative: a weight is below 0"),
+    (lambda weight, keep: 0.0 if keep else weight, "'weight' where kept: a weight is not > 0 where keep is true"),
+    (lambda weight, keep: float("inf") if keep else weight, "'weight' not finite"),
+])
+def test_masks_with_bad_weights_are_refused_naming_the_problem(tokenized, tmp_path, change, message):
+    """The weights are checked with the keep mask in the trainer's join (a resealed manifest passes the checksums)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.runtime.files import read_manifest, write_manifest, write_parquet_atomic
+
+    folder = write_keep_masks(tmp_path / "masks", tokenized, weights="random")
+    manifest = read_manifest(folder)
+    entry = manifest["shards"][0]
+    rows = pq.read_table(folder / entry["file"]).to_pylist()
+    rows[0]["weight"] = [change(w, k) for w, k in zip(rows[0]["weight"], rows[0]["keep"])]
+    table = pa.Table.from_pylist(rows, schema=pq.read_schema(folder / entry["file"]))
+    entry["sha256"] = write_parquet_atomic(table, folder / entry["file"])
+    write_manifest(folder, manifest)
+    with pytest.raises(ArtifactError, match=rf"keeps or weighs tokens against the alignment contract of .*: {message}"):
+        build_index(open_training_data(tokenized, folder))

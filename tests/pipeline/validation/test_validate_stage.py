@@ -128,6 +128,25 @@ def _duplicate(rows: list[dict]) -> list[dict]:
     return rows + [dict(rows[0])]
 
 
+def _weight_at(where: str, value: float) -> Callable[[list[dict]], list[dict]]:
+    """Set the weight of the first row holding a kept token and a dropped target: at a kept token ("kept"), a
+    dropped target ("dropped") or the first context token after position 0 ("context")."""
+    def apply(rows: list[dict]) -> list[dict]:
+        row = next(r for r in rows if any(r["keep"]) and any(s == s and not k for s, k in zip(r["score"], r["keep"])))
+        positions = {
+            "kept": row["keep"].index(True),
+            "dropped": next(i for i, (s, k) in enumerate(zip(row["score"], row["keep"])) if s == s and not k),
+            "context": next(i for i, s in enumerate(row["score"]) if i > 0 and s != s),
+        }
+        row["weight"][positions[where]] = value
+        return rows
+    return apply
+
+
+def _masks_weight(where: str, value: float) -> Callable[[Path], None]:
+    return lambda f: _rewrite(f, "part-00000.parquet", _weight_at(where, value))
+
+
 CORRUPTIONS = {
     "flipped byte": ("scores", lambda f: _flip_byte(f), "does not match the checksum"),
     "row count in manifest": ("tokenized", lambda f: _edit_manifest(f, lambda m: m["shards"][0].update(rows=99)),
@@ -157,6 +176,18 @@ CORRUPTIONS = {
     "export label off trainable": ("export", lambda f: _corrupt_export_label(f, "context"),
                                    "labels off the targets: a label where trainable is false"),
     "export labels not its masks": ("export", lambda f: _corrupt_export_label(f, "dropped"), "labels are not the keep masks"),
+    "weight NaN": ("masks", _masks_weight("kept", float("nan")),
+                   "'weight' not finite: a weight is NaN or infinite in 1 sample of part-00000.parquet"),
+    "weight negative": ("masks", _masks_weight("dropped", -1.0), "'weight' negative: a weight is below 0"),
+    "weight off trainable": ("masks", _masks_weight("context", 0.5),
+                             "'weight' off the targets: a weight is not 0 where trainable is false"),
+    "weight where not kept": ("masks", _masks_weight("dropped", 0.5),
+                              "'weight' where not kept: a weight is not 0 where keep is false"),
+    "weight 0 where kept": ("masks", _masks_weight("kept", 0.0), "'weight' where kept: a weight is not > 0 where keep is true"),
+    "export weight 0 at a label": ("export", lambda f: _corrupt_export_weight(f, 0.0),
+                                   "'weights' where kept: a weight is not > 0 where keep is true"),
+    "export weights not its masks": ("export", lambda f: _corrupt_export_weight(f, 2.0),
+                                     "weights are not the weights of"),
 }
 
 
@@ -197,6 +228,17 @@ def _corrupt_export_label(folder: Path, how: str) -> None:
         row["labels"][position] = -100
         row["n_kept"] -= 1
     _edit_manifest(folder, lambda m: m["counts"].update(labels=m["counts"]["labels"] + (how == "context") - (how == "dropped")))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _edit_manifest(folder, lambda m: m["shards"][0].update(sha256=sha256_file(path)))
+    _edit_manifest(folder, lambda m: m.update(data_fingerprint=_key(m)))
+
+
+def _corrupt_export_weight(folder: Path, value: float) -> None:
+    """The weight of the first label of the first row set to `value`, the file resealed."""
+    path = folder / "part-00000.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    position = next(i for i, label in enumerate(rows[0]["labels"]) if label != -100)
+    rows[0]["weights"][position] = value
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _edit_manifest(folder, lambda m: m["shards"][0].update(sha256=sha256_file(path)))
     _edit_manifest(folder, lambda m: m.update(data_fingerprint=_key(m)))
