@@ -164,7 +164,9 @@ def importance_sdpa_forward(
     request: ImportanceRequest | None = kwargs.pop(REQUEST_KWARG, None)
     if request is not None and getattr(module, "layer_idx", None) == request.layer_idx:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        with full_precision(query.device):  # float32 softmax even inside a mixed-precision forward
+        # float32 softmax even inside a mixed-precision forward; no graph: the importance only ranks tokens, even
+        # when the forward it rides along in trains (the online trainer's)
+        with full_precision(query.device), torch.no_grad():
             request.result = batched_context_attention_mass(
                 query, key, scale, request.positions, request.context_end, request.key_length,
                 request.block_elements, request.matmul_dtype,

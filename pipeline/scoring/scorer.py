@@ -39,13 +39,13 @@ from pipeline.runtime.checkpoints import checkpoint_fingerprint, load_model
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.ray_session import machine_cpus
 from pipeline.runtime.schemas import arrow_schema
-from pipeline.scoring.attention import REQUEST_KWARG, ImportanceRequest, register_importance_attention
+from pipeline.scoring.attention import register_importance_attention
 from pipeline.scoring.batching import length_sorted_batches
 from pipeline.scoring.device_budget import device_budget
-from pipeline.scoring.nll import gathered_nll_entropy, output_head
 from pipeline.scoring.precision import FULL_BFLOAT16, apply_precision, compute_precision, load_dtype, precision_name
 from pipeline.scoring.score_settings import ScoreSettings, SignalSet
-from pipeline.scoring.scoring_batch import plan_scoring_batch, split_counts, upload
+from pipeline.scoring.scoring_batch import plan_scoring_batch, split_counts
+from pipeline.scoring.signal_forward import ForwardOptions, signal_forward
 from pipeline.selection.keep_tables import CorpusSelection, row_arrays, selected_table
 from pipeline.selection.select_settings import SelectSettings
 
@@ -77,12 +77,7 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _decoder(model: Any) -> torch.nn.Module:
-    """The model body without the LM head (`model.model` for Llama, Qwen2, ...)."""
-    return getattr(model, model.base_model_prefix)
-
-
-def _layer_index(model: Any, layer: int, folder: Path | str) -> int:
+def layer_index(model: Any, layer: int, folder: Path | str) -> int:
     count = int(model.config.num_hidden_layers)
     if not -count <= layer < count:
         raise UserError(
@@ -98,7 +93,7 @@ def _layer_index(model: Any, layer: int, folder: Path | str) -> int:
     return index
 
 
-def _full_length(mask: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+def full_length(mask: np.ndarray, values: np.ndarray | None) -> np.ndarray:
     """Target values spread to the sample's length, NaN off the targets (and everywhere for None)."""
     out = np.full(len(mask), np.nan, dtype=np.float32)
     if values is not None:
@@ -131,7 +126,7 @@ class Scorer:
         self.forward_count = 0
         # The importance layer matters only with attention; a NLL-only pass over a model of another
         # depth or layer layout must not trip over it.
-        self.layer_idx = _layer_index(self.model, settings.layer, checkpoint) if importance else None
+        self.layer_idx = layer_index(self.model, settings.layer, checkpoint) if importance else None
         if importance:
             self.model.set_attn_implementation(register_importance_attention())
         self._vocab_limit = self.model.get_input_embeddings().num_embeddings
@@ -183,35 +178,14 @@ class Scorer:
         Indices come from the host (`pipeline.scoring.scoring_batch`), results go back in one copy:
         nothing in between waits for the device."""
         plan = plan_scoring_batch(ids, masks)
-        device = self.device
-        input_ids = upload(plan.input_ids, device)
-        # No padding: pass no mask, so SDPA can take its is_causal path.
-        mask_arg = upload(plan.attention_mask, device) if plan.attention_mask is not None else None
-        request = None
-        if self.importance:
-            request = ImportanceRequest(
-                self.layer_idx, upload(plan.query_positions, device), upload(plan.context_end, device), plan.key_length,
-                block_elements=self.budget.score_block_elements, matmul_dtype=self._score_matmul_dtype,
-            )
-        extra = {REQUEST_KWARG: request} if request is not None else {}
-        with compute_precision(self.dtype_name, device):
-            hidden = _decoder(self.model)(
-                input_ids=input_ids, attention_mask=mask_arg, use_cache=False, **extra
-            ).last_hidden_state
-        self.forward_count += 1
-        head, softcap = output_head(self.model)
-        nll, entropy = gathered_nll_entropy(
-            hidden, upload(plan.predicting, device), upload(plan.labels, device), head, softcap,
-            self.budget.logit_chunk_elements, entropy=self.entropy,
+        options = ForwardOptions(
+            layer_idx=self.layer_idx if self.importance else None, entropy=self.entropy,
+            block_elements=self.budget.score_block_elements, logit_chunk_elements=self.budget.logit_chunk_elements,
+            matmul_dtype=self._score_matmul_dtype,
         )
-        importance = None
-        if request is not None:
-            if request.result is None:
-                raise RuntimeError(
-                    f"layer {self.layer_idx} never reached the importance attention function; "
-                    f"{type(self.model).__name__} may not use transformers' attention interface"
-                )
-            importance = request.result.reshape(-1)[upload(plan.importance_index, device)]
+        with compute_precision(self.dtype_name, self.device):
+            nll, importance, entropy = signal_forward(self.model, plan, self.device, options)
+        self.forward_count += 1
         rows = [nll, *(t for t in (importance, entropy) if t is not None)]
         copied = torch.stack(rows).cpu().numpy()  # the one copy back of this micro-batch
         values = iter(split_counts(row, plan.counts) for row in copied)
@@ -232,9 +206,9 @@ class Scorer:
                 found = self.forward([ids[i] for i in batch], [masks[i] for i in batch])
                 for slot, index in enumerate(batch):
                     mask = masks[index]
-                    attn = _full_length(mask, found.attn[slot]) if found.attn is not None else None
-                    entropy = _full_length(mask, found.entropy[slot]) if found.entropy is not None else None
-                    results[index] = TokenSignals(sample_ids[index], _full_length(mask, found.nll[slot]), attn, entropy)
+                    attn = full_length(mask, found.attn[slot]) if found.attn is not None else None
+                    entropy = full_length(mask, found.entropy[slot]) if found.entropy is not None else None
+                    results[index] = TokenSignals(sample_ids[index], full_length(mask, found.nll[slot]), attn, entropy)
         return results  # type: ignore[return-value]
 
 
@@ -275,7 +249,7 @@ def combine_signals(
     out = []
     for index, signals in enumerate(current):
         mask = np.asarray(trainable[index], dtype=bool)
-        nan = _full_length(mask, None)
+        nan = full_length(mask, None)
         if not uses_rel:
             nll_hist = nan
         elif same_checkpoint:

@@ -89,7 +89,7 @@ def rel_stats_of_shard(shard: SelectShard) -> RelStats:
 def mask_table(selected: pa.Table) -> pa.Table:
     """The masks.v1 columns of a selected scores table (the signals stay in the scores folder), with its weight
     (keep as 0/1 when the selection gave none)."""
-    schema = arrow_schema("masks")
+    schema = present_schema("masks", selected.column_names + ["weight"])  # no step: that is online masks' column
     return with_weight(selected).select(schema.names).cast(schema)
 
 

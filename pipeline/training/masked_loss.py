@@ -26,6 +26,7 @@ import torch
 
 from pipeline.scoring.device_budget import GPU_MAX_CHUNK_ELEMENTS
 from pipeline.scoring.nll import LOGIT_CHUNK_ELEMENTS, output_head, target_nll
+from pipeline.scoring.signal_forward import decoder_of
 
 IGNORE_INDEX = -100
 
@@ -48,11 +49,6 @@ def target_weight(labels: torch.Tensor, weights: torch.Tensor | None) -> float:
     if weights is None:
         return float(kept_count(labels))
     return float(weights[labels != IGNORE_INDEX].double().sum())
-
-
-def decoder_of(model: Any) -> torch.nn.Module:
-    """The model body without the LM head (`model.model` for Llama, Qwen2, ...)."""
-    return getattr(model, model.base_model_prefix)
 
 
 def masked_nll_sum(

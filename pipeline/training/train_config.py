@@ -9,11 +9,13 @@ finished shard holds).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import model_validator
 
 from pipeline.runtime.config import setting
 from pipeline.runtime.ray_settings import RaySettings, ray_section
+from pipeline.training.online_settings import OnlineSettings
 from pipeline.training.train_settings import TrainSettings
 
 
@@ -25,9 +27,19 @@ class TrainConfig(TrainSettings):
     """
 
     data: Path = setting(description="Tokenized input folder (made by `sstoken prepare`).", run_key=False)
-    masks: Path = setting(
-        description="Keep masks: a scores folder (`sstoken score` / `sstoken select`) or a masks folder "
-        "(`sstoken select --output`) made from --data.", run_key=False,
+    selection: Literal["masks", "online"] = setting(
+        "masks", run_key=False,
+        description="masks: train on the keep masks of --masks, selected offline; online: each step selects its own "
+        "tokens from its forward (`online:` section: the select stage's methods, the history NLLs from the score "
+        "stage's cache) and writes them as mask shards to DIR/masks/.",
+    )
+    masks: Path | None = setting(
+        None, description="Keep masks (selection masks): a scores folder (`sstoken score` / `sstoken select`) or a "
+        "masks folder (`sstoken select --output`) made from --data.", run_key=False,
+    )
+    online: OnlineSettings = setting(
+        default_factory=OnlineSettings, run_key=False,
+        description="selection online: the method and its settings, the history checkpoint and cache, the warm-up.",
     )
     model: Path = setting(description="Starting checkpoint: a Hugging Face folder (safetensors + tokenizer).", run_key=False)
     output: Path = setting(
@@ -49,6 +61,22 @@ class TrainConfig(TrainSettings):
         False, description="Write into an output folder holding other files or a model trained from other inputs or "
         "settings (files of other names are left as they are).", run_key=False,
     )
+
+    @model_validator(mode="after")
+    def _selection_has_its_inputs(self) -> TrainConfig:
+        if self.selection == "masks" and self.masks is None:
+            raise ValueError("selection masks trains on keep masks: pass masks (a scores or masks folder), or set "
+                             "selection online")
+        if self.selection == "online":
+            if self.masks is not None:
+                raise ValueError("selection online selects its own tokens and writes them to OUTPUT/masks; pass no masks")
+            if self.workers != 1:
+                raise ValueError("selection online trains one worker for now (its mask shards are written by that "
+                                 "worker); set workers 1")
+            if self.epochs > 1:
+                raise ValueError(f"selection online makes one pass at most (epochs <= 1, got {self.epochs:g}): each "
+                                 "sample's mask is selected once and stored once")
+        return self
 
     @model_validator(mode="after")
     def _process_runner_is_one_local_worker(self) -> TrainConfig:

@@ -3,6 +3,8 @@
     run_train(TrainConfig(data=TOKENIZED, masks=SCORES_OR_MASKS, model=MODEL, output=DIR)) -> StageSummary
 
 Output layout:
+    DIR/masks/          selection online only: the tokens each step selected and trained on (a masks folder,
+                        one shard per optimizer step; pipeline.training.online_stage)
     DIR/checkpoint/     the trained model: safetensors (LoRA merged), config.json, tokenizer files
     DIR/metrics.jsonl   one JSON line per optimizer step: step, loss, kept_tokens, tokens, tokens_per_s, lr, ...
     DIR/train/          Ray Train storage (resumable checkpoints) while the run is unfinished; removed at the end
@@ -35,11 +37,12 @@ from typing import Any
 
 from pipeline.runtime.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.runtime.errors import UserError, refusal_from_os_error
-from pipeline.runtime.files import ArtifactError, base_manifest
+from pipeline.runtime.files import ArtifactError, base_manifest, read_manifest
 from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints, tokenizer_mismatch
 from pipeline.runtime.ray_session import RayRuntime, machine_cpus, node_cpus, ray_session, task_error_cause
 from pipeline.runtime.stage_output import StageOutput, StageSummary
 from pipeline.runtime.stage_runner import Stage, run_stage
+from pipeline.training.online_stage import masks_run_key, prepare_online, run_masks
 from pipeline.training.train_config import TrainConfig
 from pipeline.training.train_in_process import fit_in_process
 from pipeline.training.train_metrics import METRICS, read_metrics, train_curve
@@ -51,6 +54,7 @@ __all__ = ["TrainConfig", "run_train"]
 
 CHECKPOINT = "checkpoint"
 WORK = "train"
+MASKS = "masks"  # selection online: the masks folder the steps write
 
 
 def _check_model(config: TrainConfig, recorded: dict[str, Any]) -> str:
@@ -62,6 +66,12 @@ def _check_model(config: TrainConfig, recorded: dict[str, Any]) -> str:
     if problem is not None:
         raise UserError(problem)
     return checkpoint_fingerprint(config.model)
+
+
+def _tokenized_manifest(data: Path) -> dict[str, Any]:
+    if not Path(data).is_dir():
+        raise ArtifactError(f"tokenized data folder {data} does not exist; run `sstoken prepare` first")
+    return read_manifest(data, kind="tokenized")
 
 
 def _plan(config: TrainConfig, samples: int) -> DataPlan:
@@ -183,16 +193,29 @@ def run_train(config: TrainConfig) -> StageSummary:
     """Fine-tune `config.model` on the kept tokens of `config.data`; returns the run's summary."""
     started = time.monotonic()
     output = Path(config.output)
-    source = open_training_data(config.data, config.masks)
-    model_fp = _check_model(config, source.tokenized_manifest["tokenizer"])
-    index = build_index(source)
+    online = None
+    if config.selection == "online":
+        tokenized = _tokenized_manifest(config.data)
+        model_fp = _check_model(config, tokenized["tokenizer"])
+        online = prepare_online(config, model_fp, tokenized)
+        index = online.index
+        inputs = [{"kind": "tokenized", "path": str(config.data), "data_fingerprint": online.source.data_key}]
+        identity = {"settings": config.train_settings().run_key_settings(), "data": online.source.data_key,
+                    "model": model_fp} | online.identity()
+    else:
+        source = open_training_data(config.data, config.masks)
+        tokenized = source.tokenized_manifest
+        model_fp = _check_model(config, tokenized["tokenizer"])
+        index = build_index(source)
+        inputs = [{"kind": "tokenized", "path": str(config.data), "data_fingerprint": source.data_key},
+                  {"kind": source.masks_manifest["kind"], "path": str(config.masks), "data_fingerprint": source.masks_key}]
+        identity = {
+            "settings": config.train_settings().run_key_settings(),
+            "data": source.data_key,
+            "masks": source.masks_key,
+            "model": model_fp,
+        }
     plan = _plan(config, index.samples)
-    identity = {
-        "settings": config.train_settings().run_key_settings(),
-        "data": source.data_key,
-        "masks": source.masks_key,
-        "model": model_fp,
-    }
     in_process = config.ray.runner == "process"
     work_folder = output / WORK
     timings: dict[str, float] = {}
@@ -209,18 +232,26 @@ def run_train(config: TrainConfig) -> StageSummary:
         final_fp = out.installed(CHECKPOINT, checkpoint_fingerprint)  # a killed run had already put it in place
         if final_fp is None:
             job = RankJob(
-                data=str(Path(config.data).resolve()), masks=str(Path(config.masks).resolve()),
+                data=str(Path(config.data).resolve()), masks=str(Path(config.masks).resolve()) if config.masks else "",
                 model=str(Path(config.model).resolve()), metrics=str((output / METRICS).resolve()),
                 work=str(work_folder.resolve()), settings=config.train_settings().model_dump(), workers=config.workers,
                 threads=max(1, int(cpus)), use_gpu=config.use_gpu, trust_remote_code=config.trust_remote_code,
+                online=online.job(output / MASKS, masks_run_key(identity)) if online is not None else None,
             )
             work_folder.mkdir(exist_ok=True)
             fit_started = time.monotonic()
-            with _MetricsProgress(config.progress, output / METRICS, plan.steps):
-                if in_process:
-                    fit_in_process(job, work_folder)
-                else:
-                    _fit(config, job, cpus, work_folder, f"run-{out.identity[:16]}")
+
+            def fit() -> None:
+                with _MetricsProgress(config.progress, output / METRICS, plan.steps):
+                    if in_process:
+                        fit_in_process(job, work_folder)
+                    else:
+                        _fit(config, job, cpus, work_folder, f"run-{out.identity[:16]}")
+
+            if online is not None:
+                run_masks(config, online, output / MASKS, identity, plan.steps, model_fp, fit)
+            else:
+                fit()
             timings["fit_s"] = time.monotonic() - fit_started
             final = work_folder / FINAL
             if not final.is_dir():
@@ -228,28 +259,27 @@ def run_train(config: TrainConfig) -> StageSummary:
             final_fp = checkpoint_fingerprint(final)
             out.install(CHECKPOINT, final, final_fp)
         timings["total_s"] = time.monotonic() - started
-        return _manifest(config, source, index, plan, model_fp, final_fp, output, timings)
+        return _manifest(config, tokenized["tokenizer"], inputs, index, plan, model_fp, final_fp, output, timings)
 
     def checkpoint_unchanged(out: StageOutput, manifest: dict[str, Any]) -> bool:
         return out.installed(CHECKPOINT, checkpoint_fingerprint) == manifest["checkpoints"]["final"]["fingerprint"]
 
     # train/ (Ray Train's resumable state) is scratch: removed once the checkpoint is in place.
-    stage = Stage("train", output, identity, inputs=[Path(config.data), Path(config.masks), Path(config.model)],
-                  overwrite=config.overwrite, entries=(CHECKPOINT, METRICS), scratch=(WORK,))
+    read = [Path(config.data), Path(config.model), *([Path(config.masks)] if config.masks else [])]
+    entries = (CHECKPOINT, METRICS, *([MASKS] if online is not None else []))
+    stage = Stage("train", output, identity, inputs=read, overwrite=config.overwrite, entries=entries, scratch=(WORK,))
     run = run_stage(stage, work, ready=session, complete=checkpoint_unchanged)
     return _summary(config, output, run.manifest, reused=run.reused)
 
 
-def _manifest(config, source, index, plan: DataPlan, model_fp: str, final_fp: str, output: Path, timings) -> dict[str, Any]:
+def _manifest(config, tokenizer, inputs, index, plan: DataPlan, model_fp: str, final_fp: str, output: Path,
+              timings) -> dict[str, Any]:
     metrics = train_curve(output)
     total, warmup = schedule_of(config.train_settings(), plan.steps)
     return base_manifest("train", config.resolved()) | {
-        "tokenizer": source.tokenized_manifest["tokenizer"],
-        "input_fingerprint": sha256_json([source.data_key, source.masks_key]),
-        "inputs": [
-            {"kind": "tokenized", "path": str(config.data), "data_fingerprint": source.data_key},
-            {"kind": source.masks_manifest["kind"], "path": str(config.masks), "data_fingerprint": source.masks_key},
-        ],
+        "tokenizer": tokenizer,
+        "input_fingerprint": sha256_json([i["data_fingerprint"] for i in inputs]),
+        "inputs": inputs,
         "checkpoints": {
             "start": {"path": str(config.model), "fingerprint": model_fp},
             "final": {"path": str(output / CHECKPOINT), "fingerprint": final_fp},

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -99,11 +100,35 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class BatchLoss(Protocol):
+    """What a step trains on: this rank's (kept tokens, tokens, weight total) of its micro-batches before any forward
+    (so every rank can divide by the global totals), and one micro-batch's weighted NLL sum, with its graph."""
+
+    def totals(self, micro_batches: Sequence[Any]) -> tuple[int, int, float]: ...
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor: ...
+
+
+class MaskedLoss:
+    """The loss on the tokens a micro-batch's labels keep, weighted by its weights (masks selected offline)."""
+
+    def totals(self, micro_batches: Sequence[MicroBatch]) -> tuple[int, int, float]:
+        return (sum(kept_count(b.labels) for b in micro_batches), sum(b.tokens for b in micro_batches),
+                sum(target_weight(b.labels, b.weights) for b in micro_batches))
+
+    def __call__(self, model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
+        return masked_nll_sum(model, batch.input_ids, batch.attention_mask, batch.labels, batch.weights)[0]
+
+
+MASKED = MaskedLoss()
+
+
 def accumulate_gradients(
     model: torch.nn.Module,
-    micro_batches: Sequence[MicroBatch],
+    micro_batches: Sequence[Any],
     global_kept: float,
     precision: contextlib.AbstractContextManager | None = None,
+    loss: BatchLoss = MASKED,
 ) -> float:
     """Forward and backward every micro-batch with loss = weighted NLL sum / `global_kept` (the global batch's
     weight total: its kept-token count when every weight is 1); returns the weighted NLL sum.
@@ -113,7 +138,7 @@ def accumulate_gradients(
     total = 0.0
     for batch in micro_batches:
         with precision if precision is not None else contextlib.nullcontext():
-            nll_sum, _ = masked_nll_sum(model, batch.input_ids, batch.attention_mask, batch.labels, batch.weights)
+            nll_sum = loss(model, batch)
         (nll_sum / global_kept).backward()
         total += float(nll_sum.detach())
     return total
@@ -122,23 +147,21 @@ def accumulate_gradients(
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[MicroBatch],
+    micro_batches: Sequence[Any],
     lr: float,
     max_grad_norm: float | None,
     precision: contextlib.AbstractContextManager | None = None,
+    loss: BatchLoss = MASKED,
 ) -> StepResult:
     """One optimizer step over this rank's accumulation micro-batches (the other ranks run theirs).
 
     The kept-token count and weight total of the global batch are summed over ranks first, so every rank divides
-    by the same number; gradients are then summed over ranks, clipped, and AdamW steps at `lr`.
+    by the same number; gradients are then summed over ranks, clipped, and AdamW steps at `lr`. `loss`: what the
+    micro-batches train on (default: the kept tokens of their labels; online selection picks them in the forward).
     """
     parameters = trainable_parameters(model)
     device = parameters[0].device  # NCCL reduces tensors on the GPU only
-    local = torch.tensor(
-        [sum(kept_count(b.labels) for b in micro_batches), sum(b.tokens for b in micro_batches),
-         sum(target_weight(b.labels, b.weights) for b in micro_batches)],
-        dtype=torch.float64, device=device,
-    )
+    local = torch.tensor(loss.totals(micro_batches), dtype=torch.float64, device=device)
     kept, tokens, global_weight = sum_across_ranks(local).tolist()
     global_kept, global_tokens = int(kept), int(tokens)
     if global_kept == 0 or not global_weight > 0:
@@ -148,7 +171,7 @@ def train_step(
     for parameter in parameters:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
-    nll_sum = accumulate_gradients(model, micro_batches, global_weight, precision)
+    nll_sum = accumulate_gradients(model, micro_batches, global_weight, precision, loss)
     sum_gradients_across_ranks(parameters)
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm is not None else float("inf"))
     for group in optimizer.param_groups:

@@ -32,7 +32,10 @@ from pipeline.training.finetune import FineTuned
 from pipeline.training.masked_loss import IGNORE_INDEX, masked_labels
 from pipeline.training.train_metrics import rewind_metrics
 from pipeline.training.train_settings import TrainSettings, learning_rate, warmup_steps
-from pipeline.training.train_step import MicroBatch, StepResult, autocast_precision, step_seed, train_step
+from pipeline.training.online_worker import OnlineFeed, OnlineJob
+from pipeline.training.train_step import (
+    MASKED, MaskedLoss, MicroBatch, StepResult, autocast_precision, step_seed, train_step,
+)
 from pipeline.training.training_data import DataPlan, SampleIndex, SampleRow, build_index, load_samples, open_training_data
 
 # The rank-0 folder the final Hugging Face checkpoint is written to (renamed from FINAL_PARTIAL when complete).
@@ -78,6 +81,7 @@ class RankJob:
     threads: int | None = None
     use_gpu: bool = False
     trust_remote_code: bool = False
+    online: dict[str, Any] | None = None  # selection online: an OnlineJob as a dict (masks is then unused)
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(**self.settings)
@@ -113,8 +117,8 @@ def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: R
     if job.threads and device.type == "cpu":
         torch.set_num_threads(job.threads)
     settings = job.train_settings()
-    source = open_training_data(Path(job.data), Path(job.masks))
-    index = build_index(source)
+    feed = OnlineFeed(OnlineJob(**job.online), Path(job.data), settings.batch_size) if job.online else MaskedFeed(job)
+    index = feed.index
     plan = DataPlan(index.samples, settings.batch_size, settings.micro_batch_size, world, settings.seed, settings.epochs)
     total, warmup = schedule_of(settings, plan.steps)
     tuned = FineTuned(job.model, settings, device, trust_remote_code=job.trust_remote_code)
@@ -123,17 +127,18 @@ def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: R
     metrics_path = Path(job.metrics)
     if rank == 0:
         rewind_metrics(metrics_path, step)  # a resumed run logs the later steps again; a torn tail goes
-    rows = _rank_rows(source, index, plan, rank, step)
+    feed.prepare(plan, rank, step, tuned.model, device)
     precision = autocast_precision(settings.dtype, device)
     while step < plan.steps:
-        batches = [micro_batch(rows, p).to(device) for p in plan.micro_batches(step, rank, index.lengths)]
+        batches, loss = feed.step(step, plan.micro_batches(step, rank, index.lengths))
         torch.manual_seed(step_seed(settings.seed, step, rank))
         lr = learning_rate(settings.schedule_start_step + step, settings.lr, total, warmup)
         started = time.monotonic()
-        result = train_step(tuned.model, optimizer, batches, lr, settings.max_grad_norm, precision)
+        result = train_step(tuned.model, optimizer, batches, lr, settings.max_grad_norm, precision, loss)
         seconds = time.monotonic() - started
         step += 1
         refuse_non_finite(step, result, lr)
+        feed.after(step, loss, rank)
         metrics = {
             "step": step,
             "loss": result.loss,
@@ -154,10 +159,26 @@ def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: R
         _write_final(tuned, job)
 
 
-def _rank_rows(source, index: SampleIndex, plan: DataPlan, rank: int, start: int) -> dict[int, SampleRow]:
-    """This rank's samples for the steps still to run, read from the shards once."""
-    wanted = [p for step in range(start, plan.steps) for batch in plan.micro_batches(step, rank, index.lengths) for p in batch]
-    return load_samples(source, index, np.asarray(wanted, dtype=np.int64))
+class MaskedFeed:
+    """Training on masks selected offline: the samples with kept tokens, their micro-batches, the masked loss."""
+
+    def __init__(self, job: RankJob):
+        self.source = open_training_data(Path(job.data), Path(job.masks))
+        self.index: SampleIndex = build_index(self.source)
+        self.rows: dict[int, SampleRow] = {}
+
+    def prepare(self, plan: DataPlan, rank: int, start: int, model: Any, device: torch.device) -> None:
+        """This rank's samples for the steps still to run, read from the shards once."""
+        wanted = [p for step in range(start, plan.steps) for batch in plan.micro_batches(step, rank, self.index.lengths)
+                  for p in batch]
+        self.rows = load_samples(self.source, self.index, np.asarray(wanted, dtype=np.int64))
+        self.device = device
+
+    def step(self, step: int, positions: list[np.ndarray]) -> tuple[list[MicroBatch], MaskedLoss]:
+        return [micro_batch(self.rows, p).to(self.device) for p in positions], MASKED
+
+    def after(self, step: int, loss: MaskedLoss, rank: int) -> None:
+        """Nothing to keep: the masks were written before training."""
 
 
 def _report_checkpoint(tuned: FineTuned, optimizer, step: int, rank: int, metrics: dict[str, Any], report: Report) -> None:

@@ -53,7 +53,7 @@ def test_manifest_is_validated_on_write_and_read(tmp_path):
 def test_an_optional_column_may_be_absent_but_not_of_another_type():
     from pipeline.runtime.schemas import optional_columns
 
-    assert optional_columns("masks") == {"weight"} and optional_columns("export") == {"weights"}
+    assert optional_columns("masks") == {"weight", "step"} and optional_columns("export") == {"weights"}
     assert optional_columns("scores") == {"entropy_cur"}
     row = {"sample_id": "a", "score": [float("nan"), 0.5], "keep": [False, True], "n_tokens": 2, "n_trainable": 1,
            "n_kept": 1}
