@@ -81,6 +81,8 @@ class RunResult:
 
 def plan_rounds(config: RunConfig, samples: int) -> list[RoundSpec]:
     """The rounds of the run over `samples` samples (positions in the seeded order)."""
+    if config.online:
+        return [RoundSpec(0, 0, None, 0, samples)]
     if config.round_unit == "epoch":
         return [RoundSpec(epoch, epoch, None, 0, samples) for epoch in range(config.epochs)]
     bounds = slice_bounds(samples, config.slices)
@@ -125,7 +127,9 @@ def run_identity(config: RunConfig) -> dict[str, Any]:
         "score": config.score.run_key_settings(),
         "select": config.select.selection_key(),
         "train": config.train.train_settings().run_key_settings(),
-    }
+    } | ({"online": config.train.online.selection_key() | {"warmup_samples": config.train.online.warmup_samples,
+                                                            "layer": config.train.online.layer}}
+         if config.online else {})
 
 
 @contextmanager
@@ -367,6 +371,9 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
     label = f"r{index:03d} (round {index + 1} of {config.rounds}{where})"
     data = _round_data(run, spec, order)
     roles = round_roles(config, folder, index, run.base, reference)
+    if config.online:
+        _run_online_round(run, entry, data, roles.history, schedule, label)
+        return
     if roles.ema_parts is not None:
         ema_checkpoint(*roles.ema_parts, alpha=config.ema_alpha, output=roles.history)
     entry |= {"data": folder.relative(data)} | _roles_entry(run, roles)
@@ -388,6 +395,62 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
     run.save()
     say("run", f"{label}: done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in entry["summary"].items()
                                        if k in ("train_loss", "kept_ratio") and v is not None))
+
+
+def online_stage_configs(config: RunConfig, folder: RunFolder, data: Path, base: Path, history: Path,
+                         schedule: tuple[int, int]) -> tuple[ScoreJobConfig | None, TrainConfig]:
+    """An online run's two stages: the score stage over the history model alone, to cache its NLLs (None when the
+    method uses no REL), and the one continuous training from the base model that selects as it goes."""
+    uses_rel = config.train.online.uses_rel
+    score = None
+    if uses_rel:
+        score = config.score.model_copy(update={
+            "data": data, "current": history, "history": history, "output": folder.scores(0), "cache_current_nll": True,
+            "method": "full", "signals": "needed", "excess": "history_minus_current",
+        })
+    online = config.train.online.model_copy(update={"history": history if uses_rel else None,
+                                                   "history_cache": folder.history_cache})
+    train = config.train.model_copy(update={
+        "data": data, "masks": None, "model": base, "output": folder.train(0), "online": online,
+        "schedule_start_step": schedule[0], "schedule_total_steps": schedule[1],
+    })
+    return score, train
+
+
+def _run_online_round(run: _Run, entry: dict[str, Any], data: Path, history: Path, schedule: tuple[int, int],
+                      label: str) -> None:
+    from pipeline.scoring.score_stage import run_score_job
+    from pipeline.training.train_stage import MASKS, run_train
+
+    config, folder = run.config, run.folder
+    score, train = online_stage_configs(config, folder, data, run.base, history, schedule)
+    masks = folder.train(0) / MASKS
+    entry |= {"data": folder.relative(data), "masks": folder.relative(masks), "train_from": str(run.base),
+              "checkpoint": folder.relative(folder.checkpoint(0)), "selection": config.select.selection_key(),
+              "schedule": {"start_step": schedule[0], "total_steps": schedule[1]}}
+    if score is not None:
+        entry |= {"scores": folder.relative(folder.scores(0)),
+                  "history": _model_entry(history) | {"policy": config.history}}
+        say("run", f"{label}: caching the history NLLs of {history} (score stage, history model only)")
+        run.stage(entry, "score", folder.scores(0), lambda: run_score_job(score))
+    run.save()
+    say("run", f"{label}: training from {run.base} with online selection ({config.select.method}); masks into "
+               f"{folder.relative(masks)}")
+    run.stage(entry, "train", folder.train(0), lambda: run_train(train))
+    counts = read_manifest(masks, kind="masks")["counts"]
+    stages = entry["stages"]
+    entry["checkpoint_fingerprint"] = checkpoint_fingerprint(folder.checkpoint(0))
+    entry["summary"] = {
+        "train_loss": read_train_loss(folder.train(0)), "kept": counts["kept"], "trainable": counts["trainable"],
+        "kept_ratio": counts["kept"] / counts["trainable"] if counts["trainable"] else None,
+        "history_computed": None,
+        "history_reused": None, "score_s": stages["score"]["seconds"] if "score" in stages else 0.0,
+        "select_s": 0.0, "train_s": stages["train"]["seconds"], "rescore_to_train": None,
+    }
+    entry["status"] = "done"
+    run.save()
+    say("run", f"{label}: done: train loss {entry['summary']['train_loss']:.4g}, kept ratio "
+               f"{entry['summary']['kept_ratio']:.4g}")
 
 
 def run_loop(config: RunConfig) -> RunResult:

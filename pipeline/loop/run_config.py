@@ -16,6 +16,11 @@ Roles per method (current and history are the score stage's two checkpoints):
 - tokencleaning: history = the base model; current = the reference when one is given (the fixed
   form), else the model before this round (the self-evolving form: slice k is scored by the base
   against the model of slice k-1, and training continues from that model).
+
+With `train: {selection: online}` the run is one round, one continuous training from the base model whose
+steps select their own tokens with the `select:` section's method (the paper's form): the score stage runs
+once, over the history model only (the base; rho1's reference), to cache its NLLs; no select stage runs; the
+masks are the train stage's own (rounds/r000/train/masks).
 """
 
 from __future__ import annotations
@@ -138,7 +143,18 @@ class RunConfig(SectionedConfig):
     def derived_from_sections(cls, given: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         select = {name: value for name, value in given.get("select", {}).items() if name in SELECTION_FIELDS}
         method = str(select.get("method", SelectSettings.model_fields["method"].default))
-        return {"score": select | {"excess": excess_for(method)}}
+        derived = {"score": select | {"excess": excess_for(method)}}
+        train = given.get("train", {})
+        if isinstance(train, dict) and train.get("selection") == "online":
+            # Online: the steps select with the select: section's method; they read no masks (they write them).
+            online = train.get("online", {})
+            derived["train"] = {"masks": None, "online": (dict(online) if isinstance(online, dict) else {}) | select}
+        return derived
+
+    @property
+    def online(self) -> bool:
+        """train.selection online: one continuous training whose steps select their own tokens (one round)."""
+        return self.train.selection == "online"
 
     @model_validator(mode="after")
     def _settings_fit_together(self) -> RunConfig:
@@ -159,11 +175,23 @@ class RunConfig(SectionedConfig):
             raise ValueError(f"ema_alpha applies to history ema, not history {self.history}")
         if "slices" in given and self.round_unit != "slice":
             raise ValueError("slices applies to round_unit slice; an epoch round trains on the whole corpus")
-        if self.round_unit == "slice" and self.samples is not None and self.slices > self.samples:
+        if self.online:
+            wrong = [f"{name} {getattr(self, name)}" for name, ok in (
+                ("round_unit", "round_unit" not in given or self.round_unit == "epoch"), ("epochs", self.epochs == 1),
+                ("history", self.history == "base"), ("warmup", "warmup" not in given)) if not ok]
+            if wrong or "slices" in given:
+                raise ValueError(
+                    f"train.selection online is one continuous training over the corpus, its history the score stage's "
+                    f"cache of one checkpoint, its warm-up train.online.warmup_samples: {', '.join(wrong or ['slices'])} "
+                    "cannot be set with it"
+                )
+        elif self.round_unit == "slice" and self.samples is not None and self.slices > self.samples:
             raise ValueError(f"slices {self.slices} is more than the {self.samples} samples; set slices to at most {self.samples}")
         return self
 
     @property
     def rounds(self) -> int:
         """How many rounds the run has."""
+        if self.online:
+            return 1
         return self.epochs * (self.slices if self.round_unit == "slice" else 1)
