@@ -37,7 +37,7 @@ from typing import Any
 
 from pipeline.runtime.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.runtime.errors import UserError, refusal_from_os_error
-from pipeline.runtime.files import ArtifactError, base_manifest, read_manifest
+from pipeline.runtime.files import MANIFEST, ArtifactError, base_manifest, read_manifest
 from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints, tokenizer_mismatch
 from pipeline.runtime.ray_session import RayRuntime, machine_cpus, node_cpus, ray_session, task_error_cause
 from pipeline.runtime.stage_output import StageOutput, StageSummary
@@ -230,6 +230,9 @@ def run_train(config: TrainConfig) -> StageSummary:
     def work(out: StageOutput, cpus: float) -> dict[str, Any]:
         timings["checks_s"] = time.monotonic() - started
         final_fp = out.installed(CHECKPOINT, checkpoint_fingerprint)  # a killed run had already put it in place
+        if final_fp is not None and online is not None and not (output / MASKS / MANIFEST).is_file():
+            raise UserError(f"{output / MASKS} is incomplete while the trained checkpoint is in place: the masks of its "
+                            "steps cannot be recomputed without training again; pass --overwrite to train again")
         if final_fp is None:
             job = RankJob(
                 data=str(Path(config.data).resolve()), masks=str(Path(config.masks).resolve()) if config.masks else "",
@@ -262,7 +265,8 @@ def run_train(config: TrainConfig) -> StageSummary:
         return _manifest(config, tokenized["tokenizer"], inputs, index, plan, model_fp, final_fp, output, timings)
 
     def checkpoint_unchanged(out: StageOutput, manifest: dict[str, Any]) -> bool:
-        return out.installed(CHECKPOINT, checkpoint_fingerprint) == manifest["checkpoints"]["final"]["fingerprint"]
+        masks_done = online is None or (output / MASKS / MANIFEST).is_file()
+        return masks_done and out.installed(CHECKPOINT, checkpoint_fingerprint) == manifest["checkpoints"]["final"]["fingerprint"]
 
     # train/ (Ray Train's resumable state) is scratch: removed once the checkpoint is in place.
     read = [Path(config.data), Path(config.model), *([Path(config.masks)] if config.masks else [])]

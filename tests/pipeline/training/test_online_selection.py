@@ -153,7 +153,8 @@ def test_a_history_cache_without_that_checkpoint_or_that_data_is_refused_by_name
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_the_online_masks_validate_export_and_read_like_offline_ones(corpus, llama_dir, llama_history_dir, tmp_path):
+def test_the_online_masks_validate_export_report_and_read_like_offline_ones(corpus, llama_dir, llama_history_dir,
+                                                                           tmp_path):
     from pipeline.training.export_stage import ExportConfig, run_export
     from pipeline.training.training_data import build_index, open_training_data
     from pipeline.validation.validate_stage import ValidateConfig, run_validate
@@ -170,10 +171,14 @@ def test_the_online_masks_validate_export_and_read_like_offline_ones(corpus, lla
     summary = run_validate(ValidateConfig(folder=masks))
     assert summary.counts.get("problems", 0) == 0, summary
     exported = run_export(ExportConfig(data=data, masks=masks, output=tmp_path / "export", format="parquet"))
-    assert exported.counts["samples"] == 8  # every trained sample; the untrained one keeps nothing
+    # every trained sample; the untrained one keeps nothing; the labels are the kept tokens
+    assert (exported.counts["exported"], exported.counts["skipped_without_kept"]) == (8, 1)
+    assert exported.counts["labels"] == manifest["counts"]["kept"]
     assert build_index(open_training_data(data, masks)).samples == 8  # masked training can replay them
-    stats = open_masks_folder(masks, tokenized=data)
-    assert stats is not None
+    samples = open_masks_folder(masks, tokenized=data).samples().collect()
+    assert samples.height == 9 and int(samples["n_kept"].sum()) == manifest["counts"]["kept"]
+    assert main(["report", str(masks), "--output", str(tmp_path / "report.html")]) == 0
+    assert main(["inspect", str(masks), "--top", "1"]) == 0
 
 
 def _weights(output: Path) -> dict[str, torch.Tensor]:
@@ -208,6 +213,9 @@ def test_a_run_killed_after_a_steps_masks_resumes_to_the_same_masks_and_weights(
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
     assert run_train(config).reused  # finished: a rerun returns at once
+    (tmp_path / "out" / "masks" / "manifest.json").unlink()  # masks damaged after the fact: not silently kept
+    with pytest.raises(UserError, match="masks is incomplete while the trained checkpoint is in place.*--overwrite"):
+        run_train(config)
 
 
 @pytest.mark.parametrize(
