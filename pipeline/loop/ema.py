@@ -26,6 +26,7 @@ from safetensors import safe_open
 from pipeline.runtime.checkpoints import checkpoint_files
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import is_temporary
+from pipeline.runtime.weight_average import average_tensor
 
 # safetensors dtype names of the torch dtypes a checkpoint holds.
 _DTYPE_NAMES = {
@@ -67,13 +68,6 @@ def _header(layout: list[tuple[str, str, list[int]]]) -> bytes:
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     return struct.pack("<Q", len(encoded)) + encoded
-
-
-def average_tensor(history: torch.Tensor, current: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * history + (1 - alpha) * current in float32, in the current tensor's dtype; other dtypes: current's."""
-    if not current.is_floating_point():
-        return current
-    return (alpha * history.float() + (1.0 - alpha) * current.float()).to(current.dtype)
 
 
 def _check_same_tensors(history: Path, current: Path, history_files: dict[str, Path], current_files: dict[str, Path]) -> None:

@@ -400,8 +400,9 @@ def _run_round(run: _Run, spec: RoundSpec, order: list[str], reference: Path | N
 def online_stage_configs(config: RunConfig, folder: RunFolder, data: Path, base: Path, history: Path,
                          schedule: tuple[int, int]) -> tuple[ScoreJobConfig | None, TrainConfig]:
     """An online run's two stages: the score stage over the history model alone, to cache its NLLs (None when the
-    method uses no REL), and the one continuous training from the base model that selects as it goes."""
-    uses_rel = config.train.online.uses_rel
+    method uses no REL, or REL against the trained weights: train.online.history_policy previous or ema), and the
+    one continuous training from the base model that selects as it goes."""
+    uses_rel = config.train.online.uses_rel and not config.train.online.moving_history  # a cached history checkpoint
     score = None
     if uses_rel:
         score = config.score.model_copy(update={

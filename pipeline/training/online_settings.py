@@ -29,7 +29,8 @@ class OnlineSettings(SelectSettings):
     history: Path | None = setting(
         None, run_key=False,
         description="History checkpoint (rho1: the reference model) whose per-token NLLs the score stage cached "
-        "(`sstoken score --history H --history-cache C` over the same --data); needed by the methods over REL.",
+        "(`sstoken score --history H --history-cache C` over the same --data); needed by the methods over REL with "
+        "history_policy base.",
     )
     history_cache: Path | None = setting(
         None, run_key=False,
@@ -45,9 +46,15 @@ class OnlineSettings(SelectSettings):
     )
     history_policy: Literal["base", "previous", "ema"] = setting(
         "base", run_key=False,
-        description="Which model the history NLLs are of: base (the --online.history checkpoint, cached once; the "
-        "paper's). previous (the checkpoint of N steps ago) and ema (an EMA of the weights) are not built yet.",
+        description="Which model the history NLLs are of: base (the --online.history checkpoint, its NLLs cached once "
+        "by the score stage; the paper's); previous (the weights history_every steps before the current ones, "
+        "refreshed every history_every steps); ema (ema_alpha * history + (1 - ema_alpha) * current every history_every "
+        "steps, from the starting weights). previous and ema run a second, no-grad forward per micro-batch.",
     )
+    history_every: int = setting(1, ge=1, run_key=False,
+                                 description="history_policy previous / ema: steps between history updates (N, K).")
+    ema_alpha: float = setting(0.9, gt=0.0, lt=1.0, run_key=False,
+                               description="history_policy ema: weight of the past in the weight average.")
 
     @model_validator(mode="after")
     def _fits_online(self) -> OnlineSettings:
@@ -61,10 +68,18 @@ class OnlineSettings(SelectSettings):
             raise ValueError("online selection does not take min_prob: a step must know how many tokens it keeps "
                              "before its forward (the loss is normalised by the global batch's kept count)")
         if self.history_policy != "base":
-            raise ValueError(f"history_policy {self.history_policy} is not built yet: online selection takes its history "
-                             "NLLs from the score stage's cache of one fixed checkpoint (history_policy base); for a "
-                             "previous or EMA history, train offline rounds (`sstoken run`)")
+            if self.method in ("rho1", "tokencleaning"):
+                raise ValueError(f"method {self.method} ranks against a fixed reference model: history_policy base, "
+                                 f"not {self.history_policy}")
+            if self.history is not None:
+                raise ValueError(f"history_policy {self.history_policy} takes its history from the weights being "
+                                 "trained: pass no online.history (it is the base policy's checkpoint)")
         return self
+
+    @property
+    def moving_history(self) -> bool:
+        """REL against the weights being trained (previous, ema), not a cached checkpoint."""
+        return self.uses_rel and self.history_policy != "base"
 
     def select_settings(self) -> SelectSettings:
         """The selection these settings make (what the select stage would be given)."""

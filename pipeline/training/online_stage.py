@@ -111,7 +111,7 @@ def prepare_online(config: TrainConfig, model_fp: str, tokenized: dict[str, Any]
     """Every refusal of an online training before anything is written; `tokenized`: the data's manifest."""
     settings = config.online
     history_fp, folder = None, None
-    if settings.uses_rel:
+    if settings.uses_rel and not settings.moving_history:
         if settings.history is None:
             raise UserError(f"online method {settings.method} ranks REL: pass --online.history, the checkpoint whose "
                             "NLLs the score stage cached")

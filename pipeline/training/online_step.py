@@ -21,7 +21,7 @@ importance recompute (README, Performance).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,7 @@ from pipeline.scoring.signal_forward import ForwardOptions, signal_forward
 from pipeline.selection.methods import RelStats, rel_guard, sample_keep, sample_score, selection_size
 from pipeline.selection.select_settings import SelectSettings
 from pipeline.training.online_data import OnlineRow
+from pipeline.training.online_history import MovingHistory
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class OnlineLoss:
     options: ForwardOptions
     device: torch.device
     excess: str = "history_minus_current"
+    history: MovingHistory | None = None  # previous / ema: the history NLLs come from these weights, not the cache
     selected: list[SampleSelection] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -114,8 +116,13 @@ class OnlineLoss:
         return kept, sum(b.tokens for b in micro_batches), float(kept)
 
     def __call__(self, model: torch.nn.Module, batch: OnlineMicroBatch) -> torch.Tensor:
+        rows = batch.rows
+        if self.history is not None and self.settings.uses_rel:
+            found = self.history.nll(model, batch.plan, self.device, self.options.logit_chunk_elements)
+            nlls = _host(found, batch.plan.counts) or []
+            rows = [replace(row, history_nll=full_length(row.trainable, nll)) for row, nll in zip(rows, nlls)]
         nll, importance, entropy = signal_forward(model, batch.plan, self.device, self.options)
-        selected, warnings = select_samples(batch.rows, nll, importance, entropy, self.settings, self.excess)
+        selected, warnings = select_samples(rows, nll, importance, entropy, self.settings, self.excess)
         self.selected += selected
         self.warnings += [w for w in warnings if w not in self.warnings]
         kept = np.concatenate([s.keep[row.trainable] for s, row in zip(selected, batch.rows)])

@@ -127,7 +127,7 @@ def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: R
     metrics_path = Path(job.metrics)
     if rank == 0:
         rewind_metrics(metrics_path, step)  # a resumed run logs the later steps again; a torn tail goes
-    feed.prepare(plan, rank, step, tuned.model, device)
+    feed.prepare(plan, rank, step, tuned, device, resume)
     precision = autocast_precision(settings.dtype, device)
     while step < plan.steps:
         batches, loss = feed.step(step, plan.micro_batches(step, rank, index.lengths))
@@ -154,7 +154,7 @@ def run_rank(job: RankJob, rank: int, world: int, resume: Path | None, report: R
                 log.write(json.dumps(metrics, allow_nan=False) + "\n")
         if step % settings.checkpoint_every == 0 or step == plan.steps:
             _refuse_non_finite_weights(tuned, step)
-            _report_checkpoint(tuned, optimizer, step, rank, metrics, report)
+            _report_checkpoint(tuned, optimizer, step, rank, metrics, report, feed.save)
     if rank == 0:
         _write_final(tuned, job)
 
@@ -167,7 +167,8 @@ class MaskedFeed:
         self.index: SampleIndex = build_index(self.source)
         self.rows: dict[int, SampleRow] = {}
 
-    def prepare(self, plan: DataPlan, rank: int, start: int, model: Any, device: torch.device) -> None:
+    def prepare(self, plan: DataPlan, rank: int, start: int, tuned: FineTuned, device: torch.device,
+                resume: Path | None) -> None:
         """This rank's samples for the steps still to run, read from the shards once."""
         wanted = [p for step in range(start, plan.steps) for batch in plan.micro_batches(step, rank, self.index.lengths)
                   for p in batch]
@@ -180,15 +181,21 @@ class MaskedFeed:
     def after(self, step: int, loss: MaskedLoss, rank: int) -> None:
         """Nothing to keep: the masks were written before training."""
 
+    def save(self, folder: Path) -> None:
+        """Nothing beside the trainer's state."""
 
-def _report_checkpoint(tuned: FineTuned, optimizer, step: int, rank: int, metrics: dict[str, Any], report: Report) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the resumable state (identical on every rank)."""
+
+def _report_checkpoint(tuned: FineTuned, optimizer, step: int, rank: int, metrics: dict[str, Any], report: Report,
+                       save_more: Callable[[Path], None]) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the resumable state (identical on every rank): the trainer's,
+    and what the feed keeps (`save_more`: online selection's moving history)."""
     if rank != 0:
         report(metrics, None)
         return
     folder = Path(tempfile.mkdtemp(prefix="sstoken-train-state-"))
     try:
         tuned.save_state(folder, optimizer, step)
+        save_more(folder)
         report(metrics, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -185,12 +185,17 @@ def _weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "checkpoint" / "model.safetensors"))
 
 
-def test_a_run_killed_after_a_steps_masks_resumes_to_the_same_masks_and_weights(corpus, llama_dir, llama_history_dir,
-                                                                               tmp_path, monkeypatch):
+@pytest.mark.parametrize("policy", ["base", "ema"])
+def test_a_run_killed_after_a_steps_masks_resumes_to_the_same_masks_and_weights(policy, corpus, llama_dir,
+                                                                               llama_history_dir, tmp_path, monkeypatch):
+    """base: the cached history; ema: the history weights travel in the resumable state (every 2 steps, so the
+    resumed step 3 starts between two updates)."""
     from pipeline.training import train_in_process
 
     lora = dict(finetune="lora", lora_r=4, batch_size=2, micro_batch_size=1, schedule_total_steps=None)
-    whole = run_train(_online(corpus, llama_dir, tmp_path / "whole", "sstoken", llama_history_dir, **lora))
+    if policy == "ema":
+        lora["online"] = {"history": None, "history_policy": "ema", "history_every": 2, "ema_alpha": 0.5}
+    whole = run_train(_online(corpus, llama_dir, tmp_path / "whole", "sstoken", llama_history_dir, **dict(lora)))
     keep, seen = train_in_process._keep, []
 
     def killed_at_step_three(work, metrics, state):  # step 3's masks are committed, its state is not kept
@@ -199,7 +204,7 @@ def test_a_run_killed_after_a_steps_masks_resumes_to_the_same_masks_and_weights(
             raise KeyboardInterrupt("killed")
         keep(work, metrics, state)
 
-    config = _online(corpus, llama_dir, tmp_path / "out", "sstoken", llama_history_dir, **lora)
+    config = _online(corpus, llama_dir, tmp_path / "out", "sstoken", llama_history_dir, **dict(lora))
     with monkeypatch.context() as patch:
         patch.setattr(train_in_process, "_keep", killed_at_step_three)
         with pytest.raises(KeyboardInterrupt):
@@ -218,6 +223,44 @@ def test_a_run_killed_after_a_steps_masks_resumes_to_the_same_masks_and_weights(
         run_train(config)
 
 
+def _three_step_runs(corpus, base: Path, folder: Path, steps: int, online: dict) -> Path:
+    """A run of `steps` of the same 3-step plan (3 samples a step, one schedule): its output."""
+    settings = dict(batch_size=3, micro_batch_size=3, schedule_total_steps=3, epochs=steps / 3, online=online)
+    run_train(_online(corpus, base, folder, "sstoken", None, **settings))
+    return folder
+
+
+def test_the_previous_history_is_the_checkpoint_of_n_steps_ago(corpus, llama_dir, tmp_path):
+    online = {"history_policy": "previous", "history_every": 1}
+    runs = [_three_step_runs(corpus, llama_dir, tmp_path / f"steps-{n}", n, online) for n in (1, 2, 3)]
+    # Step 3 selects with the weights after step 2 against those after step 1 (one step ago).
+    data, _ = corpus
+    fresh = tmp_path / "cache"
+    run_score_job(ScoreJobConfig(data=data, current=runs[1] / "checkpoint", history=runs[0] / "checkpoint",
+                                 output=tmp_path / "offline" / "scores", history_cache=fresh, progress=False, ray=PROCESS))
+    run_select(SelectConfig(scores=tmp_path / "offline" / "scores", output=tmp_path / "offline" / "masks", method="sstoken"))
+    _assert_same_selection(_masks_of(runs[2] / "masks", [step_shard(3)]), _masks_of(tmp_path / "offline" / "masks"),
+                           "previous, step 3")
+    manifest = read_manifest(runs[2] / "masks", kind="masks")
+    assert manifest["selection"]["history_policy"] == "previous" and "history" not in manifest["checkpoints"]
+
+
+def test_the_ema_history_is_the_weight_average_the_offline_loop_makes(corpus, llama_dir, tmp_path):
+    from pipeline.loop.ema import ema_checkpoint
+
+    online = {"history_policy": "ema", "history_every": 1, "ema_alpha": 0.5}
+    runs = [_three_step_runs(corpus, llama_dir, tmp_path / f"steps-{n}", n, online) for n in (1, 2)]
+    # Step 2 selects with the weights after step 1 against 0.5 * start + 0.5 * (after step 1).
+    average = ema_checkpoint(llama_dir, runs[0] / "checkpoint", alpha=0.5, output=tmp_path / "ema")
+    data, _ = corpus
+    run_score_job(ScoreJobConfig(data=data, current=runs[0] / "checkpoint", history=average,
+                                 output=tmp_path / "offline" / "scores", history_cache=tmp_path / "cache", progress=False,
+                                 ray=PROCESS))
+    run_select(SelectConfig(scores=tmp_path / "offline" / "scores", output=tmp_path / "offline" / "masks", method="sstoken"))
+    _assert_same_selection(_masks_of(runs[1] / "masks", [step_shard(2)]), _masks_of(tmp_path / "offline" / "masks"),
+                           "ema, step 2")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -227,8 +270,10 @@ def test_a_run_killed_after_a_steps_masks_resumes_to_the_same_masks_and_weights(
         ({"online": {"method": "oracle", "labels": "l"}}, "method oracle cannot select online"),
         ({"online": {"granularity": "global"}}, "granularity sample"),
         ({"online": {"method": "confidence", "min_prob": 0.5}}, "does not take min_prob"),
-        ({"online": {"history_policy": "previous"}}, "history_policy previous is not built yet"),
-        ({"online": {"history_policy": "ema"}}, "history_policy ema is not built yet"),
+        ({"online": {"history_policy": "previous"}}, "history_policy previous takes its history from the weights"),
+        ({"online": {"method": "rho1", "history_policy": "ema"}}, "rho1 ranks against a fixed reference model"),
+        ({"online": {"history_policy": "ema", "ema_alpha": 1.0}}, "ema_alpha"),
+        ({"online": {"history_policy": "previous", "history_every": 0}}, "history_every"),
         ({"selection": "masks"}, "selection masks trains on keep masks: pass masks"),
     ],
 )
