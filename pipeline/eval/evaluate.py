@@ -91,6 +91,8 @@ def cell_run_config(config: EvalConfig, data: SeedData, name: str, reference: Pa
     """The `sstoken run` of one cell: the row's method and settings (`pipeline.eval.rows`), the eval's rounds, one
     pass of each round's training over its samples (every row the same samples and steps, but full_tokens)."""
     row, sections = ROWS[name], config.cell_sections()
+    if row.online:
+        return _online_cell_run_config(config, data, name)
     top = _top_level(config, data.seed, name, data.train) | {
         "round_unit": config.round_unit, "epochs": config.epochs, "history": row.history, "warmup": row.warmup}
     if config.round_unit == "slice":
@@ -193,6 +195,34 @@ def _labels(run: RunFolder, data: SeedData) -> dict[str, Any]:
     return read_token_labels(data.labels)
 
 
+def _online_cell_run_config(config: EvalConfig, data: SeedData, name: str) -> RunConfig:
+    """An online row's run: one round over the cell's samples, the same batches and seed as the offline rows; the
+    warm-up as many samples as the offline warm-up slice (slice 0) holds (none with epoch rounds)."""
+    from pipeline.loop.slices import slice_bounds
+
+    row, sections = ROWS[name], config.cell_sections()
+    if config.epochs != 1:
+        raise UserError(f"row {name} trains online in one pass; set epochs 1 or leave {name} out of methods")
+    warmup = slice_bounds(data.samples, config.slices)[0][1] if config.round_unit == "slice" else 0
+    train = sections["train"] | {"seed": data.seed, "epochs": 1.0, "selection": "online",
+                                 "online": {"warmup_samples": warmup}}
+    return RunConfig(
+        **_top_level(config, data.seed, name, data.train), round_unit="epoch", ray=sections["ray"],
+        prepare=sections["prepare"], score=sections["score"],
+        select=sections["select"] | {"method": row.method, "seed": data.seed}, train=train,
+    )
+
+
+def trained_after_warmup(masks: Path) -> set[str] | None:
+    """Online masks: the samples the steps after the warm-up selected (None: offline masks, every sample counts)."""
+    manifest = read_manifest(masks, "masks")
+    if not manifest.get("selection", {}).get("online"):
+        return None
+    warmup = int(manifest["selection"].get("warmup_steps", 0))
+    steps = column_by_sample(masks, "masks", "step")
+    return {sample_id for sample_id, step in steps.items() if step > warmup}
+
+
 def selection_measures(run: RunFolder, record: RunRecord, data: SeedData, granularity: str
                        ) -> tuple[dict[str, float | None], list[dict[str, Any]]]:
     """The selection measures over the rounds that count, and per round (`pipeline.eval.selection_measures`)."""
@@ -204,9 +234,11 @@ def selection_measures(run: RunFolder, record: RunRecord, data: SeedData, granul
     counted = measured_rounds(record)
     total, by_round = SelectionTally(), []
     for entry in record.rounds:
-        keep = column_by_sample(run.masks(entry.round), "masks", "keep")
-        score = column_by_sample(run.masks(entry.round), "masks", "score")  # what the selection ranked
-        ids = sorted(keep)
+        masks = run.inside(entry.masks, "a masks folder") if entry.masks else run.masks(entry.round)
+        keep = column_by_sample(masks, "masks", "keep")
+        score = column_by_sample(masks, "masks", "score")  # what the selection ranked
+        counted_ids = trained_after_warmup(masks)
+        ids = sorted(i for i in keep if counted_ids is None or i in counted_ids)
         tally = selection_tally([keep[i] for i in ids], [score[i] for i in ids], [trainable[i] for i in ids],
                                 [corrupted[i] for i in ids], kinds=[kinds.get(i) for i in ids], granularity=granularity)
         if entry.round in counted:

@@ -19,6 +19,10 @@ baselines come twice, as their authors publish them (corpus-wide top-k, `_global
   as their script does.
 - sstoken (history base) and sstoken_ema (history an EMA of the weights), rel and attn: round 0 (the
   warm-up slice, where REL is 0) is trained on the attention-only selection, as the paper starts.
+- sstoken_online: the same method selected online (`sstoken train --selection online`): one continuous training
+  over the cell's samples, each step scored by the live model in its own forward, the history the base model's
+  cached NLLs, attention only over as many samples as the offline warm-up slice holds. Its selection measures pool
+  the steps after that warm-up, as the offline rows pool the slices after slice 0.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Row:
     reference: bool = False  # trains against the seed's reference model (rho1)
     token_matched: bool = False  # trains on ceil(select.ratio * n) of the samples (full_tokens)
     needs_labels: bool = False  # knows the ground truth: only on a corpus with labels (the task)
+    online: bool = False  # each training step selects in its own forward (train.selection online), one round
 
 
 ROWS: dict[str, Row] = {row.name: row for row in (
@@ -58,6 +63,8 @@ ROWS: dict[str, Row] = {row.name: row for row in (
     Row("rel", "rel", "retrospective excess loss only, history the base (ssToken at gamma 1)"),
     Row("sstoken", "sstoken", "gamma REL_n + (1 - gamma) attention, history the base model"),
     Row("sstoken_ema", "sstoken", "ssToken with an EMA of the weights as history", history="ema"),
+    Row("sstoken_online", "sstoken", "ssToken as the paper runs it: each step selects in its own forward, history the "
+        "base (cached), attention only over the warm-up slice's samples", online=True),
     Row("rho1_global", "rho1", "Rho-1 excess loss against a reference, corpus-wide top-k (as published)",
         granularity="global", reference=True),
     Row("rho1_sample", "rho1", "Rho-1 excess loss against a reference, top-k per sample", granularity="sample",
@@ -68,7 +75,9 @@ ROWS: dict[str, Row] = {row.name: row for row in (
         granularity="sample", warmup="full"),
 )}
 # The default `methods:` of an eval: every row but the variants a decisive run adds when it wants them.
-DEFAULT_ROWS: tuple[str, ...] = tuple(name for name in ROWS if name not in ("oracle_global", "full_tokens", "sstoken_ema"))
+DEFAULT_ROWS: tuple[str, ...] = tuple(
+    name for name in ROWS if name not in ("oracle_global", "full_tokens", "sstoken_ema", "sstoken_online")
+)
 # Renamed rows: an old config that lists them gets told the new names.
 RENAMED = {"rho1": "rho1_global or rho1_sample", "tokencleaning": "tokencleaning_global or tokencleaning_sample"}
 # The power gate compares these two rows (`pipeline.eval.power`).

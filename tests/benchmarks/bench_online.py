@@ -59,7 +59,7 @@ CPU = torch.device("cpu")
 def epochs(model: Path, data: Path, history: Path, settings: TrainSettings, selection: SelectSettings,
            repeats: int) -> dict[str, float]:
     """Seconds of one epoch, online and masked on the online step's own masks: each step run `repeats` times in
-    interleaved pairs (after one warm-up pair), its median counted."""
+    interleaved pairs, the order alternating (after one warm-up pair that gives the masks), its medians counted."""
     source = open_online_data(data, history)
     index = online_index(source)
     plan = DataPlan(index.samples, settings.batch_size, settings.micro_batch_size, 1, settings.seed, 1.0)
@@ -73,22 +73,22 @@ def epochs(model: Path, data: Path, history: Path, settings: TrainSettings, sele
     for step in range(plan.steps):
         positions = plan.micro_batches(step, 0, index.lengths)
         batches = [online_micro_batch([rows[int(p)] for p in batch]) for batch in positions]
+        loss = OnlineLoss(selection, options, CPU)
+        online = train_step(tuned.model, optimizer, batches, 1e-5, 1.0, loss=loss)  # warm-up; gives the step's masks
+        chosen = {s.sample_id: s.keep for s in loss.selected}
+        masked_rows = {int(p): (rows[int(p)].input_ids, chosen[rows[int(p)].sample_id]) for b in positions for p in b}
+        masked = [micro_batch(masked_rows, p) for p in positions]
+        plain = train_step(tuned.model, optimizer, masked, 1e-5, 1.0)
+        assert plain.kept_tokens == online.kept_tokens, "the masked step trains on other tokens than the online one"
+        runs = {"online": lambda: train_step(tuned.model, optimizer, batches, 1e-5, 1.0,
+                                             loss=OnlineLoss(selection, options, CPU)),
+                "masked": lambda: train_step(tuned.model, optimizer, masked, 1e-5, 1.0)}
         times: dict[str, list[float]] = {"online": [], "masked": []}
-        for repeat in range(repeats + 1):  # the first pair warms up (not counted)
-            loss = OnlineLoss(selection, options, CPU)
-            started = time.perf_counter()
-            online = train_step(tuned.model, optimizer, batches, 1e-5, 1.0, loss=loss)
-            online_s = time.perf_counter() - started
-            chosen = {s.sample_id: s.keep for s in loss.selected}
-            masked_rows = {int(p): (rows[int(p)].input_ids, chosen[rows[int(p)].sample_id]) for b in positions for p in b}
-            masked = [micro_batch(masked_rows, p) for p in positions]
-            started = time.perf_counter()
-            plain = train_step(tuned.model, optimizer, masked, 1e-5, 1.0)
-            masked_s = time.perf_counter() - started
-            assert plain.kept_tokens == online.kept_tokens, "the masked step trains on other tokens than the online one"
-            if repeat:
-                times["online"].append(online_s)
-                times["masked"].append(masked_s)
+        for repeat in range(repeats):  # interleaved, the order alternating, so neither always runs second
+            for name in (("online", "masked") if repeat % 2 == 0 else ("masked", "online")):
+                started = time.perf_counter()
+                runs[name]()
+                times[name].append(time.perf_counter() - started)
         seconds = {name: seconds[name] + statistics.median(values) for name, values in times.items()}
         kept += online.kept_tokens
     return seconds | {"steps": plan.steps, "kept": kept, "tokens": int(index.lengths.sum())}

@@ -290,6 +290,10 @@ def test_every_row_becomes_the_run_it_names(tmp_path, llama_dir):
     data = SeedData(0, tmp_path / "train.jsonl", tmp_path / "heldout.jsonl", tmp_path / "reference.jsonl", 8,
                     tmp_path / "labels.parquet", tmp_path / "tokenized", 40)
     runs = {name: cell_run_config(config, data, name, tmp_path / "ref") for name in ALL_METHODS}
+    online = runs.pop("sstoken_online")  # one continuous training: one round, the warm-up in samples (slice 0's)
+    assert online.online and online.rounds == 1 and online.select.method == "sstoken" and online.train.masks is None
+    assert online.train.online.warmup_samples == 4 and online.train.online.method == "sstoken"
+    assert online.train.seed == online.select.seed == online.seed == 0 and online.train.epochs == 1.0
     for name, run in runs.items():
         row = ROWS[name]
         assert run.select.method == row.method and run.round_unit == "slice" and run.slices == 2 and run.epochs == 1
@@ -375,3 +379,17 @@ def test_eval_help_imports_no_torch_transformers_or_ray():
                           env={**os.environ, "PYTHONPATH": str(repo)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_an_online_sstoken_cell_beside_the_offline_one_over_the_same_budget(tmp_path, llama_dir, ray_local):
+    """sstoken_online: the same samples, optimizer steps and kept-token budget as sstoken; its selection measures pool
+    the steps after the warm-up (as many samples as the offline warm-up slice), its score time the history's cache."""
+    config = smoke_config(tmp_path / "out", llama_dir, methods=["oracle", "full", "sstoken", "sstoken_online"])
+    rows = _rows(run_eval(config).report.as_json())
+    for name in ("steps", "kept_tokens"):
+        assert rows["sstoken_online"][name]["mean"] == rows["sstoken"][name]["mean"], name
+    assert rows["sstoken_online"]["heldout_nll"]["mean"] > 0 and rows["sstoken_online"]["score_s"]["mean"] > 0
+    assert rows["sstoken_online"]["auroc_within"]["n"] == 1  # measured over the steps after the warm-up
+    record = json.loads(RunFolder(cell_folder(config, 0, "sstoken_online")).record.read_text())
+    assert len(record["rounds"]) == 1 and record["rounds"][0]["masks"] == "rounds/r000/train/masks"
+    assert record["config"]["train"]["online"]["warmup_samples"] == 4  # slice 0 of 8 samples

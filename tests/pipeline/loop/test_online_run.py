@@ -83,3 +83,13 @@ def test_round_settings_an_online_run_cannot_have_are_refused(top, message, llam
 def test_the_select_section_decides_the_online_method(llama_dir, tmp_path):
     config = RunConfig(**_settings(tmp_path / "run", llama_dir) | {"select": {"method": "attn", "ratio": 0.3}})
     assert config.train.online.method == "attn" and config.train.online.ratio == 0.3 and config.train.masks is None
+
+
+def test_the_eval_measures_the_online_steps_after_the_warm_up_only(online_run):
+    from pipeline.eval.evaluate import trained_after_warmup
+
+    _, result = online_run
+    folder, entry = result.folder, result.record.rounds[0]
+    masks = folder.inside(entry.masks, "a masks folder")
+    counted = trained_after_warmup(masks)
+    assert counted is not None and len(counted) == 8  # steps 2 and 3 of 4 samples; step 1 was the warm-up
