@@ -23,7 +23,7 @@ import pyarrow as pa
 from pipeline.loop.run_folder import RunFolder, write_run_record
 from pipeline.runtime.files import base_manifest, shard_name, write_manifest, write_parquet_atomic
 from pipeline.runtime.fingerprint import sha256_json
-from pipeline.runtime.schemas import arrow_schema, table_from_rows
+from pipeline.runtime.schemas import arrow_schema, present_schema, table_from_rows
 
 SOURCES = ("alpaca", "code", "math")
 REJECTED_ROWS = [
@@ -149,7 +149,8 @@ def write_synthetic_scores(folder: Path, tokenized: Path, seed: int = 0, ratio: 
         columns |= {"n_tokens": table.column("n_tokens").combine_chunks(), "n_trainable": table.column("n_trainable").combine_chunks(),
                     "n_kept": pa.array(n_kept, pa.int32()),
                     "weight": _lists(offsets, signals["keep"].astype(np.float32), pa.float32())}  # masks: binary, weight = keep
-        out = pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
+        present = present_schema(kind, list(columns))  # masks: no step (the online trainer's column)
+        out = pa.Table.from_arrays([columns[field.name] for field in present], schema=present)
         digest = write_parquet_atomic(out, folder / entry["file"])
         shards.append({"file": entry["file"], "rows": out.num_rows, "sha256": digest})
         kept += int(n_kept.sum())

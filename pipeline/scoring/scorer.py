@@ -183,8 +183,8 @@ class Scorer:
             block_elements=self.budget.score_block_elements, logit_chunk_elements=self.budget.logit_chunk_elements,
             matmul_dtype=self._score_matmul_dtype,
         )
-        with compute_precision(self.dtype_name, self.device):
-            nll, importance, entropy = signal_forward(self.model, plan, self.device, options)
+        nll, importance, entropy = signal_forward(self.model, plan, self.device, options,
+                                                  compute_precision(self.dtype_name, self.device))
         self.forward_count += 1
         rows = [nll, *(t for t in (importance, entropy) if t is not None)]
         copied = torch.stack(rows).cpu().numpy()  # the one copy back of this micro-batch

@@ -8,11 +8,13 @@ the final hidden states gathered at the rows that predict a target (`pipeline.sc
 from the attention function the model runs (`pipeline.scoring.attention`: a request rides along in the
 forward's kwargs and the chosen layer recomputes its probabilities, under no-grad). Under autograd (the
 trainer) the NLLs keep their graph, so the loss of the kept tokens backpropagates through the same forward
-that scored them; under inference mode (the scorer) nothing is kept. Precision is the caller's context.
+that scored them; under inference mode (the scorer) nothing is kept. Precision: the caller's region, or a
+region for the decoder alone (the scorer's mixed mode keeps the LM head out of autocast).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +46,13 @@ def decoder_of(model: Any) -> torch.nn.Module:
 
 
 def signal_forward(
-    model: Any, plan: ScoringBatch, device: torch.device, options: ForwardOptions
+    model: Any, plan: ScoringBatch, device: torch.device, options: ForwardOptions,
+    decoder_precision: contextlib.AbstractContextManager | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(NLL [N], importance [N] or None, entropy [N] or None) of the plan's N targets, row-major, fp32."""
+    """(NLL [N], importance [N] or None, entropy [N] or None) of the plan's N targets, row-major, fp32.
+
+    `decoder_precision`: the region the decoder alone runs in (the scorer's mixed mode: autocast around the body,
+    the LM head outside it, on float32 inputs); None: the caller's region covers both (the trainer's autocast)."""
     input_ids = upload(plan.input_ids, device)
     # No padding: pass no mask, so SDPA can take its is_causal path.
     mask = upload(plan.attention_mask, device) if plan.attention_mask is not None else None
@@ -57,7 +63,8 @@ def signal_forward(
             block_elements=options.block_elements, matmul_dtype=options.matmul_dtype,
         )
     extra = {REQUEST_KWARG: request} if request is not None else {}
-    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra).last_hidden_state
+    with decoder_precision if decoder_precision is not None else contextlib.nullcontext():
+        hidden = decoder_of(model)(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra).last_hidden_state
     head, softcap = output_head(model)
     nll, entropy = gathered_nll_entropy(
         hidden, upload(plan.predicting, device), upload(plan.labels, device), head, softcap,

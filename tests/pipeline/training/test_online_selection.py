@@ -298,3 +298,23 @@ def test_cli_help_names_the_online_section(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--selection" in out and "--online.method" in out and "--online.warmup-samples" in out
+
+
+def test_ties_go_to_the_earlier_position_online_as_offline():
+    """Equal scores (attention 0.5 at every target): the step keeps the first ceil(ratio * n) targets of each turn
+    order, exactly as `sample_keep` does for the select stage (one function for both)."""
+    from pipeline.selection.methods import sample_keep, sample_score
+    from pipeline.selection.select_settings import SelectSettings
+    from pipeline.training.online_data import OnlineRow
+    from pipeline.training.online_step import select_samples
+
+    trainable = np.array([False, False, True, True, True, False, True, True], bool)
+    rows = [OnlineRow("a", np.arange(8), trainable, None)]
+    settings = SelectSettings(method="attn", ratio=0.5)
+    targets = int(trainable.sum())
+    selected, warnings = select_samples(rows, torch.full((targets,), 2.0), torch.full((targets,), 0.5), None,
+                                        settings, "history_minus_current")
+    assert warnings == [] and np.flatnonzero(selected[0].keep).tolist() == [2, 3, 4]  # ceil(0.5 * 5), earliest first
+    attn = np.where(trainable, np.float32(0.5), np.float32(np.nan))
+    offline = sample_keep(sample_score("a", attn, attn, trainable, settings), trainable, settings)
+    assert np.array_equal(selected[0].keep, offline)
