@@ -196,16 +196,21 @@ def _labels(run: RunFolder, data: SeedData) -> dict[str, Any]:
 
 
 def _online_cell_run_config(config: EvalConfig, data: SeedData, name: str) -> RunConfig:
-    """An online row's run: one round over the cell's samples, the same batches and seed as the offline rows; the
-    warm-up as many samples as the offline warm-up slice (slice 0) holds (none with epoch rounds)."""
+    """An online row's run: one round over the cell's samples, the same batch size, seed and number of optimizer
+    steps as the offline rows (their slices' whole batches: the online pass stops there); the warm-up as many
+    samples as the offline warm-up slice (slice 0) holds (none with epoch rounds)."""
     from pipeline.loop.slices import slice_bounds
 
     row, sections = ROWS[name], config.cell_sections()
     if config.epochs != 1:
         raise UserError(f"row {name} trains online in one pass; set epochs 1 or leave {name} out of methods")
-    warmup = slice_bounds(data.samples, config.slices)[0][1] if config.round_unit == "slice" else 0
-    train = sections["train"] | {"seed": data.seed, "epochs": 1.0, "selection": "online",
-                                 "online": {"warmup_samples": warmup}}
+    bounds = slice_bounds(data.samples, config.slices) if config.round_unit == "slice" else [(0, data.samples)]
+    warmup = bounds[0][1] if config.round_unit == "slice" else 0
+    # The offline rows' optimizer steps (each slice's whole batches): the online pass stops after as many.
+    batch = config.train.batch_size
+    steps = sum((stop - start) // batch for start, stop in bounds)
+    train = sections["train"] | {"seed": data.seed, "epochs": min(1.0, (steps * batch + 0.5) / data.samples),
+                                 "selection": "online", "online": {"warmup_samples": warmup}}
     return RunConfig(
         **_top_level(config, data.seed, name, data.train), round_unit="epoch", ray=sections["ray"],
         prepare=sections["prepare"], score=sections["score"],

@@ -294,6 +294,14 @@ def test_every_row_becomes_the_run_it_names(tmp_path, llama_dir):
     assert online.online and online.rounds == 1 and online.select.method == "sstoken" and online.train.masks is None
     assert online.train.online.warmup_samples == 4 and online.train.online.method == "sstoken"
     assert online.train.seed == online.select.seed == online.seed == 0 and online.train.epochs == 1.0
+    # 9 samples in 2 slices of whole batches of 2 train 4 steps offline (a leftover in each slice): online stops there
+    from pipeline.loop.rounds import planned_steps, plan_rounds
+
+    odd = SeedData(0, data.train, data.heldout, data.reference, 9, data.labels, data.tokenized, 40)
+    offline_run = cell_run_config(config, odd, "sstoken", tmp_path / "ref")
+    offline = sum(planned_steps(offline_run, spec.samples) for spec in plan_rounds(offline_run, 9))
+    online_odd = cell_run_config(config, odd, "sstoken_online", tmp_path / "ref")
+    assert planned_steps(online_odd, 9) == offline == 4 and online_odd.train.epochs < 1.0
     for name, run in runs.items():
         row = ROWS[name]
         assert run.select.method == row.method and run.round_unit == "slice" and run.slices == 2 and run.epochs == 1
