@@ -478,8 +478,10 @@ def test_the_current_entropy_is_stored_with_every_signal_and_follows_signals_nee
     with no history pass and no attention capture, and a later selection by entropy over scores without it is
     refused naming the column."""
     config, _ = sample_run
+    vocab_size = json.loads((llama_dir / "config.json").read_text())["vocab_size"]
     assert read_manifest(config.output, kind="scores")["signals"] == {
-        "rel": True, "attention": True, "entropy": True, "layer": -1, "excess": "history_minus_current"
+        "rel": True, "attention": True, "entropy": True, "layer": -1, "excess": "history_minus_current",
+        "vocab_size": vocab_size,
     }
     lean = run_score_job(_config(corpus, tmp_path / "entropy", llama_dir, llama_history_dir, method="entropy",
                                  signals="needed"))
@@ -500,3 +502,22 @@ def test_the_current_entropy_is_stored_with_every_signal_and_follows_signals_nee
     assert main(["select", "--scores", str(tmp_path / "loss"), "--method", "entropy"]) == 2
     err = capsys.readouterr().err.strip()
     assert "entropy_cur is NaN at" in err and "--signals needed" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("granularity", ["sample", "global"])
+def test_scoring_with_a_weighted_method_writes_the_weights_select_writes(sample_run, corpus, llama_dir,
+                                                                          llama_history_dir, tmp_path, granularity):
+    """`sstoken score --method entropy-gated` stores its weights in the scores (per sample by the workers, global by
+    the select step after them): the same bytes as `sstoken select` in place over the shared scores."""
+    config, _ = sample_run
+    scored = tmp_path / "scored"
+    run_score_job(_config(corpus, scored, llama_dir, llama_history_dir, method="entropy-gated", ratio=0.5,
+                          granularity=granularity))
+    reselected = Path(shutil.copytree(config.output, tmp_path / "reselected"))
+    assert main(["select", "--scores", str(reselected), "--method", "entropy-gated", "--ratio", "0.5",
+                 "--granularity", granularity]) == 0
+    assert _digests(scored) == _digests(reselected)
+    weight = np.concatenate([_flat(pq.read_table(p), "weight") for p in sorted(scored.glob("part-*.parquet"))])
+    keep = np.concatenate([_flat(pq.read_table(p), "keep") for p in sorted(scored.glob("part-*.parquet"))]).astype(bool)
+    assert (weight[keep] > 0).all() and (weight[keep] <= 1).all() and (weight[~keep] == 0).all()
+    assert len(np.unique(weight[keep])) > 1  # weighted, not 0/1
