@@ -211,7 +211,7 @@ def write_synthetic_run(
 
 def as_written_before(folder: Path, columns: tuple[str, ...], signals: tuple[str, ...] = ()) -> Path:
     """A scores or masks folder, changed in place to what an older sstoken wrote: its shards without `columns`, the
-    manifest without `signals` keys in its `signals` section, the checksums (manifest, data fingerprint, progress
+    manifest without `signals` keys in its `signals` section (nor the progress records), the checksums (manifest, data fingerprint, progress
     records, where there) resealed."""
     import pyarrow.parquet as pq
 
@@ -223,8 +223,9 @@ def as_written_before(folder: Path, columns: tuple[str, ...], signals: tuple[str
         path = folder / entry["file"]
         entry["sha256"] = write_parquet_atomic(pq.read_table(path).drop_columns(list(columns)), path)
         record = read_record(folder, entry["file"])
-        if record is not None:
-            write_json_atomic(record | {"sha256": entry["sha256"]}, record_path(folder, entry["file"]))
+        if record is not None:  # the keys of `signals` a shard's record carries (vocab_size) were not there either
+            record = {k: v for k, v in record.items() if k not in signals} | {"sha256": entry["sha256"]}
+            write_json_atomic(record, record_path(folder, entry["file"]))
     manifest["data_fingerprint"] = sha256_json([[s["file"], s["sha256"]] for s in manifest["shards"]])
     for key in signals:
         manifest.get("signals", {}).pop(key, None)

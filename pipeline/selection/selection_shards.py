@@ -199,7 +199,8 @@ def refuse_unweighted_in_place(shards: Sequence[SelectShard], settings: SelectSe
         if "weight" not in names:
             raise UserError(
                 f"method {settings.method} weights each kept token, but {shard.path} has no 'weight' column (its scores "
-                "were written before sstoken stored weights); select into a masks folder with --output, or rescore"
+                "were written before sstoken stored weights); select into a masks folder with --output, or rescore with "
+                "`sstoken score` (a rerun rescores such shards)"
             )
 
 

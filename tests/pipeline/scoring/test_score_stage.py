@@ -521,3 +521,22 @@ def test_scoring_with_a_weighted_method_writes_the_weights_select_writes(sample_
     keep = np.concatenate([_flat(pq.read_table(p), "keep") for p in sorted(scored.glob("part-*.parquet"))]).astype(bool)
     assert (weight[keep] > 0).all() and (weight[keep] <= 1).all() and (weight[~keep] == 0).all()
     assert len(np.unique(weight[keep])) > 1  # weighted, not 0/1
+
+
+def test_scores_written_before_weights_are_rescored_by_a_rerun_then_select_weighted_in_place(
+    scored_corpus, tmp_path, capsys
+):
+    """A scores folder as main wrote it (no weight column, no |V|): `sstoken select --method prob` in place is refused
+    saying to rescore; rerunning `sstoken score` rescores every shard (a shard without a column the scorer writes is
+    not done), after which the weighted selection works in place."""
+    from tests.score_factories import as_written_before
+
+    old = as_written_before(scored_corpus.copy_scores(tmp_path / "scores", cache=True), ("weight",), ("vocab_size",))
+    assert main(["select", "--scores", str(old), "--method", "prob"]) == 2
+    assert "or rescore" in capsys.readouterr().err
+    config = scored_corpus.config.model_copy(update={"output": old, "history_cache": tmp_path / "scores-cache"})
+    summary = run_score_job(config)
+    assert summary.counts["shards_scored"] == len(SHARDS)
+    assert read_manifest(old, kind="scores")["signals"]["vocab_size"] > 1
+    assert main(["select", "--scores", str(old), "--method", "entropy-gated", "--ratio", "0.5"]) == 0
+    assert all("weight" in pq.read_schema(p).names for p in old.glob("part-*.parquet"))
