@@ -208,3 +208,27 @@ def write_synthetic_run(
     }
     write_run_record(RunFolder(folder), record)  # checked against schemas/run.v1.schema.json, as the loop writes it
     return folder
+
+
+def as_written_before(folder: Path, columns: tuple[str, ...], signals: tuple[str, ...] = ()) -> Path:
+    """A scores or masks folder, changed in place to what an older sstoken wrote: its shards without `columns`, the
+    manifest without `signals` keys in its `signals` section (nor the progress records), the checksums (manifest, data fingerprint, progress
+    records, where there) resealed."""
+    import pyarrow.parquet as pq
+
+    from pipeline.runtime.files import read_manifest, write_json_atomic
+    from pipeline.runtime.stage_output import read_record, record_path
+
+    manifest = read_manifest(folder)
+    for entry in manifest["shards"]:
+        path = folder / entry["file"]
+        entry["sha256"] = write_parquet_atomic(pq.read_table(path).drop_columns(list(columns)), path)
+        record = read_record(folder, entry["file"])
+        if record is not None:  # the keys of `signals` a shard's record carries (vocab_size) were not there either
+            record = {k: v for k, v in record.items() if k not in signals} | {"sha256": entry["sha256"]}
+            write_json_atomic(record, record_path(folder, entry["file"]))
+    manifest["data_fingerprint"] = sha256_json([[s["file"], s["sha256"]] for s in manifest["shards"]])
+    for key in signals:
+        manifest.get("signals", {}).pop(key, None)
+    write_manifest(folder, manifest)
+    return folder

@@ -10,10 +10,11 @@ register = stage_command(
     SelectConfig,
     "pipeline.selection.select_stage:run_select",
     help="Re-select the keep masks of a scores folder by another method, ratio or granularity (no model run).",
-    description="Recompute the score, keep and n_kept columns of every shard of a scores folder (made by "
+    description="Recompute the score, keep, weight and n_kept columns of every shard of a scores folder (made by "
     "`sstoken score`) from its stored signals (nll_cur, nll_hist, rel, attn, entropy_cur), in place, and update its "
     "manifest. The result equals a fresh `sstoken score` with these settings. With --output DIR the selection "
     "goes to a masks folder instead (mask shards named as the score shards, a manifest of kind masks) and the "
     "scores folder is left untouched. Methods: sstoken, rel, attn, full, random, tokencleaning, rho1, oracle, loss, "
-    "confidence, entropy (see docs/method.md and the README).",
+    "confidence, entropy; weighted (each kept token's loss weight is its score): prob, entropy-gated (see "
+    "docs/method.md and the README).",
 )

@@ -23,6 +23,10 @@ baselines come twice, as their authors publish them (corpus-wide top-k, `_global
   over the cell's samples, each step scored by the live model in its own forward, the history the base model's
   cached NLLs, attention only over as many samples as the offline warm-up slice holds. Its selection measures pool
   the steps after that warm-up, as the offline rows pool the slices after slice 0.
+- loss, confidence, entropy (binary) and prob, entropy-gated (weighted: each kept token trained with its weight,
+  sum(w nll) / sum(w)): the current model's own signals, no history, no warm-up.
+- NAME_global: the row NAME over the whole corpus (exact top-k of every round's targets), for every row of the
+  eval's granularity but full and sstoken_ema.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ class Row:
     online: bool = False  # each training step selects in its own forward (train.selection online), one round
 
 
-ROWS: dict[str, Row] = {row.name: row for row in (
+# The rows of the paper's comparison: the yardsticks, ssToken and the baselines it was compared with.
+PUBLISHED_ROWS: tuple[Row, ...] = (
     Row("oracle", "oracle", "drops the known corrupted tokens first, then at random (the ceiling)", needs_labels=True),
     Row("oracle_global", "oracle", "the oracle over the whole corpus (the ceiling of a global selection)",
         granularity="global", needs_labels=True),
@@ -73,10 +78,29 @@ ROWS: dict[str, Row] = {row.name: row for row in (
         granularity="global", warmup="full"),
     Row("tokencleaning_sample", "tokencleaning", "TokenCleaning self-evolving, top-k per sample",
         granularity="sample", warmup="full"),
-)}
-# The default `methods:` of an eval: every row but the variants a decisive run adds when it wants them.
+)
+# The current model's own signals, no history and no attention (binary, then weighted), per sample.
+SIGNAL_ROWS: tuple[Row, ...] = (
+    Row("loss", "loss", "the current model's highest NLL (its hardest tokens)"),
+    Row("confidence", "confidence", "the current model's lowest NLL (its most probable tokens, ProFit)"),
+    Row("entropy", "entropy", "the current model's highest predictive entropy (high-entropy minority tokens)"),
+    Row("prob", "prob", "weighted: each kept token by the current model's probability of it (DFT), top ratio by it"),
+    Row("entropy-gated", "entropy-gated", "weighted: each kept token by its normalised entropy H / ln|V| (EAFT), top "
+        "ratio by it"),
+)
+# Corpus-wide (`NAME_global`): every row of the eval's granularity but full (it keeps every token either way), the
+# oracle, the online row (each step selects in its own batch) and the EMA variant (oracle_global is above; the EMA
+# changes the history, not the granularity).
+GLOBAL_ROWS: tuple[Row, ...] = tuple(
+    Row(f"{row.name}_global", row.method, f"{row.about}, corpus-wide top-k", granularity="global", warmup=row.warmup)
+    for row in (*PUBLISHED_ROWS, *SIGNAL_ROWS)
+    if row.granularity is None and row.method not in ("full", "oracle") and row.history == "base" and not row.online
+)
+ROWS: dict[str, Row] = {row.name: row for row in (*PUBLISHED_ROWS, *SIGNAL_ROWS, *GLOBAL_ROWS)}
+# The default `methods:` of an eval: the published comparison but the variants a decisive run adds when it wants them.
 DEFAULT_ROWS: tuple[str, ...] = tuple(
-    name for name in ROWS if name not in ("oracle_global", "full_tokens", "sstoken_ema", "sstoken_online")
+    row.name for row in PUBLISHED_ROWS
+    if row.name not in ("oracle_global", "full_tokens", "sstoken_ema", "sstoken_online")
 )
 # Renamed rows: an old config that lists them gets told the new names.
 RENAMED = {"rho1": "rho1_global or rho1_sample", "tokencleaning": "tokencleaning_global or tokencleaning_sample"}

@@ -156,6 +156,7 @@ def score_one_shard(
         "selection": selection_record(selection.model_copy(update={"granularity": "sample"})),
         "dtype": scorer.dtype_name,
         "device": scorer.device.type,
+        "vocab_size": scorer.vocab_size,  # |V| of the entropy (entropy-gated's ln|V|), for the manifest and select
         "tokens": int(pc.sum(scores.column("n_tokens")).as_py() or 0),
         "trainable": int(pc.sum(scores.column("n_trainable")).as_py() or 0),
         "kept": int(pc.sum(scores.column("n_kept")).as_py() or 0),

@@ -59,7 +59,7 @@ from pipeline.runtime.ray_session import (
     ray_session,
     task_error_cause,
 )
-from pipeline.runtime.stage_output import StageOutput, StageSummary
+from pipeline.runtime.stage_output import StageOutput, StageSummary, read_record
 from pipeline.runtime.stage_runner import Stage, local_inputs, run_stage
 from pipeline.scoring.precision import cpu_bfloat16_note, precision_name
 from pipeline.scoring.score_config import ScoreJobConfig
@@ -340,6 +340,16 @@ def verified_data_key(tokenized: dict[str, Any]) -> str:
     return sha256_json([[shard["file"], shard["sha256"]] for shard in tokenized["shards"]])
 
 
+def _recorded_vocab_size(shards: list[SelectShard]) -> int | None:
+    """|V| of the current model, as the score shards' records carry it (None: every shard was scored before it was
+    recorded). One run key, one checkpoint: every record that has it has the same."""
+    sizes = {(read_record(s.target_folder, s.file) or {}).get("vocab_size") for s in shards} - {None}
+    if len(sizes) > 1:
+        raise UserError(f"the score shards of {shards[0].folder} record vocabulary sizes {sorted(sizes)} for one "
+                        "checkpoint; this is a bug: rerun `sstoken score` with --overwrite")
+    return next(iter(sizes), None)
+
+
 def run_score_job(config: ScoreJobConfig) -> StageSummary:
     """Score every shard of `config.data` into `config.output`; returns the run's summary."""
     started = time.monotonic()
@@ -438,7 +448,9 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
         # The select step over the stored signals: rewrites the shards whose selection differs.
         phase = time.monotonic()
         shards = [SelectShard(t.file, t.output_dir, t.input_path) for t in tasks]
-        plan = plan_selection(shards, selection, same_checkpoint=history_fp == current_fp, parallel_map=ordered_map)
+        vocab_size = _recorded_vocab_size(shards)
+        plan = plan_selection(shards, selection, same_checkpoint=history_fp == current_fp, parallel_map=ordered_map,
+                              vocab_size=vocab_size)
         outcome = apply_selection(shards, plan, parallel_map=ordered_map)
         notes.extend(outcome.warnings)
         rewritten.append(outcome.rewritten)
@@ -453,7 +465,8 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
         timings["total_s"] = time.monotonic() - started
         manifest = _manifest(config, tokenized, data_key, outcome.records, outcome.selection, current_fp, history_fp,
                              history_cache)
-        manifest["signals"] = signals | {"layer": config.layer, "excess": config.excess}
+        manifest["signals"] = signals | {"layer": config.layer, "excess": config.excess} | (
+            {"vocab_size": vocab_size} if vocab_size is not None else {})
         manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
         return manifest
 

@@ -107,7 +107,8 @@ class Scorer:
 
     Attributes a driver uses: `fingerprint`, `dtype_name` (the resolved precision mode, part of the
     history cache key), `device`, `budget` (micro-batch tokens and chunk sizes on that device),
-    `forward_count` (micro-batch forwards run so far), `model_loads` (always 1).
+    `forward_count` (micro-batch forwards run so far), `model_loads` (always 1), `vocab_size` (|V|: the rows of
+    the LM head, over which the entropy is taken).
     """
 
     def __init__(self, checkpoint: Path | str, settings: ScoreSettings, importance: bool, entropy: bool = False):
@@ -130,6 +131,7 @@ class Scorer:
         if importance:
             self.model.set_attn_implementation(register_importance_attention())
         self._vocab_limit = self.model.get_input_embeddings().num_embeddings
+        self.vocab_size = int(output_head(self.model)[0].weight.shape[0])
         # QK^T of the importance recompute on tensor cores in the full-bf16 mode; float32 otherwise.
         self._score_matmul_dtype = torch.bfloat16 if self.dtype_name == FULL_BFLOAT16 else torch.float32
         # Measured once the model is resident: on CUDA the budget follows from the memory left free.
@@ -316,7 +318,7 @@ def nll_table(scorer: Scorer, tokenized: pa.Table) -> pa.Table:
 
 
 def signals_table(signals: list[SampleSignals], trainable: Sequence[np.ndarray]) -> pa.Table:
-    """A scores.v1 table of the signals, with no selection yet (score NaN, keep false)."""
+    """A scores.v1 table of the signals, with no selection yet (score NaN, keep false, weight 0)."""
 
     def lists(name: str) -> pa.Array:
         return _list_column([getattr(s, name) for s in signals], pa.float32())
@@ -329,6 +331,7 @@ def signals_table(signals: list[SampleSignals], trainable: Sequence[np.ndarray])
             *(lists(name) for name in ("nll_cur", "nll_hist", "rel", "attn", "entropy_cur")),
             _list_column([np.full(n, np.nan, np.float32) for n in lengths], pa.float32()),
             _list_column([np.zeros(n, bool) for n in lengths], pa.bool_()),
+            _list_column([np.zeros(n, np.float32) for n in lengths], pa.float32()),
             pa.array(lengths, pa.int32()),
             pa.array(n_trainable, pa.int32()),
             pa.array([0] * len(signals), pa.int32()),
@@ -368,4 +371,5 @@ def score_shard(
         same_checkpoint=same_checkpoint, uses_rel=signals.rel, excess=excess,
     )
     per_sample = selection.model_copy(update={"granularity": "sample"})
-    return selected_table(signals_table(stored, trainable), tokenized.column("trainable"), CorpusSelection(per_sample))
+    selection_here = CorpusSelection(per_sample, vocab_size=scorer.vocab_size)
+    return selected_table(signals_table(stored, trainable), tokenized.column("trainable"), selection_here)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline.runtime.errors import UserError
 from pipeline.selection.keep_tables import CorpusSelection, flat_values, selected_table
-from pipeline.selection.methods import min_prob_mask, selection_size as method_selection_size
+from pipeline.selection.methods import limited_keep, selection_size as method_selection_size
 from pipeline.selection.selection import sortable_keys
 
 BINS = 1 << 16
@@ -133,8 +133,8 @@ def apply_threshold(
     """Pass 4: the score table with `score`/`keep`/`n_kept` rewritten to the global selection.
 
     Keeps trainable tokens whose key exceeds `threshold`, plus the first `take_ties` tokens whose
-    key equals it, in row then position order. `threshold=None` keeps nothing (k = 0). Confidence with
-    min_prob then drops the kept targets below the threshold, as per sample.
+    key equals it, in row then position order. `threshold=None` keeps nothing (k = 0). `limited_keep` then drops
+    what a method's limit drops (confidence's min_prob, a weighted method's weight 0), as per sample.
     """
     mask = flat_values(trainable).astype(bool)
     keep = np.zeros(len(mask), dtype=bool)
@@ -144,7 +144,7 @@ def apply_threshold(
         keys = sortable_keys(score[positions])
         keep[positions[keys > threshold]] = True
         keep[positions[keys == threshold][:take_ties]] = True
-        keep = min_prob_mask(keep, score, selection.settings)
+        keep = limited_keep(keep, score, selection.settings)
     return selected_table(scores, trainable, selection, keep)
 
 

@@ -5,15 +5,15 @@ one scores.v1 table: per sample it also picks the keep mask; for `--granularity 
 mask comes from `pipeline.selection.global_selection`, which ranks `CorpusSelection.shard_scores`.
 Every other column (the signals nll_cur, nll_hist, rel, attn, entropy_cur) is left untouched.
 
-Weights (the seam for a weighted method): every method today is binary, and its weight is keep as
-float32 (`runtime.mask_weights.flat_weights`). A weighted method supplies one more flat float32 array, `weight`,
-one entry per token beside `keep` (finite, >= 0, 0 where keep is false, > 0 where it is true), and
-passes it to `with_selection(..., weight=...)` (from `selected_table`, as the per-sample keep masks
-are passed today), which checks it and stores it in the table's `weight` column. A selection apart
-(`select --output`) selects over the scores with a `weight` column added (`runtime.mask_weights.with_weight`), so
-`selection_shards.mask_table` writes it into masks.v1. A scores table stores it only once scores.v1 has
-a `weight` column (the scorer's `signals_table` writing zeros there); until then `with_selection`
-refuses a weight for it rather than drop it.
+Weights: a binary method's weight is keep as float32 (`runtime.mask_weights.flat_weights`). A weighted method
+(prob, entropy-gated) ranks its weight: `selected_table` takes the weights from the scores
+(`methods.selection_weight`: the score at the kept tokens, 0 elsewhere) and passes them to
+`with_selection(..., weight=...)`, which checks them and stores them in the table's `weight` column. A scores
+table has that column when the scorer wrote it (`signals_table`); a selection apart (`select --output`) selects
+over the scores with a `weight` column added (`runtime.mask_weights.with_weight`), so
+`selection_shards.mask_table` writes it into masks.v1. A scores table written before the column existed has
+none: `with_selection` refuses a weight for it rather than drop it (and `selection_shards.plan_selection` refuses
+such a folder in place by name before anything is written).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from pipeline.runtime.alignment import WEIGHT, weight_flags
 from pipeline.runtime.mask_weights import flat_weights
-from pipeline.selection.methods import RelStats, nan_at_targets, sample_keep, sample_score
+from pipeline.selection.methods import RelStats, nan_at_targets, sample_keep, sample_score, selection_weight
 from pipeline.selection.select_settings import SelectSettings
 from pipeline.selection.token_labels import read_token_labels, sample_drop
 
@@ -55,10 +55,12 @@ def _check_joined(scores: pa.Table, trainable: pa.ChunkedArray) -> None:
 
 @dataclass(frozen=True)
 class CorpusSelection:
-    """A selection method resolved for one corpus: its settings and whether REL was found to be noise."""
+    """A selection method resolved for one corpus: its settings, whether REL was found to be noise, and the
+    vocabulary size |V| of the model that scored it (entropy-gated's ln|V|; None: not known)."""
 
     settings: SelectSettings
     rel_is_noise: bool = False
+    vocab_size: int | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -84,7 +86,8 @@ class CorpusSelection:
             drops = [sample_drop(labels, ids[row], masks[row], self.settings.labels) for row in range(len(ids))]
         return [
             sample_score(ids[row], rel[row], attn[row], masks[row], self.settings, self.rel_is_noise, drops[row],
-                         nll_cur=nll_cur[row], nll_hist=nll_hist[row], entropy_cur=entropy_cur[row])
+                         nll_cur=nll_cur[row], nll_hist=nll_hist[row], entropy_cur=entropy_cur[row],
+                         vocab_size=self.vocab_size)
             for row in range(len(ids))
         ]
 
@@ -140,8 +143,8 @@ def with_selection(scores: pa.Table, score: np.ndarray, keep: np.ndarray, weight
 def _refuse_bad_weight(scores: pa.Table, weight: np.ndarray, keep: np.ndarray) -> None:
     """A weighted method's weights must fit the keep mask and have a column to go to (one line naming the problem)."""
     if WEIGHT not in scores.column_names:
-        raise ValueError("a weighted selection needs a 'weight' column in the table it writes (scores.v1 has none yet); "
-                         "select into a masks folder (`sstoken select --output`)")
+        raise ValueError("a weighted selection needs a 'weight' column in the table it writes (scores written before "
+                         "sstoken stored weights have none); select into a masks folder (`sstoken select --output`)")
     for problem, flags in weight_flags(np.asarray(weight), keep.astype(bool)):
         if flags.any():
             raise ValueError(f"the selection's {problem} at {int(flags.sum())} tokens (first at flat position "
@@ -151,8 +154,8 @@ def _refuse_bad_weight(scores: pa.Table, weight: np.ndarray, keep: np.ndarray) -
 def selected_table(
     scores: pa.Table, trainable: pa.ChunkedArray, selection: CorpusSelection, keep: np.ndarray | None = None
 ) -> pa.Table:
-    """`scores` with score, keep and n_kept from `selection`: keep per sample (top-k of each), or the
-    flat `keep` a global selection found (granularity global)."""
+    """`scores` with score, keep, n_kept (and weight) from `selection`: keep per sample (top-k of each), or the
+    flat `keep` a global selection found (granularity global); a weighted method's weights from its score."""
     rows = selection.sample_scores(scores, trainable)
     if keep is None:
         if selection.settings.granularity != "sample":
@@ -161,4 +164,4 @@ def selected_table(
         keep_rows = [sample_keep(s, m, selection.settings) for s, m in zip(rows, masks)]
         keep = np.concatenate(keep_rows) if keep_rows else np.zeros(0, bool)
     score = np.concatenate(rows) if rows else np.zeros(0, np.float32)
-    return with_selection(scores, score, keep)
+    return with_selection(scores, score, keep, selection_weight(score, keep, selection.settings))

@@ -14,9 +14,17 @@ the select stage and the tests share one definition of every method:
                    tokens rank below every other, so they are dropped first, the rest at random
     loss           nll_cur                                      (the current model's hardest tokens first)
     confidence     -nll_cur = log P_cur(x_i | x_<i)             (its most probable tokens first, ProFit);
-                   with min_prob P, a kept target must also have P_cur >= P (`min_prob_mask`): the ratio
+                   with min_prob P, a kept target must also have P_cur >= P (`limited_keep`): the ratio
                    caps the count, the threshold drops the improbable ones from it
     entropy        entropy_cur                                  (its most uncertain predictions first)
+
+Weighted methods: the score is also the loss weight of each kept token (`selection_weight`; masks' `weight`,
+trained as sum(w * nll) / sum(w)), 0 elsewhere; a target whose weight is 0 is not kept (`limited_keep`):
+
+    prob           exp(-nll_cur) = P_cur(x_i | x_<i)            (DFT, arXiv 2508.05629: the probable first,
+                                                                 each weighted by its probability)
+    entropy-gated  entropy_cur / ln|V|, in [0, 1]               (EAFT, arXiv 2601.02151: the uncertain first; a
+                                                                 confident prediction, right or wrong, barely trains)
 
 A score of NaN never reaches the ranking at a target: a signal a method needs that is NaN at a target
 is refused, naming the column, the sample, the position and what it points to (`nan_at_targets`: not
@@ -141,12 +149,35 @@ def _nan_at(values: np.ndarray | None, position: int) -> bool | None:
     return None if values is None else bool(np.isnan(values[position]))
 
 
-def min_prob_mask(keep: np.ndarray, score: np.ndarray, settings: SelectSettings) -> np.ndarray:
-    """`keep` less the targets below confidence's probability threshold: exp(-nll_cur) >= min_prob, compared
-    as log P = score >= ln(min_prob) (float64), so no exp underflows. Unchanged without a threshold."""
+def limited_keep(keep: np.ndarray, score: np.ndarray, settings: SelectSettings) -> np.ndarray:
+    """`keep` less the targets a method's limit drops after the top-k: below confidence's probability threshold
+    (exp(-nll_cur) >= min_prob, compared as log P = score >= ln(min_prob) in float64, so no exp underflows), or
+    of weight 0 for a weighted method (a probability that underflows float32, an entropy of 0: nothing to train)."""
+    if settings.weighted:
+        return keep & (np.asarray(score, dtype=np.float32) > 0)
     if settings.min_prob is None:
         return keep
     return keep & (np.asarray(score, dtype=np.float64) >= math.log(settings.min_prob))
+
+
+def selection_weight(score: np.ndarray, keep: np.ndarray, settings: SelectSettings) -> np.ndarray | None:
+    """The per-token loss weights of a weighted method: its score at the kept tokens, 0 elsewhere (float32);
+    None for a binary method (its weight is keep: 1 on every kept token)."""
+    if not settings.weighted:
+        return None
+    return np.where(keep, np.asarray(score, dtype=np.float32), np.float32(0.0)).astype(np.float32)
+
+
+def target_probability(nll: np.ndarray) -> np.ndarray:
+    """prob's weight: P = exp(-nll), computed in float64, stored float32 (a probability below ~1e-45 is 0)."""
+    return np.exp(-np.asarray(nll, dtype=np.float64)).astype(np.float32)
+
+
+def normalised_entropy(entropy: np.ndarray, vocab_size: int) -> np.ndarray:
+    """entropy-gated's weight: H / ln|V|, the entropy over its maximum (a uniform prediction over the |V| entries
+    of the output head), clipped to [0, 1] against float32 rounding of a near-one-hot or near-uniform row."""
+    scaled = np.asarray(entropy, dtype=np.float64) / math.log(vocab_size)
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
 def nan_at_targets(
@@ -218,18 +249,20 @@ def sample_score(
     nll_cur: np.ndarray | None = None,
     nll_hist: np.ndarray | None = None,
     entropy_cur: np.ndarray | None = None,
+    vocab_size: int | None = None,
 ) -> np.ndarray:
     """One sample's float32 score (NaN off the targets) under `settings.method`.
 
     `rel_is_noise` is the corpus-wide finding of `rel_guard`: REL then counts as 0 at every target.
     `drop`: oracle only, the sample's known-bad tokens (`pipeline.selection.token_labels.sample_drop`).
     `nll_cur`, `nll_hist`: the sample's NLLs, when at hand: what loss and confidence rank, and for the other
-    methods what says why a needed signal is NaN. `entropy_cur`: what entropy ranks.
+    methods what says why a needed signal is NaN. `entropy_cur`: what entropy and entropy-gated rank;
+    `vocab_size`: |V| of the model that scored it (entropy-gated's ln|V|).
     """
     trainable = np.asarray(trainable, dtype=bool)
     method = settings.method
     if settings.ranked_signal is not None:
-        return _current_signal_score(sample_id, trainable, settings, nll_cur, nll_hist, entropy_cur)
+        return _current_signal_score(sample_id, trainable, settings, nll_cur, nll_hist, entropy_cur, vocab_size)
     if method == "full":
         return np.where(trainable, np.float32(1.0), np.float32(np.nan)).astype(np.float32)
     if method in ("random", "oracle"):
@@ -256,15 +289,28 @@ def sample_score(
 def _current_signal_score(
     sample_id: str, trainable: np.ndarray, settings: SelectSettings,
     nll_cur: np.ndarray | None, nll_hist: np.ndarray | None, entropy_cur: np.ndarray | None,
+    vocab_size: int | None = None,
 ) -> np.ndarray:
-    """loss, confidence, entropy: the ranked column as it is (confidence: negated, so the probable rank first)."""
+    """loss, confidence, entropy: the ranked column as it is (confidence: negated, so the probable rank first);
+    prob, entropy-gated: their weight (`target_probability`, `normalised_entropy`)."""
     signal = settings.ranked_signal
     values = nll_cur if signal == "nll_cur" else entropy_cur
     if values is None:
         raise UserError(f"sample {sample_id!r}: method {settings.method} ranks {signal}, which was not read; this is a bug")
     values = _needed(np.asarray(values, dtype=np.float32), trainable, str(signal), sample_id, nll_cur, nll_hist)
-    # 0 - nll, not -nll: a zero NLL gives +0.0, whose key sorts with the other zeros (-0.0 would sort below them).
-    ranked = np.float32(0.0) - values if settings.method == "confidence" else values
+    method = settings.method
+    if method == "entropy-gated" and vocab_size is None:
+        raise UserError(f"sample {sample_id!r}: method entropy-gated needs the vocabulary size, which was not given; "
+                        "this is a bug")
+    if method == "confidence":
+        # 0 - nll, not -nll: a zero NLL gives +0.0, whose key sorts with the other zeros (-0.0 would sort below them).
+        ranked = np.float32(0.0) - values
+    elif method == "prob":
+        ranked = target_probability(values)
+    elif method == "entropy-gated":
+        ranked = normalised_entropy(values, int(vocab_size))
+    else:
+        ranked = values
     return np.where(trainable, ranked, np.float32(np.nan)).astype(np.float32)
 
 
@@ -279,6 +325,6 @@ def selection_size(settings: SelectSettings, n_trainable: int) -> int:
 
 def sample_keep(score: np.ndarray, trainable: np.ndarray, settings: SelectSettings) -> np.ndarray:
     """The per-sample keep mask: the method's `selection_size` highest scores, ties to the earlier position
-    (confidence with min_prob: less those below the threshold)."""
+    (less what `limited_keep` drops)."""
     keep = top_k_mask(score, trainable, selection_size(settings, int(np.count_nonzero(trainable))))
-    return min_prob_mask(keep, score, settings)
+    return limited_keep(keep, score, settings)

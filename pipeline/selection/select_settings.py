@@ -15,7 +15,8 @@ from pipeline.runtime.config import StageConfig, setting
 from pipeline.runtime.fingerprint import sha256_file
 
 Method = Literal[
-    "sstoken", "rel", "attn", "full", "random", "tokencleaning", "rho1", "oracle", "loss", "confidence", "entropy"
+    "sstoken", "rel", "attn", "full", "random", "tokencleaning", "rho1", "oracle", "loss", "confidence", "entropy",
+    "prob", "entropy-gated",
 ]
 Normalise = Literal["per_sample", "none"]
 
@@ -26,7 +27,10 @@ REL_ONLY_METHODS = ("rel", "tokencleaning", "rho1")
 # Methods that rank raw REL (nats), never normalised: the baselines as their authors define them.
 RAW_REL_METHODS = ("tokencleaning", "rho1")
 # Methods that rank one stored signal of the current model as it is (no history, no attention), and that signal.
-CURRENT_SIGNAL_METHODS = {"loss": "nll_cur", "confidence": "nll_cur", "entropy": "entropy_cur"}
+CURRENT_SIGNAL_METHODS = {"loss": "nll_cur", "confidence": "nll_cur", "entropy": "entropy_cur", "prob": "nll_cur",
+                          "entropy-gated": "entropy_cur"}
+# Weighted methods: the score they rank is each kept token's loss weight (masks' `weight`), not 1.
+WEIGHTED_METHODS = ("prob", "entropy-gated")
 
 
 class SelectSettings(StageConfig):
@@ -45,7 +49,9 @@ class SelectSettings(StageConfig):
         "that knows the bad tokens (--labels): drops them first, then at random (seeded as random); loss: the highest "
         "nll_cur (the current model's hardest tokens); confidence: the lowest nll_cur (its most probable tokens, "
         "ProFit), optionally only those with probability >= --min-prob; entropy: the highest entropy_cur (its most "
-        "uncertain predictions).",
+        "uncertain predictions); weighted (each kept token's loss weight is its score): prob: weight exp(-nll_cur), the "
+        "current model's probability of the target (DFT), top ratio by it; entropy-gated: weight entropy_cur / ln|V| "
+        "in [0, 1] (EAFT), top ratio by it.",
         run_key=False,
     )
     gamma: float = setting(
@@ -109,7 +115,12 @@ class SelectSettings(StageConfig):
 
     @property
     def uses_entropy(self) -> bool:
-        return self.method == "entropy"
+        return self.ranked_signal == "entropy_cur"
+
+    @property
+    def weighted(self) -> bool:
+        """The method weights each kept token by its score (prob, entropy-gated); the others weigh it 1."""
+        return self.method in WEIGHTED_METHODS
 
     @property
     def ranked_signal(self) -> str | None:

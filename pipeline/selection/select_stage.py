@@ -142,6 +142,11 @@ def stored_excess(manifest: dict[str, Any]) -> str:
     return DEFAULT_EXCESS
 
 
+def _vocab_size(manifest: dict[str, Any]) -> int | None:
+    """|V| of the model that scored the folder (entropy-gated's ln|V|); None in scores written before it was recorded."""
+    return manifest.get("signals", {}).get("vocab_size")
+
+
 def _same_checkpoint(manifest: dict[str, Any]) -> bool:
     checkpoints = manifest.get("checkpoints", {})
     return checkpoints.get("current", {}).get("fingerprint") == checkpoints.get("history", {}).get("fingerprint")
@@ -195,7 +200,8 @@ def _select_in_place(config: SelectConfig, folder: Path) -> tuple[dict[str, Any]
     @contextmanager
     def planned() -> Iterator[SelectionPlan]:
         refuse_unrecorded_shards(shards)
-        plan = plan_selection(shards, config, same_checkpoint=_same_checkpoint(manifest))  # every refusal, before any write
+        plan = plan_selection(shards, config, same_checkpoint=_same_checkpoint(manifest),
+                              vocab_size=_vocab_size(manifest))  # every refusal, before any write
         # Kept until the run finishes (`finish` removes it with the other records no manifest lists): a killed
         # run is finished from it, since the folder's manifest is gone from `begin` on.
         record_path(folder, STARTED_FROM).parent.mkdir(exist_ok=True)
@@ -228,7 +234,8 @@ def _select_apart(config: SelectConfig, folder: Path, output: Path) -> tuple[dic
     outcomes: list[SelectionOutcome] = []
 
     def planned() -> AbstractContextManager[SelectionPlan]:
-        return nullcontext(plan_selection(shards, config, same_checkpoint=_same_checkpoint(manifest)))
+        return nullcontext(plan_selection(shards, config, same_checkpoint=_same_checkpoint(manifest),
+                              vocab_size=_vocab_size(manifest)))
 
     def work(out: StageOutput, plan: SelectionPlan) -> dict[str, Any]:
         outcomes.append(apply_selection(shards, plan))

@@ -135,7 +135,7 @@ def rewrite_selection(
         return existing
     scores, trainable = _joined(shard)
     if shard.output_folder is not None:
-        scores = with_weight(scores)  # the selection's weights go to the mask shard (scores.v1 has no weight column)
+        scores = with_weight(scores)  # the selection's weights go to the mask shard (older scores have no column)
     if selection.settings.granularity == "global":
         table = global_selection.apply_threshold(scores, trainable, selection, threshold, ties)
     else:
@@ -184,24 +184,58 @@ def refuse_missing_column(shards: Sequence[SelectShard], settings: SelectSetting
             )
 
 
+def refuse_unweighted_in_place(shards: Sequence[SelectShard], settings: SelectSettings) -> None:
+    """Refuse, naming the first shard, a weighted method in place over score shards without a `weight` column
+    (written before sstoken stored weights): the weights would have nowhere to go."""
+    if not settings.weighted:
+        return
+    for shard in shards:
+        if shard.output_folder is not None:
+            continue
+        try:
+            names = pq.read_schema(shard.path).names
+        except (pa.ArrowException, OSError):
+            continue  # an unreadable shard is refused by name where it is read
+        if "weight" not in names:
+            raise UserError(
+                f"method {settings.method} weights each kept token, but {shard.path} has no 'weight' column (its scores "
+                "were written before sstoken stored weights); select into a masks folder with --output, or rescore with "
+                "`sstoken score` (a rerun rescores such shards)"
+            )
+
+
+def refuse_unknown_vocab_size(settings: SelectSettings, vocab_size: int | None) -> None:
+    """entropy-gated divides the entropy by ln|V|: refuse it when the scores do not record |V| (or it is below 2)."""
+    if settings.method == "entropy-gated" and (vocab_size is None or vocab_size < 2):
+        raise UserError(
+            "method entropy-gated divides entropy_cur by ln|V|, but the scores' manifest records no vocabulary size "
+            "(signals.vocab_size: scores written before sstoken recorded it); rescore the corpus with `sstoken score`"
+        )
+
+
 def plan_selection(
     shards: Sequence[SelectShard],
     settings: SelectSettings,
     *,
     same_checkpoint: bool,
     parallel_map: ParallelMap = serial_map,
+    vocab_size: int | None = None,
 ) -> SelectionPlan:
     """Check a selection against the corpus; every refusal happens here, before any shard is rewritten.
 
     Refuses a REL-only method over one checkpoint, REL missing at targets, and a REL-only method
     whose REL is below the floor everywhere; for other methods REL below the floor counts as 0 and
-    the plan carries a warning; refuses a method whose ranked column the shards lack.
+    the plan carries a warning; refuses a method whose ranked column the shards lack, a weighted method in place
+    over shards without a weight column, and entropy-gated without the vocabulary size `vocab_size` (|V|).
     """
     refuse_missing_column(shards, settings)
+    refuse_unweighted_in_place(shards, settings)
+    refuse_unknown_vocab_size(settings, vocab_size)
     if same_checkpoint and settings.uses_rel:
         same_checkpoint_refusal(settings)
         # REL is 0 by construction (nll_hist is nll_cur), not noise of two near-identical checkpoints.
-        return SelectionPlan(CorpusSelection(settings), selection_record(settings), [SAME_CHECKPOINT_NOTE])
+        return SelectionPlan(CorpusSelection(settings, vocab_size=vocab_size), selection_record(settings),
+                             [SAME_CHECKPOINT_NOTE])
     warnings: list[str] = []
     noise = False
     if settings.uses_rel:
@@ -210,7 +244,8 @@ def plan_selection(
             stats = stats.merge(shard_stats)
         warnings = rel_guard(settings, stats)
         noise = stats.is_noise
-    return SelectionPlan(CorpusSelection(settings, rel_is_noise=noise), selection_record(settings, noise), warnings)
+    return SelectionPlan(CorpusSelection(settings, rel_is_noise=noise, vocab_size=vocab_size),
+                         selection_record(settings, noise), warnings)
 
 
 def apply_selection(

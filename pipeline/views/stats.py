@@ -2,7 +2,7 @@
 
     stats = open_masks_folder("runs/r/rounds/r000/scores")    # or pipeline.views.run_stats.open_stats(any folder)
     stats.tokens()    # one row per token: sample_id, source, round, position, token_id, trainable, keep,
-                      #   nll_cur, nll_hist, rel, attn, score, response_position
+                      #   nll_cur, nll_hist, rel, attn, entropy_cur, score, response_position
     stats.samples()   # one row per sample and round: targets, kept, kept_ratio, mean signals
     stats.sources()   # one row per source and round
     stats.rounds()    # one row per round
@@ -33,7 +33,8 @@ from pipeline.selection.keep_masks import keep_masks_source
 from pipeline.training.training_data import open_training_data
 from pipeline.views.token_text import TokenText
 
-SIGNALS = ("nll_cur", "nll_hist", "rel", "attn")
+# The stored signals (entropy_cur: null in scores written before it existed, as every signal of a folder without one).
+SIGNALS = ("nll_cur", "nll_hist", "rel", "attn", "entropy_cur")
 TOKEN_COLUMNS = ("sample_id", "source", "round", "position", "token_id", "trainable", "keep", *SIGNALS, "score",
                  "response_position")
 
@@ -95,14 +96,23 @@ def round_artifacts(masks: Path, round: int = 0, tokenized: Path | None = None, 
     return RoundArtifacts(round, masks, signals, Path(tokenized), source.manifest, checked.tokenized_manifest, signals_manifest)
 
 
+def _stored_signals(part: RoundArtifacts) -> list[str]:
+    """The SIGNALS the round's scores folder holds (none without one)."""
+    if part.signals is None or part.signals_manifest is None:
+        return []
+    names = _scan(part.signals, part.signals_manifest).collect_schema().names()
+    return [name for name in SIGNALS if name in names]
+
+
 def _round_tokens(part: RoundArtifacts, sample_ids: list[str] | None, columns: tuple[str, ...]) -> pl.LazyFrame:
-    """One round's tokens, exploding only the per-token lists `columns` needs (trainable always)."""
+    """One round's tokens, exploding only the per-token lists `columns` needs (trainable always); a signal the scores
+    lack (written before it existed) is null."""
     tokens = _scan(part.tokenized, part.tokenized_manifest)
     if sample_ids is not None:  # before the join and the explode: a few samples of a large corpus read fast
         tokens = tokens.filter(pl.col("sample_id").is_in(sample_ids))
     tokens = tokens.select("sample_id", "source", pl.col("input_ids").alias("token_id"), "trainable")
     from_masks = [name for name in ("score", "keep") if name in columns]
-    signals = [name for name in SIGNALS if name in columns and part.signals_manifest is not None]
+    signals = [name for name in _stored_signals(part) if name in columns]
     if part.signals == part.masks:  # a scores folder: keep, score and signals in one scan
         from_masks, signals = from_masks + signals, []
     frame = tokens.join(_scan(part.masks, part.masks_manifest).select("sample_id", *from_masks), on="sample_id", how="inner")
@@ -139,12 +149,12 @@ def _round_samples(part: RoundArtifacts) -> pl.LazyFrame:
     masks = _scan(part.masks, part.masks_manifest).select(
         "sample_id", "n_trainable", "n_kept", _mean_over_targets("score"))
     frame = tokens.join(masks, on="sample_id", how="inner")
-    if part.signals_manifest is not None:
+    stored = _stored_signals(part)
+    if stored:
         signals = _scan(part.signals, part.signals_manifest).select(
-            "sample_id", *(_mean_over_targets(name) for name in SIGNALS))
+            "sample_id", *(_mean_over_targets(name) for name in stored))
         frame = frame.join(signals, on="sample_id", how="inner")
-    else:
-        frame = frame.with_columns(*(pl.lit(None, pl.Float64).alias(f"mean_{name}") for name in SIGNALS))
+    frame = frame.with_columns(*(pl.lit(None, pl.Float64).alias(f"mean_{name}") for name in SIGNALS if name not in stored))
     return frame.select(
         pl.lit(part.round, pl.Int32).alias("round"), "sample_id", "source",
         *(pl.col(name).cast(pl.Int64) for name in ("n_tokens", "n_trainable", "n_kept")),

@@ -127,6 +127,25 @@ def test_every_row_sees_the_same_samples_in_the_same_steps_and_the_kept_tokens_a
     assert "kept tokens |" in text and "optimizer steps |" in text
 
 
+def test_a_weighted_row_trains_on_its_weights_and_a_global_row_ranks_the_whole_round(evaluated):
+    config, result = evaluated
+    kept = {method: r["kept_tokens"]["mean"] for method, r in _rows(result.report.as_json()).items() if method != "base"}
+    weighted = RunFolder(cell_folder(config, 0, "entropy-gated"))
+    for index in (0, 1):  # no warm-up: entropy-gated needs no REL
+        source, table = read_keep_masks(weighted.masks(index))
+        assert source.manifest["selection"]["method"] == "entropy-gated"
+        keep = np.concatenate([np.asarray(k, bool) for k in table.column("keep").to_pylist()])
+        weight = np.concatenate([np.asarray(w, np.float32) for w in table.column("weight").to_pylist()])
+        assert (weight[~keep] == 0).all() and (weight[keep] > 0).all() and (weight[keep] <= 1).all()
+        assert len(np.unique(weight[keep])) > 1  # weights, not keep as 0/1
+    assert kept["entropy-gated"] == kept["oracle"]  # per sample: the same budget
+    corpus_wide = RunFolder(cell_folder(config, 0, "sstoken_global"))
+    selections = [read_keep_masks(corpus_wide.masks(index))[0].manifest["selection"] for index in (0, 1)]
+    assert [s["method"] for s in selections] == ["attn", "sstoken"]  # the attention warm-up, corpus-wide too
+    assert all(s["granularity"] == "global" and s["k"] > 0 for s in selections)
+    assert abs(kept["sstoken_global"] - kept["oracle"]) <= 4  # ceil(ratio * N) of the round: within a token a sample
+
+
 def test_the_reference_trains_on_problems_disjoint_from_the_training_set(evaluated):
     config, _ = evaluated
     data = config.output / "data" / "seed-0"
@@ -217,6 +236,7 @@ def test_a_second_call_redoes_nothing_and_a_cell_killed_before_its_measures_is_m
     ("overrides", "message"),
     [
         ({"methods": ["oracle", "full", "rho2"]}, "unknown method 'rho2'; the rows are oracle, oracle_global"),
+        ({"methods": ["oracle", "full", "full_global"]}, "unknown method 'full_global'; the rows are oracle"),
         ({"methods": ["oracle", "full", "rho1"]}, "rho1 is now two rows: rho1_global or rho1_sample"),
         ({"methods": ["oracle", "full", "rel", "rel"]}, "rel given more than once"),
         ({"methods": []}, "give at least one method"),
@@ -314,6 +334,12 @@ def test_every_row_becomes_the_run_it_names(tmp_path, llama_dir):
     assert runs["tokencleaning_global"].warmup == runs["tokencleaning_sample"].warmup == "full"
     assert runs["tokencleaning_global"].reference is None  # self-evolving: slice k against the model after k-1
     assert runs["sstoken"].warmup == "attn" and runs["sstoken_ema"].history == "ema"
+    # corpus-wide: every row of the eval's granularity but full (every token either way) and the EMA variant
+    assert sorted(n for n in ALL_METHODS if ROWS[n].granularity == "global") == sorted(
+        ["oracle_global", "rho1_global", "tokencleaning_global", "random_global", "attn_global", "rel_global",
+         "sstoken_global", "loss_global", "confidence_global", "entropy_global", "prob_global", "entropy-gated_global"])
+    assert runs["attn_global"].warmup == "attn" and runs["entropy-gated"].select.method == "entropy-gated"
+    assert runs["prob_global"].select.model_dump() == runs["prob"].select.model_dump() | {"granularity": "global"}
 
 
 def test_the_seed_data_labels_the_prepared_tokens_and_derives_room_for_the_longest_answer(tmp_path, llama_dir):

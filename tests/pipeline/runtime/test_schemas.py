@@ -54,7 +54,7 @@ def test_an_optional_column_may_be_absent_but_not_of_another_type():
     from pipeline.runtime.schemas import optional_columns
 
     assert optional_columns("masks") == {"weight", "step"} and optional_columns("export") == {"weights"}
-    assert optional_columns("scores") == {"entropy_cur"}
+    assert optional_columns("scores") == {"entropy_cur", "weight"}
     row = {"sample_id": "a", "score": [float("nan"), 0.5], "keep": [False, True], "n_tokens": 2, "n_trainable": 1,
            "n_kept": 1}
     validate_table(table_from_rows([row], "masks"), "masks")  # masks written before weights existed

@@ -478,8 +478,10 @@ def test_the_current_entropy_is_stored_with_every_signal_and_follows_signals_nee
     with no history pass and no attention capture, and a later selection by entropy over scores without it is
     refused naming the column."""
     config, _ = sample_run
+    vocab_size = json.loads((llama_dir / "config.json").read_text())["vocab_size"]
     assert read_manifest(config.output, kind="scores")["signals"] == {
-        "rel": True, "attention": True, "entropy": True, "layer": -1, "excess": "history_minus_current"
+        "rel": True, "attention": True, "entropy": True, "layer": -1, "excess": "history_minus_current",
+        "vocab_size": vocab_size,
     }
     lean = run_score_job(_config(corpus, tmp_path / "entropy", llama_dir, llama_history_dir, method="entropy",
                                  signals="needed"))
@@ -500,3 +502,41 @@ def test_the_current_entropy_is_stored_with_every_signal_and_follows_signals_nee
     assert main(["select", "--scores", str(tmp_path / "loss"), "--method", "entropy"]) == 2
     err = capsys.readouterr().err.strip()
     assert "entropy_cur is NaN at" in err and "--signals needed" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("granularity", ["sample", "global"])
+def test_scoring_with_a_weighted_method_writes_the_weights_select_writes(sample_run, corpus, llama_dir,
+                                                                          llama_history_dir, tmp_path, granularity):
+    """`sstoken score --method entropy-gated` stores its weights in the scores (per sample by the workers, global by
+    the select step after them): the same bytes as `sstoken select` in place over the shared scores."""
+    config, _ = sample_run
+    scored = tmp_path / "scored"
+    run_score_job(_config(corpus, scored, llama_dir, llama_history_dir, method="entropy-gated", ratio=0.5,
+                          granularity=granularity))
+    reselected = Path(shutil.copytree(config.output, tmp_path / "reselected"))
+    assert main(["select", "--scores", str(reselected), "--method", "entropy-gated", "--ratio", "0.5",
+                 "--granularity", granularity]) == 0
+    assert _digests(scored) == _digests(reselected)
+    weight = np.concatenate([_flat(pq.read_table(p), "weight") for p in sorted(scored.glob("part-*.parquet"))])
+    keep = np.concatenate([_flat(pq.read_table(p), "keep") for p in sorted(scored.glob("part-*.parquet"))]).astype(bool)
+    assert (weight[keep] > 0).all() and (weight[keep] <= 1).all() and (weight[~keep] == 0).all()
+    assert len(np.unique(weight[keep])) > 1  # weighted, not 0/1
+
+
+def test_scores_written_before_weights_are_rescored_by_a_rerun_then_select_weighted_in_place(
+    scored_corpus, tmp_path, capsys
+):
+    """A scores folder as main wrote it (no weight column, no |V|): `sstoken select --method prob` in place is refused
+    saying to rescore; rerunning `sstoken score` rescores every shard (a shard without a column the scorer writes is
+    not done), after which the weighted selection works in place."""
+    from tests.score_factories import as_written_before
+
+    old = as_written_before(scored_corpus.copy_scores(tmp_path / "scores", cache=True), ("weight",), ("vocab_size",))
+    assert main(["select", "--scores", str(old), "--method", "prob"]) == 2
+    assert "or rescore" in capsys.readouterr().err
+    config = scored_corpus.config.model_copy(update={"output": old, "history_cache": tmp_path / "scores-cache"})
+    summary = run_score_job(config)
+    assert summary.counts["shards_scored"] == len(SHARDS)
+    assert read_manifest(old, kind="scores")["signals"]["vocab_size"] > 1
+    assert main(["select", "--scores", str(old), "--method", "entropy-gated", "--ratio", "0.5"]) == 0
+    assert all("weight" in pq.read_schema(p).names for p in old.glob("part-*.parquet"))

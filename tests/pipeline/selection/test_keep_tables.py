@@ -20,7 +20,7 @@ def _scores_table(rel: list[np.ndarray], attn: list[np.ndarray]) -> pa.Table:
     return pa.Table.from_arrays(
         [pa.array([f"s{i}" for i in range(len(rel))]), _lists(nan, pa.float32()), _lists(nan, pa.float32()),
          _lists(rel, pa.float32()), _lists(attn, pa.float32()), _lists(nan, pa.float32()), _lists(nan, pa.float32()),
-         _lists([np.zeros(len(r), bool) for r in rel], pa.bool_()),
+         _lists([np.zeros(len(r), bool) for r in rel], pa.bool_()), _lists([np.zeros(len(r)) for r in rel], pa.float32()),
          pa.array([len(r) for r in rel], pa.int32()), pa.array([0] * len(rel), pa.int32()),
          pa.array([0] * len(rel), pa.int32())],
         schema=arrow_schema("scores"),
@@ -112,8 +112,9 @@ def test_a_weighted_selection_with_bad_weights_is_refused(table_and_masks, chang
         with_selection(with_weight(table), score, keep, change(keep.astype(np.float32), keep).astype(np.float32))
 
 
-def test_weights_for_a_scores_table_are_refused_not_dropped(table_and_masks):
+def test_weights_for_a_scores_table_without_a_weight_column_are_refused_not_dropped(table_and_masks):
     table, trainable, *_ = table_and_masks
+    table = table.drop_columns(["weight"])  # scores written before the scorer stored weights
     selected = selected_table(table, trainable, CorpusSelection(SelectSettings(method="attn", ratio=0.5)))
     keep, score = flat_values(selected.column("keep")).astype(bool), flat_values(selected.column("score"))
     assert "weight" not in selected.column_names

@@ -12,12 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.runtime.files import read_manifest, verify_shards, write_json_atomic, write_manifest, write_parquet_atomic
-from pipeline.runtime.fingerprint import sha256_json
-from pipeline.runtime.stage_output import read_record, record_path
+from pipeline.runtime.files import read_manifest, verify_shards
 from pipeline.scoring import scorer as scorer_module
 from pipeline.selection.keep_tables import flat_values
 from pipeline.validation.validate_stage import ValidateConfig, run_validate
+from tests.score_factories import as_written_before
 
 
 @pytest.fixture
@@ -94,17 +93,9 @@ def test_select_ranks_the_stored_current_signal(scored_corpus, tmp_path, no_mode
 
 
 def _as_written_before_entropy(folder: Path) -> Path:
-    """The scores folder as `sstoken score` wrote it before entropy_cur existed: shards without the column, the
-    manifest, its data fingerprint and the progress records at the new checksums, no `entropy` among its signals."""
-    manifest = read_manifest(folder, kind="scores")
-    for entry in manifest["shards"]:
-        path = folder / entry["file"]
-        entry["sha256"] = write_parquet_atomic(pq.read_table(path).drop_columns(["entropy_cur"]), path)
-        write_json_atomic(read_record(folder, entry["file"]) | {"sha256": entry["sha256"]}, record_path(folder, entry["file"]))
-    manifest["data_fingerprint"] = sha256_json([[s["file"], s["sha256"]] for s in manifest["shards"]])
-    manifest["signals"].pop("entropy")
-    write_manifest(folder, manifest)
-    return folder
+    """The scores folder as `sstoken score` wrote it before entropy_cur existed (and weights and |V|): shards without
+    the columns, no `entropy` nor `vocab_size` among its signals, every checksum resealed."""
+    return as_written_before(folder, ("entropy_cur", "weight"), ("entropy", "vocab_size"))
 
 
 def test_scores_written_before_entropy_cur_still_select_and_validate(scored_corpus, tmp_path, no_model, capsys):

@@ -1,8 +1,9 @@
-"""Folders without a `weight` column (every scores folder; masks folders written before weights existed) read as
-weight 1 on each kept token in train, export, validate and report: nothing is rewritten.
+"""Folders without a `weight` column (scores and masks folders written before weights existed) read as weight 1 on
+each kept token in train, export, validate and report: nothing is rewritten.
 
-Uses the session's scored corpus (read-only) and a masks folder selected apart from it with the same selection,
-which stores `weight` = keep; training on either ends with the same tensors, bit for bit.
+Uses a copy of the session's scored corpus as main wrote it before weights (no weight column) and a masks folder
+selected apart from it with the same selection, which stores `weight` = keep; training on either ends with the same
+tensors, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,11 +24,19 @@ from pipeline.training.export_stage import ExportConfig, run_export
 from pipeline.training.train_stage import TrainConfig, run_train
 from pipeline.training.training_data import shards_key
 from pipeline.validation.validate_stage import ValidateConfig, run_validate
+from tests.score_factories import as_written_before
 from pipeline.views.report import run_report
 from pipeline.views.report_config import ReportConfig
 
 SETTINGS = dict(batch_size=4, micro_batch_size=2, lora_r=4, lr=1e-2, checkpoint_every=100, progress=False,
                 ray={"runner": "process"})
+
+
+@pytest.fixture(scope="module")
+def scores_of_main(scored_corpus, tmp_path_factory) -> Path:
+    """The session's scores as `sstoken score` wrote them before weights: no weight column, no recorded |V|."""
+    copy = scored_corpus.copy_scores(tmp_path_factory.mktemp("scores-of-main") / "scores")
+    return as_written_before(copy, ("weight",), ("vocab_size",))
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +52,10 @@ def _problems(folder: Path) -> list[str]:
     return [p for f in summary.details["folders"] for c in f["checks"] for p in c["problems"]]
 
 
-def test_without_a_weight_column_the_weight_is_keep_and_the_masks_apart_store_it(scored_corpus, weighted_masks):
-    assert "weight" not in pq.read_schema(next(scored_corpus.scores.glob("part-*.parquet"))).names
+def test_without_a_weight_column_the_weight_is_keep_and_the_masks_apart_store_it(scores_of_main, weighted_masks):
+    assert "weight" not in pq.read_schema(next(scores_of_main.glob("part-*.parquet"))).names
     assert "weight" in pq.read_schema(next(weighted_masks.glob("part-*.parquet"))).names
-    (_, old), (_, new) = read_keep_masks(scored_corpus.scores), read_keep_masks(weighted_masks)
+    (_, old), (_, new) = read_keep_masks(scores_of_main), read_keep_masks(weighted_masks)
     assert old.column("keep").equals(new.column("keep"))  # the same selection
     assert old.column("weight").equals(new.column("weight"))
     keep = np.concatenate([np.asarray(k, bool) for k in old.column("keep").to_pylist()])
@@ -54,10 +63,10 @@ def test_without_a_weight_column_the_weight_is_keep_and_the_masks_apart_store_it
     np.testing.assert_array_equal(weight, keep.astype(np.float32))
 
 
-def test_training_on_scores_without_weights_is_training_on_weights_1_bit_for_bit(scored_corpus, weighted_masks,
-                                                                                  llama_dir, tmp_path):
+def test_training_on_scores_without_weights_is_training_on_weights_1_bit_for_bit(scored_corpus, scores_of_main,
+                                                                                  weighted_masks, llama_dir, tmp_path):
     tensors = []
-    for name, masks in (("old", scored_corpus.scores), ("weighted", weighted_masks)):
+    for name, masks in (("old", scores_of_main), ("weighted", weighted_masks)):
         output = tmp_path / name
         run_train(TrainConfig(data=scored_corpus.data, masks=masks, model=llama_dir, output=output, **SETTINGS))
         files = sorted((output / "checkpoint").glob("*.safetensors"))
@@ -81,8 +90,9 @@ def _as_main_wrote_it(masks: Path, target: Path) -> Path:
 
 
 @pytest.mark.parametrize("masks_kind", ["scores", "masks of main"])
-def test_export_validate_and_report_read_folders_without_weights(scored_corpus, weighted_masks, tmp_path, masks_kind):
-    masks = scored_corpus.scores if masks_kind == "scores" else _as_main_wrote_it(weighted_masks, tmp_path / "masks")
+def test_export_validate_and_report_read_folders_without_weights(scored_corpus, scores_of_main, weighted_masks, tmp_path,
+                                                                masks_kind):
+    masks = scores_of_main if masks_kind == "scores" else _as_main_wrote_it(weighted_masks, tmp_path / "masks")
     assert "weight" not in pq.read_schema(next(masks.glob("part-*.parquet"))).names
     assert _problems(masks) == []
     export = tmp_path / "export"

@@ -15,7 +15,7 @@ from pipeline.runtime.fingerprint import sha256_json
 from pipeline.runtime.schemas import arrow_schema
 from pipeline.views.run_stats import open_stats, train_curves
 from pipeline.views.stats import open_masks_folder, pick_samples
-from tests.score_factories import write_synthetic_run, write_synthetic_scores, write_synthetic_tokenized
+from tests.score_factories import as_written_before, write_synthetic_run, write_synthetic_scores, write_synthetic_tokenized
 
 NAN = float("nan")
 
@@ -44,7 +44,9 @@ def literal_folders(tmp_path, ids: tuple[str, str] = ("a", "b"), source: str = "
     for sid, (ids, trainable) in rows.items():
         signal_rows.append({"sample_id": sid, "nll_cur": [v if math.isnan(v) else 1.0 for v in score[sid]],
                             "nll_hist": [v if math.isnan(v) else 2.0 for v in score[sid]], "rel": rel[sid],
-                            "attn": [v if math.isnan(v) else 0.25 for v in score[sid]], "score": score[sid], "keep": keep[sid],
+                            "attn": [v if math.isnan(v) else 0.25 for v in score[sid]],
+                            "entropy_cur": [v if math.isnan(v) else v + 1.0 for v in score[sid]], "score": score[sid],
+                            "keep": keep[sid], "weight": [float(k) for k in keep[sid]],
                             "n_tokens": len(ids), "n_trainable": sum(trainable), "n_kept": sum(keep[sid])})
     digest = write_parquet_atomic(pa.Table.from_pylist(signal_rows, schema=arrow_schema("scores")), scores / "part-00000.parquet")
     key = sha256_json([[s["file"], s["sha256"]] for s in shards])
@@ -69,7 +71,26 @@ def test_tokens_are_joined_by_sample_id_position_by_position(tmp_path):
     b = tokens.filter(pl.col("sample_id") == "b")
     assert b["response_position"].to_list() == [None, 0.25, None, 0.75]
     assert list(tokens.columns) == ["sample_id", "source", "round", "position", "token_id", "trainable", "keep",
-                                    "nll_cur", "nll_hist", "rel", "attn", "score", "response_position"]
+                                    "nll_cur", "nll_hist", "rel", "attn", "entropy_cur", "score", "response_position"]
+
+
+def test_entropy_cur_is_a_signal_like_the_others_and_null_in_scores_written_before_it(tmp_path):
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old").mkdir()
+    _, scores = literal_folders(tmp_path / "new")
+    stats = open_masks_folder(scores)
+    a = stats.tokens().filter(pl.col("sample_id") == "a").sort("position").collect()
+    assert a["entropy_cur"].to_list()[2:] == pytest.approx([1.9, 1.1, 1.5])  # score + 1 at the targets
+    assert all(math.isnan(v) for v in a["entropy_cur"].to_list()[:2])  # NaN off the targets, as stored
+    samples = stats.samples().sort("sample_id").collect()
+    assert samples["mean_entropy_cur"].to_list() == pytest.approx([(1.9 + 1.1 + 1.5) / 3, (1.2 + 1.8) / 2])
+
+    _, old = literal_folders(tmp_path / "old")
+    as_written_before(old, ("entropy_cur", "weight"))
+    stats = open_masks_folder(old)
+    tokens = stats.tokens().collect()
+    assert tokens["entropy_cur"].null_count() == len(tokens) and tokens["nll_cur"].null_count() == 0
+    assert stats.samples().collect()["mean_entropy_cur"].null_count() == 2
 
 
 def test_samples_sources_and_rounds_count_targets_and_kept(tmp_path):
