@@ -153,7 +153,7 @@ def score_one_shard(
         store_current_nll(scores, history_folder(task, scorer.fingerprint, scorer.dtype_name), task.file)
     record = {
         "run_key": task.run_key,
-        "selection": selection_record(selection.model_copy(update={"granularity": "sample"})),
+        "selection": selection_record(selection.within_shard()),
         "dtype": scorer.dtype_name,
         "device": scorer.device.type,
         "tokens": int(pc.sum(scores.column("n_tokens")).as_py() or 0),
