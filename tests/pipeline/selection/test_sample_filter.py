@@ -208,3 +208,102 @@ def test_a_roll_up_needing_a_column_the_folder_lacks_is_refused_by_name(tmp_path
     with pytest.raises(UserError, match="sample_by rel ranks samples by their mean REL, but current and history are"):
         plan_selection(shards, SelectSettings(method="loss", sample_ratio=0.5, sample_by="rel"), same_checkpoint=True)
     assert not any((tmp_path / "masks").glob("*.parquet"))  # refused before anything was written
+
+
+# -- `sstoken select` and `sstoken score` on the session's really scored corpus -----------------------------------
+
+
+def _keep_columns(folder: Path) -> list:
+    from pipeline.runtime.files import read_manifest
+
+    return [pq.read_table(folder / entry["file"], columns=["sample_id", "keep", "n_kept"])
+            for entry in read_manifest(folder)["shards"]]
+
+
+@pytest.mark.parametrize("granularity", ["sample", "global"])
+def test_select_in_place_and_apart_drop_the_same_samples_and_count_them(scored_corpus, tmp_path, capsys, granularity):
+    from pipeline.cli import main
+    from pipeline.runtime.files import read_manifest
+    from pipeline.validation.validate_stage import ValidateConfig, run_validate
+
+    flags = ["--method", "sstoken", "--ratio", "0.5", "--granularity", granularity, "--sample-ratio", "0.5",
+             "--sample-by", "entropy"]
+    folder = scored_corpus.copy_scores(tmp_path / "scores")
+    assert main(["select", "--scores", str(folder), *flags]) == 0
+    shown = capsys.readouterr().out
+    assert main(["select", "--scores", str(scored_corpus.scores), "--output", str(tmp_path / "masks"), *flags]) == 0
+    for in_place, apart in zip(_keep_columns(folder), _keep_columns(tmp_path / "masks")):
+        assert in_place.equals(apart)
+    manifest = read_manifest(folder, kind="scores")
+    samples = manifest["selection"]["samples"]
+    # by hand: the mean entropy_cur of every sample, highest first, ties by id; ceil(0.5 * n) stay
+    means = {}
+    for entry in manifest["shards"]:
+        scores = pq.read_table(folder / entry["file"])
+        trainable = pq.read_table(scored_corpus.data / entry["file"], columns=["trainable"]).column(0).to_pylist()
+        for sample_id, ent, mask in zip(scores.column("sample_id").to_pylist(), scores.column("entropy_cur").to_pylist(),
+                                        trainable):
+            means[sample_id] = np.mean([e for e, t in zip(ent, mask) if t]) if any(mask) else -math.inf
+    ranked = sorted(means, key=lambda s: (-means[s], s))
+    staying = set(ranked[: math.ceil(0.5 * len(ranked))])
+    kept = {sid: n for table in _keep_columns(folder) for sid, n in zip(table.column("sample_id").to_pylist(),
+                                                                          table.column("n_kept").to_pylist())}
+    assert {sid for sid, n in kept.items() if n} <= staying and all(kept[sid] > 0 for sid in staying)
+    assert samples["kept"] == len(staying) and samples["kept"] + samples["dropped"] == samples["samples"] == len(means)
+    counts = manifest["counts"]
+    assert (counts["samples_kept"], counts["samples_dropped"]) == (samples["kept"], samples["dropped"])
+    assert "samples dropped" in shown and "samples kept" in shown
+    assert run_validate(ValidateConfig(folder=folder)).counts["problems"] == 0
+    # without the filter again: its counts leave the manifest
+    assert main(["select", "--scores", str(folder), "--method", "sstoken"]) == 0
+    manifest = read_manifest(folder, kind="scores")
+    assert "samples" not in manifest["selection"] and "samples_dropped" not in manifest["counts"]
+
+
+def test_score_with_a_sample_filter_equals_select_with_it(scored_corpus, tmp_path):
+    """The score stage's own select step applies the filter; its shards equal a re-selection of the same settings."""
+    from pipeline.cli import main
+    from pipeline.scoring.score_stage import run_score_job
+
+    scored = scored_corpus.copy_scores(tmp_path / "scored", cache=True)
+    config = scored_corpus.config.model_copy(update={
+        "output": scored, "history_cache": tmp_path / "scored-cache", "sample_ratio": 0.5, "sample_by": "loss"})
+    summary = run_score_job(config)
+    assert summary.counts["shards_scored"] == 0 and summary.counts["samples_dropped"] > 0
+    reselected = scored_corpus.copy_scores(tmp_path / "reselected")
+    assert main(["select", "--scores", str(reselected), "--sample-ratio", "0.5", "--sample-by", "loss"]) == 0
+    for a, b in zip(_keep_columns(scored), _keep_columns(reselected)):
+        assert a.equals(b)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--sample-ratio", "0"], "sample_ratio"),
+    (["--sample-ratio", "1.5"], "sample_ratio"),
+    (["--sample-by", "rel"], "sample_by rel ranks samples for the sample filter; set sample_ratio below 1"),
+    (["--method", "full", "--sample-ratio", "0.5"], "method full scores every target 1"),
+])
+def test_bad_sample_filter_flags_are_one_line_and_exit_2(scored_corpus, tmp_path, capsys, flags, message):
+    from pipeline.cli import main
+
+    assert main(["select", "--scores", str(scored_corpus.scores), "--output", str(tmp_path / "m"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_unknown_roll_up_is_refused_by_the_parser(scored_corpus, tmp_path, capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["select", "--scores", str(scored_corpus.scores), "--sample-ratio", "0.5", "--sample-by", "median"])
+    assert exited.value.code == 2 and "--sample-by: invalid choice: 'median'" in capsys.readouterr().err
+
+
+def test_entropy_roll_up_over_scores_without_entropy_cur_is_refused_by_name(scored_corpus, tmp_path, capsys):
+    from pipeline.cli import main
+    from tests.pipeline.selection.test_select_current_signals import _as_written_before_entropy
+
+    old = _as_written_before_entropy(scored_corpus.copy_scores(tmp_path / "old"))
+    assert main(["select", "--scores", str(old), "--method", "loss", "--sample-ratio", "0.5", "--sample-by", "entropy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sample_by entropy averages entropy_cur, which " in err and "lacks" in err and len(err.splitlines()) == 1
