@@ -4,6 +4,7 @@
     stats.tokens()    # one row per token: sample_id, source, round, position, token_id, trainable, keep,
                       #   nll_cur, nll_hist, rel, attn, score, response_position
     stats.samples()   # one row per sample and round: targets, kept, kept_ratio, mean signals
+    sample_rollups(stats)  # one round's samples as the sample filter sees them: mean score, kept share, REL, entropy
     stats.sources()   # one row per source and round
     stats.rounds()    # one row per round
     stats.flips(0, 1) # tokens whose keep changed between two rounds
@@ -34,6 +35,8 @@ from pipeline.training.training_data import open_training_data
 from pipeline.views.token_text import TokenText
 
 SIGNALS = ("nll_cur", "nll_hist", "rel", "attn")
+# Per-sample means only: a folder scored before entropy_cur existed has none (its mean is null).
+SAMPLE_SIGNALS = (*SIGNALS, "entropy_cur")
 TOKEN_COLUMNS = ("sample_id", "source", "round", "position", "token_id", "trainable", "keep", *SIGNALS, "score",
                  "response_position")
 
@@ -139,17 +142,19 @@ def _round_samples(part: RoundArtifacts) -> pl.LazyFrame:
     masks = _scan(part.masks, part.masks_manifest).select(
         "sample_id", "n_trainable", "n_kept", _mean_over_targets("score"))
     frame = tokens.join(masks, on="sample_id", how="inner")
+    stored: list[str] = []
     if part.signals_manifest is not None:
-        signals = _scan(part.signals, part.signals_manifest).select(
-            "sample_id", *(_mean_over_targets(name) for name in SIGNALS))
-        frame = frame.join(signals, on="sample_id", how="inner")
-    else:
-        frame = frame.with_columns(*(pl.lit(None, pl.Float64).alias(f"mean_{name}") for name in SIGNALS))
+        scan = _scan(part.signals, part.signals_manifest)
+        stored = [name for name in SAMPLE_SIGNALS if name in scan.collect_schema().names()]
+        frame = frame.join(scan.select("sample_id", *(_mean_over_targets(name) for name in stored)), on="sample_id",
+                           how="inner")
+    frame = frame.with_columns(*(pl.lit(None, pl.Float64).alias(f"mean_{name}") for name in SAMPLE_SIGNALS
+                                 if name not in stored))
     return frame.select(
         pl.lit(part.round, pl.Int32).alias("round"), "sample_id", "source",
         *(pl.col(name).cast(pl.Int64) for name in ("n_tokens", "n_trainable", "n_kept")),
         (pl.col("n_kept") / pl.col("n_trainable")).alias("kept_ratio"),
-        *(f"mean_{name}" for name in (*SIGNALS, "score")),
+        *(pl.col(f"mean_{name}").cast(pl.Float64) for name in (*SAMPLE_SIGNALS, "score")),
     )
 
 
@@ -233,6 +238,19 @@ def totals(samples: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
         .with_columns((pl.col("kept") / pl.col("trainable")).alias("kept_ratio"))
         .sort(keys)
     )
+
+
+def sample_rollups(stats: Stats, round: int | None = None) -> pl.DataFrame:
+    """One row per sample of one round (default: the last), as a sample filter ranks them (`sstoken select
+    --sample-by`): source, targets, kept, kept_share (kept / targets; null without targets), and the mean over its
+    targets of the selection's score, REL, entropy_cur and nll_cur (mean_score, mean_rel, mean_entropy, mean_loss;
+    null where the folder stores no such signal, e.g. entropy in folders scored before it existed). By sample id."""
+    part = stats.part(stats.last_round if round is None else round)
+    return (_round_samples(part).select(
+        "sample_id", "source", pl.col("n_trainable").alias("targets"), pl.col("n_kept").alias("kept"),
+        pl.when(pl.col("n_trainable") > 0).then(pl.col("n_kept") / pl.col("n_trainable")).alias("kept_share"),
+        "mean_score", "mean_rel", pl.col("mean_entropy_cur").alias("mean_entropy"), pl.col("mean_nll_cur").alias("mean_loss"),
+    ).sort("sample_id").collect())
 
 
 def open_masks_folder(folder: Path, tokenized: Path | None = None) -> Stats:
