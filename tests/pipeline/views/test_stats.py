@@ -53,7 +53,8 @@ def literal_folders(tmp_path, ids: tuple[str, str] = ("a", "b"), source: str = "
     write_manifest(scores, base_manifest("scores", {}) | {
         "tokenizer": tokenizer, "inputs": [{"kind": "tokenized", "path": str(tokenized), "data_fingerprint": key}],
         "selection": {"method": "sstoken", "granularity": "sample"},
-        "shards": [{"file": "part-00000.parquet", "rows": 2, "sha256": digest}], "counts": {}})
+        "shards": [{"file": "part-00000.parquet", "rows": 2, "sha256": digest}],
+        "counts": {"shards": 1, "samples": 2, "tokens": 9, "trainable": 5, "kept": 3}})
     return tokenized, scores
 
 
