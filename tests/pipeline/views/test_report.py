@@ -203,11 +203,16 @@ def _row(text: str, first: str) -> list[str]:
     return [first, *re.findall(r"<td>(.*?)</td>", match.group(1))]
 
 
+def _page(folder: Path, tmp_path: Path) -> str:
+    """The report of `folder`, as text."""
+    assert main(["report", str(folder), "--output", str(tmp_path / "page.html")]) == 0
+    return (tmp_path / "page.html").read_text()
+
+
 def test_the_page_shows_the_per_sample_roll_ups(tmp_path):
     # a: entropy 0.3, 0.6, 1.2 (mean 0.7), score mean 0.5, kept 2 of 3; b: entropy 2.0, 1.0 (1.5), score 0.5, 1 of 2
     _, scores = literal_folders(tmp_path, entropy=ENTROPY)
-    assert main(["report", str(scores), "--output", str(tmp_path / "page.html")]) == 0
-    text = (tmp_path / "page.html").read_text()
+    text = _page(scores, tmp_path)
     assert "Samples by roll-up (r000)" in text
     # samples, min, p10, median, p90, max (linear percentiles of the two means)
     assert _row(text, "mean entropy") == ["mean entropy", "2", "0.7", "0.78", "1.1", "1.42", "1.5"]
@@ -217,9 +222,7 @@ def test_the_page_shows_the_per_sample_roll_ups(tmp_path):
 
 
 def test_a_folder_scored_before_entropy_shows_no_mean_entropy(tmp_path):
-    _, scores = literal_folders(tmp_path)
-    assert main(["report", str(scores), "--output", str(tmp_path / "page.html")]) == 0
-    text = (tmp_path / "page.html").read_text()
+    text = _page(literal_folders(tmp_path)[1], tmp_path)
     assert _row(text, "mean entropy") == ["mean entropy", "0", "-", "-", "-", "-", "-"] and "not stored" in text
 
 
@@ -229,8 +232,7 @@ def test_the_page_shows_what_the_sample_filter_removed_per_source(tmp_path):
     masks = tmp_path / "masks"
     assert main(["select", "--scores", str(scores), "--output", str(masks), "--method", "loss", "--sample-ratio", "0.5",
                  "--sample-by", "entropy"]) == 0
-    assert main(["report", str(masks), "--output", str(tmp_path / "page.html")]) == 0
-    text = (tmp_path / "page.html").read_text()
+    text = _page(masks, tmp_path)
     assert "Sample filter: kept 0.5 of the samples by entropy (last kept: b, roll-up 1.5)" in text
     # samples, dropped, dropped share, targets, targets dropped, targets dropped share
     assert _row(text, "all sources") == ["all sources", "2", "1", "0.5", "5", "3", "0.6"]
