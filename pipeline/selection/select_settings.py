@@ -135,6 +135,11 @@ class SelectSettings(StageConfig):
         return self.method == "entropy" or self.sample_rollup_column == "entropy_cur"
 
     @property
+    def needs_rel(self) -> bool:
+        """True when REL decides something: the score, or the sample filter (sample_by rel)."""
+        return self.uses_rel or self.sample_rollup_column == "rel"
+
+    @property
     def filters_samples(self) -> bool:
         """True when whole samples are dropped before tokens are selected (sample_ratio < 1)."""
         return self.sample_ratio < 1.0

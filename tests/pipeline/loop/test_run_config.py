@@ -123,6 +123,11 @@ def test_roles_per_history_policy(tmp_path, llama_dir):
     full = _roles(_config(tmp_path, llama_dir, warmup="full"), 0)
     assert full.selection.method == "full" and "every trainable token" in full.warmup
     assert _roles(_config(tmp_path, llama_dir, select={"method": "random"}), 0).warmup is None
+    # a sample filter by REL has no signal in round 0 either: the warm-up, without the filter
+    by_rel = _roles(_config(tmp_path, llama_dir, select={"method": "loss", "sample_ratio": 0.5, "sample_by": "rel"}), 0)
+    assert by_rel.selection.method == "attn" and not by_rel.selection.filters_samples
+    assert "select.sample_by rel has no signal" in by_rel.warmup
+    assert _roles(_config(tmp_path, llama_dir, select={"method": "loss", "sample_ratio": 0.5}), 0).warmup is None
 
 
 def test_roles_of_the_baselines(tmp_path, llama_dir):

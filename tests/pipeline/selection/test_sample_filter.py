@@ -197,6 +197,15 @@ def test_settings_key_and_refusals():
         SelectSettings(method="full", sample_ratio=0.5)
 
 
+def test_signals_needed_store_what_the_roll_up_averages():
+    from pipeline.scoring.score_settings import SignalSet, signals_to_compute
+
+    needed = [signals_to_compute("needed", SelectSettings(method="loss", sample_ratio=0.5, sample_by=by))
+              for by in ("rel", "entropy", "loss", "score")]
+    assert needed == [SignalSet(True, False, False), SignalSet(False, False, True), SignalSet(False, False, False),
+                      SignalSet(False, False, False)]
+
+
 def test_a_roll_up_needing_a_column_the_folder_lacks_is_refused_by_name(tmp_path):
     shards = write_corpus(tmp_path, entropy=False)
     settings = SelectSettings(method="loss", sample_ratio=0.5, sample_by="entropy")
