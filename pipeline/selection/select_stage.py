@@ -47,9 +47,9 @@ from pipeline.runtime.stage_runner import Stage, run_stage
 from pipeline.selection.methods import excess_refusal
 from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.selection_shards import (
+    SAMPLE_COUNTS,
     SelectionOutcome,
     SelectionPlan,
-    SAMPLE_COUNTS,
     SelectShard,
     apply_selection,
     plan_selection,

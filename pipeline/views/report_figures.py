@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.runtime.files import REJECTED
-from pipeline.views.stats import Stats, sample_rollups, totals
+from pipeline.views.stats import Stats, rollups_of, totals
 from pipeline.views.token_text import TokenText
 
 # The per-sample roll-ups the report shows (sample_rollups' columns), with their labels.
@@ -118,7 +118,7 @@ def round_figures(stats: Stats, round: int, token_text: TokenText) -> dict[str, 
         "score_by_keep": {"kept": histogram(targets.filter(pl.col("keep"))["score"]),
                           "dropped": histogram(targets.filter(~pl.col("keep"))["score"])},
         "kept_ratio_per_sample": histogram(samples["kept_ratio"], bins=20),
-        "rollups": rollup_figures(sample_rollups(stats, round)),
+        "rollups": rollup_figures(rollups_of(samples)),
         # what a sample filter (select --sample-ratio) removed, as the selection recorded it; None without one
         "sample_filter": ({name: selection.get(name) for name in ("sample_ratio", "sample_by", "sample_cut", "samples")}
                           if "samples" in selection else None),

@@ -245,12 +245,16 @@ def sample_rollups(stats: Stats, round: int | None = None) -> pl.DataFrame:
     --sample-by`): source, targets, kept, kept_share (kept / targets; null without targets), and the mean over its
     targets of the selection's score, REL, entropy_cur and nll_cur (mean_score, mean_rel, mean_entropy, mean_loss;
     null where the folder stores no such signal, e.g. entropy in folders scored before it existed). By sample id."""
-    part = stats.part(stats.last_round if round is None else round)
-    return (_round_samples(part).select(
+    return rollups_of(_round_samples(stats.part(stats.last_round if round is None else round)).collect())
+
+
+def rollups_of(samples: pl.DataFrame) -> pl.DataFrame:
+    """`sample_rollups` of one round's samples frame (`Stats.samples()`), without reading the folder again."""
+    return samples.select(
         "sample_id", "source", pl.col("n_trainable").alias("targets"), pl.col("n_kept").alias("kept"),
         pl.when(pl.col("n_trainable") > 0).then(pl.col("n_kept") / pl.col("n_trainable")).alias("kept_share"),
         "mean_score", "mean_rel", pl.col("mean_entropy_cur").alias("mean_entropy"), pl.col("mean_nll_cur").alias("mean_loss"),
-    ).sort("sample_id").collect())
+    ).sort("sample_id")
 
 
 def open_masks_folder(folder: Path, tokenized: Path | None = None) -> Stats:
