@@ -16,5 +16,7 @@ register = stage_command(
     "goes to a masks folder instead (mask shards named as the score shards, a manifest of kind masks) and the "
     "scores folder is left untouched. Methods: sstoken, rel, attn, full, random, tokencleaning, rho1, oracle, loss, "
     "confidence, entropy; weighted (each kept token's loss weight is its score): prob, entropy-gated (see "
-    "docs/method.md and the README).",
+    "docs/method.md and the README). With --sample-ratio R the selection is two-level: the share R of samples with "
+    "the highest mean --sample-by stays, the rest are dropped whole, then tokens are selected within the samples "
+    "that stay.",
 )

@@ -58,11 +58,12 @@ def round_roles(config: RunConfig, folder: RunFolder, index: int, base: Path, re
     else:
         current = before
         history, ema_parts = _policy_history(config, folder, index, base)
-    if Path(current).resolve() != Path(history).resolve() or not config.select.uses_rel:
+    if Path(current).resolve() != Path(history).resolve() or not config.select.needs_rel:
         return RoundRoles(current, history, before, config.select, ema_parts)
     what = "attention-only selection" if config.warmup == "attn" else "every trainable token"
+    ranked = f"select.method {method}" if config.select.uses_rel else "select.sample_by rel"
     note = (
-        f"r{index:03d}: current == history ({current}), so REL is 0 and select.method {method} has no signal: "
+        f"r{index:03d}: current == history ({current}), so REL is 0 and {ranked} has no signal: "
         f"warmup {config.warmup} trains on the {what}"
     )
     return RoundRoles(current, history, before, warmup_selection(config), ema_parts, warmup=note)

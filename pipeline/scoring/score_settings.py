@@ -82,7 +82,7 @@ def signals_to_compute(signals: str, selection: SelectSettings) -> SignalSet:
     """`all`: every signal; `needed`: those `selection`'s method uses."""
     everything = signals == "all"
     return SignalSet(
-        rel=everything or selection.uses_rel,
+        rel=everything or selection.needs_rel,
         attention=everything or selection.uses_attention,
         entropy=everything or selection.uses_entropy,
     )

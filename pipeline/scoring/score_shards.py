@@ -153,7 +153,7 @@ def score_one_shard(
         store_current_nll(scores, history_folder(task, scorer.fingerprint, scorer.dtype_name), task.file)
     record = {
         "run_key": task.run_key,
-        "selection": selection_record(selection.model_copy(update={"granularity": "sample"})),
+        "selection": selection_record(selection.within_shard()),
         "dtype": scorer.dtype_name,
         "device": scorer.device.type,
         "vocab_size": scorer.vocab_size,  # |V| of the entropy (entropy-gated's ln|V|), for the manifest and select

@@ -68,7 +68,7 @@ from pipeline.scoring.score_shards import ShardTask, check_shard, fill_history_c
 from pipeline.runtime.errors import UserError
 from pipeline.selection.methods import excess_refusal, same_checkpoint_refusal
 from pipeline.selection.select_settings import SelectSettings
-from pipeline.selection.selection_shards import SelectShard, apply_selection, plan_selection
+from pipeline.selection.selection_shards import SelectShard, apply_selection, plan_selection, sample_counts
 
 # How often one shard may lose its actor (node loss, OOM kill) before the job gives up.
 MAX_SHARD_ATTEMPTS = 4
@@ -550,7 +550,7 @@ def _manifest(
         },
         "history_cache": str(history_cache),
         "shards": shards,
-        "counts": _totals(records),
+        "counts": _totals(records) | sample_counts(selection),
     }
 
 

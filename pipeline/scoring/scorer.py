@@ -43,7 +43,7 @@ from pipeline.scoring.attention import register_importance_attention
 from pipeline.scoring.batching import length_sorted_batches
 from pipeline.scoring.device_budget import device_budget
 from pipeline.scoring.precision import FULL_BFLOAT16, apply_precision, compute_precision, load_dtype, precision_name
-from pipeline.scoring.score_settings import ScoreSettings, SignalSet
+from pipeline.scoring.score_settings import ScoreSettings, SignalSet, signals_to_compute
 from pipeline.scoring.scoring_batch import plan_scoring_batch, split_counts
 from pipeline.scoring.signal_forward import ForwardOptions, signal_forward
 from pipeline.selection.keep_tables import CorpusSelection, row_arrays, selected_table
@@ -358,8 +358,7 @@ def score_shard(
     the select step's (`pipeline.selection.methods.rel_guard`). `signals`: which signals to store
     (default: those the selection uses); attention and entropy come from the Scorer, so it must compute them.
     """
-    signals = signals or SignalSet(rel=selection.uses_rel, attention=selection.uses_attention,
-                                   entropy=selection.uses_entropy)
+    signals = signals or signals_to_compute("needed", selection)
     if signals.attention and not scorer.importance:
         raise ValueError("the signals to store need attention importance but the Scorer was built with importance=False")
     if signals.entropy and not scorer.entropy:
@@ -370,6 +369,5 @@ def score_shard(
         scorer.token_signals(sample_ids, input_ids, trainable), cached, trainable,
         same_checkpoint=same_checkpoint, uses_rel=signals.rel, excess=excess,
     )
-    per_sample = selection.model_copy(update={"granularity": "sample"})
-    selection_here = CorpusSelection(per_sample, vocab_size=scorer.vocab_size)
+    selection_here = CorpusSelection(selection.within_shard(), vocab_size=scorer.vocab_size)
     return selected_table(signals_table(stored, trainable), tokenized.column("trainable"), selection_here)

@@ -4,8 +4,9 @@
 of the whole corpus by score. Gathering every score on one machine does not scale, so the
 threshold is found with histograms that never grow with the corpus:
 
-0. Every pass computes the shard's scores from its stored signals (`CorpusSelection.shard_scores`:
+0. Every pass computes the shard's scores from its stored signals (`CorpusSelection.shard_candidates`:
    the selection method, applied per sample), so nothing is written until the keep masks are known.
+   With a sample filter, the candidates are the targets of the samples it keeps (k counts only those).
 1. Each float32 score maps to a uint32 key whose unsigned order is the float order
    (`pipeline.selection.selection.sortable_keys`). A histogram of the high 16 bits of every key (65,536
    bins) finds the bin that holds the k-th largest key (`locate_threshold_bin`).
@@ -56,10 +57,10 @@ def joined_shard(
 
 
 def trainable_keys(score_path: Path, tokenized_path: Path, selection: CorpusSelection) -> np.ndarray:
-    """Keys of one shard's trainable tokens under `selection`, in row order then position order."""
+    """Keys of one shard's candidate tokens under `selection`, in row order then position order."""
     scores, trainable = joined_shard(score_path, tokenized_path, selection.columns)
-    mask = flat_values(trainable).astype(bool)
-    return sortable_keys(selection.shard_scores(scores, trainable)[mask])
+    score, candidates = selection.shard_candidates(scores, trainable)
+    return sortable_keys(score[candidates])
 
 
 def high_histogram(score_path: Path, tokenized_path: Path, selection: CorpusSelection) -> np.ndarray:
@@ -136,11 +137,10 @@ def apply_threshold(
     key equals it, in row then position order. `threshold=None` keeps nothing (k = 0). `limited_keep` then drops
     what a method's limit drops (confidence's min_prob, a weighted method's weight 0), as per sample.
     """
-    mask = flat_values(trainable).astype(bool)
-    keep = np.zeros(len(mask), dtype=bool)
+    keep = np.zeros(len(flat_values(trainable)), dtype=bool)
     if threshold is not None:
-        positions = np.flatnonzero(mask)
-        score = selection.shard_scores(scores, trainable)
+        score, candidates = selection.shard_candidates(scores, trainable)
+        positions = np.flatnonzero(candidates)
         keys = sortable_keys(score[positions])
         keep[positions[keys > threshold]] = True
         keep[positions[keys == threshold][:take_ties]] = True

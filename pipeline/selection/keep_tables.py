@@ -2,7 +2,7 @@
 
 No model runs here. `selected_table` applies a selection method (`pipeline.selection.methods`) to
 one scores.v1 table: per sample it also picks the keep mask; for `--granularity global` the
-mask comes from `pipeline.selection.global_selection`, which ranks `CorpusSelection.shard_scores`.
+mask comes from `pipeline.selection.global_selection`, which ranks `CorpusSelection.shard_candidates`.
 Every other column (the signals nll_cur, nll_hist, rel, attn, entropy_cur) is left untouched.
 
 Weights: a binary method's weight is keep as float32 (`runtime.mask_weights.flat_weights`). A weighted method
@@ -25,8 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.runtime.alignment import WEIGHT, weight_flags
+from pipeline.runtime.errors import UserError
 from pipeline.runtime.mask_weights import flat_weights
 from pipeline.selection.methods import RelStats, nan_at_targets, sample_keep, sample_score, selection_weight
+from pipeline.selection.sample_rollups import SampleCut, rollup_means, stays
 from pipeline.selection.select_settings import SelectSettings
 from pipeline.selection.token_labels import read_token_labels, sample_drop
 
@@ -55,18 +57,21 @@ def _check_joined(scores: pa.Table, trainable: pa.ChunkedArray) -> None:
 
 @dataclass(frozen=True)
 class CorpusSelection:
-    """A selection method resolved for one corpus: its settings, whether REL was found to be noise, and the
-    vocabulary size |V| of the model that scored it (entropy-gated's ln|V|; None: not known)."""
+    """A selection method resolved for one corpus: its settings, whether REL was found to be noise, the
+    vocabulary size |V| of the model that scored it (entropy-gated's ln|V|; None: not known) and, with a sample
+    filter, the cut the corpus gave (`pipeline.selection.sample_rollups`)."""
 
     settings: SelectSettings
     rel_is_noise: bool = False
     vocab_size: int | None = None
+    sample_cut: SampleCut | None = None
 
     @property
     def columns(self) -> list[str]:
-        """The score-shard columns the method's score is computed from (what the global passes read)."""
-        ranked = self.settings.ranked_signal
-        return ["sample_id", "rel", "attn", *([ranked] if ranked else [])]
+        """The score-shard columns the method's score and the sample filter's roll-up are computed from (what the
+        global passes read)."""
+        extra = (self.settings.ranked_signal, self.settings.sample_rollup_column)
+        return ["sample_id", "rel", "attn", *dict.fromkeys(name for name in extra if name and name not in ("rel", "attn"))]
 
     def sample_scores(self, scores: pa.Table, trainable: pa.ChunkedArray) -> list[np.ndarray]:
         """Each row's score (full length, NaN off the targets) from the table's signal columns."""
@@ -91,10 +96,36 @@ class CorpusSelection:
             for row in range(len(ids))
         ]
 
-    def shard_scores(self, scores: pa.Table, trainable: pa.ChunkedArray) -> np.ndarray:
-        """Every token's score, rows concatenated (what the global selection ranks)."""
+    def sample_rollups(self, scores: pa.Table, trainable: pa.ChunkedArray,
+                       rows: list[np.ndarray] | None = None) -> np.ndarray:
+        """Each row's roll-up for the sample filter: the mean over its targets of the method's score (`rows`, computed
+        when not given) or of the stored column `sample_by` names, which must be there at every target."""
+        column = self.settings.sample_rollup_column
+        masks = row_arrays(trainable, bool)
+        if column is None:
+            return rollup_means(rows if rows is not None else self.sample_scores(scores, trainable), masks)
+        values = row_arrays(scores.column(column), np.float32)
+        for row, (value, mask) in enumerate(zip(values, masks)):
+            if np.isnan(value[mask]).any():
+                found = nan_at_targets(column, scores.column("sample_id")[row].as_py(), value, mask)
+                raise UserError(f"sample_by {self.settings.sample_by} averages {column} over every target: {found}")
+        return rollup_means(values, masks)
+
+    def sample_stays(self, scores: pa.Table, trainable: pa.ChunkedArray,
+                     rows: list[np.ndarray] | None = None) -> np.ndarray:
+        """Which rows the sample filter keeps (every row without one)."""
+        if self.sample_cut is None:
+            return np.ones(scores.num_rows, dtype=bool)
+        return stays(self.sample_rollups(scores, trainable, rows), scores.column("sample_id").to_pylist(), self.sample_cut)
+
+    def shard_candidates(self, scores: pa.Table, trainable: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        """(every token's score, the tokens a selection may keep: the targets of the samples the filter keeps),
+        rows concatenated: what the global selection ranks."""
         rows = self.sample_scores(scores, trainable)
-        return np.concatenate(rows) if rows else np.zeros(0, np.float32)
+        score = np.concatenate(rows) if rows else np.zeros(0, np.float32)
+        lengths = [len(row) for row in rows]
+        kept_rows = np.repeat(self.sample_stays(scores, trainable, rows), lengths)
+        return score, flat_values(trainable).astype(bool) & kept_rows
 
 
 def shard_rel_stats(scores: pa.Table, trainable: pa.ChunkedArray) -> RelStats:
@@ -155,13 +186,15 @@ def selected_table(
     scores: pa.Table, trainable: pa.ChunkedArray, selection: CorpusSelection, keep: np.ndarray | None = None
 ) -> pa.Table:
     """`scores` with score, keep, n_kept (and weight) from `selection`: keep per sample (top-k of each), or the
-    flat `keep` a global selection found (granularity global); a weighted method's weights from its score."""
+    flat `keep` a global selection found (granularity global); a weighted method's weights from its score.
+    Samples the sample filter drops keep nothing (and weigh 0)."""
     rows = selection.sample_scores(scores, trainable)
     if keep is None:
         if selection.settings.granularity != "sample":
             raise ValueError("a global selection passes its keep mask; this is a bug")
         masks = row_arrays(trainable, bool)
-        keep_rows = [sample_keep(s, m, selection.settings) for s, m in zip(rows, masks)]
+        kept_rows = selection.sample_stays(scores, trainable, rows)
+        keep_rows = [sample_keep(s, m, selection.settings) & stay for s, m, stay in zip(rows, masks, kept_rows)]
         keep = np.concatenate(keep_rows) if keep_rows else np.zeros(0, bool)
     score = np.concatenate(rows) if rows else np.zeros(0, np.float32)
     return with_selection(scores, score, keep, selection_weight(score, keep, selection.settings))

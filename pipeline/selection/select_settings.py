@@ -31,6 +31,10 @@ CURRENT_SIGNAL_METHODS = {"loss": "nll_cur", "confidence": "nll_cur", "entropy":
                           "entropy-gated": "entropy_cur"}
 # Weighted methods: the score they rank is each kept token's loss weight (masks' `weight`), not 1.
 WEIGHTED_METHODS = ("prob", "entropy-gated")
+# The sample filter's roll-ups (`sample_by`): each sample's mean over its targets of the stored column named here
+# (score: the method's own score, computed, not stored); the samples with the lowest means are dropped.
+SAMPLE_ROLLUPS = {"score": None, "rel": "rel", "entropy": "entropy_cur", "loss": "nll_cur"}
+SampleBy = Literal["score", "rel", "entropy", "loss"]
 
 
 class SelectSettings(StageConfig):
@@ -76,6 +80,19 @@ class SelectSettings(StageConfig):
         description="confidence only: keep only targets with exp(-nll_cur) >= min_prob, within the ratio's top count "
         "(the ratio caps, the threshold drops: ratio 1 keeps exactly the targets at or above the threshold).",
     )
+    sample_ratio: float = setting(
+        1.0, gt=0.0, le=1.0, run_key=False,
+        description="Share of samples to KEEP before any token is selected (ceil): the samples with the highest mean "
+        "--sample-by over their targets stay (ties to the smaller sample id), the rest are dropped whole (keep false, "
+        "weight 0); tokens are then selected by the method within the kept samples (ratio of their targets). "
+        "1: every sample stays (no sample filter).",
+    )
+    sample_by: SampleBy = setting(
+        "score", run_key=False,
+        description="With sample_ratio < 1, each sample's mean over its targets that ranks it (the lowest are dropped): "
+        "score: the method's token score; rel: stored REL (nats, in its --excess direction); entropy: entropy_cur "
+        "(the least uncertain samples go); loss: nll_cur (the easiest samples go).",
+    )
     seed: int = setting(
         0, ge=0, run_key=False, description="random, oracle: seed; each sample's draw depends on (seed, sample_id)."
     )
@@ -94,6 +111,12 @@ class SelectSettings(StageConfig):
             )
         if self.min_prob is not None and self.method != "confidence":
             raise ValueError(f"min_prob is for method confidence only, not method {self.method}")
+        if self.sample_by != "score" and not self.filters_samples:
+            raise ValueError(f"sample_by {self.sample_by} ranks samples for the sample filter; set sample_ratio below 1 "
+                             "(the share of samples to keep) or leave sample_by out")
+        if self.filters_samples and self.sample_by == "score" and self.method == "full":
+            raise ValueError("method full scores every target 1, so its mean score ranks no sample; filter samples "
+                             "by another roll-up (sample_by rel, entropy or loss)")
         if (self.method == "oracle") != (self.labels is not None):
             raise ValueError("method oracle needs labels (a token labels file), and labels are for method oracle only")
         return self
@@ -115,7 +138,27 @@ class SelectSettings(StageConfig):
 
     @property
     def uses_entropy(self) -> bool:
-        return self.ranked_signal == "entropy_cur"
+        return self.ranked_signal == "entropy_cur" or self.sample_rollup_column == "entropy_cur"
+
+    @property
+    def needs_rel(self) -> bool:
+        """True when REL decides something: the score, or the sample filter (sample_by rel)."""
+        return self.uses_rel or self.sample_rollup_column == "rel"
+
+    @property
+    def filters_samples(self) -> bool:
+        """True when whole samples are dropped before tokens are selected (sample_ratio < 1)."""
+        return self.sample_ratio < 1.0
+
+    @property
+    def sample_rollup_column(self) -> str | None:
+        """The stored column the sample filter averages (None: no filter, or the method's score)."""
+        return SAMPLE_ROLLUPS[self.sample_by] if self.filters_samples else None
+
+    def within_shard(self) -> SelectSettings:
+        """What one shard selects alone, before the corpus is seen: per sample, no sample filter (the score stage's
+        per-shard pass; the select step then applies the corpus-wide parts)."""
+        return self.model_copy(update={"granularity": "sample", "sample_ratio": 1.0, "sample_by": "score"})
 
     @property
     def weighted(self) -> bool:
@@ -160,6 +203,8 @@ class SelectSettings(StageConfig):
             key["seed"] = self.seed
         if self.min_prob is not None:
             key["min_prob"] = self.min_prob
+        if self.filters_samples:
+            key |= {"sample_ratio": self.sample_ratio, "sample_by": self.sample_by}
         if self.labels is not None:
             # The labels decide the masks: their content, not only their path, is part of the key.
             key["labels"] = sha256_file(self.labels) if Path(self.labels).is_file() else f"missing: {self.labels}"

@@ -47,12 +47,14 @@ from pipeline.runtime.stage_runner import Stage, run_stage
 from pipeline.selection.methods import excess_refusal
 from pipeline.selection.select_config import SelectConfig
 from pipeline.selection.selection_shards import (
+    SAMPLE_COUNTS,
     SelectionOutcome,
     SelectionPlan,
     SelectShard,
     apply_selection,
     plan_selection,
     refuse_unrecorded_shards,
+    sample_counts,
 )
 from pipeline.runtime.errors import UserError
 
@@ -152,6 +154,12 @@ def _same_checkpoint(manifest: dict[str, Any]) -> bool:
     return checkpoints.get("current", {}).get("fingerprint") == checkpoints.get("history", {}).get("fingerprint")
 
 
+def _counts(counts: dict[str, Any], outcome: SelectionOutcome) -> dict[str, Any]:
+    """A folder's counts after a selection: kept recounted, the sample filter's counts as this selection has them."""
+    kept = {"kept": sum(r["kept"] for r in outcome.records)}
+    return {k: v for k, v in counts.items() if k not in SAMPLE_COUNTS} | kept | sample_counts(outcome.selection)
+
+
 def reselected_manifest(manifest: dict[str, Any], config: SelectConfig, outcome: SelectionOutcome) -> dict[str, Any]:
     """The scores manifest after a selection: selection section, selection settings, shard checksums, counts."""
     by_file = {r["file"]: r for r in outcome.records}
@@ -163,7 +171,7 @@ def reselected_manifest(manifest: dict[str, Any], config: SelectConfig, outcome:
         "selection": signals | outcome.selection,
         "shards": shards,
         "data_fingerprint": sha256_json([[s["file"], s["sha256"]] for s in shards]),
-        "counts": manifest["counts"] | {"kept": sum(r["kept"] for r in outcome.records)},
+        "counts": _counts(manifest["counts"], outcome),
     }
 
 
@@ -185,7 +193,7 @@ def masks_manifest(
         "checkpoints": scores.get("checkpoints", {}),
         "selection": signals | outcome.selection,
         "shards": shards,
-        "counts": counts | {"kept": sum(r["kept"] for r in outcome.records)},
+        "counts": _counts(counts, outcome),
     }
     return manifest | ({"signals": scores["signals"]} if "signals" in scores else {})
 
@@ -270,6 +278,8 @@ def run_select(config: SelectConfig) -> StageSummary:
             "trainable": counts["trainable"],
             "kept": counts["kept"],
             "kept_ratio": counts["kept"] / counts["trainable"] if counts["trainable"] else 0.0,
+            **({"samples": counts["samples"]} if "samples_kept" in counts else {}),
+            **{name: counts[name] for name in SAMPLE_COUNTS if name in counts},
         },
         timings={"total_s": round(time.monotonic() - started, 3)},
         notes=list(selection.get("warnings", [])),

@@ -15,7 +15,7 @@ left alone, so a rerun after a kill redoes only the shards still to write. This 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from pipeline.selection import global_selection
 from pipeline.selection.global_selection import ParallelMap, serial_map
 from pipeline.selection.keep_tables import CorpusSelection, selected_table, shard_rel_stats
 from pipeline.selection.methods import RelStats, rel_guard, same_checkpoint_refusal
+from pipeline.selection.sample_filter import find_sample_filter, refuse_rel_rollup_over_one_checkpoint
 from pipeline.selection.select_settings import SelectSettings
 
 
@@ -153,6 +154,7 @@ class SelectionPlan:
     selection: CorpusSelection
     record: dict[str, Any]  # the `selection` every shard's record will carry (global: plus k, threshold, ties)
     warnings: list[str] = field(default_factory=list)
+    samples: dict[str, Any] | None = None  # with a sample filter: what it keeps and drops (sample_rollups.filter_summary)
 
 
 @dataclass
@@ -165,23 +167,36 @@ class SelectionOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
+# Manifest counts of a sample filter (a selection without one leaves them out).
+SAMPLE_COUNTS = ("samples_kept", "samples_dropped", "targets_dropped")
+
+
+def sample_counts(selection: dict[str, Any]) -> dict[str, int]:
+    """What a selection section's sample filter kept and dropped, as counts (none without a filter)."""
+    samples = selection.get("samples")
+    if samples is None:
+        return {}
+    return {"samples_kept": samples["kept"], "samples_dropped": samples["dropped"],
+            "targets_dropped": samples["dropped_targets"]}
+
+
 def refuse_missing_column(shards: Sequence[SelectShard], settings: SelectSettings) -> None:
-    """Refuse, naming the column and the first shard, a method whose ranked column a shard lacks (entropy over
-    scores written before entropy_cur was stored)."""
-    column = settings.ranked_signal
-    if column is None:
-        return
+    """Refuse, naming the column and the first shard, a method whose ranked column, or a sample filter whose averaged
+    column, a shard lacks (entropy over scores written before entropy_cur was stored)."""
+    needs = {settings.ranked_signal: f"method {settings.method} ranks",
+             settings.sample_rollup_column: f"sample_by {settings.sample_by} averages"}
+    needs.pop(None, None)
     for shard in shards:
         try:
             names = pq.read_schema(shard.path).names
         except (pa.ArrowException, OSError):
             continue  # an unreadable shard is refused by name where it is read
-        if column not in names:
-            raise UserError(
-                f"method {settings.method} ranks {column}, which {shard.path} lacks: its scores were written before "
-                f"sstoken stored {column}; rescore the corpus with `sstoken score` (it stores {column} by default), "
-                "then select"
-            )
+        for column, what in needs.items():
+            if column not in names:
+                raise UserError(
+                    f"{what} {column}, which {shard.path} lacks: its scores were written before sstoken stored "
+                    f"{column}; rescore the corpus with `sstoken score` (it stores {column} by default), then select"
+                )
 
 
 def refuse_unweighted_in_place(shards: Sequence[SelectShard], settings: SelectSettings) -> None:
@@ -226,26 +241,33 @@ def plan_selection(
     Refuses a REL-only method over one checkpoint, REL missing at targets, and a REL-only method
     whose REL is below the floor everywhere; for other methods REL below the floor counts as 0 and
     the plan carries a warning; refuses a method whose ranked column the shards lack, a weighted method in place
-    over shards without a weight column, and entropy-gated without the vocabulary size `vocab_size` (|V|).
+    over shards without a weight column, and entropy-gated without the vocabulary size `vocab_size` (|V|). With a
+    sample filter, finds its corpus-wide cut (one more pass over the shards).
     """
     refuse_missing_column(shards, settings)
     refuse_unweighted_in_place(shards, settings)
     refuse_unknown_vocab_size(settings, vocab_size)
+    warnings: list[str] = []
+    noise = False
+    if same_checkpoint:
+        refuse_rel_rollup_over_one_checkpoint(settings)
     if same_checkpoint and settings.uses_rel:
         same_checkpoint_refusal(settings)
         # REL is 0 by construction (nll_hist is nll_cur), not noise of two near-identical checkpoints.
-        return SelectionPlan(CorpusSelection(settings, vocab_size=vocab_size), selection_record(settings),
-                             [SAME_CHECKPOINT_NOTE])
-    warnings: list[str] = []
-    noise = False
-    if settings.uses_rel:
+        warnings = [SAME_CHECKPOINT_NOTE]
+    elif settings.uses_rel:
         stats = RelStats()
         for shard_stats in parallel_map(rel_stats_of_shard, [(s,) for s in shards]):
             stats = stats.merge(shard_stats)
         warnings = rel_guard(settings, stats)
         noise = stats.is_noise
-    return SelectionPlan(CorpusSelection(settings, rel_is_noise=noise, vocab_size=vocab_size),
-                         selection_record(settings, noise), warnings)
+    selection = CorpusSelection(settings, rel_is_noise=noise, vocab_size=vocab_size)
+    record = selection_record(settings, noise)
+    if not settings.filters_samples:
+        return SelectionPlan(selection, record, warnings)
+    found = find_sample_filter([(s.path, Path(s.tokenized_path)) for s in shards], selection, parallel_map)
+    cut = found.cut.as_dict() if found.cut is not None else None
+    return SelectionPlan(replace(selection, sample_cut=found.cut), record | {"sample_cut": cut}, warnings, found.summary)
 
 
 def apply_selection(
@@ -256,21 +278,27 @@ def apply_selection(
     before = [(read_record(s.target_folder, s.file) or {}).get("sha256") for s in shards]
     common = plan.record
     if plan.selection.settings.granularity == "global":
-        records, common = _select_globally(shards, plan.selection, common, parallel_map)
+        targets = plan.samples["kept_targets"] if plan.samples is not None else None
+        records, common = _select_globally(shards, plan.selection, common, parallel_map, targets)
     else:
         records = list(parallel_map(rewrite_selection, [(s, common, plan.selection) for s in shards]))
     rewritten = sum(b != r["sha256"] for b, r in zip(before, records))
-    section = common | ({"warnings": plan.warnings} if plan.warnings else {})
+    section = (common | ({"warnings": plan.warnings} if plan.warnings else {})
+               | ({"samples": plan.samples} if plan.samples is not None else {}))
     return SelectionOutcome(selection=section, records=records, rewritten=rewritten, warnings=plan.warnings)
 
 
 def _select_globally(
-    shards: Sequence[SelectShard], selection: CorpusSelection, common: dict[str, Any], parallel_map: ParallelMap
+    shards: Sequence[SelectShard], selection: CorpusSelection, common: dict[str, Any], parallel_map: ParallelMap,
+    targets: int | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Exact corpus-wide top-k: three histogram/count passes, then one rewrite per shard."""
+    """Exact corpus-wide top-k: three histogram/count passes, then one rewrite per shard. `targets`: the candidates
+    (the targets of the samples a sample filter keeps); default every target of the corpus."""
     pairs = [(s.path, Path(s.tokenized_path)) for s in shards]
-    total = sum(int(pc.sum(pq.read_table(s.tokenized_path, columns=["n_trainable"]).column(0)).as_py() or 0) for s in shards)
-    k = global_selection.selection_size(selection, total)
+    if targets is None:
+        targets = sum(int(pc.sum(pq.read_table(s.tokenized_path, columns=["n_trainable"]).column(0)).as_py() or 0)
+                      for s in shards)
+    k = global_selection.selection_size(selection, targets)
     threshold, quotas = global_selection.find_threshold(pairs, selection, k, parallel_map=parallel_map)
     common = common | {"k": k, "threshold": threshold.as_dict() if threshold else None}
     key = threshold.key if threshold else None

@@ -58,12 +58,20 @@ class OnlineSettings(SelectSettings):
 
     @model_validator(mode="after")
     def _fits_online(self) -> OnlineSettings:
+        if self.weighted:
+            raise ValueError(f"method {self.method} weighs each kept token by the live model's own signal, and the "
+                             "loss divides by the global batch's sum of weights, which no step knows before its "
+                             "forwards: score and select it offline (sstoken score / select), then train on its masks")
         if self.method not in ONLINE_METHODS:
             raise ValueError(f"method {self.method} cannot select online (it needs token labels); choose one of "
                              f"{', '.join(ONLINE_METHODS)}")
         if self.granularity != "sample":
             raise ValueError("online selection keeps the top ratio of each sample (granularity sample); a global "
                              "selection needs every sample's scores first: score and select offline")
+        if self.filters_samples:
+            raise ValueError(f"online selection does not take sample_ratio (got {self.sample_ratio}): the sample "
+                             "filter's cut is corpus-wide, and a step sees only its own batch; filter offline "
+                             "(sstoken select --sample-ratio) and train on its masks")
         if self.min_prob is not None:
             raise ValueError("online selection does not take min_prob: a step must know how many tokens it keeps "
                              "before its forward (the loss is normalised by the global batch's kept count)")

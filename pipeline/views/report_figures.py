@@ -15,9 +15,13 @@ import numpy as np
 import polars as pl
 
 from pipeline.runtime.files import REJECTED
-from pipeline.views.stats import Stats, totals
+from pipeline.views.stats import Stats, rollups_of, totals
 from pipeline.views.token_text import TokenText
 
+# The per-sample roll-ups the report shows (sample_rollups' columns), with their labels.
+ROLLUPS = {"mean_score": "mean score", "kept_share": "kept share", "mean_rel": "mean REL", "mean_entropy": "mean entropy",
+           "mean_loss": "mean loss (nll_cur)"}
+ROLLUP_LEVELS = (0, 10, 50, 90, 100)
 POSITION_BINS = 20
 TOP_TOKENS = 20
 HISTOGRAM_BINS = 50
@@ -87,10 +91,23 @@ def rejected_rows(tokenized: Path, limit: int = 20) -> dict[str, Any]:
             "examples": frame.head(limit).to_dicts(), "total": frame.height}
 
 
+def rollup_figures(rollups: pl.DataFrame) -> dict[str, Any]:
+    """Each per-sample roll-up over the round's samples: how many have one, its percentiles (ROLLUP_LEVELS: min,
+    p10, median, p90, max; None when no sample has a value) and a histogram."""
+    figures = {}
+    for name in ROLLUPS:
+        values = _finite(rollups[name].cast(pl.Float64))
+        figures[name] = {"samples": len(values),
+                         "percentiles": [float(v) for v in np.percentile(values, ROLLUP_LEVELS)] if len(values) else None,
+                         "histogram": histogram(rollups[name].cast(pl.Float64), bins=20)}
+    return figures
+
+
 def round_figures(stats: Stats, round: int, token_text: TokenText) -> dict[str, Any]:
     """Everything the page shows about one round, over all of its samples."""
     targets = round_targets(stats, round)
     samples = replace(stats, parts=(stats.part(round),)).samples().collect()
+    selection = stats.part(round).selection
     sources = totals(samples.lazy(), ["round", "source"]).collect()
     scores = _finite(targets["score"])
     return {
@@ -101,6 +118,10 @@ def round_figures(stats: Stats, round: int, token_text: TokenText) -> dict[str, 
         "score_by_keep": {"kept": histogram(targets.filter(pl.col("keep"))["score"]),
                           "dropped": histogram(targets.filter(~pl.col("keep"))["score"])},
         "kept_ratio_per_sample": histogram(samples["kept_ratio"], bins=20),
+        "rollups": rollup_figures(rollups_of(samples)),
+        # what a sample filter (select --sample-ratio) removed, as the selection recorded it; None without one
+        "sample_filter": ({name: selection.get(name) for name in ("sample_ratio", "sample_by", "sample_cut", "samples")}
+                          if "samples" in selection else None),
         "position": position_curve(targets),
         "tokens": token_counts(targets, token_text),
         "score_scale": percentiles(scores, [2, 98]) if len(scores) else [0.0, 1.0],

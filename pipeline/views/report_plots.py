@@ -81,6 +81,23 @@ def kept_per_sample(figures: dict[str, Any]) -> str:
         return _svg(figure)
 
 
+def sample_rollups(figures: dict[str, Any], labels: dict[str, str]) -> str:
+    """One histogram per per-sample roll-up (`labels`: column -> title); a roll-up the folder lacks says so."""
+    import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        figure, axes = _figure(len(labels), width=2.4 * len(labels))
+        for axis, (name, label) in zip(axes, labels.items()):
+            rollup = figures["rollups"][name]
+            if rollup["samples"]:
+                _bars(axis, rollup["histogram"], LINE)
+            else:
+                axis.text(0.5, 0.5, "not stored", ha="center", transform=axis.transAxes)
+            axis.set_title(label)
+            axis.set_ylabel("samples")
+        return _svg(figure)
+
+
 def kept_by_position(rounds: list[dict[str, Any]]) -> str:
     """One line per round: the kept share of targets along the response (0 its start, 1 its end)."""
     import matplotlib

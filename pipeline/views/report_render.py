@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.eval.records import Spread, read_eval
 from pipeline.loop.run_folder import RunRecord
 from pipeline.views import report_plots as plots
-from pipeline.views.report_figures import rejected_rows
+from pipeline.views.report_figures import ROLLUP_LEVELS, ROLLUPS, rejected_rows
 from pipeline.views.report_page import escape, figure, legend, number, page, sample_json, svg_image, table
 from pipeline.views.score_colours import RAMP
 from pipeline.views.stats import SampleView, Stats
@@ -104,6 +104,39 @@ def _plots(inputs: ReportInputs) -> str:
             f"<details><summary>token counts as tables</summary><div class=\"plots\">{listing}</div></details>")
 
 
+def _share(part: int, whole: int) -> str:
+    return figure(part / whole if whole else None)
+
+
+def _sample_filter(sample_filter: dict[str, Any] | None) -> str:
+    """What a two-level selection's sample filter removed, over the round and per source."""
+    if sample_filter is None:
+        return "<p class=\"muted\">no sample filter: every sample was selected from (select --sample-ratio 1)</p>"
+    counts, cut = sample_filter["samples"], sample_filter.get("sample_cut") or {}
+    rows = [[name, figure(c["samples"]), figure(c["dropped"]), _share(c["dropped"], c["samples"]), figure(c["targets"]),
+             figure(c["dropped_targets"]), _share(c["dropped_targets"], c["targets"])]
+            for name, c in [("all sources", counts), *sorted(counts["by_source"].items())]]
+    return (f"<h3>Sample filter: kept {figure(sample_filter['sample_ratio'])} of the samples by "
+            f"{escape(sample_filter['sample_by'])} (last kept: {escape(cut.get('sample_id', '-'))}, roll-up "
+            f"{figure(cut.get('value'))})</h3>"
+            + table(["source", "samples", "dropped", "dropped share", "targets", "targets dropped", "targets dropped share"],
+                    rows))
+
+
+def _curation(inputs: ReportInputs) -> str:
+    """The per-sample roll-ups of the last round (what `select --sample-by` ranks) and what a sample filter removed."""
+    last = inputs.figures[-1]
+    rollups = last["rollups"]
+    header = ["per sample", "samples"] + ["min" if v == 0 else "max" if v == 100 else f"p{v}" for v in ROLLUP_LEVELS]
+    rows = [[label, figure(rollups[name]["samples"]), *(figure(v) for v in rollups[name]["percentiles"] or
+                                                        [None] * len(ROLLUP_LEVELS))]
+            for name, label in ROLLUPS.items()]
+    plot = plots.sample_rollups(last, {k: v for k, v in ROLLUPS.items() if k != "kept_share"})
+    return (f"<h2 id=\"curation\">Samples by roll-up (r{last['round']:03d})</h2><p class=\"muted\">each sample's mean over "
+            "its targets; a sample filter drops the lowest by one of them</p>"
+            f"{table(header, rows)}<div class=\"plot\">{plot}</div>{_sample_filter(last['sample_filter'])}")
+
+
 def _samples(inputs: ReportInputs) -> tuple[str, dict[str, Any]]:
     last = inputs.figures[-1]
     samples = last["samples"]
@@ -157,10 +190,12 @@ def _history(record: RunRecord) -> dict[str, Any]:
 def render_report(inputs: ReportInputs) -> str:
     """The whole page of a run, scores or masks folder."""
     header = (f"<h1>sstoken report</h1><p class=\"muted\">{escape(inputs.folder)} · {len(inputs.figures)} round(s) · "
-              "<a href=\"#totals\">totals</a> · <a href=\"#plots\">plots</a> · <a href=\"#samples\">samples</a>"
+              "<a href=\"#totals\">totals</a> · <a href=\"#plots\">plots</a> · <a href=\"#curation\">samples by roll-up</a> · "
+              "<a href=\"#samples\">samples</a>"
               + (" · <a href=\"#rounds\">rounds</a>" if len(inputs.figures) > 1 else "") + "</p>")
     samples, data = _samples(inputs)
-    return page(f"sstoken report: {inputs.folder}", [header, _totals(inputs), _plots(inputs), samples, _rounds(inputs)], data)
+    return page(f"sstoken report: {inputs.folder}", [header, _totals(inputs), _plots(inputs), _curation(inputs), samples,
+                                                         _rounds(inputs)], data)
 
 
 def _measure_cell(value: Spread | None) -> str:

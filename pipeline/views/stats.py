@@ -4,6 +4,7 @@
     stats.tokens()    # one row per token: sample_id, source, round, position, token_id, trainable, keep,
                       #   nll_cur, nll_hist, rel, attn, entropy_cur, score, response_position
     stats.samples()   # one row per sample and round: targets, kept, kept_ratio, mean signals
+    sample_rollups(stats)  # one round's samples as the sample filter sees them: mean score, kept share, REL, entropy
     stats.sources()   # one row per source and round
     stats.rounds()    # one row per round
     stats.flips(0, 1) # tokens whose keep changed between two rounds
@@ -159,7 +160,7 @@ def _round_samples(part: RoundArtifacts) -> pl.LazyFrame:
         pl.lit(part.round, pl.Int32).alias("round"), "sample_id", "source",
         *(pl.col(name).cast(pl.Int64) for name in ("n_tokens", "n_trainable", "n_kept")),
         (pl.col("n_kept") / pl.col("n_trainable")).alias("kept_ratio"),
-        *(f"mean_{name}" for name in (*SIGNALS, "score")),
+        *(pl.col(f"mean_{name}").cast(pl.Float64) for name in (*SIGNALS, "score")),
     )
 
 
@@ -243,6 +244,23 @@ def totals(samples: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
         .with_columns((pl.col("kept") / pl.col("trainable")).alias("kept_ratio"))
         .sort(keys)
     )
+
+
+def sample_rollups(stats: Stats, round: int | None = None) -> pl.DataFrame:
+    """One row per sample of one round (default: the last), as a sample filter ranks them (`sstoken select
+    --sample-by`): source, targets, kept, kept_share (kept / targets; null without targets), and the mean over its
+    targets of the selection's score, REL, entropy_cur and nll_cur (mean_score, mean_rel, mean_entropy, mean_loss;
+    null where the folder stores no such signal, e.g. entropy in folders scored before it existed). By sample id."""
+    return rollups_of(_round_samples(stats.part(stats.last_round if round is None else round)).collect())
+
+
+def rollups_of(samples: pl.DataFrame) -> pl.DataFrame:
+    """`sample_rollups` of one round's samples frame (`Stats.samples()`), without reading the folder again."""
+    return samples.select(
+        "sample_id", "source", pl.col("n_trainable").alias("targets"), pl.col("n_kept").alias("kept"),
+        pl.when(pl.col("n_trainable") > 0).then(pl.col("n_kept") / pl.col("n_trainable")).alias("kept_share"),
+        "mean_score", "mean_rel", pl.col("mean_entropy_cur").alias("mean_entropy"), pl.col("mean_nll_cur").alias("mean_loss"),
+    ).sort("sample_id")
 
 
 def open_masks_folder(folder: Path, tokenized: Path | None = None) -> Stats:

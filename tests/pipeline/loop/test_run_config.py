@@ -67,6 +67,8 @@ def test_rho1_stores_current_minus_history(tmp_path, llama_dir, llama_history_di
         ({"train": {"output": "/elsewhere"}}, "train.output cannot be set"),
         ({"train": {"schedule_total_steps": 9}}, "train.schedule_total_steps cannot be set"),
         ({"round_unit": "batch"}, "round_unit"),
+        ({"select": {"sample_ratio": 1.5}}, "sample_ratio"),
+        ({"select": {"sample_by": "entropy"}}, "sample_by entropy ranks samples for the sample filter"),
     ],
 )
 def test_bad_settings_are_refused_by_name(tmp_path, llama_dir, settings, message):
@@ -121,6 +123,11 @@ def test_roles_per_history_policy(tmp_path, llama_dir):
     full = _roles(_config(tmp_path, llama_dir, warmup="full"), 0)
     assert full.selection.method == "full" and "every trainable token" in full.warmup
     assert _roles(_config(tmp_path, llama_dir, select={"method": "random"}), 0).warmup is None
+    # a sample filter by REL has no signal in round 0 either: the warm-up, without the filter
+    by_rel = _roles(_config(tmp_path, llama_dir, select={"method": "loss", "sample_ratio": 0.5, "sample_by": "rel"}), 0)
+    assert by_rel.selection.method == "attn" and not by_rel.selection.filters_samples
+    assert "select.sample_by rel has no signal" in by_rel.warmup
+    assert _roles(_config(tmp_path, llama_dir, select={"method": "loss", "sample_ratio": 0.5}), 0).warmup is None
 
 
 def test_roles_of_the_baselines(tmp_path, llama_dir):
@@ -168,6 +175,14 @@ def test_a_select_section_given_as_settings_reaches_the_score_section(tmp_path, 
 
     config = _config(tmp_path, llama_dir, select=SelectSettings(method="random", ratio=0.2, seed=3))
     assert (config.score.method, config.score.ratio, config.score.seed) == ("random", 0.2, 3)
+
+
+def test_a_sample_filter_in_the_select_section_reaches_the_score_section_and_the_run_key(tmp_path, llama_dir):
+    config = _config(tmp_path, llama_dir, select={"method": "loss", "sample_ratio": 0.5, "sample_by": "entropy"})
+    assert (config.score.sample_ratio, config.score.sample_by) == (0.5, "entropy")
+    assert config.select.selection_key() == {"method": "loss", "ratio": 0.6, "granularity": "sample",
+                                             "sample_ratio": 0.5, "sample_by": "entropy"}
+    assert run_identity(config) != run_identity(_config(tmp_path, llama_dir, select={"method": "loss"}))
 
 
 # -- the ray: section: one Ray session for every stage of the run -----------------------------------

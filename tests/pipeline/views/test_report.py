@@ -17,7 +17,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.views.report_page import GENERATOR
 from pipeline.views.score_colours import score_level
-from tests.pipeline.views.test_stats import literal_folders
+from tests.pipeline.views.test_stats import NAN, literal_folders
 from tests.score_factories import write_synthetic_run
 
 EVAL = {
@@ -191,6 +191,53 @@ def test_a_report_replaces_its_own_page(tmp_path):
     output.write_text(f"<!DOCTYPE html><html><head><meta charset=\"utf-8\">{GENERATOR}</head>old page</html>")
     assert main(["report", str(scores), "--output", str(output)]) == 0
     assert "old page" not in output.read_text() and "sstoken report" in output.read_text()
+
+
+ENTROPY = {"a": [NAN, NAN, 0.3, 0.6, 1.2], "b": [NAN, 2.0, NAN, 1.0]}
+
+
+def _row(text: str, first: str) -> list[str]:
+    """The cells of the page's table row whose first cell is `first`."""
+    match = re.search(rf"<tr><td>{re.escape(first)}</td>(.*?)</tr>", text)
+    assert match, first
+    return [first, *re.findall(r"<td>(.*?)</td>", match.group(1))]
+
+
+def _page(folder: Path, tmp_path: Path) -> str:
+    """The report of `folder`, as text."""
+    assert main(["report", str(folder), "--output", str(tmp_path / "page.html")]) == 0
+    return (tmp_path / "page.html").read_text()
+
+
+def test_the_page_shows_the_per_sample_roll_ups(tmp_path):
+    # a: entropy 0.3, 0.6, 1.2 (mean 0.7), score mean 0.5, kept 2 of 3; b: entropy 2.0, 1.0 (1.5), score 0.5, 1 of 2
+    _, scores = literal_folders(tmp_path, entropy=ENTROPY)
+    text = _page(scores, tmp_path)
+    assert "Samples by roll-up (r000)" in text
+    # samples, min, p10, median, p90, max (linear percentiles of the two means)
+    assert _row(text, "mean entropy") == ["mean entropy", "2", "0.7", "0.78", "1.1", "1.42", "1.5"]
+    assert _row(text, "kept share") == ["kept share", "2", "0.5", "0.5167", "0.5833", "0.65", "0.6667"]
+    assert _row(text, "mean REL") == ["mean REL", "2", "0", "0.125", "0.625", "1.125", "1.25"]
+    assert "no sample filter" in text
+
+
+def test_a_folder_scored_before_entropy_shows_no_mean_entropy(tmp_path):
+    text = _page(literal_folders(tmp_path)[1], tmp_path)
+    assert _row(text, "mean entropy") == ["mean entropy", "0", "-", "-", "-", "-", "-"] and "not stored" in text
+
+
+def test_the_page_shows_what_the_sample_filter_removed_per_source(tmp_path):
+    # mean entropy: a 0.7 (src-a, 3 targets), b 1.5 (src-b, 2 targets): keeping ceil(0.5 * 2) = 1 sample drops a
+    _, scores = literal_folders(tmp_path, entropy=ENTROPY)
+    masks = tmp_path / "masks"
+    assert main(["select", "--scores", str(scores), "--output", str(masks), "--method", "loss", "--sample-ratio", "0.5",
+                 "--sample-by", "entropy"]) == 0
+    text = _page(masks, tmp_path)
+    assert "Sample filter: kept 0.5 of the samples by entropy (last kept: b, roll-up 1.5)" in text
+    # samples, dropped, dropped share, targets, targets dropped, targets dropped share
+    assert _row(text, "all sources") == ["all sources", "2", "1", "0.5", "5", "3", "0.6"]
+    assert _row(text, "src-a") == ["src-a", "1", "1", "1", "3", "3", "1"]
+    assert _row(text, "src-b") == ["src-b", "1", "0", "0", "2", "0", "0"]
 
 
 def test_score_levels_split_the_scale():

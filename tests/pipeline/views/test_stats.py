@@ -12,17 +12,18 @@ import pytest
 
 from pipeline.runtime.files import ArtifactError, base_manifest, write_manifest, write_parquet_atomic
 from pipeline.runtime.fingerprint import sha256_json
-from pipeline.runtime.schemas import arrow_schema
+from pipeline.runtime.schemas import arrow_schema, table_from_rows
 from pipeline.views.run_stats import open_stats, train_curves
-from pipeline.views.stats import open_masks_folder, pick_samples
+from pipeline.views.stats import open_masks_folder, pick_samples, sample_rollups
 from tests.score_factories import as_written_before, write_synthetic_run, write_synthetic_scores, write_synthetic_tokenized
 
 NAN = float("nan")
 
 
-def literal_folders(tmp_path, ids: tuple[str, str] = ("a", "b"), source: str = "src-"):
+def literal_folders(tmp_path, ids: tuple[str, str] = ("a", "b"), source: str = "src-", entropy: dict | None = None):
     """Two samples with literal tokens: a (5 tokens, targets 2..4) and b (4 tokens, targets 1 and 3); `ids` and
-    `source` (a prefix of each id) name them otherwise."""
+    `source` (a prefix of each id) name them otherwise; `entropy`: each id's entropy_cur (default: the score + 1 at the
+    targets)."""
     tokenized, scores = tmp_path / "tokenized", tmp_path / "scores"
     tokenized.mkdir()
     scores.mkdir()
@@ -45,15 +46,16 @@ def literal_folders(tmp_path, ids: tuple[str, str] = ("a", "b"), source: str = "
         signal_rows.append({"sample_id": sid, "nll_cur": [v if math.isnan(v) else 1.0 for v in score[sid]],
                             "nll_hist": [v if math.isnan(v) else 2.0 for v in score[sid]], "rel": rel[sid],
                             "attn": [v if math.isnan(v) else 0.25 for v in score[sid]],
-                            "entropy_cur": [v if math.isnan(v) else v + 1.0 for v in score[sid]], "score": score[sid],
-                            "keep": keep[sid], "weight": [float(k) for k in keep[sid]],
+                            "entropy_cur": entropy[sid] if entropy else [v if math.isnan(v) else v + 1.0 for v in score[sid]],
+                            "score": score[sid], "keep": keep[sid], "weight": [float(k) for k in keep[sid]],
                             "n_tokens": len(ids), "n_trainable": sum(trainable), "n_kept": sum(keep[sid])})
-    digest = write_parquet_atomic(pa.Table.from_pylist(signal_rows, schema=arrow_schema("scores")), scores / "part-00000.parquet")
+    digest = write_parquet_atomic(table_from_rows(signal_rows, "scores"), scores / "part-00000.parquet")
     key = sha256_json([[s["file"], s["sha256"]] for s in shards])
     write_manifest(scores, base_manifest("scores", {}) | {
         "tokenizer": tokenizer, "inputs": [{"kind": "tokenized", "path": str(tokenized), "data_fingerprint": key}],
         "selection": {"method": "sstoken", "granularity": "sample"},
-        "shards": [{"file": "part-00000.parquet", "rows": 2, "sha256": digest}], "counts": {}})
+        "shards": [{"file": "part-00000.parquet", "rows": 2, "sha256": digest}],
+        "counts": {"shards": 1, "samples": 2, "tokens": 9, "trainable": 5, "kept": 3}})
     return tokenized, scores
 
 
@@ -105,6 +107,32 @@ def test_samples_sources_and_rounds_count_targets_and_kept(tmp_path):
     rounds = stats.rounds().collect().row(0, named=True)
     assert (rounds["samples"], rounds["tokens"], rounds["trainable"], rounds["kept"]) == (2, 9, 5, 3)
     assert stats.sources().collect()["source"].to_list() == ["src-a", "src-b"]
+
+
+def test_sample_rollups_by_hand(tmp_path):
+    entropy = {"a": [NAN, NAN, 0.3, 0.6, 1.2], "b": [NAN, 2.0, NAN, 1.0]}
+    _, scores = literal_folders(tmp_path, entropy=entropy)
+    rollups = sample_rollups(open_masks_folder(scores))
+    assert rollups.columns == ["sample_id", "source", "targets", "kept", "kept_share", "mean_score", "mean_rel",
+                               "mean_entropy", "mean_loss"]
+    # a: score 0.9, 0.1, 0.5; rel 1, -1, 0; entropy 0.3, 0.6, 1.2; 2 of 3 kept. b: score 0.2, 0.8; rel 0.5, 2; 1 of 2.
+    a, b = rollups.rows(named=True)
+    assert (a["sample_id"], a["source"], a["targets"], a["kept"]) == ("a", "src-a", 3, 2)
+    assert [a[k] for k in ("kept_share", "mean_score", "mean_rel", "mean_entropy", "mean_loss")] == pytest.approx(
+        [2 / 3, 0.5, 0.0, 0.7, 1.0])
+    assert (b["sample_id"], b["source"], b["targets"], b["kept"]) == ("b", "src-b", 2, 1)
+    assert [b[k] for k in ("kept_share", "mean_score", "mean_rel", "mean_entropy", "mean_loss")] == pytest.approx(
+        [0.5, 0.5, 1.25, 1.5, 1.0])
+
+
+def test_sample_rollups_of_a_folder_scored_before_entropy_have_no_mean_entropy(tmp_path):
+    _, scores = literal_folders(tmp_path)
+    as_written_before(scores, ("entropy_cur", "weight"))
+    assert "entropy_cur" not in pl.read_parquet_schema(scores / "part-00000.parquet")
+    rollups = sample_rollups(open_masks_folder(scores))
+    assert rollups["mean_entropy"].to_list() == [None, None] and rollups["mean_rel"].to_list() == pytest.approx([0.0, 1.25])
+    with pytest.raises(ArtifactError, match="round 3 is not in"):
+        sample_rollups(open_masks_folder(scores), round=3)
 
 
 def test_pick_samples_by_score_random_and_id(tmp_path):
