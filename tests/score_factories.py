@@ -132,7 +132,6 @@ def write_synthetic_scores(folder: Path, tokenized: Path, seed: int = 0, ratio: 
     folder.mkdir(parents=True, exist_ok=True)
     source = read_manifest(tokenized, kind="tokenized")
     rng = np.random.default_rng(seed + 1000)
-    schema = arrow_schema(kind)
     shards, kept, trainable_total = [], 0, 0
     for entry in source["shards"]:
         table = pq.read_table(tokenized / entry["file"], columns=["sample_id", "trainable", "n_tokens", "n_trainable"])

@@ -42,6 +42,7 @@ from pipeline.runtime.schemas import arrow_schema
 from pipeline.scoring.attention import register_importance_attention
 from pipeline.scoring.batching import length_sorted_batches
 from pipeline.scoring.device_budget import device_budget
+from pipeline.scoring.nll import output_head
 from pipeline.scoring.precision import FULL_BFLOAT16, apply_precision, compute_precision, load_dtype, precision_name
 from pipeline.scoring.score_settings import ScoreSettings, SignalSet, signals_to_compute
 from pipeline.scoring.scoring_batch import plan_scoring_batch, split_counts

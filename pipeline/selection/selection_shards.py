@@ -27,7 +27,7 @@ from pipeline.runtime.errors import UserError
 from pipeline.runtime.files import read_shard
 from pipeline.runtime.fingerprint import sha256_file
 from pipeline.runtime.mask_weights import with_weight
-from pipeline.runtime.schemas import arrow_schema, present_schema
+from pipeline.runtime.schemas import present_schema
 from pipeline.runtime.stage_output import commit_shard, read_record
 from pipeline.selection import global_selection
 from pipeline.selection.global_selection import ParallelMap, serial_map

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.eval.config import EvalConfig
-from pipeline.eval.records import EVAL_SCHEMA, MEASURES_SCHEMA, CellMeasures, read_eval, read_measures, write_measures
+from pipeline.eval.records import EVAL_SCHEMA, CellMeasures, read_eval, read_measures, write_measures
 from pipeline.eval.table import build_report, markdown, write_eval
 from pipeline.runtime.schemas import SchemaError, validate_json
 

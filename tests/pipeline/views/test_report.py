@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.views.report_page import GENERATOR
 from pipeline.views.score_colours import score_level
 from tests.pipeline.views.test_stats import NAN, literal_folders
-from tests.score_factories import write_synthetic_run
+from tests.score_factories import as_written_before, write_synthetic_run
 
 EVAL = {
     "kind": "eval", "schema_version": 2, "config": {"seeds": [0, 1]}, "corpus": "task", "seeds": [0, 1],
@@ -222,7 +222,7 @@ def test_the_page_shows_the_per_sample_roll_ups(tmp_path):
 
 
 def test_a_folder_scored_before_entropy_shows_no_mean_entropy(tmp_path):
-    text = _page(literal_folders(tmp_path)[1], tmp_path)
+    text = _page(as_written_before(literal_folders(tmp_path)[1], ("entropy_cur", "weight")), tmp_path)
     assert _row(text, "mean entropy") == ["mean entropy", "0", "-", "-", "-", "-", "-"] and "not stored" in text
 
 
