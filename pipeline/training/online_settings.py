@@ -19,7 +19,8 @@ from pipeline.selection.select_settings import SelectSettings
 
 # What a step has: its own NLLs, importance and entropy, and the history NLLs from the cache. oracle needs
 # token labels (an eval yardstick, not a training mode); global granularity needs the whole corpus' scores.
-ONLINE_METHODS = ("sstoken", "rel", "attn", "rho1", "tokencleaning", "random", "full", "loss", "confidence", "entropy")
+ONLINE_METHODS = ("sstoken", "rel", "attn", "rho1", "tokencleaning", "random", "full", "loss", "confidence", "entropy",
+                  "prob", "entropy-gated")
 HISTORY_POLICIES = ("base", "previous", "ema")
 
 
@@ -58,10 +59,6 @@ class OnlineSettings(SelectSettings):
 
     @model_validator(mode="after")
     def _fits_online(self) -> OnlineSettings:
-        if self.weighted:
-            raise ValueError(f"method {self.method} weighs each kept token by the live model's own signal, and the "
-                             "loss divides by the global batch's sum of weights, which no step knows before its "
-                             "forwards: score and select it offline (sstoken score / select), then train on its masks")
         if self.method not in ONLINE_METHODS:
             raise ValueError(f"method {self.method} cannot select online (it needs token labels); choose one of "
                              f"{', '.join(ONLINE_METHODS)}")

@@ -31,7 +31,8 @@ from pipeline.runtime.schemas import arrow_schema
 from pipeline.scoring.scorer import TokenSignals, combine_signals, full_length
 from pipeline.scoring.scoring_batch import ScoringBatch, plan_scoring_batch, split_counts
 from pipeline.scoring.signal_forward import ForwardOptions, signal_forward
-from pipeline.selection.methods import RelStats, rel_guard, sample_keep, sample_score, selection_size
+from pipeline.scoring.nll import output_head
+from pipeline.selection.methods import RelStats, rel_guard, sample_keep, sample_score, selection_size, selection_weight
 from pipeline.selection.select_settings import SelectSettings
 from pipeline.training.online_data import OnlineRow
 from pipeline.training.online_history import MovingHistory
@@ -61,6 +62,7 @@ class SampleSelection:
     score: np.ndarray
     keep: np.ndarray
     targets: int
+    weight: np.ndarray  # the loss weight of each token: keep as 0/1, a weighted method's score at the kept ones
 
 
 def _host(values: torch.Tensor | None, counts: list[int]) -> list[np.ndarray] | None:
@@ -69,7 +71,7 @@ def _host(values: torch.Tensor | None, counts: list[int]) -> list[np.ndarray] | 
 
 def select_samples(
     rows: Sequence[OnlineRow], nll: torch.Tensor, importance: torch.Tensor | None, entropy: torch.Tensor | None,
-    settings: SelectSettings, excess: str,
+    settings: SelectSettings, excess: str, vocab_size: int | None = None,
 ) -> tuple[list[SampleSelection], list[str]]:
     """Each sample's selection from one forward's target values (row-major, as `signal_forward` gives them), and
     the REL guard's warnings: the select stage's per-sample code on the signals the score stage would store."""
@@ -93,15 +95,20 @@ def select_samples(
     selected = []
     for sample, mask, count in zip(signals, trainable, counts):
         score = sample_score(sample.sample_id, sample.rel, sample.attn, mask, settings, noise, nll_cur=sample.nll_cur,
-                             nll_hist=sample.nll_hist, entropy_cur=sample.entropy_cur)
-        selected.append(SampleSelection(sample.sample_id, score, sample_keep(score, mask, settings), count))
+                             nll_hist=sample.nll_hist, entropy_cur=sample.entropy_cur, vocab_size=vocab_size)
+        keep = sample_keep(score, mask, settings)
+        weight = selection_weight(score, keep, settings)
+        selected.append(SampleSelection(sample.sample_id, score, keep, count,
+                                        keep.astype(np.float32) if weight is None else weight))
     return selected, warnings
 
 
 @dataclass
 class OnlineLoss:
     """A train_step loss that selects in the forward: `selected` gathers every micro-batch's selections, `warnings`
-    the REL guard's findings (attention-only micro-batches)."""
+    the REL guard's findings (attention-only micro-batches). A weighted method (prob, entropy-gated) weighs each kept
+    token by its score, detached; its weight total is known only after the forwards (`weight_in_forward`), so
+    train_step accumulates the weighted sums and divides the gradients by the global total after them."""
 
     settings: SelectSettings
     options: ForwardOptions
@@ -110,6 +117,15 @@ class OnlineLoss:
     history: MovingHistory | None = None  # previous / ema: the history NLLs come from these weights, not the cache
     selected: list[SampleSelection] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    forward_weight: float = 0.0  # the weight total of the micro-batches run since the last `take_forward_weight`
+
+    @property
+    def weight_in_forward(self) -> bool:
+        return self.settings.weighted
+
+    def take_forward_weight(self) -> float:
+        total, self.forward_weight = self.forward_weight, 0.0
+        return total
 
     def totals(self, micro_batches: Sequence[OnlineMicroBatch]) -> tuple[int, int, float]:
         kept = sum(selection_size(self.settings, int(np.count_nonzero(r.trainable))) for b in micro_batches for r in b.rows)
@@ -122,11 +138,16 @@ class OnlineLoss:
             nlls = _host(found, batch.plan.counts) or []
             rows = [replace(row, history_nll=full_length(row.trainable, nll)) for row, nll in zip(rows, nlls)]
         nll, importance, entropy = signal_forward(model, batch.plan, self.device, self.options)
-        selected, warnings = select_samples(rows, nll, importance, entropy, self.settings, self.excess)
+        vocab_size = int(output_head(model)[0].weight.shape[0]) if self.settings.method == "entropy-gated" else None
+        selected, warnings = select_samples(rows, nll, importance, entropy, self.settings, self.excess, vocab_size)
         self.selected += selected
         self.warnings += [w for w in warnings if w not in self.warnings]
         kept = np.concatenate([s.keep[row.trainable] for s, row in zip(selected, batch.rows)])
-        return nll[torch.from_numpy(kept).to(nll.device)].sum()
+        if not self.settings.weighted:
+            return nll[torch.from_numpy(kept).to(nll.device)].sum()
+        weight = np.concatenate([s.weight[row.trainable] for s, row in zip(selected, batch.rows)])
+        self.forward_weight += float(weight.astype(np.float64).sum())
+        return (nll * torch.from_numpy(weight).to(device=nll.device, dtype=nll.dtype))[torch.from_numpy(kept).to(nll.device)].sum()
 
 
 def _lists(arrays: Sequence[np.ndarray], value_type: pa.DataType) -> pa.Array:
@@ -134,14 +155,14 @@ def _lists(arrays: Sequence[np.ndarray], value_type: pa.DataType) -> pa.Array:
 
 
 def selection_mask_table(selected: Sequence[SampleSelection], step: int) -> pa.Table:
-    """The masks.v1 shard of one step's selections (weight: keep as 0/1, every online method is binary)."""
+    """The masks.v1 shard of one step's selections (weight: keep as 0/1, a weighted method's weights)."""
     keeps = [s.keep for s in selected]
     return pa.Table.from_arrays(
         [
             pa.array([s.sample_id for s in selected], pa.string()),
             _lists([s.score for s in selected], pa.float32()),
             _lists(keeps, pa.bool_()),
-            _lists([k.astype(np.float32) for k in keeps], pa.float32()),
+            _lists([s.weight for s in selected], pa.float32()),
             pa.array([len(k) for k in keeps], pa.int32()),
             pa.array([s.targets for s in selected], pa.int32()),
             pa.array([int(k.sum()) for k in keeps], pa.int32()),
@@ -153,5 +174,5 @@ def selection_mask_table(selected: Sequence[SampleSelection], step: int) -> pa.T
 
 def untrained_selections(samples: Sequence[tuple[str, int, int]]) -> list[SampleSelection]:
     """Samples no step trained (sample_id, n_tokens, targets): nothing kept, no score."""
-    return [SampleSelection(sample_id, np.full(n, np.nan, np.float32), np.zeros(n, bool), targets)
+    return [SampleSelection(sample_id, np.full(n, np.nan, np.float32), np.zeros(n, bool), targets, np.zeros(n, np.float32))
             for sample_id, n, targets in samples]

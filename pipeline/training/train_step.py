@@ -171,7 +171,18 @@ def train_step(
     for parameter in parameters:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
-    nll_sum = accumulate_gradients(model, micro_batches, global_weight, precision, loss)
+    if getattr(loss, "weight_in_forward", False):
+        # the weights come from the forwards (online weighted methods): sum(w nll), then divide by the global total
+        nll_sum = accumulate_gradients(model, micro_batches, 1.0, precision, loss)
+        global_weight = sum_across_ranks(torch.tensor([loss.take_forward_weight()], dtype=torch.float64,
+                                                       device=device)).item()
+        if global_weight > 0:
+            for parameter in parameters:
+                parameter.grad.div_(global_weight)
+        else:  # every selected token weighs 0 (probabilities that underflow): zero gradients, loss 0
+            global_weight = 1.0
+    else:
+        nll_sum = accumulate_gradients(model, micro_batches, global_weight, precision, loss)
     sum_gradients_across_ranks(parameters)
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm is not None else float("inf"))
     for group in optimizer.param_groups:
