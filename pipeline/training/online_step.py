@@ -143,11 +143,12 @@ class OnlineLoss:
         self.selected += selected
         self.warnings += [w for w in warnings if w not in self.warnings]
         kept = np.concatenate([s.keep[row.trainable] for s, row in zip(selected, batch.rows)])
+        kept_nll = nll[torch.from_numpy(kept).to(nll.device)]
         if not self.settings.weighted:
-            return nll[torch.from_numpy(kept).to(nll.device)].sum()
-        weight = np.concatenate([s.weight[row.trainable] for s, row in zip(selected, batch.rows)])
+            return kept_nll.sum()
+        weight = np.concatenate([s.weight[row.trainable] for s, row in zip(selected, batch.rows)])[kept]
         self.forward_weight += float(weight.astype(np.float64).sum())
-        return (nll * torch.from_numpy(weight).to(device=nll.device, dtype=nll.dtype))[torch.from_numpy(kept).to(nll.device)].sum()
+        return (kept_nll * torch.from_numpy(weight).to(device=nll.device, dtype=nll.dtype)).sum()
 
 
 def _lists(arrays: Sequence[np.ndarray], value_type: pa.DataType) -> pa.Array:

@@ -102,15 +102,27 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 class BatchLoss(Protocol):
     """What a step trains on: this rank's (kept tokens, tokens, weight total) of its micro-batches before any forward
-    (so every rank can divide by the global totals), and one micro-batch's weighted NLL sum, with its graph."""
+    (so every rank can divide by the global totals), and one micro-batch's weighted NLL sum, with its graph.
+
+    A loss whose weights come out of its forwards (`weight_in_forward`: online weighted methods) cannot know the
+    weight total before them: the step divides the gradients by `take_forward_weight()`, summed over ranks, after."""
+
+    weight_in_forward: bool
 
     def totals(self, micro_batches: Sequence[Any]) -> tuple[int, int, float]: ...
 
     def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor: ...
 
+    def take_forward_weight(self) -> float: ...
+
 
 class MaskedLoss:
     """The loss on the tokens a micro-batch's labels keep, weighted by its weights (masks selected offline)."""
+
+    weight_in_forward = False  # the masks carry the weights: their total is known before the forwards
+
+    def take_forward_weight(self) -> float:
+        raise TypeError("masked training knows its weight total before the forwards")
 
     def totals(self, micro_batches: Sequence[MicroBatch]) -> tuple[int, int, float]:
         return (sum(kept_count(b.labels) for b in micro_batches), sum(b.tokens for b in micro_batches),
@@ -171,8 +183,7 @@ def train_step(
     for parameter in parameters:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
-    if getattr(loss, "weight_in_forward", False):
-        # the weights come from the forwards (online weighted methods): sum(w nll), then divide by the global total
+    if loss.weight_in_forward:  # sum(w nll) over the micro-batches, then the gradients divided by the global total
         nll_sum = accumulate_gradients(model, micro_batches, 1.0, precision, loss)
         global_weight = sum_across_ranks(torch.tensor([loss.take_forward_weight()], dtype=torch.float64,
                                                        device=device)).item()
