@@ -6,6 +6,7 @@ from transformers import LlamaConfig
 
 from pipeline.scoring.device_budget import (
     CPU_CHUNK_ELEMENTS,
+    CPU_LOGIT_CHUNK_ELEMENTS,
     GPU_MAX_BATCH_TOKENS,
     GPU_MAX_CHUNK_ELEMENTS,
     activation_bytes_per_token,
@@ -22,8 +23,11 @@ ONE_B = LlamaConfig(hidden_size=2048, intermediate_size=8192)
 
 def test_cpu_budget_is_the_setting_when_it_is_a_number():
     got = device_budget(torch.device("cpu"), ONE_B, 16384, "auto", 4)
-    assert (got.batch_tokens, got.logit_chunk_elements, got.score_block_elements) == (16384, CPU_CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS)
-    assert CPU_CHUNK_ELEMENTS * 4 == 8 << 20  # an 8 MiB float32 chunk, under glibc's mmap threshold
+    assert (got.batch_tokens, got.logit_chunk_elements, got.score_block_elements) == (
+        16384, CPU_LOGIT_CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS)
+    assert CPU_CHUNK_ELEMENTS * 4 == 8 << 20  # an 8 MiB float32 importance block, well under glibc's mmap threshold
+    # a float32 logit chunk of 30 MiB: 160 rows of |V| = 49,152 per read of the head's weight, under the 32 MiB ceiling
+    assert CPU_LOGIT_CHUNK_ELEMENTS * 4 == 30 << 20 and CPU_LOGIT_CHUNK_ELEMENTS // 49152 == 160
 
 
 def test_cpu_budget_auto_keeps_the_largest_activation_within_8_mib():
