@@ -256,6 +256,20 @@ def _select_apart(config: SelectConfig, folder: Path, output: Path) -> tuple[dic
     return run.manifest, (outcomes[0] if outcomes else None)
 
 
+def _summary_counts(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The masks manifest's counts, refused by name when one the summary reports is missing (a manifest edited by
+    hand, or written by another tool, that a rerun would otherwise reuse)."""
+    counts = manifest["counts"]
+    wanted = ["trainable", "kept", *(["samples"] if "samples_kept" in counts else [])]
+    missing = [name for name in wanted if name not in counts]
+    if missing:
+        raise ArtifactError(
+            f"{folder}/manifest.json lacks the count(s) {', '.join(missing)}: it was not written by `sstoken select`; "
+            "delete the folder or select again with --overwrite"
+        )
+    return counts
+
+
 def run_select(config: SelectConfig) -> StageSummary:
     """Select `config.method` over the scores folder `config.scores`, in place or into `config.output`."""
     started = time.monotonic()
@@ -267,7 +281,7 @@ def run_select(config: SelectConfig) -> StageSummary:
         output = Path(config.output)
         written, outcome = _select_apart(config, folder, output)
         action = "shards_written"
-    counts = written["counts"]
+    counts = _summary_counts(written, output)
     selection = written["selection"]
     return StageSummary(
         stage="select",

@@ -200,6 +200,21 @@ def test_output_needs_a_finished_unchanged_scores_folder(scored, tmp_path):
     assert not any((tmp_path / name).exists() for name in ("m0", "m1", "m2", "m3", "m4"))
 
 
+def test_a_reused_masks_folder_without_its_counts_is_refused_by_name_and_left_as_it_is(scored, tmp_path):
+    masks = tmp_path / "masks"
+    run_select(SelectConfig(scores=scored, output=masks, method="attn", ratio=0.5))
+    manifest = json.loads((masks / "manifest.json").read_text())
+    kept = manifest["counts"]["kept"]
+    manifest["counts"] = {}  # still a valid manifest, but not one `select` writes
+    (masks / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(masks)
+    with pytest.raises(ArtifactError, match=r"manifest.json lacks the count\(s\) trainable, kept: .* --overwrite"):
+        run_select(SelectConfig(scores=scored, output=masks, method="attn", ratio=0.5))
+    assert _snapshot(masks) == before
+    again = run_select(SelectConfig(scores=scored, output=masks, method="attn", ratio=0.5, overwrite=True))
+    assert not again.reused and again.counts["kept"] == kept == read_manifest(masks, kind="masks")["counts"]["kept"]
+
+
 def test_rho1_keeps_the_highest_raw_current_minus_reference_losses(rho1_scored, tmp_path):
     manifest = read_manifest(rho1_scored, kind="scores")
     assert manifest["selection"]["excess"] == "current_minus_history" and manifest["selection"]["method"] == "rho1"
