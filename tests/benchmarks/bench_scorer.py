@@ -1,13 +1,14 @@
 """Benchmark: the scoring engine against the naive reference on SmolLM2-135M-Instruct.
 
     python tests/benchmarks/bench_scorer.py            # about 10 minutes on 2 CPU cores
-    python tests/benchmarks/bench_scorer.py --quick    # about a minute: ours (defaults, warm) against plain HF
+    python tests/benchmarks/bench_scorer.py --quick    # a few minutes: ours (defaults, warm) against plain HF
 
 `--quick` is the guard against a silent CPU regression of the engine: run it before every stop that
 touches pipeline/scoring and quote its ratio. It scores ~640-token chats with the current model alone
 (history NLLs cached: the steady state of a round) at the default settings, against `hf-sdpa` (a plain
 Hugging Face forward, SDPA, full float32 logits and log-softmax, one sample at a time) and against our
-scorer with the 16,384-token CPU micro-batches it used before the budget became `auto` (`-b16384`).
+scorer with the 16,384-token CPU micro-batches it used before the budget became `auto` (`-b16384`) and
+against our scorer with the 8 MiB LM-head chunks (2,097,152 logits, 42 rows) it used before fbd6653 (`-c2097152`).
 
 Not collected by pytest (the name does not start with test_). Prints, per length:
 - tokens/s of each variant, median over interleaved repeats, and the ratio to the naive reference;
@@ -170,30 +171,41 @@ class PlainHF:
 
 
 class Fast:
-    def __init__(self, current: Path, history: Path, dtype: str, warm: bool, max_batch_tokens: int | str):
+    def __init__(self, current: Path, history: Path, dtype: str, warm: bool, max_batch_tokens: int | str,
+                 logit_chunk: int | None = None):
         from pipeline.scoring.score_settings import ScoreSettings
-        from pipeline.scoring.scorer import Scorer
         from pipeline.selection.select_settings import SelectSettings
 
         self.name = f"fast-{dtype}-{'warm' if warm else 'cold'}" + (f"-b{max_batch_tokens}" if max_batch_tokens != "auto" else "")
+        self.name += f"-c{logit_chunk}" if logit_chunk else ""
+        self.logit_chunk = logit_chunk
         self.current, self.history = current, history
         self.settings = ScoreSettings(dtype=dtype, device="cpu", max_batch_tokens=max_batch_tokens)
         self.selection = SelectSettings()
         # warm: the current model, loaded once. cold: nothing until run() (the last run's phase-2
         # Scorer stays afterwards for the FLOP count, and is released when the next run starts).
-        self.scorer = Scorer(current, self.settings, importance=True) if warm else None
+        self.scorer = self.load(current, importance=True) if warm else None
         self.warm = warm
         self.load_seconds = 0.0  # model loads inside the last run (cold only): a per-job cost, timed apart
         self.cache: dict[int, list[np.ndarray]] = {}
+
+    def load(self, checkpoint: Path, importance: bool):
+        """A Scorer of `checkpoint` at this variant's settings, with its LM-head chunk when the name sets one."""
+        import dataclasses
+
+        from pipeline.scoring.scorer import Scorer
+
+        scorer = Scorer(checkpoint, self.settings, importance=importance)
+        if self.logit_chunk:
+            scorer.budget = dataclasses.replace(scorer.budget, logit_chunk_elements=self.logit_chunk)
+        return scorer
 
     def history_pass(self, ids, masks) -> list[np.ndarray]:
         """Phase 1: the history model alone computes its NLLs, then is released."""
         import gc
 
-        from pipeline.scoring.scorer import Scorer
-
         started = time.perf_counter()
-        scorer = Scorer(self.history, self.settings, importance=False)
+        scorer = self.load(self.history, importance=False)
         self.load_seconds += time.perf_counter() - started
         nlls = [s.nll for s in scorer.token_signals([str(i) for i in range(len(ids))], ids, masks)]
         del scorer
@@ -209,7 +221,6 @@ class Fast:
             self.run(ids, masks)
 
     def run(self, ids, masks):
-        from pipeline.scoring.scorer import Scorer
         from tests.sample_scores import score_samples
 
         sample_ids = [str(i) for i in range(len(ids))]
@@ -222,19 +233,21 @@ class Fast:
         self.load_seconds = 0.0
         history = self.history_pass(ids, masks)
         started = time.perf_counter()
-        self.scorer = Scorer(self.current, self.settings, importance=True)  # phase 2: the current model only
+        self.scorer = self.load(self.current, importance=True)  # phase 2: the current model only
         self.load_seconds += time.perf_counter() - started
         return score_samples(self.scorer, sample_ids, ids, masks, self.selection, history_nll=history)
 
 
 def build_variant(name: str, current: Path, history: Path, max_batch_tokens: int | str):
-    """A variant by name; `fast-DTYPE-MODE[-bN]` takes N tokens per CPU micro-batch (else `max_batch_tokens`)."""
+    """A variant by name; `fast-DTYPE-MODE[-bN][-cM]` takes N tokens per CPU micro-batch (else `max_batch_tokens`)
+    and M logits per LM-head chunk (else the device budget's)."""
     if name == "hf-sdpa":
         return PlainHF(current)
     if name.startswith("naive"):
         return Naive(name, current, history)
-    _, dtype, mode, *budget = name.split("-")
-    return Fast(current, history, dtype, mode == "warm", int(budget[0][1:]) if budget else max_batch_tokens)
+    _, dtype, mode, *sizes = name.split("-")
+    size = {part[0]: int(part[1:]) for part in sizes}
+    return Fast(current, history, dtype, mode == "warm", size.get("b", max_batch_tokens), size.get("c"))
 
 
 # -- FLOPs and GEMM -----------------------------------------------------------------------------
@@ -351,7 +364,8 @@ def main() -> None:
                         default=["naive", "naive-lean", "fast-float32-cold", "fast-float32-warm", "fast-bfloat16-cold", "fast-bfloat16-warm"])
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant subprocess memory runs")
     parser.add_argument("--quick", action="store_true",
-                        help="about a minute: fast-float32-warm (defaults) against hf-sdpa and fast-float32-warm-b16384, ~640 tokens")
+                        help="about two minutes: fast-float32-warm (defaults) against hf-sdpa, "
+                             "fast-float32-warm-b16384 and fast-float32-warm-c2097152, ~640 tokens")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-count", type=int, help=argparse.SUPPRESS)
@@ -367,16 +381,22 @@ def main() -> None:
         return
     if arguments.quick:
         arguments.lengths, arguments.repeats, arguments.tokens_per_length = [640], 3, 3200
-        arguments.variants, arguments.no_memory = ["hf-sdpa", "fast-float32-warm", "fast-float32-warm-b16384"], True
+        arguments.variants = ["hf-sdpa", "fast-float32-warm", "fast-float32-warm-b16384", "fast-float32-warm-c2097152"]
+        arguments.no_memory = True
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(f"commit {code_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, model {arguments.model}")
-    gemm_samples: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    dtypes = {"bfloat16" if "bfloat16" in v else "float32" for v in arguments.variants}
+    gemm_samples: dict[str, list[float]] = {name: [] for name in ("float32", "bfloat16") if name in dtypes | {"float32"}}
 
     from pipeline.runtime.checkpoints import load_tokenizer
 
     tokenizer = load_tokenizer(arguments.model)
     variants = [build_variant(v, arguments.model, arguments.history, arguments.max_batch_tokens) for v in arguments.variants]
+    history_nlls: dict[int, list[np.ndarray]] = {}
+    for variant in variants:  # one untimed history pass serves every warm variant
+        if isinstance(variant, Fast):
+            variant.cache = history_nlls
     for length in arguments.lengths:
         count = max(1, arguments.tokens_per_length // length)
         ids, masks = make_samples(tokenizer, length, count, seed=1)
