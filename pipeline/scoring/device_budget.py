@@ -8,8 +8,9 @@ page by page, zeroed and unmapped again, for every op of every layer, and it lea
 16,384-token micro-batches SmolLM2-135M ran at 0.55x the speed of 1,365-token ones, a fifth of its
 time in the kernel (README, Performance). The LM head's logit chunks are the exception: they take 30 MiB,
 the most that stays under that ceiling, because the head's whole weight (|V| x width) is read once per
-chunk; at |V| = 49,152 the head with its cross-entropy ran at 49 GFLOP/s in chunks of 42 rows (8 MiB)
-and at 94 in chunks of 170 (32 MiB), on 2 cores.
+chunk; at |V| = 49,152 the head with its cross-entropy ran at 54 GFLOP/s in chunks of 42 rows (8 MiB),
+92 in chunks of 160 (30 MiB) and 80 in chunks of 341 (64 MiB, over the ceiling), on 2 cores
+(`tests/benchmarks/bench_scorer.py --head-chunks`).
 
 On CUDA they follow from the memory left free once the model is loaded (`torch.cuda.mem_get_info`): a
 135M model fills the device with long micro-batches that keep it busy, an 8B model gets a budget it

@@ -265,7 +265,7 @@ def _summary_counts(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
     if missing:
         raise ArtifactError(
             f"{folder}/manifest.json lacks the count(s) {', '.join(missing)}: it was not written by `sstoken select`; "
-            "delete the folder or select again with --overwrite"
+            "delete the folder and select again"
         )
     return counts
 

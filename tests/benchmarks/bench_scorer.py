@@ -2,6 +2,7 @@
 
     python tests/benchmarks/bench_scorer.py            # about 10 minutes on 2 CPU cores
     python tests/benchmarks/bench_scorer.py --quick    # a few minutes: ours (defaults, warm) against plain HF
+    python tests/benchmarks/bench_scorer.py --head-chunks    # the LM head alone, by logit chunk size
 
 `--quick` is the guard against a silent CPU regression of the engine: run it before every stop that
 touches pipeline/scoring and quote its ratio. It scores ~640-token chats with the current model alone
@@ -346,6 +347,32 @@ def code_version() -> str:
     return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def head_chunks(model_path: Path, rows: int = 1758, repeats: int = 5) -> None:
+    """The model's LM head with its cross-entropy over `rows` target rows, in float32 logit chunks of 8, 16, 30 and
+    64 MiB: GFLOP/s of each, median of interleaved repeats, one process run."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.scoring.nll import gathered_nll_entropy
+
+    head = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True).get_output_embeddings()
+    vocab, width = head.weight.shape
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, rows, width, generator=generator)
+    predicting, labels = torch.arange(rows), torch.randint(0, vocab, (rows,), generator=generator)
+    sizes = {mib: (mib << 20) // 4 for mib in (8, 16, 30, 64)}
+    seconds: dict[int, list[float]] = {mib: [] for mib in sizes}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for mib, elements in sizes.items():
+                started = time.perf_counter()
+                gathered_nll_entropy(hidden, predicting, labels, head, None, elements, entropy=False)
+                seconds[mib].append(time.perf_counter() - started)
+    print(f"LM head + cross-entropy, {rows} rows x {width} -> {vocab}, median of {repeats} interleaved repeats:")
+    for mib, elements in sizes.items():
+        rate = 2 * rows * width * vocab / statistics.median(seconds[mib])
+        print(f"  {mib:3d} MiB chunks ({elements // vocab:4d} rows): {rate / 1e9:6.1f} GFLOP/s")
+
+
 def keep_agreement(a, b, masks) -> float:
     same = sum(int((x.keep[m] == y.keep[m]).sum()) for x, y, m in zip(a, b, masks))
     return same / sum(int(m.sum()) for m in masks)
@@ -366,6 +393,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="about two minutes: fast-float32-warm (defaults) against hf-sdpa, "
                              "fast-float32-warm-b16384 and fast-float32-warm-c2097152, ~640 tokens")
+    parser.add_argument("--head-chunks", action="store_true",
+                        help="only the LM head with its cross-entropy, in logit chunks of 8 to 64 MiB (GFLOP/s)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-count", type=int, help=argparse.SUPPRESS)
@@ -378,6 +407,11 @@ def main() -> None:
         arguments.history = history_checkpoint(Path(arguments.model))
     if arguments.child:
         child(arguments)
+        return
+    if arguments.head_chunks:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        print(f"commit {code_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        head_chunks(Path(arguments.model))
         return
     if arguments.quick:
         arguments.lengths, arguments.repeats, arguments.tokens_per_length = [640], 3, 3200

@@ -208,10 +208,11 @@ def test_a_reused_masks_folder_without_its_counts_is_refused_by_name_and_left_as
     manifest["counts"] = {}  # still a valid manifest, but not one `select` writes
     (masks / "manifest.json").write_text(json.dumps(manifest))
     before = _snapshot(masks)
-    with pytest.raises(ArtifactError, match=r"manifest.json lacks the count\(s\) trainable, kept: .* --overwrite"):
+    with pytest.raises(ArtifactError, match=r"manifest.json lacks the count\(s\) trainable, kept: .* delete the folder"):
         run_select(SelectConfig(scores=scored, output=masks, method="attn", ratio=0.5))
     assert _snapshot(masks) == before
-    again = run_select(SelectConfig(scores=scored, output=masks, method="attn", ratio=0.5, overwrite=True))
+    shutil.rmtree(masks)
+    again = run_select(SelectConfig(scores=scored, output=masks, method="attn", ratio=0.5))
     assert not again.reused and again.counts["kept"] == kept == read_manifest(masks, kind="masks")["counts"]["kept"]
 
 
