@@ -1,7 +1,7 @@
 """Benchmark: the scoring engine against the naive reference on SmolLM2-135M-Instruct.
 
     python tests/benchmarks/bench_scorer.py            # about 10 minutes on 2 CPU cores
-    python tests/benchmarks/bench_scorer.py --quick    # a few minutes: ours (defaults, warm) against plain HF
+    python tests/benchmarks/bench_scorer.py --quick    # about two minutes: ours (defaults, warm) against plain HF
     python tests/benchmarks/bench_scorer.py --head-chunks    # the LM head alone, by logit chunk size
 
 `--quick` is the guard against a silent CPU regression of the engine: run it before every stop that
@@ -420,17 +420,17 @@ def main() -> None:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(f"commit {code_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, model {arguments.model}")
-    dtypes = {"bfloat16" if "bfloat16" in v else "float32" for v in arguments.variants}
-    gemm_samples: dict[str, list[float]] = {name: [] for name in ("float32", "bfloat16") if name in dtypes | {"float32"}}
+    probed = ("float32", "bfloat16") if any("bfloat16" in v for v in arguments.variants) else ("float32",)
+    gemm_samples: dict[str, list[float]] = {name: [] for name in probed}
 
     from pipeline.runtime.checkpoints import load_tokenizer
 
     tokenizer = load_tokenizer(arguments.model)
     variants = [build_variant(v, arguments.model, arguments.history, arguments.max_batch_tokens) for v in arguments.variants]
-    history_nlls: dict[int, list[np.ndarray]] = {}
-    for variant in variants:  # one untimed history pass serves every warm variant
+    history_nlls: dict[str, dict[int, list[np.ndarray]]] = {}
+    for variant in variants:  # one untimed history pass serves every warm variant of a dtype
         if isinstance(variant, Fast):
-            variant.cache = history_nlls
+            variant.cache = history_nlls.setdefault(variant.settings.dtype, {})
     for length in arguments.lengths:
         count = max(1, arguments.tokens_per_length // length)
         ids, masks = make_samples(tokenizer, length, count, seed=1)
@@ -475,10 +475,11 @@ def main() -> None:
                     line += f" ({memory[variant.name] / memory['naive']:.2f} of naive)"
             if isinstance(variant, Fast):
                 dtype = "bfloat16" if variant.scorer.dtype_name == MIXED_BFLOAT16 else "float32"
-                achieved = fast_flops(variant, ids, masks) / seconds
+                flops = fast_flops(variant, ids, masks)
+                achieved = flops / seconds
                 line += f"  {achieved / 1e9:6.1f} GFLOP/s = {achieved / gemm[dtype]:.0%} of {dtype} GEMM"
                 if dtype == "float32":  # the mixed mode's LM head and importance run in float32: no one rate bounds it
-                    ceiling = tokens * max(gemm_samples[dtype]) / fast_flops(variant, ids, masks)
+                    ceiling = tokens * max(gemm_samples[dtype]) / flops
                     line += f"  ceiling {ceiling:.0f} tokens/s"
                     line += f" = x{ceiling / plain_rate:.2f} vs hf-sdpa" if plain_rate else ""
                 loads = statistics.median(load_timings[variant.name])
