@@ -28,110 +28,44 @@ phases and an actor holds one model at a time (two fp32 models would double each
 1. history (only when the selection uses REL, history != current, and some shard to score lacks
    cached NLLs): actors load the history checkpoint and fill the cache for those shards, one
    atomic file each; a shard whose cache file validates is skipped, so a killed phase 1 resumes.
-2. score: fresh actors load the current checkpoint and write the signals (nll_cur, nll_hist, rel,
-   attn, entropy_cur) with the cached history NLLs, and the per-sample selection.
+2. score: the same actors (`pipeline.scoring.actor_pool`: each drops the history model, then loads
+   the current one; starting an actor costs more than loading a small model) write the signals
+   (nll_cur, nll_hist, rel, attn, entropy_cur) with the cached history NLLs, and the per-sample selection.
 Then the select step (`pipeline.selection.selection_shards`, the same code `sstoken select` runs)
 checks the method against the corpus (REL floor) and rewrites only shards whose selection differs.
-The summary's `phases` says, per phase, shards done, actors, model loads and forwards run.
+The summary's `phases` says, per phase, shards done, actors (and how many it started), model loads and
+forwards run.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import time
-import uuid
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pipeline.runtime.checkpoints import checkpoint_files, checkpoint_fingerprint, load_tokenizer
 from pipeline.runtime.files import base_manifest, read_manifest, refuse_repeated_sample_ids
 from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints, tokenizer_mismatch
-from pipeline.runtime.ray_session import (
-    RayRuntime,
-    machine_cpus,
-    node_cpus,
-    ordered_map,
-    ray_session,
-    task_error_cause,
-)
+from pipeline.runtime.ray_session import RayRuntime, node_cpus, ordered_map, ray_session
 from pipeline.runtime.stage_output import StageOutput, StageSummary, read_record
 from pipeline.runtime.stage_runner import Stage, local_inputs, run_stage
 from pipeline.scoring.precision import cpu_bfloat16_note, precision_name
+from pipeline.scoring.actor_pool import ActorPool
 from pipeline.scoring.score_config import ScoreJobConfig
-from pipeline.scoring.score_settings import ScoreSettings, signals_to_compute
-from pipeline.scoring.score_shards import ShardTask, check_shard, fill_history_cache, history_missing, score_one_shard
+from pipeline.scoring.score_settings import signals_to_compute
+from pipeline.scoring.score_shards import ShardTask, check_shard, history_missing
 from pipeline.runtime.errors import UserError
 from pipeline.selection.methods import excess_refusal, same_checkpoint_refusal
-from pipeline.selection.select_settings import SelectSettings
 from pipeline.selection.selection_shards import SelectShard, apply_selection, plan_selection, sample_counts
-
-# How often one shard may lose its actor (node loss, OOM kill) before the job gives up.
-MAX_SHARD_ATTEMPTS = 4
 
 
 def default_history_cache() -> Path:
     root = os.environ.get("SSTOKEN_CACHE")
     return Path(root).expanduser() / "history" if root else Path.home() / ".cache" / "sstoken" / "history"
-
-
-Phase = Literal["history", "score"]
-
-
-class ShardScoringActor:
-    """A Ray actor holding ONE model for its lifetime, for one phase.
-
-    phase "history": the history checkpoint, filling the history cache (NLLs only).
-    phase "score": the current checkpoint, scoring shards with the cached history NLLs.
-    """
-
-    def __init__(
-        self,
-        checkpoint: str,
-        settings: ScoreSettings,
-        phase: Phase,
-        selection: SelectSettings,
-        history_fingerprint: str | None = None,
-    ):
-        from transformers.utils import logging as transformers_logging
-
-        from pipeline.scoring.scorer import Scorer
-
-        transformers_logging.disable_progress_bar()  # "Loading weights" bars would reach the job's log
-        self.phase = phase
-        self.selection = selection
-        self.history_fingerprint = history_fingerprint
-        self.id = uuid.uuid4().hex[:12]
-        # A failing constructor would look like a dead actor (and be retried); keep the error for
-        # `ready` to raise as an ordinary task error, which the driver reports as it is.
-        self.error: Exception | None = None
-        try:
-            # Attention and entropy come from the current pass only; the history pass gives NLLs alone.
-            wanted = signals_to_compute(settings.signals, selection)
-            current = phase == "score"
-            self.scorer = Scorer(checkpoint, settings, importance=current and wanted.attention,
-                                 entropy=current and wanted.entropy)
-        except Exception as error:  # noqa: BLE001 - re-raised by ready()
-            self.error = error
-
-    def ready(self) -> str:
-        if self.error is not None:
-            raise self.error
-        return f"{self.scorer.device.type}/{self.scorer.dtype_name}"
-
-    def run(self, task: ShardTask) -> dict[str, Any]:
-        """This phase's work on one shard, plus the model loads and forwards it took (for the summary)."""
-        before = self.scorer.forward_count
-        if self.phase == "history":
-            result = fill_history_cache(self.scorer, task)
-        else:
-            result = score_one_shard(self.scorer, task, self.selection, self.history_fingerprint)
-        forwards = self.scorer.forward_count - before
-        return result | {"actor": self.id, "model_loads": self.scorer.model_loads, "forwards": forwards}
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -204,110 +138,16 @@ class _Progress:
         self.bar.update(self.task, advance=1, rate=f"{rate:,.0f} tokens/s")
 
 
-def _run_actor_pool(
-    phase: Phase,
-    tasks: list[ShardTask],
-    config: ScoreJobConfig,
-    workers: int,
-    cpus: float,
-    progress: _Progress,
-    history_fingerprint: str | None = None,
-) -> list[dict[str, Any]]:
-    """Hand shards to a pool of one phase's actors; replace actors that die and redo their shards.
-    Every actor is killed on the way out, so the next phase starts with this phase's models gone."""
-    if config.ray.runner == "process":
-        return _run_in_process(phase, tasks, config, progress, history_fingerprint)
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
-    threads = config.threads or max(1, int(cpus))
-    settings = config.score_settings().model_copy(update={"threads": threads})
-    actor_class = ray.remote(ShardScoringActor).options(
-        num_cpus=cpus, num_gpus=config.gpus_per_worker, max_restarts=0, max_task_retries=0
-    )
-    checkpoint = str(config.history if phase == "history" else config.current)
-    selection = config.select_settings()
-
-    def start_actor() -> tuple[Any, Any]:
-        actor = actor_class.remote(checkpoint, settings, phase, selection, history_fingerprint)
-        return actor.ready.remote(), actor
-
-    queue = deque(tasks)
-    attempts: dict[str, int] = {}
-    starting = dict(start_actor() for _ in range(min(workers, len(tasks))))
-    running: dict[Any, tuple[Any, ShardTask]] = {}
-    idle: list[Any] = []
-    results: list[dict[str, Any]] = []
-    actor_failures = 0
-    try:
-        while queue or running:
-            while idle and queue:
-                actor, task = idle.pop(), queue.popleft()
-                running[actor.run.remote(task)] = (actor, task)
-            done, _ = ray.wait([*starting, *running], num_returns=1)
-            ref = done[0]
-            if ref in starting:
-                actor = starting.pop(ref)
-                try:
-                    ray.get(ref)
-                    idle.append(actor)
-                except RayTaskError as error:  # the models could not be loaded: no point retrying
-                    raise task_error_cause(error) from None
-                except RayActorError as error:
-                    actor_failures += 1
-                    if actor_failures > workers + MAX_SHARD_ATTEMPTS:
-                        raise UserError(f"scoring actors keep failing to start: {error}") from error
-                    starting.update([start_actor()])
-                continue
-            actor, task = running.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayActorError as error:  # the actor's process or node died: redo the shard elsewhere
-                attempts[task.file] = attempts.get(task.file, 0) + 1
-                if attempts[task.file] >= MAX_SHARD_ATTEMPTS:
-                    raise UserError(f"shard {task.file} lost its actor {attempts[task.file]} times: {error}") from error
-                queue.appendleft(task)
-                ray.kill(actor)
-                starting.update([start_actor()])
-                continue
-            except RayTaskError as error:
-                raise task_error_cause(error) from None
-            results.append(result)
-            idle.append(actor)
-            progress.shard_done(result["tokens"])
-    finally:
-        for actor in [*idle, *starting.values(), *(a for a, _ in running.values())]:
-            ray.kill(actor)
-    return results
-
-
-def _run_in_process(
-    phase: Phase, tasks: list[ShardTask], config: ScoreJobConfig, progress: _Progress, history_fingerprint: str | None
-) -> list[dict[str, Any]]:
-    """runner process: the phase's one model here (the actor's class, without Ray), the shards in turn, then freed."""
-    settings = config.score_settings().model_copy(update={"threads": config.threads or machine_cpus()})
-    checkpoint = str(config.history if phase == "history" else config.current)
-    scorer = ShardScoringActor(checkpoint, settings, phase, config.select_settings(), history_fingerprint)
-    scorer.ready()
-    results: list[dict[str, Any]] = []
-    try:
-        for task in tasks:
-            results.append(scorer.run(task))
-            progress.shard_done(results[-1]["tokens"])
-    finally:
-        del scorer
-        gc.collect()
-    return results
-
-
-def _phase_summary(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """Shards, actors, model loads (each actor's count, summed; each actor holds one model), micro-batch forwards."""
+def _phase_summary(results: list[dict[str, Any]], actors_started: int, seconds: float) -> dict[str, Any]:
+    """Shards, actors (and how many the phase started: the score phase reuses the history phase's), model loads
+    (each actor's count, summed; each actor holds one model), micro-batch forwards."""
     loads: dict[str, int] = {}
     for r in results:
         loads[r["actor"]] = max(loads.get(r["actor"], 0), r["model_loads"])
     return {
         "shards": len(results),
         "actors": len(loads),
+        "actors_started": actors_started,
         "model_loads": sum(loads.values()),
         "forwards": sum(r["forwards"] for r in results),
         "seconds": round(seconds, 3),
@@ -401,6 +241,7 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
 
     notes: list[str] = []
     phases: dict[str, list[dict[str, Any]]] = {"history": [], "score": []}  # the actors' results
+    actors_started = {"history": 0, "score": 0}  # actors each phase started (the score phase reuses the history's)
     rewritten: list[int] = []  # shards the select step rewrote
 
     @contextmanager
@@ -425,25 +266,29 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
             dtype = precision_name(config.dtype, worker_device)
             missing = ordered_map(history_missing, [(t, history_fp, dtype) for t in todo])
             history_todo = [t for t, m in zip(todo, missing) if m]
-        if todo:
+        if not todo:  # every shard done and checked: no model runs
+            timings["history_s"] = timings["score_s"] = 0.0
+        else:
             workers, cpus = plan_workers(
                 node_cpus(), runtime.gpus, config.workers, config.cpus_per_worker, config.gpus_per_worker
             )
             notes.extend(workers_note(config.workers, workers, cpus, config.gpus_per_worker))
             if config.gpus_per_worker == 0 or config.device == "cpu":
                 notes.extend(filter(None, [cpu_bfloat16_note(precision_name(config.dtype, "cpu"))]))
-        if history_todo:
-            with _Progress(config.progress, len(history_todo), "phase 1/2 history NLLs") as progress:
-                phases["history"] = _run_actor_pool("history", history_todo, config, workers, cpus, progress)
-        timings["history_s"] = time.monotonic() - phase
+            # One pool for both phases: the history actors stay to score (each drops its model first), and all
+            # are gone before the select step's tasks need their CPUs.
+            with ActorPool(config, workers, cpus) as pool:
+                if history_todo:
+                    with _Progress(config.progress, len(history_todo), "phase 1/2 history NLLs") as progress:
+                        phases["history"], actors_started["history"] = pool.run_phase("history", history_todo, progress)
+                timings["history_s"] = time.monotonic() - phase
 
-        # Phase 2: score with the current model; history NLLs from the cache.
-        phase = time.monotonic()
-        if todo:
-            label = "phase 2/2 scoring shards" if history_todo else "scoring shards"
-            with _Progress(config.progress, len(todo), label) as progress:
-                phases["score"] = _run_actor_pool("score", todo, config, workers, cpus, progress, rel_history)
-        timings["score_s"] = time.monotonic() - phase
+                # Phase 2: score with the current model; history NLLs from the cache.
+                phase = time.monotonic()
+                label = "phase 2/2 scoring shards" if history_todo else "scoring shards"
+                with _Progress(config.progress, len(todo), label) as progress:
+                    phases["score"], actors_started["score"] = pool.run_phase("score", todo, progress, rel_history)
+            timings["score_s"] = time.monotonic() - phase
 
         # The select step over the stored signals: rewrites the shards whose selection differs.
         phase = time.monotonic()
@@ -505,8 +350,8 @@ def run_score_job(config: ScoreJobConfig) -> StageSummary:
             # Time inside the actors' calls of both phases, summed: without actor start-up and model loading.
             "shard_seconds": sum(r["seconds"] for r in [*history_results, *results]),
             "phases": {
-                "history": _phase_summary(history_results, timings["history_s"]),
-                "score": _phase_summary(results, timings["score_s"]),
+                "history": _phase_summary(history_results, actors_started["history"], timings["history_s"]),
+                "score": _phase_summary(results, actors_started["score"], timings["score_s"]),
             },
         },
     )

@@ -41,10 +41,13 @@ def test_the_process_runner_writes_the_shards_the_actors_write(ray_local, corpus
         actors = _score(corpus, tmp_path / "ray", llama_dir, llama_history_dir, "ray")
     # The actor pool (the fast suite's one full run of it; the other score tests run the models in process):
     # phase 1 fills the history cache with only the history model loaded, phase 2 scores with only the current
-    # model, each actor loads its model once (not once per shard).
+    # model, each actor loads its model once (not once per shard), and the history phase's actor stays to score
+    # (it drops the history model, then loads the current one: no second actor start).
     for phase in ("history", "score"):
         pool = actors.details["phases"][phase]
-        assert pool["shards"] == 2 and pool["model_loads"] == pool["actors"] >= 1 and pool["forwards"] >= 2, (phase, pool)
+        assert pool["shards"] == 2 and pool["model_loads"] == pool["actors"] == 1 and pool["forwards"] >= 2, (phase, pool)
+    assert actors.details["phases"]["history"]["actors_started"] == 1
+    assert actors.details["phases"]["score"]["actors_started"] == 0
     assert (actors.counts["history_computed"], actors.counts["history_reused"]) == (2, 0)
     local = _score(corpus, tmp_path / "process", llama_dir, llama_history_dir, "process")
     assert local.counts == actors.counts and local.counts["history_computed"] == 2  # shards
