@@ -314,7 +314,7 @@ def test_corrupt_tokenized_shard_is_refused(ray_local, corpus, llama_dir, tmp_pa
 # The Ray variant runs in the slow step: a failed actor's teardown kept the next fast test waiting ~14 s on 2 cores.
 @pytest.mark.parametrize("runner", [pytest.param("ray", marks=pytest.mark.slow), "process"])
 def test_engine_errors_reach_the_caller_as_they_are(ray_local, corpus, llama_dir, tmp_path, runner):
-    """Raised where the model loads: in a Ray actor's constructor (re-raised by its first call as itself), or here."""
+    """Raised where the model loads: in a Ray actor's `load` call (reaching the caller as itself), or here."""
     with pytest.raises(UserError, match="layer 7 is out of range"):
         run_score_job(_config(corpus, tmp_path / "out", llama_dir, None, layer=7, ray={"runner": runner}))
 
