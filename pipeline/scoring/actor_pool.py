@@ -148,15 +148,16 @@ class ActorPool:
     def _run_on_ray(
         self, phase: Phase, checkpoint: str, tasks: list[ShardTask], progress: Any, history_fingerprint: str | None
     ) -> tuple[list[dict[str, Any]], int]:
-        """Hand shards to the actors; replace actors that die and redo their shards. An actor leaves with an
-        exception only through `close` (the caller's `with`)."""
+        """Hand shards to the actors; replace actors that die and redo their shards. On an exception the actors stay
+        in the pool for `close` (the caller's `with`) to kill."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         wanted = min(self.workers, len(tasks))
         for actor in self.actors[wanted:]:  # more actors than shards: the surplus would hold a model for nothing
             ray.kill(actor)
-        kept, self.actors = self.actors[:wanted], []
+        # Every live actor of the pool, kept here as it changes, so that `close` finds them all whatever happens.
+        self.actors = alive = self.actors[:wanted]
         starts = 0
 
         def load(actor: Any) -> tuple[Any, Any]:
@@ -165,52 +166,55 @@ class ActorPool:
         def start_actor() -> tuple[Any, Any]:
             nonlocal starts
             starts += 1
-            return load(self.actor_class.remote(self.settings, self.selection))
+            alive.append(self.actor_class.remote(self.settings, self.selection))
+            return load(alive[-1])
+
+        def forget(actor: Any) -> None:
+            alive[:] = [a for a in alive if a is not actor]
 
         queue = deque(tasks)
         attempts: dict[str, int] = {}
-        loading = dict([load(actor) for actor in kept] + [start_actor() for _ in range(wanted - len(kept))])
+        loading = dict(load(actor) for actor in list(alive))
+        loading.update(start_actor() for _ in range(wanted - len(alive)))
         running: dict[Any, tuple[Any, ShardTask]] = {}
         idle: list[Any] = []
         results: list[dict[str, Any]] = []
         actor_failures = 0
-        try:
-            while queue or running:
-                while idle and queue:
-                    actor, task = idle.pop(), queue.popleft()
-                    running[actor.run.remote(task)] = (actor, task)
-                done, _ = ray.wait([*loading, *running], num_returns=1)
-                ref = done[0]
-                if ref in loading:
-                    actor = loading.pop(ref)
-                    try:
-                        ray.get(ref)
-                        idle.append(actor)
-                    except RayTaskError as error:  # the model could not be loaded: no point retrying
-                        raise task_error_cause(error) from None
-                    except RayActorError as error:
-                        actor_failures += 1
-                        if actor_failures > self.workers + MAX_SHARD_ATTEMPTS:
-                            raise UserError(f"scoring actors keep failing to start: {error}") from error
-                        loading.update([start_actor()])
-                    continue
-                actor, task = running.pop(ref)
+        while queue or running:
+            while idle and queue:
+                actor, task = idle.pop(), queue.popleft()
+                running[actor.run.remote(task)] = (actor, task)
+            done, _ = ray.wait([*loading, *running], num_returns=1)
+            ref = done[0]
+            if ref in loading:
+                actor = loading.pop(ref)
                 try:
-                    result = ray.get(ref)
-                except RayActorError as error:  # the actor's process or node died: redo the shard elsewhere
-                    attempts[task.file] = attempts.get(task.file, 0) + 1
-                    if attempts[task.file] >= MAX_SHARD_ATTEMPTS:
-                        raise UserError(f"shard {task.file} lost its actor {attempts[task.file]} times: {error}") from error
-                    queue.appendleft(task)
-                    ray.kill(actor)
-                    loading.update([start_actor()])
-                    continue
-                except RayTaskError as error:
+                    ray.get(ref)
+                    idle.append(actor)
+                except RayTaskError as error:  # the model could not be loaded: no point retrying
                     raise task_error_cause(error) from None
-                results.append(result)
-                idle.append(actor)
-                progress.shard_done(result["tokens"])
-        finally:
-            # Whatever happened, every live actor stays the pool's: `close` kills them all.
-            self.actors = [*idle, *loading.values(), *(a for a, _ in running.values())]
+                except RayActorError as error:
+                    forget(actor)
+                    actor_failures += 1
+                    if actor_failures > self.workers + MAX_SHARD_ATTEMPTS:
+                        raise UserError(f"scoring actors keep failing to start: {error}") from error
+                    loading.update([start_actor()])
+                continue
+            actor, task = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as error:  # the actor's process or node died: redo the shard elsewhere
+                attempts[task.file] = attempts.get(task.file, 0) + 1
+                if attempts[task.file] >= MAX_SHARD_ATTEMPTS:
+                    raise UserError(f"shard {task.file} lost its actor {attempts[task.file]} times: {error}") from error
+                queue.appendleft(task)
+                ray.kill(actor)
+                forget(actor)
+                loading.update([start_actor()])
+                continue
+            except RayTaskError as error:
+                raise task_error_cause(error) from None
+            results.append(result)
+            idle.append(actor)
+            progress.shard_done(result["tokens"])
         return results, starts

@@ -53,8 +53,8 @@ from pipeline.runtime.fingerprint import sha256_json, tokenizer_fingerprints, to
 from pipeline.runtime.ray_session import RayRuntime, node_cpus, ordered_map, ray_session
 from pipeline.runtime.stage_output import StageOutput, StageSummary, read_record
 from pipeline.runtime.stage_runner import Stage, local_inputs, run_stage
-from pipeline.scoring.precision import cpu_bfloat16_note, precision_name
 from pipeline.scoring.actor_pool import ActorPool
+from pipeline.scoring.precision import cpu_bfloat16_note, precision_name
 from pipeline.scoring.score_config import ScoreJobConfig
 from pipeline.scoring.score_settings import signals_to_compute
 from pipeline.scoring.score_shards import ShardTask, check_shard, history_missing
