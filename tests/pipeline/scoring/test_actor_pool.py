@@ -94,8 +94,8 @@ def _killed(actor, within_s: float = 30.0) -> bool:
 
 def test_the_process_runner_holds_one_model_at_a_time_across_phases(ray_local, tokenizer, llama_dir, llama_history_dir,
                                                                    tmp_path):
-    """One object for both phases; the history model is gone (not merely unreferenced by the pool) before the current
-    one loads, and the last is freed when the job ends."""
+    """One object for both phases; the history model is gone (not merely unreferenced by the pool: collected) before
+    the current one loads, and the last is freed when the job ends."""
     built: list[weakref.ref] = []
     construct = scorer_module.Scorer.__init__
 
@@ -103,7 +103,7 @@ def test_the_process_runner_holds_one_model_at_a_time_across_phases(ray_local, t
         gc.collect()
         assert all(ref() is None for ref in built), "a model was loaded while another was held"
         construct(self, *args, **kwargs)
-        built.append(weakref.ref(self))
+        built.extend([weakref.ref(self), weakref.ref(self.model)])  # the model too: nothing else may hold it
 
     data = write_tokenized(tmp_path / "tokenized", tokenizer, [2, 1], seed=3)
     with pytest.MonkeyPatch.context() as patch:
@@ -115,6 +115,6 @@ def test_the_process_runner_holds_one_model_at_a_time_across_phases(ray_local, t
     phases = summary.details["phases"]
     assert (phases["history"]["shards"], phases["score"]["shards"]) == (2, 2)
     assert (phases["history"]["actors_started"], phases["score"]["actors_started"]) == (1, 0)
-    assert len(built) == 2
+    assert len(built) == 4  # two scorers, two models
     gc.collect()
-    assert built[-1]() is None
+    assert all(ref() is None for ref in built)
