@@ -58,8 +58,7 @@ class ShardScoringActor:
         from pipeline.scoring.scorer import Scorer
 
         transformers_logging.disable_progress_bar()  # "Loading weights" bars would reach the job's log
-        self.scorer = None
-        gc.collect()  # the old model's memory goes before the new one comes
+        self.release()  # the old model's memory goes before the new one comes
         # Attention and entropy come from the current pass only; the history pass gives NLLs alone.
         wanted = signals_to_compute(self.settings.signals, self.selection)
         current = phase == "score"
@@ -79,6 +78,7 @@ class ShardScoringActor:
         return result | {"actor": self.id, "model_loads": self.scorer.model_loads, "forwards": forwards}
 
     def release(self) -> None:
+        """Drop the model held and collect it (its memory is free once this returns)."""
         self.scorer = None
         gc.collect()
 
@@ -134,9 +134,9 @@ class ActorPool:
     def _run_here(
         self, phase: Phase, checkpoint: str, tasks: list[ShardTask], progress: Any, history_fingerprint: str | None
     ) -> tuple[list[dict[str, Any]], int]:
-        started = 0 if self.actors else 1
-        if not self.actors:
-            self.actors.append(ShardScoringActor(self.settings, self.selection))
+        started = 0
+        if not self.actors:  # one object for every phase
+            self.actors, started = [ShardScoringActor(self.settings, self.selection)], 1
         actor = self.actors[0]
         actor.load(checkpoint, phase, history_fingerprint)
         results: list[dict[str, Any]] = []
